@@ -1,0 +1,3 @@
+from convcache.cli import main
+
+raise SystemExit(main())

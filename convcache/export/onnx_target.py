@@ -1,0 +1,86 @@
+"""Keras -> ONNX with tf2onnx, then verification: the full checker and parity with Keras."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from datetime import datetime, timezone
+
+import numpy as np
+import onnx
+
+from convcache import __version__
+from convcache.errors import ConvcacheError
+from convcache.tfquiet import import_keras
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME, OUTPUT_NAME = "images", "features"
+PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
+
+
+def keras_to_onnx(model, opset: int = 17) -> onnx.ModelProto:
+    tf, _ = import_keras()
+    import tf2onnx
+
+    size = model.input_shape[1]
+    spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)]
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    rename_io(proto, INPUT_NAME, OUTPUT_NAME)
+    return proto
+
+
+def rename_io(proto: onnx.ModelProto, input_name: str, output_name: str) -> None:
+    """Give the single graph input and output stable names, whatever the converter chose."""
+    renames = {proto.graph.input[0].name: input_name, proto.graph.output[0].name: output_name}
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    proto.graph.input[0].name = input_name
+    proto.graph.output[0].name = output_name
+
+
+def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Real-looking test inputs: smooth random colour fields with edges, values 0..255 (float32)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.float32)
+    for i in range(n):
+        coarse = rng.uniform(0, 255, (6, 6, 3)).astype(np.float32)
+        img = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+        y0, x0 = rng.integers(0, size // 2, 2)
+        img[y0 : y0 + size // 3, x0 : x0 + size // 3] = rng.uniform(0, 255, 3)  # a hard-edged patch
+        out[i] = np.clip(img + rng.normal(0, 8, img.shape), 0, 255)
+    return out
+
+
+def check_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray) -> float:
+    """Run both; fail when ORT strays from Keras. Returns the max abs diff."""
+    import onnxruntime as ort
+
+    reference = np.asarray(keras_model.predict(images, verbose=0))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    if got.shape != reference.shape:
+        raise ConvcacheError(f"ONNX output shape {got.shape} != Keras {reference.shape}")
+    diff = float(np.max(np.abs(got - reference)))
+    bound = PARITY_RTOL * float(np.max(np.abs(reference)))
+    log.info("parity with Keras: max abs diff %.3g (bound %.3g)", diff, bound)
+    if not diff <= bound:
+        raise ConvcacheError(f"ONNX/Keras parity failed: max abs diff {diff:.3g} > {bound:.3g}")
+    return diff
+
+
+def library_versions() -> dict:
+    import onnxruntime
+    import tf2onnx
+
+    tf, keras = import_keras()
+    return {"convcache": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,62 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+SIZE = 32
+
+
+def run_cli(*args, env=None, timeout=300):
+    """Run `python -m convcache ...` in a subprocess; return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "convcache", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def make_image(path: Path, seed: int, size: int = 40, kind: int = 0) -> None:
+    """A small photo-like image; `kind` sets a class-dependent pattern so heads can learn it."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 60, (size, size, 3))
+    yy, xx = np.mgrid[:size, :size]
+    if kind == 0:
+        base[..., 0] += 150 * (xx > size // 2)
+    elif kind == 1:
+        base[..., 2] += 150 * (yy > size // 2)
+    else:
+        base[..., 1] += 150 * ((xx + yy) % 8 < 4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path, quality=95)
+
+
+def make_dataset(root: Path, classes=("cats", "dogs"), splits=None, seed=0) -> Path:
+    splits = splits or {"train": 6, "validation": 4}
+    for s, (split, n) in enumerate(splits.items()):
+        for k, name in enumerate(classes):
+            for i in range(n):
+                make_image(root / split / name / f"{name}.{i}.jpg", seed=seed * 1000 + s * 100 + k * 10 + i, kind=k)
+    return root
+
+
+@pytest.fixture(scope="session")
+def extractor(tmp_path_factory) -> Path:
+    """A tiny random-weight extractor (32x32, block5_pool), exported once per session."""
+    from convcache.export.runner import export_extractor
+
+    path = tmp_path_factory.mktemp("models") / "extractor.onnx"
+    export_extractor("random", SIZE, str(path), seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pooled_extractor(tmp_path_factory) -> Path:
+    """A tiny extractor cut at block3_pool and average-pooled: 256 features that carry colour."""
+    from convcache.export.runner import export_extractor
+
+    path = tmp_path_factory.mktemp("models") / "pooled.onnx"
+    export_extractor("random", SIZE, str(path), layer="block3_pool", pooling="avg", seed=1)
+    return path

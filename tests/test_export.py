@@ -1,0 +1,145 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import SIZE, make_dataset, run_cli
+from convcache.errors import ConvcacheError
+from convcache.onnxmeta import get_metadata, graph_sha256, read_metadata, set_metadata
+
+
+def _run(path, images):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(["features"], {"images": images})[0]
+
+
+def test_parity_with_keras_at_32px():
+    from convcache.export import keras_model, onnx_target, weights
+
+    base = weights.load_vgg16("random", SIZE, seed=3)
+    model = keras_model.build_extractor(base)
+    proto = onnx_target.keras_to_onnx(model)
+    onnx.checker.check_model(proto, full_check=True)
+    images = onnx_target.sample_images(3, SIZE, seed=5)
+    diff = onnx_target.check_parity(proto, model, images)
+    assert diff <= 1e-4 * np.abs(model.predict(images, verbose=0)).max()
+    # The preprocessing is really inside: a channel swap must change the output.
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = s.run(None, {"images": images})[0]
+    b = s.run(None, {"images": images[..., ::-1].copy()})[0]
+    assert not np.allclose(a, b)
+
+
+def test_parity_failure_is_detected():
+    from convcache.export import keras_model, onnx_target, weights
+
+    base = weights.load_vgg16("random", SIZE, seed=3)
+    model = keras_model.build_extractor(base)
+    proto = onnx_target.keras_to_onnx(model)
+    other = keras_model.build_extractor(weights.load_vgg16("random", SIZE, seed=4))
+    with pytest.raises(ConvcacheError, match="parity failed"):
+        onnx_target.check_parity(proto, other, onnx_target.sample_images(2, SIZE))
+
+
+def test_dynamic_batch_gives_same_rows(extractor):
+    from convcache.export.onnx_target import sample_images
+
+    images = sample_images(5, SIZE, seed=2)
+    five = _run(extractor, images)
+    ones = np.concatenate([_run(extractor, images[i : i + 1]) for i in range(5)])
+    assert five.shape == (5, 1, 1, 512)
+    np.testing.assert_allclose(five, ones, rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_round_trip(extractor, tmp_path):
+    meta = read_metadata(extractor)
+    assert meta["kind"] == "extractor"
+    assert meta["weights"]["source"] == "random" and len(meta["weights"]["sha256"]) == 64
+    assert meta["input"]["size"] == SIZE and meta["output"]["name"] == "features"
+    assert meta["output"]["shape"] == [None, 1, 1, 512]
+    assert "caffe" in meta["preprocessing"] and "tensorflow" in meta["versions"] and meta["created"]
+    model = onnx.load(str(extractor))
+    assert meta["graph_sha256"] == graph_sha256(model)
+    set_metadata(model, {"note": {"a": [1, 2]}})
+    assert get_metadata(model)["note"] == {"a": [1, 2]}
+    assert get_metadata(model)["kind"] == "extractor"
+
+
+def test_pooling_and_layer(pooled_extractor):
+    meta = read_metadata(pooled_extractor)
+    assert meta["layer"] == "block3_pool" and meta["output"]["shape"] == [None, 256]
+
+
+def test_hed_weights_load_and_differ_from_random():
+    from convcache.export import weights
+
+    hed = weights.load_vgg16("hed", SIZE)
+    rnd = weights.load_vgg16("random", SIZE)
+    a = hed.get_layer("block1_conv1").get_weights()[0]
+    b = rnd.get_layer("block1_conv1").get_weights()[0]
+    assert a.shape == b.shape and not np.allclose(a, b)
+    assert weights.weights_sha256(hed) != weights.weights_sha256(rnd)
+    # The bundled weights are trained: the first conv layer's biases are not zero-initialised.
+    assert np.abs(hed.get_layer("block5_conv3").get_weights()[1]).sum() > 0
+
+
+def test_cli_export_and_info(tmp_path):
+    out = tmp_path / "m.onnx"
+    r = run_cli("export", "--weights", "random", "--input-size", 32, "--pooling", "max", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "parity max abs diff" in r.stdout and "Traceback" not in r.stderr
+    info = run_cli("info", out)
+    assert info.returncode == 0 and "block5_pool" in info.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "nonsense"], "unknown weights source"),
+    (["--weights", "/no/such/file.h5"], "unknown weights source"),
+    (["--weights", "random", "--input-size", "31"], "minimum of 32"),
+    (["--weights", "random", "--input-size", "32", "--layer", "block9_pool"], "unknown layer"),
+    (["--weights", "random", "--input-size", "32", "--precision", "int8"], "needs --calibration"),
+])
+def test_bad_arguments_exit_2(tmp_path, args, message):
+    r = run_cli("export", *args, "-o", tmp_path / "x.onnx")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_imagenet_offline_is_a_clear_error(tmp_path):
+    # An empty Keras cache and an unreachable proxy make the download fail as it does offline.
+    env = {"KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    r = run_cli("export", "--weights", "imagenet", "--input-size", 32, "-o", tmp_path / "x.onnx", env=env)
+    assert r.returncode == 2
+    assert "ImageNet" in r.stderr and "--weights hed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_model_for_info(tmp_path):
+    r = run_cli("info", tmp_path / "nope.onnx")
+    assert r.returncode == 2 and "model not found" in r.stderr
+
+
+def test_int8_on_tiny_calibration_set(tmp_path):
+    from convcache.export.runner import export_extractor
+
+    calib = make_dataset(tmp_path / "calib", splits={"train": 5})
+    out = tmp_path / "int8.onnx"
+    meta = export_extractor("random", SIZE, str(out), precision="int8", calibration=str(calib), seed=1)
+    q = meta["quantization"]
+    assert q["held_out_images"] >= 1 and 0.9 < q["cosine_mean"] <= 1.0001
+    model = onnx.load(str(out))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert read_metadata(out)["precision"] == "int8"
+
+
+def test_fp16_variant(tmp_path):
+    from convcache.export.runner import export_extractor
+
+    out = tmp_path / "fp16.onnx"
+    export_extractor("random", SIZE, str(out), precision="fp16", seed=1)
+    model = onnx.load(str(out))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    from convcache.export.onnx_target import sample_images
+
+    assert _run(out, sample_images(2, SIZE)).shape == (2, 1, 1, 512)
