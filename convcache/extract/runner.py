@@ -1,0 +1,196 @@
+"""extract: plan what is missing from the cache, decode and augment in worker threads, infer in
+batches on the main thread (ONNX Runtime releases the GIL, so the two overlap), write blocks."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from convcache import __version__
+from convcache.augment import AugmentPolicy
+from convcache.errors import ConvcacheError
+from convcache.extract.mapper import decode_copies, hash_file
+from convcache.extract.reader import discover
+from convcache.extract.writer import FORMAT, SplitWriter
+from convcache.imaging import DEFAULT_MAX_PIXELS
+from convcache.onnxmeta import get_metadata, graph_sha256, load_model
+from convcache.runtime import create_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    data: str
+    output: str
+    augment: int = 0
+    augment_splits: tuple = ("train",)
+    seed: int = 0
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+    dtype: str = "float32"
+    policy: AugmentPolicy = field(default_factory=AugmentPolicy)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    chunk_rows: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    rows_written: int = 0
+    rows_cached: int = 0
+    inference_calls: int = 0
+    images: int = 0
+    skipped: dict = field(default_factory=dict)
+    duplicates: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    provider: str = ""
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_written / self.seconds if self.seconds else 0.0
+
+
+class Extractor:
+    """An ONNX extractor and what a store needs to know about it."""
+
+    def __init__(self, path: str, device: str):
+        proto = load_model(path)
+        self.meta = get_metadata(proto)
+        if self.meta.get("kind") != "extractor":
+            raise ConvcacheError(f"{path} is not a convcache extractor (run `convcache export` first)")
+        self.sha256 = graph_sha256(proto)
+        self.size = int(self.meta["input"]["size"])
+        self.feature_shape = tuple(self.meta["output"]["shape"][1:])
+        self.session = create_session(path, device)
+        self.provider = self.session.get_providers()[0]
+        self.calls = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return self.session.run(["features"], {"images": images.astype(np.float32)})[0]
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractSummary:
+    if cfg.augment < 0 or cfg.batch_size < 1 or cfg.workers < 1:
+        raise ConvcacheError("--augment must be >= 0, --batch-size and --workers >= 1")
+    if cfg.dtype not in ("float32", "float16"):
+        raise ConvcacheError(f"--dtype {cfg.dtype}: choose float32 or float16")
+    start = time.perf_counter()
+    extractor = Extractor(cfg.model, cfg.device)
+    items, classes = discover(cfg.data)
+    root = _open_root(cfg.output, classes)
+    summary = ExtractSummary(provider=extractor.provider, images=len(items))
+    identity = {"extractor_sha256": extractor.sha256, "policy": cfg.policy.to_dict(), "seed": cfg.seed,
+                "dtype": cfg.dtype, "classes": classes}
+    provenance = {"extractor": {"metadata": extractor.meta, "sha256": extractor.sha256, "file": str(cfg.model)},
+                  "augment": {"policy": cfg.policy.to_dict(), "seed": cfg.seed, "splits": list(cfg.augment_splits)},
+                  "classes": classes, "versions": _versions(), "created": _now()}
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        for split in sorted({i.split for i in items}):
+            split_items = [i for i in items if i.split == split]
+            copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
+            writer = SplitWriter(root, split, identity, provenance, extractor.feature_shape, cfg.dtype, cfg.chunk_rows)
+            _extract_split(split, split_items, copies, writer, extractor, pool, cfg, summary)
+    summary.inference_calls = extractor.calls
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary) -> None:
+    done, image_index = writer.existing()
+    writer.skipped = {}  # files are retried on every run; failures are recorded again below
+    plan, seen = [], {}
+    for hashed in pool.map(hash_file, items):
+        if hashed.error:
+            writer.skip(hashed.item.path, hashed.error)
+        elif hashed.sha256 in seen:
+            summary.duplicates[hashed.item.path] = seen[hashed.sha256]
+        else:
+            seen[hashed.sha256] = hashed.item.path
+            need = [c for c in copies if (hashed.sha256, c) not in done]
+            summary.rows_cached += len(copies) - len(need)
+            if need:
+                plan.append((hashed.item, hashed.sha256, need))
+    total = sum(len(need) for _, _, need in plan)
+    writer.reserve(total)
+    next_image = max(image_index.values(), default=-1) + 1
+    pending: list[tuple] = []  # (item, sha, copy, pixels) waiting for a full batch
+    bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or total == 0)
+
+    def infer(rows):
+        features = extractor(np.stack([r[3] for r in rows]))
+        for (item, sha, copy, _), feat in zip(rows, features):
+            writer.add({"features": feat, "label": item.label, "image": image_index[sha], "copy": copy,
+                        "sha256": sha, "path": item.path})
+        summary.rows_written += len(rows)
+        bar.update(len(rows))
+
+    jobs = ((item, sha, need, extractor.size, cfg.policy, cfg.seed, cfg.max_pixels) for item, sha, need in plan)
+    for decoded in _ordered(pool, decode_copies, jobs, window=4 * cfg.workers):
+        if decoded.error:
+            writer.skip(decoded.item.path, decoded.error)
+            continue
+        if decoded.sha256 not in image_index:
+            image_index[decoded.sha256] = next_image
+            next_image += 1
+        pending += [(decoded.item, decoded.sha256, c, px) for c, px in zip(decoded.copies, decoded.images)]
+        while len(pending) >= cfg.batch_size:
+            infer(pending[: cfg.batch_size])
+            pending = pending[cfg.batch_size :]
+    if pending:
+        infer(pending)
+    bar.close()
+    writer.flush()
+    writer.reserve(0)  # give back rows reserved for files that failed to decode
+    writer.commit()
+    summary.skipped.update(writer.skipped)
+
+
+def _ordered(pool, fn, jobs, window: int):
+    """pool.map with a bounded look-ahead, so decoded images never pile up in memory."""
+    futures = deque()
+    for job in jobs:
+        futures.append(pool.submit(fn, *job))
+        if len(futures) >= window:
+            yield futures.popleft().result()
+    while futures:
+        yield futures.popleft().result()
+
+
+def _open_root(output: str, classes: list[str]) -> zarr.Group:
+    path = Path(output)
+    if path.exists() and not (path / "zarr.json").is_file():
+        raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
+    root = zarr.open_group(str(path), mode="a")
+    if "format" not in root.attrs:
+        root.attrs.update({"format": FORMAT, "classes": classes, "created": _now(), "versions": _versions()})
+    elif root.attrs["format"] != FORMAT:
+        raise ConvcacheError(f"-o {output}: not a convcache feature store")
+    elif list(root.attrs["classes"]) != classes:
+        raise ConvcacheError(f"-o {output}: the store has classes {list(root.attrs['classes'])}, the data has "
+                             f"{classes}; class indices would change. Write to a new store.")
+    return root
+
+
+def _versions() -> dict:
+    import onnxruntime
+
+    return {"convcache": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,82 @@
+"""FeatureStore: read a convcache Zarr store back as numpy (or dask) arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from convcache.errors import ConvcacheError
+
+FORMAT = "convcache-features/1"
+
+
+@dataclass
+class SplitData:
+    features: np.ndarray
+    labels: np.ndarray
+    image: np.ndarray
+    copy: np.ndarray
+    sha256: list[str]
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class FeatureStore:
+    """Read-only view of a store. Only committed rows are visible."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise ConvcacheError(f"not a feature store: {path}")
+        self.root = zarr.open_group(str(self.path), mode="r")
+        if self.root.attrs.get("format") != FORMAT:
+            raise ConvcacheError(f"{path}: not a convcache feature store (format {self.root.attrs.get('format')!r})")
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.root.group_keys())
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.root.attrs["classes"])
+
+    def attrs(self, split: str) -> dict:
+        return dict(self._group(split).attrs)
+
+    def rows(self, split: str) -> int:
+        return int(self._group(split).attrs["committed_rows"])
+
+    def _group(self, split: str):
+        if split not in self.root:
+            raise ConvcacheError(f"{self.path}: no '{split}' split (has: {', '.join(self.splits) or 'none'})")
+        return self.root[split]
+
+    def load(self, split: str, max_copy: int | None = None, with_features: bool = True) -> SplitData:
+        """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order."""
+        group, n = self._group(split), self.rows(split)
+        copy = group["copy"][:n]
+        keep = np.ones(n, bool) if max_copy is None else copy <= max_copy
+        idx = np.flatnonzero(keep)
+        features = group["features"][:n][idx] if with_features else np.empty((len(idx), 0))
+        return SplitData(
+            features=features,
+            labels=group["label"][:n][idx],
+            image=group["image"][:n][idx],
+            copy=copy[idx],
+            sha256=[bytes(r).hex() for r in group["sha256"][:n][idx]],
+            paths=[str(p) for p in group["path"][:n][idx]],
+        )
+
+    def dask(self, split: str) -> dict:
+        """Lazy dask arrays of the committed rows (needs the 'dist' extra)."""
+        try:
+            import dask.array as da
+        except ImportError:
+            raise ConvcacheError("dask is not installed: pip install 'convcache[dist]'") from None
+        group, n = self._group(split), self.rows(split)
+        return {name: da.from_zarr(group[name])[:n] for name in ("features", "label", "image", "copy")}

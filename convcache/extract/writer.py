@@ -1,0 +1,106 @@
+"""The Zarr side: one group per split, rows written in chunk-aligned blocks, committed after they land.
+
+Crash safety: a group's `committed_rows` attribute is the only truth. Data blocks are written
+first (each Zarr chunk file is replaced atomically), then `committed_rows` moves forward
+(zarr.json is also replaced atomically). A re-run truncates anything past `committed_rows` and
+computes it again, so a kill at any moment leaves no half-written or duplicate rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import zarr
+
+from convcache.errors import ConvcacheError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "convcache-features/1"
+CHUNK_BYTES = 4 << 20
+
+
+class SplitWriter:
+    def __init__(self, root: zarr.Group, split: str, identity: dict, provenance: dict, feature_shape: tuple,
+                 dtype: str, chunk_rows: int | None = None):
+        self.split = split
+        row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+        if split in root:
+            self.group = root[split]
+            self._check_identity(identity)
+        else:
+            self.group = self._create(root, split, identity, provenance, feature_shape, dtype,
+                                      chunk_rows or max(1, CHUNK_BYTES // row_bytes))
+        self.arrays = {name: self.group[name] for name in ("features", "label", "image", "copy", "sha256", "path")}
+        self.chunk_rows = self.arrays["features"].chunks[0]
+        self.committed = int(self.group.attrs["committed_rows"])
+        self.skipped = dict(self.group.attrs.get("skipped", {}))
+        self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
+        self.buffer: list[dict] = []
+
+    @staticmethod
+    def _create(root, split, identity, provenance, feature_shape, dtype, chunk_rows):
+        group = root.create_group(split, attributes={**provenance, "identity": identity, "committed_rows": 0,
+                                                     "skipped": {}})
+        group.create_array("features", shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype)
+        for name, dt in (("label", "int32"), ("image", "int64"), ("copy", "int16")):
+            group.create_array(name, shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=dt)
+        group.create_array("sha256", shape=(0, 32), chunks=(max(chunk_rows, 1024), 32), dtype="uint8")
+        group.create_array("path", shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=str)
+        return group
+
+    def _check_identity(self, identity: dict) -> None:
+        stored = self.group.attrs.get("identity")
+        if stored != identity:
+            diff = sorted(k for k in identity if stored is None or stored.get(k) != identity[k])
+            raise ConvcacheError(
+                f"the store's '{self.split}' split was written with a different {', '.join(diff)}; "
+                "refusing to mix them. Write to a new store (-o OTHER.zarr).")
+
+    def existing(self) -> tuple[set, dict]:
+        """The (sha256, copy) keys already committed, and each committed image's index."""
+        n = self.committed
+        shas = [bytes(r).hex() for r in self.arrays["sha256"][:n]] if n else []
+        copies = self.arrays["copy"][:n].tolist() if n else []
+        images = self.arrays["image"][:n].tolist() if n else []
+        return set(zip(shas, copies)), dict(zip(shas, images))
+
+    def _resize(self, rows: int) -> None:
+        for arr in self.arrays.values():
+            if arr.shape[0] != rows:
+                arr.resize((rows, *arr.shape[1:]))
+
+    def reserve(self, new_rows: int) -> None:
+        self._resize(self.committed + new_rows)
+
+    def add(self, row: dict) -> None:
+        self.buffer.append(row)
+        end = self.committed + len(self.buffer)
+        if end % self.chunk_rows == 0:  # a chunk boundary: a full, aligned block
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        start, stop = self.committed, self.committed + len(self.buffer)
+        columns = {
+            "features": np.stack([r["features"] for r in self.buffer]),
+            "label": np.array([r["label"] for r in self.buffer], np.int32),
+            "image": np.array([r["image"] for r in self.buffer], np.int64),
+            "copy": np.array([r["copy"] for r in self.buffer], np.int16),
+            "sha256": np.stack([np.frombuffer(bytes.fromhex(r["sha256"]), np.uint8) for r in self.buffer]),
+            "path": np.array([r["path"] for r in self.buffer], dtype=object),
+        }
+        for name, values in columns.items():
+            arr = self.arrays[name]
+            arr[start:stop] = values.astype(arr.dtype) if name == "features" else values
+        self.buffer = []
+        self.commit(stop)
+
+    def commit(self, rows: int | None = None) -> None:
+        self.committed = self.committed if rows is None else rows
+        self.group.attrs.update({"committed_rows": self.committed, "skipped": self.skipped})
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped[path] = reason

@@ -1,0 +1,251 @@
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SIZE, make_dataset, make_image, run_cli
+from convcache.augment import AugmentPolicy, augment, draw_params
+from convcache.errors import ConvcacheError
+from convcache.extract import FeatureStore
+from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.imaging import decode_image
+
+
+def extract(model, data, out, **kw):
+    kw.setdefault("progress", False)
+    return run_extract(ExtractConfig(model=str(model), data=str(data), output=str(out), **kw))
+
+
+def arrays(path):
+    store = FeatureStore(path)
+    out = {}
+    for split in store.splits:
+        d = store.load(split)
+        out[split] = (d.features, d.labels, d.image, d.copy, d.sha256, d.paths)
+    return out
+
+
+def assert_same_store(a, b):
+    A, B = arrays(a), arrays(b)
+    assert A.keys() == B.keys()
+    for split in A:
+        for x, y in zip(A[split], B[split]):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+def test_augmentation_is_deterministic_and_changes_pixels():
+    img = np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    p = AugmentPolicy()
+    assert augment(img, p, 0, "ab" * 32, 0) is img
+    a1, a2 = augment(img, p, 0, "ab" * 32, 1), augment(img, p, 0, "ab" * 32, 1)
+    np.testing.assert_array_equal(a1, a2)
+    assert not np.array_equal(a1, img)
+    assert draw_params(p, 0, "ab" * 32, 1) != draw_params(p, 0, "ab" * 32, 2)
+    assert draw_params(p, 0, "ab" * 32, 1) != draw_params(p, 1, "ab" * 32, 1)
+    q = draw_params(p, 0, "cd" * 32, 3)
+    assert abs(q["theta"]) <= 40 and 0.8 <= q["zx"] <= 1.2 and abs(q["tx"]) <= 0.2
+
+
+def test_identity_policy_keeps_pixels():
+    img = np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    none = AugmentPolicy(0, 0, 0, 0, 0, False)
+    np.testing.assert_array_equal(augment(img, none, 0, "ab" * 32, 1), img)
+
+
+def test_extract_layout_and_provenance(extractor, dataset, tmp_path):
+    s = extract(extractor, dataset, tmp_path / "f.zarr", augment=2)
+    assert s.rows_written == 2 * 6 * 3 + 2 * 4 and not s.skipped
+    store = FeatureStore(tmp_path / "f.zarr")
+    assert store.splits == ["train", "validation"] and store.classes == ["cats", "dogs"]
+    train = store.load("train")
+    assert train.features.shape == (36, 1, 1, 512)
+    assert sorted(set(train.copy.tolist())) == [0, 1, 2]
+    assert set(store.load("validation").copy.tolist()) == {0}
+    assert len(store.load("train", max_copy=1)) == 24
+    # Rows of one image share its index, label, hash and path.
+    for i in set(train.image.tolist()):
+        rows = np.flatnonzero(train.image == i)
+        assert len(rows) == 3 and len({train.sha256[r] for r in rows}) == 1
+    attrs = store.attrs("train")
+    assert attrs["extractor"]["metadata"]["kind"] == "extractor" and len(attrs["extractor"]["sha256"]) == 64
+    assert attrs["augment"]["policy"] == AugmentPolicy().to_dict() and attrs["augment"]["seed"] == 0
+    assert attrs["classes"] == ["cats", "dogs"] and "zarr" in attrs["versions"]
+    # Copies really differ from the original in feature space.
+    assert not np.allclose(train.features[train.copy == 0], train.features[train.copy == 1])
+
+
+def test_same_seed_same_features_across_workers_and_batches(extractor, dataset, tmp_path):
+    extract(extractor, dataset, tmp_path / "a.zarr", augment=2, workers=1, batch_size=4)
+    extract(extractor, dataset, tmp_path / "b.zarr", augment=2, workers=2, batch_size=4)
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    extract(extractor, dataset, tmp_path / "c.zarr", augment=2, workers=2, batch_size=7)
+    a, c = FeatureStore(tmp_path / "a.zarr").load("train"), FeatureStore(tmp_path / "c.zarr").load("train")
+    np.testing.assert_allclose(a.features, c.features, rtol=1e-5, atol=1e-5)
+    extract(extractor, dataset, tmp_path / "d.zarr", augment=2, seed=9)
+    d = FeatureStore(tmp_path / "d.zarr").load("train")
+    assert not np.allclose(a.features[a.copy == 1], d.features[d.copy == 1])
+
+
+def test_second_run_performs_zero_inference(extractor, dataset, tmp_path):
+    extract(extractor, dataset, tmp_path / "f.zarr", augment=1)
+    again = extract(extractor, dataset, tmp_path / "f.zarr", augment=1)
+    assert again.inference_calls == 0 and again.rows_written == 0 and again.rows_cached == 2 * 6 * 2 + 8
+
+
+def test_incremental_add_computes_only_new(extractor, dataset, tmp_path):
+    extract(extractor, dataset, tmp_path / "f.zarr", augment=1)
+    make_image(dataset / "train" / "cats" / "new.jpg", seed=999, kind=0)
+    s = extract(extractor, dataset, tmp_path / "f.zarr", augment=1)
+    assert s.rows_written == 2 and s.rows_cached == 24 + 8
+    # More copies later: only the new copies are computed.
+    s = extract(extractor, dataset, tmp_path / "f.zarr", augment=2)
+    assert s.rows_written == 13
+    extract(extractor, dataset, tmp_path / "clean.zarr", augment=2)
+    a, b = FeatureStore(tmp_path / "f.zarr").load("train"), FeatureStore(tmp_path / "clean.zarr").load("train")
+    key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
+    assert key(a) == key(b)
+
+
+def test_different_model_or_policy_is_refused(extractor, pooled_extractor, dataset, tmp_path):
+    extract(extractor, dataset, tmp_path / "f.zarr")
+    with pytest.raises(ConvcacheError, match="extractor_sha256"):
+        extract(pooled_extractor, dataset, tmp_path / "f.zarr")
+    with pytest.raises(ConvcacheError, match="policy"):
+        extract(extractor, dataset, tmp_path / "f.zarr", policy=AugmentPolicy(rotation_range=10))
+    assert FeatureStore(tmp_path / "f.zarr").rows("train") == 12  # nothing was lost
+
+
+def test_resume_after_kill_matches_clean_run(extractor, tmp_path):
+    data = make_dataset(tmp_path / "data", splits={"train": 25, "validation": 5})
+    args = [sys.executable, "-m", "convcache", "extract", "--model", extractor, "--data", data, "--augment", "3",
+            "--batch-size", "1", "--chunk-rows", "2", "--workers", "2", "--no-progress", "-o"]
+    killed = tmp_path / "killed.zarr"
+    attrs = killed / "train" / "zarr.json"
+    proc = subprocess.Popen([*map(str, args), str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(attrs.read_text())["attributes"]["committed_rows"] >= 10:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert FeatureStore(killed).rows("train") < 100
+    r = subprocess.run([*map(str, args), str(killed)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clean = tmp_path / "clean.zarr"
+    extract(extractor, data, clean, augment=3, batch_size=1, chunk_rows=2)
+    assert_same_store(killed, clean)
+
+
+def _bad_files(root):
+    cats = root / "train" / "cats"
+    (cats / "empty.jpg").write_bytes(b"")
+    (cats / "notes.txt").write_text("not an image")
+    good = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(good, "JPEG")
+    (cats / "truncated.jpg").write_bytes(good.getvalue()[:200])
+    (cats / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(500))
+    Image.new("L", (3000, 3000)).save(cats / "huge.png")
+
+
+def test_bad_files_are_skipped_with_reasons(extractor, dataset, tmp_path):
+    _bad_files(dataset)
+    s = extract(extractor, dataset, tmp_path / "f.zarr", max_pixels=1_000_000)
+    reasons = {os.path.basename(p): r for p, r in s.skipped.items()}
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["notes.txt"] == "not an image"
+    assert "truncated" in reasons["truncated.jpg"] or "corrupt" in reasons["truncated.jpg"]
+    assert "corrupt.jpg" in reasons
+    assert "too many pixels" in reasons["huge.png"]
+    assert len(reasons) == 5 and s.rows_written == 20
+    assert len(FeatureStore(tmp_path / "f.zarr").attrs("train")["skipped"]) == 5
+    r = run_cli("extract", "--model", extractor, "--data", dataset, "-o", tmp_path / "g.zarr", "--max-pixels",
+                1_000_000, "--no-progress")
+    assert r.returncode == 3 and "skipped" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_odd_modes_are_converted_not_skipped(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    cases = {
+        "gray.png": img.convert("L"),
+        "cmyk.jpg": img.convert("CMYK"),
+        "palette.png": img.convert("P"),
+        "alpha.png": img.convert("RGBA"),
+        "sixteen.png": Image.fromarray((np.asarray(img.convert("L"), np.uint16) * 257)),
+    }
+    for name, im in cases.items():
+        buf = io.BytesIO()
+        im.save(buf, name.split(".")[1].replace("jpg", "jpeg"))
+        out = decode_image(buf.getvalue(), SIZE)
+        assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8, name
+    # 16-bit is scaled, not clipped: it matches its 8-bit version.
+    gray8 = decode_image(_png(img.convert("L")), SIZE).astype(int)
+    gray16 = decode_image(_png(cases["sixteen.png"]), SIZE).astype(int)
+    assert np.abs(gray8 - gray16).max() <= 1
+    # Transparent pixels composite over white.
+    clear = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    assert decode_image(_png(clear), SIZE).min() == 255
+    # EXIF orientation 6 (rotate 90 CW) is applied.
+    tall = Image.fromarray(rgb)  # 60 wide, 40 high
+    exif = tall.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    tall.save(buf, "PNG", exif=exif)
+    rotated = decode_image(buf.getvalue(), SIZE)
+    expected = decode_image(_png(tall.transpose(Image.Transpose.ROTATE_270)), SIZE)
+    np.testing.assert_array_equal(rotated, expected)
+
+
+def _png(im):
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_csv_manifest_and_missing_file(extractor, dataset, tmp_path):
+    lines = ["path,label,split"]
+    for split in ("train", "validation"):
+        for f in sorted((dataset / split).rglob("*.jpg")):
+            lines.append(f"{f.relative_to(dataset)},{f.parent.name},{split}")
+    lines.append("train/cats/missing.jpg,cats,train")
+    (dataset / "manifest.csv").write_text("\n".join(lines) + "\n")
+    s = extract(extractor, dataset / "manifest.csv", tmp_path / "m.zarr")
+    assert s.rows_written == 20 and list(s.skipped.values()) == ["unreadable: No such file or directory"]
+    extract(extractor, dataset, tmp_path / "d.zarr")
+    a, b = FeatureStore(tmp_path / "m.zarr").load("train"), FeatureStore(tmp_path / "d.zarr").load("train")
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_multiclass_single_folder(extractor, tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("ant", "bee", "cow"), splits={"train": 3})
+    s = extract(extractor, root / "train", tmp_path / "f.zarr")
+    store = FeatureStore(tmp_path / "f.zarr")
+    assert s.rows_written == 9 and store.classes == ["ant", "bee", "cow"]
+    assert sorted(store.load("train").labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_cli_errors(extractor, dataset, tmp_path):
+    r = run_cli("extract", "--model", tmp_path / "none.onnx", "--data", dataset, "-o", tmp_path / "f.zarr")
+    assert r.returncode == 2 and "model not found" in r.stderr
+    r = run_cli("extract", "--model", extractor, "--data", tmp_path / "nodata", "-o", tmp_path / "f.zarr")
+    assert r.returncode == 2 and "no such file" in r.stderr
+    r = run_cli("extract", "--model", extractor, "--data", dataset, "-o", tmp_path / "f.zarr", "--device", "cuda")
+    assert r.returncode == 2 and "cuda" in r.stderr.lower() and "Traceback" not in r.stderr
