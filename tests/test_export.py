@@ -14,7 +14,8 @@ def _run(path, images):
 
 
 def test_parity_with_keras_at_32px():
-    from convcache.export import keras_model, onnx_target, weights
+    from convcache.backbone import keras_model, weights
+    from convcache.export import onnx_target
 
     base = weights.load_vgg16("random", SIZE, seed=3)
     model = keras_model.build_extractor(base)
@@ -31,7 +32,8 @@ def test_parity_with_keras_at_32px():
 
 
 def test_parity_failure_is_detected():
-    from convcache.export import keras_model, onnx_target, weights
+    from convcache.backbone import keras_model, weights
+    from convcache.export import onnx_target
 
     base = weights.load_vgg16("random", SIZE, seed=3)
     model = keras_model.build_extractor(base)

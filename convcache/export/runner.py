@@ -8,7 +8,8 @@ from pathlib import Path
 import onnx
 
 from convcache.errors import ConvcacheError
-from convcache.export import keras_model, onnx_target, quantize, weights
+from convcache.backbone import keras_model, weights
+from convcache.export import onnx_target, quantize
 from convcache.onnxmeta import graph_sha256, set_metadata
 
 log = logging.getLogger(__name__)

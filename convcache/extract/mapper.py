@@ -9,7 +9,7 @@ import numpy as np
 
 from convcache.augment import AugmentPolicy, augment
 from convcache.errors import ImageError
-from convcache.extract.reader import Item
+from convcache.datasets import Item
 from convcache.imaging import decode_image
 
 

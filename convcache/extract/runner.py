@@ -20,7 +20,7 @@ from convcache import __version__
 from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
 from convcache.extract.mapper import decode_copies, hash_file
-from convcache.extract.reader import discover
+from convcache.datasets import discover
 from convcache.extract.writer import FORMAT, SplitWriter
 from convcache.imaging import DEFAULT_MAX_PIXELS
 from convcache.onnxmeta import get_metadata, graph_sha256, load_model
