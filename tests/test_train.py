@@ -1,0 +1,146 @@
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import SIZE, make_dataset, run_cli
+from convcache.errors import ConvcacheError
+from convcache.extract import FeatureStore
+from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.train.data import load_training_data
+from convcache.train.fuse import fuse
+from convcache.train.heads import DenseHead, LogRegHead
+from convcache.train.runner import train_head
+
+FAST_DENSE = {"epochs": 60, "learning_rate": 1e-3, "patience": 10, "units": 32}
+
+
+def extract(model, data, out, **kw):
+    run_extract(ExtractConfig(model=str(model), data=str(data), output=str(out), progress=False, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(pooled_extractor, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = make_dataset(root / "data", splits={"train": 10, "validation": 6, "test": 4})
+    return extract(pooled_extractor, data, root / "f.zarr", augment=1)
+
+
+@pytest.fixture(scope="module")
+def store3(pooled_extractor, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train3")
+    data = make_dataset(root / "data", classes=("ant", "bee", "cow"), splits={"train": 10, "validation": 6})
+    return extract(pooled_extractor, data, root / "f.zarr")
+
+
+def _session_probs(path, X):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(["probabilities"], {"features": X})[0]
+
+
+@pytest.mark.parametrize("head, params", [("logreg", {}), ("dense", FAST_DENSE)])
+def test_heads_learn_a_separable_fixture(store, tmp_path, head, params):
+    m = train_head(str(store), head, str(tmp_path / head), copies=1, params=params)
+    assert m["validation"]["accuracy"] >= 0.9 and m["test"]["accuracy"] >= 0.9
+    assert m["rows"] == {"train": 40, "validation": 12, "test": 8}
+    assert m["validation"]["roc_auc"] >= 0.9 and np.array(m["validation"]["confusion_matrix"]).sum() == 12
+    saved = json.loads((tmp_path / head / "metrics.json").read_text())
+    assert saved["provenance"]["extractor"] == FeatureStore(store).attrs("train")["extractor"]["sha256"]
+    assert m["onnx_max_abs_diff"] < 1e-4
+
+
+def test_copies_select_rows(store, tmp_path):
+    assert len(load_training_data(str(store), copies=0).train.y) == 20
+    assert len(load_training_data(str(store), copies=1).train.y) == 40
+
+
+@pytest.mark.parametrize("head, params", [("logreg", {}), ("dense", FAST_DENSE)])
+def test_multiclass_heads_and_onnx_parity(store3, tmp_path, head, params):
+    data = load_training_data(str(store3))
+    est = (LogRegHead() if head == "logreg" else DenseHead(**params)).fit(data.train.X, data.train.y,
+                                                                          data.validation.X, data.validation.y)
+    assert est is not None and list(est.classes_) == [0, 1, 2]
+    proba = est.predict_proba(data.validation.X)
+    assert proba.shape == (18, 3) and (est.predict(data.validation.X) == data.validation.y).mean() >= 0.8
+    m = train_head(str(store3), head, str(tmp_path / head), params=params)
+    assert m["classes"] == ["ant", "bee", "cow"] and "roc_auc" not in m["validation"]
+    onnx_proba = _session_probs(tmp_path / head / "head.onnx", data.validation.X)
+    assert onnx_proba.shape == (18, 3)
+    # The exported head predicts what the trained one did.
+    assert (onnx_proba.argmax(1) == data.validation.y).mean() == pytest.approx(m["validation"]["accuracy"])
+
+
+def test_logreg_onnx_parity(store):
+    data = load_training_data(str(store))
+    est = LogRegHead().fit(data.train.X, data.train.y, data.validation.X, data.validation.y)
+    import onnx
+
+    proto = est.to_onnx()
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = s.run(["probabilities"], {"features": data.validation.X})[0]
+    np.testing.assert_allclose(got, est.predict_proba(data.validation.X), atol=1e-5)
+    assert isinstance(proto, onnx.ModelProto) and est.C_ in est.Cs
+
+
+def test_fused_model_matches_two_step(pooled_extractor, store, tmp_path):
+    train_head(str(store), "logreg", str(tmp_path / "h"))
+    meta = fuse(str(pooled_extractor), str(tmp_path / "h"), str(tmp_path / "model.onnx"))
+    assert meta["classes"] == ["cats", "dogs"] and meta["extractor"]["weights"]["source"] == "random"
+    from convcache.export.onnx_target import sample_images
+
+    images = sample_images(5, SIZE, seed=7)
+    ext = ort.InferenceSession(str(pooled_extractor), providers=["CPUExecutionProvider"])
+    feats = ext.run(["features"], {"images": images})[0]
+    two_step = _session_probs(tmp_path / "h" / "head.onnx", feats.reshape(5, -1))
+    fused = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs, fused_feats = fused.run(["probabilities", "features"], {"images": images})
+    np.testing.assert_allclose(probs, two_step, atol=1e-5)
+    np.testing.assert_allclose(fused_feats, feats, atol=1e-5)
+
+
+def test_fuse_refuses_a_head_from_another_extractor(extractor, store, tmp_path):
+    train_head(str(store), "logreg", str(tmp_path / "h"))
+    with pytest.raises(ConvcacheError, match="trained on features of extractor"):
+        fuse(str(extractor), str(tmp_path / "h"), str(tmp_path / "model.onnx"))
+    r = run_cli("fuse", "--extractor", extractor, "--head", tmp_path / "h", "-o", tmp_path / "m.onnx")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "m.onnx").exists()
+
+
+def test_missing_validation_split(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 5})
+    store = extract(pooled_extractor, data, tmp_path / "f.zarr")
+    with pytest.raises(ConvcacheError, match="validation"):
+        train_head(str(store), "logreg", str(tmp_path / "h"))
+    with pytest.raises(ConvcacheError, match="validation"):
+        train_head(str(store), "dense", str(tmp_path / "h"))
+    m = train_head(str(store), "logreg", str(tmp_path / "h"), params={"Cs": (0.1,)})
+    assert "validation" not in m
+
+
+def test_empty_split_is_an_error(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 4})
+    (data / "validation" / "cats").mkdir(parents=True)
+    (data / "validation" / "cats" / "bad.jpg").write_bytes(b"")
+    store = extract(pooled_extractor, data, tmp_path / "f.zarr")
+    r = run_cli("train", "--features", store, "--head", "logreg", "-o", tmp_path / "h")
+    assert r.returncode == 2 and "validation split is empty" in r.stderr
+    r = run_cli("train", "--features", tmp_path / "nothing.zarr", "-o", tmp_path / "h")
+    assert r.returncode == 2 and "not a feature store" in r.stderr
+
+
+def test_compare_end_to_end_tiny(tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 4, "validation": 3})
+    from convcache.train.compare import run_compare
+
+    rows = run_compare(str(data), "random", str(tmp_path / "report"), budget="tiny", input_size=SIZE, fine_tune=True)
+    methods = {r["method"] for r in rows}
+    assert "cached originals (method 1)" in methods and "reference, augmentation (method 2)" in methods
+    assert "reference, augmentation + fine-tune block5" in methods and len(rows) == 7
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| cached | logreg | K=1 |" in report
+    for png in ("accuracy_vs_time.png", "accuracy_vs_k.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    ref = json.loads((tmp_path / "report" / "reference" / "augmentation-method-2" / "metrics.json").read_text())
+    assert ref["method"] == "reference" and len(ref["history"]) == 1 and "validation" in ref
