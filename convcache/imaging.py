@@ -32,10 +32,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return prepare_image(ImageOps.exif_transpose(img), size)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -44,6 +41,12 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise ImageError("not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def prepare_image(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded PIL image -> uint8 size x size x 3 RGB, the model's input."""
+    img = _to_rgb(img).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -60,3 +60,19 @@ def pooled_extractor(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "pooled.onnx"
     export_extractor("random", SIZE, str(path), layer="block3_pool", pooling="avg", seed=1)
     return path
+
+
+@pytest.fixture(scope="session")
+def fused_model(pooled_extractor, tmp_path_factory) -> Path:
+    """extractor + logreg head -> fused model, built through the real stages."""
+    from convcache.extract.runner import ExtractConfig, run_extract
+    from convcache.train.fuse import fuse
+    from convcache.train.runner import train_head
+
+    root = tmp_path_factory.mktemp("fused")
+    data = make_dataset(root / "data", splits={"train": 6, "validation": 4})
+    run_extract(ExtractConfig(model=str(pooled_extractor), data=str(data), output=str(root / "f.zarr"),
+                              progress=False))
+    train_head(str(root / "f.zarr"), "logreg", str(root / "head"))
+    fuse(str(pooled_extractor), str(root / "head"), str(root / "model.onnx"))
+    return root / "model.onnx"

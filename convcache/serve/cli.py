@@ -1,0 +1,69 @@
+"""`convcache predict` and `convcache serve`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with a fused model (one JSON line per image)")
+    p.add_argument("--model", required=True, help="fused .onnx from `convcache fuse`")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=run_predict)
+
+    s = sub.add_parser("serve", help="HTTP service for a fused model (FastAPI + uvicorn)",
+                       description="Endpoints: POST /v1/predict, POST /v1/features, GET /v1/model, /healthz, "
+                                   "/readyz, /metrics (Prometheus), /docs (OpenAPI).")
+    s.add_argument("--model", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--max-batch", type=int, default=32, help="images per inference call")
+    s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    s.add_argument("--max-queue", type=int, default=256, help="images waiting before 503")
+    s.add_argument("--cache-size", type=int, default=10_000, help="cached answers (0 disables)")
+    s.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
+    s.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded size limit (422 above)")
+    s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(func=run_serve)
+
+
+def run_predict(args) -> int:
+    from convcache.errors import ImageError
+    from convcache.serve.predictor import Predictor
+
+    predictor = Predictor(args.model, args.device, args.batch_size)
+    failed = 0
+    for path in args.images:  # one at a time, so one bad file does not hide the others' answers
+        try:
+            out = {"image": path, **predictor.predict(path).to_dict()}
+        except ImageError as exc:
+            out, failed = {"image": path, "error": exc.reason}, failed + 1
+        print(json.dumps(out), flush=True)
+    return 3 if failed else 0
+
+
+def run_serve(args) -> int:
+    import os
+    from dataclasses import asdict
+
+    import uvicorn
+
+    from convcache.serve.app import CONFIG_ENV, ServeConfig, create_app
+
+    config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_queue=args.max_queue, cache_size=args.cache_size,
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels)
+    common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30}
+    if args.workers > 1:
+        os.environ[CONFIG_ENV] = json.dumps(asdict(config))
+        uvicorn.run("convcache.serve.app:app_from_env", factory=True, workers=args.workers, **common)
+    else:
+        app = create_app(config)  # load errors surface here, before the port opens
+        print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr, flush=True)
+        uvicorn.run(app, **common)
+    return 0

@@ -1,0 +1,81 @@
+"""Predictor: a fused convcache model in-process. Decoding and resizing are extract's (convcache.imaging)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from convcache.errors import ConvcacheError, ImageError
+from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, prepare_image, read_and_decode
+from convcache.onnxmeta import file_sha256, get_metadata, load_model
+from convcache.runtime import create_session
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict
+
+    def to_dict(self) -> dict:
+        return {"class": self.label, "probabilities": self.probabilities}
+
+
+class Predictor:
+    """`Predictor("model.onnx").predict(images)`: images are paths, bytes, PIL images or HxWx3 arrays."""
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int = 32,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None):
+        meta = get_metadata(load_model(model))
+        if meta.get("kind") != "fused":
+            raise ConvcacheError(f"{model} is not a fused convcache model (make one with `convcache fuse`)")
+        self.metadata = meta
+        self.classes = list(meta["classes"])
+        self.size = int(meta["input"]["size"])
+        self.sha256 = file_sha256(model)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.session = create_session(str(model), device, threads)
+        self.provider = self.session.get_providers()[0]
+
+    def to_pixels(self, image) -> np.ndarray:
+        """One input -> uint8 size x size x 3; raises ImageError for unusable input."""
+        if isinstance(image, (str, Path)):
+            return read_and_decode(image, self.size, self.max_pixels)[1]
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return decode_image(bytes(image), self.size, self.max_pixels)
+        if isinstance(image, Image.Image):
+            return prepare_image(image, self.size)
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
+                arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+                return prepare_image(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), self.size)
+            raise ImageError(f"an array image must be HxW or HxWx{{1,3,4}}, got shape {image.shape}")
+        raise ImageError(f"unsupported input type {type(image).__name__}")
+
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A batch of uint8 pixels -> (probabilities, flattened features)."""
+        probs, feats = self.session.run(["probabilities", "features"], {"images": pixels.astype(np.float32)})
+        return probs, feats.reshape(len(pixels), -1)
+
+    def to_prediction(self, probs: np.ndarray) -> Prediction:
+        return Prediction(self.classes[int(np.argmax(probs))],
+                          {c: float(p) for c, p in zip(self.classes, probs)})
+
+    def predict(self, images) -> list[Prediction] | Prediction:
+        """Predictions for a list (batched), or one Prediction for a single input."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            pixels = np.stack([self.to_pixels(x) for x in items[i : i + self.batch_size]])
+            out += [self.to_prediction(p) for p in self.run_pixels(pixels)[0]]
+        return out[0] if single else out
+
+    def features(self, images) -> np.ndarray:
+        items = images if isinstance(images, (list, tuple)) else [images]
+        return np.concatenate([self.run_pixels(np.stack([self.to_pixels(x) for x in items[i : i + self.batch_size]]))[1]
+                               for i in range(0, len(items), self.batch_size)])

@@ -1,0 +1,177 @@
+import io
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from convcache.serve import Predictor
+
+
+def jpeg(seed: int, size=48) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "convcache", "serve", "--model", str(model), "--port",
+                                      str(self.port), *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(fused_model):
+    s = Server(fused_model, "--max-body-mb", 1, "--max-pixels", 1_000_000, "--max-wait-ms", 10)
+    yield s
+    s.stop()
+
+
+def test_predictions_equal_predictor(server, fused_model):
+    predictor = Predictor(fused_model)
+    images = [jpeg(i) for i in range(3)]
+    expected = predictor.predict(images)
+    r = httpx.post(server.url + "/v1/predict", files=[("images", (f"{i}.jpg", b, "image/jpeg"))
+                                                      for i, b in enumerate(images)])
+    assert r.status_code == 200
+    got = r.json()["predictions"]
+    assert [p["class"] for p in got] == [e.label for e in expected]
+    for p, e in zip(got, expected):
+        for c in predictor.classes:
+            assert p["probabilities"][c] == pytest.approx(e.probabilities[c], abs=1e-5)
+    raw = httpx.post(server.url + "/v1/predict", content=images[0], headers={"content-type": "image/jpeg"})
+    assert raw.json()["predictions"][0]["class"] == expected[0].label
+    feats = httpx.post(server.url + "/v1/features", content=images[1]).json()["features"][0]["features"]
+    np.testing.assert_allclose(feats, predictor.features(images[1])[0], atol=1e-4)
+
+
+def test_predictor_inputs_agree(fused_model, tmp_path):
+    predictor = Predictor(fused_model)
+    data = jpeg(5)
+    (tmp_path / "a.jpg").write_bytes(data)
+    img = Image.open(io.BytesIO(data))
+    by_path, by_bytes, by_pil = predictor.predict([tmp_path / "a.jpg", data, img])
+    assert by_path == by_bytes == by_pil
+    arr = predictor.predict(np.asarray(img))
+    assert arr.label == by_path.label
+    r = run_cli("predict", "--model", fused_model, tmp_path / "a.jpg", tmp_path / "missing.jpg")
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 3 and len(lines) == 2 and '"class"' in lines[0] and '"error"' in lines[1]
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"hello, not an image", 415),
+    (b"", 415),
+    (jpeg(1)[:120], 422),
+    (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, 415),  # a JPEG marker, then garbage
+])
+def test_bad_images(server, body, status):
+    r = httpx.post(server.url + "/v1/predict", content=body)
+    assert r.status_code == status and "error" in r.json()
+
+
+def test_limits(server):
+    big = io.BytesIO()
+    Image.new("RGB", (1200, 1200)).save(big, "PNG")  # small file, 1.44 M pixels > the 1 M limit
+    r = httpx.post(server.url + "/v1/predict", content=big.getvalue())
+    assert r.status_code == 422 and "too many pixels" in r.json()["error"]
+    r = httpx.post(server.url + "/v1/predict", content=b"x" * (2 << 20))
+    assert r.status_code == 413
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file here\r\n--XyZ--\r\n'
+    r = httpx.post(server.url + "/v1/predict", content=body,
+                   headers={"content-type": "multipart/form-data; boundary=XyZ"})
+    assert r.status_code == 422 and "no files" in r.json()["error"]
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    meta = httpx.get(server.url + "/v1/model").json()
+    assert meta["metadata"]["kind"] == "fused" and meta["classes"] == ["cats", "dogs"]
+    assert httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/predict"]
+
+
+def test_concurrent_load_and_cache_metrics(server):
+    images = [jpeg(100 + i) for i in range(40)]
+
+    def call(i):
+        return httpx.post(server.url + "/v1/predict", content=images[i % 40], timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(call, range(200)))
+    assert all(r.status_code == 200 for r in responses), {r.status_code for r in responses}
+    assert sum(r.json()["predictions"][0]["cached"] for r in responses) >= 100
+    text = httpx.get(server.url + "/metrics").text
+    hits = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("convcache_cache_hits_total")]
+    assert hits and hits[0] >= 100
+    assert "convcache_batch_size_bucket" in text and "convcache_request_seconds_bucket" in text
+    assert 'status="500"' not in text
+
+
+def test_queue_bound_gives_503_not_500(fused_model):
+    s = Server(fused_model, "--max-queue", 1, "--max-wait-ms", 200, "--cache-size", 0)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda i: httpx.post(s.url + "/v1/predict", content=jpeg(i), timeout=60).status_code,
+                                  range(32)))
+        assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+    finally:
+        s.stop()
+
+
+def test_graceful_shutdown_drains_in_flight(fused_model):
+    s = Server(fused_model, "--max-wait-ms", 2000, "--cache-size", 0)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(s.url + "/v1/predict", content=jpeg(3),
+                                                                    timeout=30)))
+    t.start()
+    deadline = time.time() + 20
+    while time.time() < deadline and "convcache_cache_misses_total 1.0" not in httpx.get(s.url + "/metrics").text:
+        time.sleep(0.01)  # until the request is in flight, waiting in the batcher
+    s.proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert result["r"].status_code == 200
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once drained
+
+
+def test_serve_does_not_import_tensorflow(fused_model):
+    code = ("import sys, convcache.serve, convcache.serve.app, convcache.serve.cli;"
+            f"from convcache.serve.app import create_app, ServeConfig; create_app(ServeConfig(model=r'{fused_model}'));"
+            "convcache.serve.Predictor(r'%s').predict(__import__('numpy').zeros((40, 40, 3), 'uint8'));"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx')];"
+            "assert not bad, bad" % fused_model)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_serve_rejects_a_non_fused_model(pooled_extractor):
+    r = run_cli("serve", "--model", pooled_extractor, "--port", free_port())
+    assert r.returncode == 2 and "not a fused convcache model" in r.stderr
