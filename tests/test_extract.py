@@ -249,3 +249,12 @@ def test_cli_errors(extractor, dataset, tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
     r = run_cli("extract", "--model", extractor, "--data", dataset, "-o", tmp_path / "f.zarr", "--device", "cuda")
     assert r.returncode == 2 and "cuda" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def test_dask_view_matches_numpy(extractor, dataset, tmp_path):
+    extract(extractor, dataset, tmp_path / "f.zarr", augment=1)
+    store = FeatureStore(tmp_path / "f.zarr")
+    lazy = store.dask("train")
+    eager = store.load("train")
+    np.testing.assert_array_equal(lazy["features"].compute(), eager.features)
+    np.testing.assert_array_equal(lazy["copy"].compute(), eager.copy)
