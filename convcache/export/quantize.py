@@ -49,7 +49,8 @@ def split_held_out(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_int8(proto: onnx.ModelProto, calibration: np.ndarray, per_channel: bool = True,
-            exclude_first_conv: bool = True) -> onnx.ModelProto:
+            exclude_first_conv: bool = True, exclude_last_conv: bool = False,
+            method: str = "minmax") -> onnx.ModelProto:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -63,14 +64,16 @@ def to_int8(proto: onnx.ModelProto, calibration: np.ndarray, per_channel: bool =
             return next(self.batches, None)
 
     convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
-    exclude = convs[:1] if exclude_first_conv else []
+    exclude = (convs[:1] if exclude_first_conv else []) + (convs[-1:] if exclude_last_conv else [])
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, dst = (str(Path(tmp) / n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(proto, src)
         quant_pre_process(src, pre, skip_symbolic_shape=True)
         quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                        calibrate_method=methods[method], nodes_to_exclude=exclude,
                         op_types_to_quantize=["Conv", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"])
         return onnx.load(dst)
 

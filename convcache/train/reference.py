@@ -8,6 +8,7 @@ Epoch e (0-based) sees copy e+1 of every image, which are exactly the copies ext
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -35,8 +36,6 @@ def _decode_split(items, size: int, workers: int = 2):
             data, pixels = read_and_decode(item.path, size)
         except ImageError:
             return None
-        import hashlib
-
         return pixels, item.label, hashlib.sha256(data).hexdigest()
 
     with ThreadPoolExecutor(workers) as pool:
@@ -130,15 +129,14 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 3,
 
 
 def _train_epoch(model, x, y, shas, order, batch_size, policy, seed, copy):
-    losses, accs, weights_ = [], [], []
+    """One pass; returns the epoch's mean loss and accuracy (train_on_batch keeps running means)."""
+    model.reset_metrics()
+    loss = acc = float("nan")
     for b in range(math.ceil(len(order) / batch_size)):
         idx = order[b * batch_size : (b + 1) * batch_size]
         batch = np.stack([augment(x[i], policy, seed, shas[i], copy) for i in idx]).astype(np.float32)
         loss, acc = model.train_on_batch(batch, y[idx])
-        losses.append(float(loss))
-        accs.append(float(acc))
-        weights_.append(len(idx))
-    return float(np.average(losses, weights=weights_)), float(np.average(accs, weights=weights_))
+    return float(loss), float(acc)
 
 
 def _proba(model, x) -> np.ndarray:
