@@ -73,7 +73,7 @@ def test_pooling_and_layer(pooled_extractor):
 
 
 def test_hed_weights_load_and_differ_from_random():
-    from convcache.export import weights
+    from convcache.backbone import weights
 
     hed = weights.load_vgg16("hed", SIZE)
     rnd = weights.load_vgg16("random", SIZE)

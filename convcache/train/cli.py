@@ -27,6 +27,9 @@ def register(sub) -> None:
     r.add_argument("--fine-tune", choices=["block5"], help="then unfreeze block5 at a lower learning rate")
     r.add_argument("--fine-tune-epochs", type=int, default=2)
     r.add_argument("--input-size", type=int, default=150)
+    r.add_argument("--layer", help="cut the base after this layer, as export does (default block5_pool)")
+    r.add_argument("--pooling", choices=["avg", "max"])
+    r.add_argument("--learning-rate", type=float, default=2e-5, help="RMSprop (Chollet: 2e-5)")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("-o", "--output", required=True, help="output folder for metrics.json")
@@ -77,7 +80,8 @@ def run_reference_cmd(args) -> int:
     from convcache.train.reference import run_reference
 
     m = run_reference(args.data, args.weights, args.output, args.epochs, not args.no_augment, args.input_size,
-                      args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs)
+                      args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs,
+                      learning_rate=args.learning_rate, layer=args.layer, pooling=args.pooling)
     print(f"reference ({'no ' if args.no_augment else ''}augmentation, {len(m['history'])} epochs) in "
           f"{m['fit_seconds']:.0f}s: validation {_acc(m, 'validation')}, test {_acc(m, 'test')} -> {args.output}")
     return 0

@@ -74,7 +74,8 @@ def run_compare(data: str, weights: str, out_dir: str, budget: str = "cpu", inpu
             tag = name.split(", ", 1)[1].replace(" ", "-").replace("(", "").replace(")", "")
             m = run_reference(data, weights, str(out / "reference" / tag), epochs=plan["epochs"], use_augment=aug,
                               input_size=input_size, seed=seed, fine_tune=ft,
-                              fine_tune_epochs=plan["fine_tune_epochs"], learning_rate=plan["learning_rate"])
+                              fine_tune_epochs=plan["fine_tune_epochs"], learning_rate=plan["learning_rate"],
+                              layer=layer, pooling=pooling)
             label = f"{plan['epochs']} epochs" + (f" + {plan['fine_tune_epochs']} fine-tune" if ft else "")
             rows.append(_row(name, "dense (end to end)", label, m, 0.0, m["fit_seconds"]))
 

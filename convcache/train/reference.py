@@ -46,10 +46,13 @@ def _decode_split(items, size: int, workers: int = 2):
     return np.stack(pixels), np.array(labels), list(shas)
 
 
-def build_model(keras, base, n_classes: int, units: int = 256, dropout: float = 0.5):
+def build_model(keras, base, n_classes: int, layer: str | None = None, pooling: str | None = None,
+                units: int = 256, dropout: float = 0.5):
+    """The export stage's Keras extractor (same cut, pooling, preprocessing), frozen, + the dense head."""
     base.trainable = False
+    extractor = keras_model.build_extractor(base, layer, pooling)
     inputs = keras.Input(base.input_shape[1:], dtype="float32", name="images")
-    x = base(keras_model.CaffePreprocess()(inputs), training=False)
+    x = extractor(inputs, training=False)
     outputs = dense_head_layers(keras, n_classes, units, dropout)(keras.layers.Flatten()(x))
     return keras.Model(inputs, outputs)
 
@@ -57,7 +60,7 @@ def build_model(keras, base, n_classes: int, units: int = 256, dropout: float = 
 def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 3, use_augment: bool = True,
                   input_size: int = 150, batch_size: int = 32, seed: int = 0, fine_tune: str | None = None,
                   fine_tune_epochs: int = 2, policy: AugmentPolicy | None = None,
-                  learning_rate: float = 2e-5) -> dict:
+                  learning_rate: float = 2e-5, layer: str | None = None, pooling: str | None = None) -> dict:
     if fine_tune not in (None, "block5"):
         raise ConvcacheError(f"--fine-tune {fine_tune}: only block5 is supported")
     if epochs < 1:
@@ -72,7 +75,7 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 3,
         raise ConvcacheError(f"--data {data}: the reference selects its best epoch on a validation split; none found")
     keras.utils.set_random_seed(seed)
     base = weights.load_vgg16(weights_source, input_size, seed)
-    model = build_model(keras, base, len(classes))
+    model = build_model(keras, base, len(classes), layer, pooling)
     loss = "binary_crossentropy" if len(classes) == 2 else "sparse_categorical_crossentropy"
     model.compile(keras.optimizers.RMSprop(learning_rate), loss=loss, metrics=["accuracy"])
 
@@ -115,7 +118,8 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 3,
         "history": history, "best_epoch": int(np.argmax([h["val_accuracy"] for h in history])) + 1,
         "rows": {"train": int(len(y_train) * epoch)},
         "provenance": {"data": str(data), "weights": weights_source, "weights_sha256": weights.weights_sha256(base),
-                       "input_size": input_size, "policy": policy.to_dict() if use_augment else None, "seed": seed},
+                       "input_size": input_size, "layer": layer or "block5_pool", "pooling": pooling,
+                       "learning_rate": learning_rate, "policy": policy.to_dict() if use_augment else None, "seed": seed},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for name in ("validation", "test"):
