@@ -46,10 +46,12 @@ def main() -> None:
     export_extractor(a.weights, a.size, str(tmp / "fp32.onnx"))
     fp32 = load_model(tmp / "fp32.onnx")
     variants = {"fp32": fp32}
-    for name, kw in {"int8 per-channel, first conv fp32, minmax": {},
-                     "int8 per-channel, first conv fp32, percentile": {"method": "percentile"},
-                     "int8 per-channel, first+last conv fp32, minmax": {"exclude_last_conv": True},
-                     "int8 per-tensor, all convs, minmax": {"per_channel": False, "exclude_first_conv": False}}.items():
+    for name, kw in {"int8 per-channel, first conv fp32, minmax": {"exclude_last_conv": False},
+                     "int8 per-channel, first conv fp32, percentile": {"exclude_last_conv": False,
+                                                                       "method": "percentile"},
+                     "int8 per-channel, first+last conv fp32, minmax (default)": {},
+                     "int8 per-tensor, all convs, minmax": {"per_channel": False, "exclude_first_conv": False,
+                                                            "exclude_last_conv": False}}.items():
         variants[name] = to_int8(fp32, calib, **kw)
 
     keras_extractor = keras_model.build_extractor(weights.load_vgg16(a.weights, a.size))

@@ -40,7 +40,7 @@ def export_extractor(weights_source: str, input_size: int, output: str, layer: s
         calib, held = quantize.split_held_out(images)
         fp32 = proto
         proto = quantize.to_int8(fp32, calib)
-        meta["quantization"] = {"format": "QDQ static, per-channel weights, first conv kept fp32",
+        meta["quantization"] = {"format": "QDQ static, per-channel weights, MinMax calibration, first and last conv kept fp32",
                                 "calibration_images": int(len(calib)),
                                 **quantize.cosine_report(fp32, proto, held)}
     if precision != "fp32":
