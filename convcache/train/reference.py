@@ -89,8 +89,8 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 3,
     for phase, n_epochs in phases:
         if phase.startswith("fine-tune"):
             base.trainable = True
-            for layer in base.layers:
-                layer.trainable = layer.name.startswith("block5")
+            for conv_layer in base.layers:
+                conv_layer.trainable = conv_layer.name.startswith("block5")
             model.compile(keras.optimizers.RMSprop(learning_rate / 2), loss=loss, metrics=["accuracy"])
         for _ in range(n_epochs):
             copy = epoch + 1 if use_augment else 0
