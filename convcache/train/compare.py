@@ -161,9 +161,11 @@ def _plots(out: Path, rows) -> None:
         pts = sorted((r["copies"], 100 * r["val_accuracy"]) for r in rows
                      if r["head"] == head and not r["method"].startswith("reference") and r["val_accuracy"] is not None)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"cached, {head}")
-    for r in rows:
-        if r["method"].startswith("reference") and r["val_accuracy"] is not None:
-            ax.axhline(100 * r["val_accuracy"], linestyle="--", linewidth=1, label=r["method"], color=None)
+    refs = [r for r in rows if r["method"].startswith("reference") and r["val_accuracy"] is not None]
+    for r, color in zip(refs, ("dimgray", "black", "firebrick")):
+        ax.axhline(100 * r["val_accuracy"], linestyle="--", linewidth=1, color=color,
+                   label=f"{r['method']} ({r['setting']})")
+    ax.set_xticks(sorted({r["copies"] for r in rows if isinstance(r["copies"], int)}))
     ax.set_xlabel("augmented copies per training image (K)")
     ax.set_ylabel("validation accuracy, %")
     ax.set_title("Accuracy against K")

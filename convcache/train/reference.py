@@ -40,6 +40,8 @@ def _decode_split(items, size: int, workers: int = 2):
 
     with ThreadPoolExecutor(workers) as pool:
         rows = [r for r in pool.map(load, items) if r is not None]
+    if len(rows) < len(items):
+        log.warning("reference: skipped %d unreadable images", len(items) - len(rows))
     if not rows:
         return None
     pixels, labels, shas = zip(*rows)
