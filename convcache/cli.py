@@ -11,7 +11,8 @@ import sys
 from convcache import __version__
 from convcache.errors import ConvcacheError
 
-STAGE_CLIS = ["convcache.export.cli", "convcache.extract.cli", "convcache.train.cli", "convcache.serve.cli"]
+STAGE_CLIS = ["convcache.export.cli", "convcache.extract.cli", "convcache.train.cli", "convcache.serve.cli",
+              "convcache.pipeline.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

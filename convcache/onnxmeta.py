@@ -33,8 +33,75 @@ def get_metadata(model: onnx.ModelProto) -> dict:
 
 
 def graph_sha256(model: onnx.ModelProto) -> str:
-    """Identity of what a model computes: its graph, without the metadata (which holds a timestamp)."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    """Identity of what a model computes, independent of the names converters generate.
+
+    A Merkle hash over the graph: each graph input is its position, dtype and shape; each
+    initializer its dtype, dims and bytes; each node output the hash of (domain, op type, attributes,
+    the hashes of its inputs, output position). The identity hashes the opset imports and the graph
+    outputs' hashes in order. Node names, tensor names, node order and metadata do not enter it,
+    so exporting the same network twice (in one process or two) gives the same identity.
+    """
+    graph = model.graph
+    token: dict[str, str] = {"": "-"}  # "" marks an omitted optional input
+    for name, value in _initializer_tokens(graph).items():
+        token[name] = value
+    for i, inp in enumerate(graph.input):
+        if inp.name not in token:
+            token[inp.name] = _h("input", i, _type_repr(inp.type))
+    pending = list(graph.node)
+    while pending:  # ONNX requires topological order; tolerate any order anyway
+        rest = []
+        for node in pending:
+            if not all(i in token for i in node.input):
+                rest.append(node)
+                continue
+            body = _h(node.domain or "ai.onnx", node.op_type, sorted(_attr_repr(a) for a in node.attribute),
+                      [token[i] for i in node.input])
+            for j, out in enumerate(node.output):
+                token[out] = _h(body, j)
+        if len(rest) == len(pending):
+            raise ConvcacheError("the ONNX graph has a node whose inputs are never produced")
+        pending = rest
+    opsets = sorted((o.domain or "ai.onnx", o.version) for o in model.opset_import)
+    return _h("convcache-identity/1", opsets, [token.get(o.name, o.name) for o in graph.output])
+
+
+def _h(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tensor_token(t: onnx.TensorProto) -> str:
+    from onnx import numpy_helper
+
+    arr = numpy_helper.to_array(t)
+    return _h("tensor", str(arr.dtype), list(arr.shape), hashlib.sha256(arr.tobytes()).hexdigest())
+
+
+def _initializer_tokens(graph) -> dict:
+    return {t.name: _tensor_token(t) for t in graph.initializer}
+
+
+def _type_repr(tp) -> str:
+    if tp.HasField("tensor_type"):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tp.tensor_type.shape.dim]
+        return f"tensor({tp.tensor_type.elem_type}){dims}"
+    return tp.WhichOneof("value") or "?"
+
+
+def _attr_repr(a: onnx.AttributeProto) -> str:
+    if a.type == onnx.AttributeProto.TENSOR:
+        return _h(a.name, _tensor_token(a.t))
+    if a.type == onnx.AttributeProto.TENSORS:
+        return _h(a.name, [_tensor_token(t) for t in a.tensors])
+    if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        return _h(a.name, [graph_sha256(onnx.helper.make_model(g)) for g in graphs])
+    value = onnx.helper.get_attribute_value(a)
+    if isinstance(value, bytes):
+        value = value.hex()
+    elif isinstance(value, list):
+        value = [v.hex() if isinstance(v, bytes) else v for v in value]
+    return _h(a.name, value)
 
 
 def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:

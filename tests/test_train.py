@@ -43,9 +43,9 @@ def _session_probs(path, X):
 @pytest.mark.parametrize("head, params", [("logreg", {}), ("dense", FAST_DENSE)])
 def test_heads_learn_a_separable_fixture(store, tmp_path, head, params):
     m = train_head(str(store), head, str(tmp_path / head), copies=1, params=params)
-    assert m["validation"]["accuracy"] >= 0.9 and m["test"]["accuracy"] >= 0.9
-    assert m["rows"] == {"train": 40, "validation": 12, "test": 8}
-    assert m["validation"]["roc_auc"] >= 0.9 and np.array(m["validation"]["confusion_matrix"]).sum() == 12
+    assert m["report"]["accuracy"] >= 0.9 and m["test"]["accuracy"] >= 0.9
+    assert m["rows"] == {"train": 40, "select": 6, "report": 6, "test": 8}
+    assert m["report"]["roc_auc"] >= 0.9 and np.array(m["report"]["confusion_matrix"]).sum() == 6
     saved = json.loads((tmp_path / head / "metrics.json").read_text())
     assert saved["provenance"]["extractor"] == FeatureStore(store).attrs("train")["extractor"]["sha256"]
     assert m["onnx_max_abs_diff"] < 1e-4
@@ -60,16 +60,16 @@ def test_copies_select_rows(store, tmp_path):
 def test_multiclass_heads_and_onnx_parity(store3, tmp_path, head, params):
     data = load_training_data(str(store3))
     est = (LogRegHead() if head == "logreg" else DenseHead(**params)).fit(data.train.X, data.train.y,
-                                                                          data.validation.X, data.validation.y)
+                                                                          data.select.X, data.select.y)
     assert est is not None and list(est.classes_) == [0, 1, 2]
     proba = est.predict_proba(data.validation.X)
     assert proba.shape == (18, 3) and (est.predict(data.validation.X) == data.validation.y).mean() >= 0.8
     m = train_head(str(store3), head, str(tmp_path / head), params=params)
-    assert m["classes"] == ["ant", "bee", "cow"] and "roc_auc" not in m["validation"]
-    onnx_proba = _session_probs(tmp_path / head / "head.onnx", data.validation.X)
-    assert onnx_proba.shape == (18, 3)
+    assert m["classes"] == ["ant", "bee", "cow"] and "roc_auc" not in m["report"]
+    onnx_proba = _session_probs(tmp_path / head / "head.onnx", data.report.X)
+    assert onnx_proba.shape == (9, 3)
     # The exported head predicts what the trained one did.
-    assert (onnx_proba.argmax(1) == data.validation.y).mean() == pytest.approx(m["validation"]["accuracy"])
+    assert (onnx_proba.argmax(1) == data.report.y).mean() == pytest.approx(m["report"]["accuracy"])
 
 
 def test_logreg_onnx_parity(store):
@@ -116,7 +116,7 @@ def test_missing_validation_split(pooled_extractor, tmp_path):
     with pytest.raises(ConvcacheError, match="validation"):
         train_head(str(store), "dense", str(tmp_path / "h"))
     m = train_head(str(store), "logreg", str(tmp_path / "h"), params={"Cs": (0.1,)})
-    assert "validation" not in m
+    assert "report" not in m and "select" not in m
 
 
 def test_empty_split_is_an_error(pooled_extractor, tmp_path):
@@ -131,16 +131,30 @@ def test_empty_split_is_an_error(pooled_extractor, tmp_path):
 
 
 def test_compare_end_to_end_tiny(tmp_path):
-    data = make_dataset(tmp_path / "d", splits={"train": 4, "validation": 3})
-    from convcache.train.compare import run_compare
+    """The whole study on a tiny fixture: every arm, seeds, the real TensorFlow check, tests, report."""
+    from convcache.pipeline.compare import CompareConfig, run_compare
 
-    rows = run_compare(str(data), "random", str(tmp_path / "report"), budget="tiny", input_size=SIZE, fine_tune=True)
-    methods = {r["method"] for r in rows}
-    assert "cached originals (method 1)" in methods and "reference, augmentation (method 2)" in methods
-    assert "reference, augmentation + fine-tune block5" in methods and len(rows) == 7
+    data = make_dataset(tmp_path / "d", splits={"train": 4, "validation": 4})
+    cfg = CompareConfig(data=str(data), output=str(tmp_path / "report"), weights="random", input_size=SIZE,
+                        layer="block3_pool", pooling="avg", copies=[0, 1, 2], seeds=[0, 1], epochs=2,
+                        batch_size=4, learning_rate=1e-3, real_epochs=2, progress=False)
+    results = run_compare(cfg)
+    arms = results["arms"]
+    assert {"method 1", "method 2 (replay)", "cached K=2, equal steps", "cached K=2, equal epochs",
+            "linear probe K=0", "linear probe K=2"} <= set(arms)
+    assert arms["method 1"]["n_seeds"] == 2 and arms["linear probe K=1"]["n_seeds"] == 1
+    steps = results["steps_per_epoch"]
+    assert arms["cached K=2, equal steps"]["runs"][0]["steps"] == 2 * steps
+    assert arms["cached K=2, equal epochs"]["runs"][0]["steps"] == 2 * 3 * steps
+    assert arms["method 2 (replay)"]["runs"][0]["copies_used"] == [1, 2]
+    assert results["real_reference"]["max_rel_diff"] < 1e-4  # the replay reproduces TensorFlow's losses
+    assert "cached K=1, equal steps vs method 2" in results["tests"]
+    assert results["extraction"]["train"]["seconds_per_row"] > 0
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| cached | logreg | K=1 |" in report
-    for png in ("accuracy_vs_time.png", "accuracy_vs_k.png"):
+    assert "Equal gradient steps" in report and "Equal epochs" in report and "| method 1 | dense | 0 |" in report
+    for png in ("accuracy_vs_k.png", "accuracy_vs_compute.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
-    ref = json.loads((tmp_path / "report" / "reference" / "augmentation-method-2" / "metrics.json").read_text())
-    assert ref["method"] == "reference" and len(ref["history"]) == 1 and "validation" in ref
+    # resumable: a second run reads every arm back instead of training it again
+    before = (tmp_path / "report" / "arms" / "method_1" / "seed0" / "metrics.json").stat().st_mtime_ns
+    run_compare(cfg)
+    assert (tmp_path / "report" / "arms" / "method_1" / "seed0" / "metrics.json").stat().st_mtime_ns == before

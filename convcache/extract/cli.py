@@ -20,8 +20,10 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="the .zarr store to create or extend")
     p.add_argument("--augment", type=int, default=0, metavar="K", help="augmented copies per training image")
     p.add_argument("--augment-splits", default="train", help="comma-separated splits that get copies (default train)")
-    p.add_argument("--policy", help="augmentation policy as JSON (a file or a string) overriding the defaults, "
-                                    "e.g. '{\"rotation_range\": 20}'")
+    p.add_argument("--policy", default="keras3",
+                   help="augmentation: a preset (keras3: today's ImageDataGenerator; book: Keras 2.0.8 as the book "
+                        "ran it) or JSON overrides, a file or a string, e.g. '{\"preset\": \"book\", "
+                        "\"rotation_range\": 20}' (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="decode/augment threads")
@@ -34,18 +36,9 @@ def register(sub) -> None:
 
 
 def _policy(text: str | None):
-    from pathlib import Path
-
     from convcache.augment import AugmentPolicy
-    from convcache.errors import ConvcacheError
 
-    if not text:
-        return AugmentPolicy()
-    try:
-        raw = Path(text).read_text() if Path(text).is_file() else text
-        return AugmentPolicy(**{**AugmentPolicy().to_dict(), **json.loads(raw)})
-    except (ValueError, TypeError) as exc:
-        raise ConvcacheError(f"--policy: {exc}") from None
+    return AugmentPolicy.parse(text)
 
 
 def run(args) -> int:

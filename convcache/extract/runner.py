@@ -110,6 +110,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary) -> None:
+    t_start = time.perf_counter()
+    rows_before = summary.rows_written
     done, image_index = writer.existing()
     writer.skipped = {}  # files are retried on every run; failures are recorded again below
     plan, seen = [], {}
@@ -157,6 +159,11 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary) 
     writer.reserve(0)  # give back rows reserved for files that failed to decode
     writer.commit()
     summary.skipped.update(writer.skipped)
+    rows = summary.rows_written - rows_before
+    if rows:  # the cost of the cache, for compute accounting (seconds per row on this machine)
+        writer.record_run({"rows": rows, "seconds": round(time.perf_counter() - t_start, 3),
+                           "provider": extractor.provider, "cpu": _cpu_model(), "batch_size": cfg.batch_size,
+                           "workers": cfg.workers, "copies": copies, "finished": _now()})
 
 
 def _ordered(pool, fn, jobs, window: int):
@@ -190,6 +197,16 @@ def _versions() -> dict:
 
     return {"convcache": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _now() -> str:

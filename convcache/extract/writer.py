@@ -102,5 +102,9 @@ class SplitWriter:
         self.committed = self.committed if rows is None else rows
         self.group.attrs.update({"committed_rows": self.committed, "skipped": self.skipped})
 
+    def record_run(self, run: dict) -> None:
+        """Append a finished run's cost (rows, seconds, where) to the split's `runs` attribute."""
+        self.group.attrs.update({"runs": [*self.group.attrs.get("runs", []), run]})
+
     def skip(self, path: str, reason: str) -> None:
         self.skipped[path] = reason

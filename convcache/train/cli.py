@@ -1,4 +1,4 @@
-"""`convcache train`, `reference`, `compare` and `fuse`."""
+"""`convcache train`, `reference` and `fuse`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,22 @@ def register(sub) -> None:
     t.add_argument("--head", choices=["logreg", "dense"], default="logreg")
     t.add_argument("--copies", type=int, default=None, metavar="K",
                    help="use originals + augmented copies 1..K (default: all stored)")
-    t.add_argument("--C", type=float, nargs="+", help="logreg: candidate C values (chosen on validation)")
-    t.add_argument("--epochs", type=int, default=30, help="dense: max epochs (early stopping on validation)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--C", type=float, nargs="+", help="logreg: candidate C values (chosen on the select half)")
+    t.add_argument("--schedule", choices=["pool", "replay"], default="pool",
+                   help="dense: pool = every epoch shuffles copies 0..K together; replay = epoch e trains on copy "
+                        "(e mod K)+1 only, in the reference's batch order (with K >= epochs this is method 2) "
+                        "(default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=30, help="dense: epochs (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=20, help="dense: batch size (default: %(default)s, the book's)")
+    t.add_argument("--learning-rate", type=float, default=2e-5, help="dense: RMSprop (default: %(default)s)")
+    t.add_argument("--steps-per-epoch", type=int,
+                   help="dense: steps per epoch (default: one pass over the epoch's rows); with --schedule pool, "
+                        "set it to replay's steps to match gradient steps")
+    t.add_argument("--patience", type=int, help="dense: stop after this many epochs without a lower select-half "
+                                                "loss (default: run every epoch, keep the best)")
+    t.add_argument("--dropout", type=float, default=0.5, help="dense: dropout rate (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="dense: initial weights, batch order, dropout (default: 0)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     t.add_argument("-o", "--output", required=True, help="output folder for head.onnx and metrics.json")
     t.set_defaults(func=run_train)
 
@@ -22,36 +35,22 @@ def register(sub) -> None:
                                    "augmentation (same code and policy as extract).")
     r.add_argument("--data", required=True, help="root with train/ and validation/ class folders (or a CSV)")
     r.add_argument("--weights", default="hed", help="imagenet, hed, random or a weights file")
-    r.add_argument("--epochs", type=int, default=3)
+    r.add_argument("--epochs", type=int, default=30, help="frozen-base epochs (default: %(default)s, the book's)")
     r.add_argument("--no-augment", action="store_true", help="Chollet's setting without augmentation")
     r.add_argument("--fine-tune", choices=["block5"], help="then unfreeze block5 at a lower learning rate")
     r.add_argument("--fine-tune-epochs", type=int, default=2)
     r.add_argument("--input-size", type=int, default=150)
     r.add_argument("--layer", help="cut the base after this layer, as export does (default block5_pool)")
     r.add_argument("--pooling", choices=["avg", "max"])
-    r.add_argument("--learning-rate", type=float, default=2e-5, help="RMSprop (Chollet: 2e-5)")
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--learning-rate", type=float, default=2e-5, help="RMSprop (default: %(default)s, the book's)")
+    r.add_argument("--batch-size", type=int, default=20, help="default: %(default)s, the book's")
+    r.add_argument("--policy", default="keras3", help="augmentation preset or JSON, as for extract (default: %(default)s)")
+    r.add_argument("--patience", type=int, help="stop after this many epochs without a lower select-half loss")
+    r.add_argument("--dropout", type=float, default=0.5)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.add_argument("-o", "--output", required=True, help="output folder for metrics.json")
     r.set_defaults(func=run_reference_cmd)
-
-    c = sub.add_parser("compare", help="cached heads vs the end-to-end reference, with a report",
-                       description="Export, extract at several K, train both heads, run the reference with and "
-                                   "without augmentation, and write report.md with a table and plots.")
-    c.add_argument("--data", required=True)
-    c.add_argument("--weights", default="hed")
-    c.add_argument("--budget", choices=["tiny", "cpu", "full"], default="cpu",
-                   help="tiny: a smoke run; cpu: K<=2, 3 reference epochs (2-core CPU); full: K<=10, 30 epochs")
-    c.add_argument("--copies", type=int, nargs="+", help="override the budget's K values")
-    c.add_argument("--epochs", type=int, help="override the budget's reference epochs")
-    c.add_argument("--input-size", type=int, default=150)
-    c.add_argument("--layer", help="extractor layer, e.g. block4_pool")
-    c.add_argument("--pooling", choices=["avg", "max"])
-    c.add_argument("--fine-tune", action="store_true", help="also run the reference with block5 fine-tuning")
-    c.add_argument("--no-reference", action="store_true", help="skip the end-to-end runs")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("-o", "--output", required=True, help="report folder")
-    c.set_defaults(func=run_compare_cmd)
 
     f = sub.add_parser("fuse", help="extractor + head -> one production ONNX model")
     f.add_argument("--extractor", required=True)
@@ -67,32 +66,42 @@ def _acc(m: dict, split: str) -> str:
 def run_train(args) -> int:
     from convcache.train.runner import train_head
 
-    params = {"epochs": args.epochs, "seed": args.seed} if args.head == "dense" else {}
+    from convcache.errors import ConvcacheError
+
+    if args.seed < 0 or args.epochs < 1 or args.batch_size < 1:
+        raise ConvcacheError("--seed must be >= 0, --epochs and --batch-size >= 1")
+    params = {"epochs": args.epochs, "seed": args.seed, "schedule": args.schedule, "batch_size": args.batch_size,
+              "learning_rate": args.learning_rate, "steps_per_epoch": args.steps_per_epoch,
+              "patience": args.patience, "dropout": args.dropout,
+              "progress": not args.quiet} if args.head == "dense" else {}
     if args.head == "logreg" and args.C:
         params["Cs"] = tuple(args.C)
     m = train_head(args.features, args.head, args.output, args.copies, params)
-    print(f"trained {args.head} on {m['rows']['train']} rows in {m['fit_seconds']:.1f}s: validation "
-          f"{_acc(m, 'validation')}, test {_acc(m, 'test')} -> {args.output}/head.onnx, metrics.json")
+    if args.copies is not None and args.copies > m["copies_available"]:
+        print(f"warning: --copies {args.copies}, but the store holds copies 0..{m['copies_available']}; "
+              f"used {m['copies']}")
+    sched = f", {m['schedule']} schedule, {m['epochs']} epochs, {m['steps']} steps" if args.head == "dense" else ""
+    print(f"trained {args.head} on {m['rows']['train']} rows (copies 0..{m['copies']}{sched}) in "
+          f"{m['fit_seconds']:.1f}s: report-half validation {_acc(m, 'report')}, test {_acc(m, 'test')} -> "
+          f"{args.output}/head.onnx, metrics.json")
     return 0
 
 
 def run_reference_cmd(args) -> int:
+    from convcache.augment import AugmentPolicy
+    from convcache.errors import ConvcacheError
     from convcache.train.reference import run_reference
 
+    policy = AugmentPolicy.parse(args.policy)  # validated before TensorFlow starts
+    if args.seed < 0:
+        raise ConvcacheError("--seed must be >= 0")
     m = run_reference(args.data, args.weights, args.output, args.epochs, not args.no_augment, args.input_size,
-                      args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs,
-                      learning_rate=args.learning_rate, layer=args.layer, pooling=args.pooling)
-    print(f"reference ({'no ' if args.no_augment else ''}augmentation, {len(m['history'])} epochs) in "
-          f"{m['fit_seconds']:.0f}s: validation {_acc(m, 'validation')}, test {_acc(m, 'test')} -> {args.output}")
-    return 0
-
-
-def run_compare_cmd(args) -> int:
-    from convcache.train.compare import run_compare
-
-    rows = run_compare(args.data, args.weights, args.output, args.budget, args.input_size, args.layer, args.pooling,
-                       args.copies, args.epochs, args.fine_tune, references=not args.no_reference, seed=args.seed)
-    print(f"compared {len(rows)} runs -> {args.output}/report.md")
+                      args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs, policy=policy,
+                      learning_rate=args.learning_rate, layer=args.layer, pooling=args.pooling,
+                      patience=args.patience, dropout=args.dropout, progress=not args.quiet)
+    print(f"reference ({'no ' if args.no_augment else ''}augmentation, {len(m['history'])} epochs, best "
+          f"{m['best_epoch']}) in {m['fit_seconds']:.0f}s: report-half validation {_acc(m, 'report')}, "
+          f"test {_acc(m, 'test')} -> {args.output}")
     return 0
 
 

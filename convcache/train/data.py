@@ -1,30 +1,58 @@
-"""Training matrices from a feature store: originals plus the first K augmented copies."""
+"""Training matrices from a feature store: originals plus the first K augmented copies, with each
+row's canonical image rank and copy (for the replay schedule), and validation split into the
+protocol's select and report halves."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from convcache.errors import ConvcacheError
 from convcache.extract import FeatureStore
+from convcache.protocol import canonical_images, validation_halves
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Split:
     X: np.ndarray  # (rows, features), flattened, float32
     y: np.ndarray
+    image: np.ndarray | None = None  # canonical image rank (ascending sha256) within the split
+    copy: np.ndarray | None = None
+    sha256: list | None = None
+
+    def take(self, idx) -> "Split":
+        return Split(self.X[idx], self.y[idx], None if self.image is None else self.image[idx],
+                     None if self.copy is None else self.copy[idx],
+                     None if self.sha256 is None else [self.sha256[i] for i in idx])
 
 
 @dataclass
 class TrainingData:
     train: Split
-    validation: Split | None
+    validation: Split | None  # all of it
+    select: Split | None  # the half that selects (C, epoch, early stopping)
+    report: Split | None  # the half that is reported
     test: Split | None
     classes: list
     feature_shape: list
     extractor_sha256: str
     provenance: dict
+    copies_available: int
+    copies_used: int
+
+    def with_copies(self, k: int) -> "TrainingData":
+        """The same data restricted to train copies 0..k (k no larger than what was loaded)."""
+        from dataclasses import replace
+
+        if k > self.copies_used:
+            raise ConvcacheError(f"copies 0..{k} asked of data loaded with copies 0..{self.copies_used}")
+        keep = np.flatnonzero(self.train.copy <= k)
+        return replace(self, train=self.train.take(keep), copies_used=int(self.train.copy[keep].max()),
+                       provenance={**self.provenance, "copies": int(self.train.copy[keep].max())})
 
 
 def load_training_data(store_path: str, copies: int | None = None) -> TrainingData:
@@ -34,7 +62,10 @@ def load_training_data(store_path: str, copies: int | None = None) -> TrainingDa
     shas = {store.attrs(s)["extractor"]["sha256"] for s in store.splits}
     if len(shas) > 1:
         raise ConvcacheError(f"{store_path}: splits were extracted with different extractors; refusing to mix them")
+    if copies is not None and copies < 0:
+        raise ConvcacheError(f"--copies {copies}: must be >= 0")
     splits = {}
+    available = 0
     for name in ("train", "validation", "test"):
         if name not in store.splits:
             splits[name] = None
@@ -42,16 +73,31 @@ def load_training_data(store_path: str, copies: int | None = None) -> TrainingDa
         data = store.load(name, max_copy=copies if name == "train" else 0)
         if len(data) == 0:
             raise ConvcacheError(f"{store_path}: the {name} split is empty")
-        splits[name] = Split(data.features.reshape(len(data), -1).astype(np.float32, copy=False), data.labels)
+        _, rank = canonical_images(data.sha256)
+        split = Split(data.features.reshape(len(data), -1).astype(np.float32, copy=False), data.labels,
+                      rank, data.copy.astype(np.int64), data.sha256)
+        # evaluation splits in canonical order (ascending sha256), as the reference holds them
+        splits[name] = split if name == "train" else split.take(np.lexsort((split.copy, split.image)))
+        if name == "train":
+            available = int(data.copy.max())
+    stored = int(store.load("train", with_features=False).copy.max())
+    if copies is not None and copies > stored:
+        log.warning("--copies %d: the store holds copies 0..%d of train; using those", copies, stored)
     attrs = store.attrs("train")
     if len(np.unique(splits["train"].y)) < 2:
         raise ConvcacheError(f"{store_path}: the train split has fewer than two classes")
+    select = report = None
+    if splits["validation"] is not None:
+        v = splits["validation"]
+        sel, rep = validation_halves(v.sha256, v.y)
+        select, report = v.take(sel), v.take(rep)
     return TrainingData(
-        train=splits["train"], validation=splits["validation"], test=splits["test"], classes=store.classes,
-        feature_shape=list(attrs["extractor"]["metadata"]["output"]["shape"][1:]),
+        train=splits["train"], validation=splits["validation"], select=select, report=report, test=splits["test"],
+        classes=store.classes, feature_shape=list(attrs["extractor"]["metadata"]["output"]["shape"][1:]),
         extractor_sha256=attrs["extractor"]["sha256"],
         provenance={"store": str(store.path), "extractor": attrs["extractor"]["sha256"],
                     "extractor_weights": attrs["extractor"]["metadata"].get("weights"),
                     "extractor_layer": attrs["extractor"]["metadata"].get("layer"),
-                    "augment": attrs["augment"], "copies": copies},
+                    "augment": attrs["augment"], "copies": available},
+        copies_available=stored, copies_used=available,
     )

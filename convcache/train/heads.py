@@ -10,14 +10,57 @@ import time
 import numpy as np
 import onnx
 
+from sklearn.base import BaseEstimator, ClassifierMixin
+
 from convcache.errors import ConvcacheError
+from convcache.protocol import SCHEDULES, initial_head_weights, replay_copy
+from convcache.train.loop import batches_of, compile_head_model, evaluate_model, fit_epochs
 
 log = logging.getLogger(__name__)
 
 OPSET = 17  # the extractor's opset, so that fusion joins one opset
 
 
-class LogRegHead:
+class _Schedule:
+    """Which rows each epoch trains on, in which order (see convcache.protocol)."""
+
+    def __init__(self, schedule, image, copy, batch_size, steps_per_epoch, seed):
+        self.schedule = schedule
+        order = np.lexsort((copy, image))  # canonical: by image rank, then copy
+        self.image, self.copy = image, copy
+        if schedule == "replay":
+            self.n_images = int(image.max()) + 1
+            self.K = int(copy.max())
+            self.table = np.full((self.n_images, self.K + 1), -1, np.int64)
+            self.table[image, copy] = np.arange(len(image))
+            needed = [0] if self.K == 0 else list(range(1, self.K + 1))
+            if (self.table[:, needed] < 0).any():
+                raise ConvcacheError("replay needs every image's copies 1..K in the training rows")
+            self.rng = np.random.default_rng(seed)
+        else:
+            self.canonical = order
+            self.rows_per_epoch = (steps_per_epoch * batch_size if steps_per_epoch else len(order))
+            self.rng = np.random.default_rng(seed)
+            self.stream = np.empty(0, np.int64)
+        self._copies = {}
+
+    def rows(self, epoch: int) -> np.ndarray:
+        if self.schedule == "replay":
+            order = self.rng.permutation(self.n_images)  # epoch_orders(n, E, seed)[epoch], drawn in turn
+            c = replay_copy(epoch, self.K)
+            self._copies[epoch] = [c]
+            return self.table[order, c]
+        while len(self.stream) < self.rows_per_epoch:  # consecutive passes, each a fresh permutation
+            self.stream = np.concatenate([self.stream, self.canonical[self.rng.permutation(len(self.canonical))]])
+        rows, self.stream = self.stream[: self.rows_per_epoch], self.stream[self.rows_per_epoch :]
+        self._copies[epoch] = sorted({int(c) for c in np.unique(self.copy[rows])})
+        return rows
+
+    def info(self, epoch: int) -> dict:
+        return {"copies": self._copies.get(epoch, [])}
+
+
+class LogRegHead(ClassifierMixin, BaseEstimator):
     """Standardization + multinomial logistic regression; C chosen on validation accuracy only."""
 
     def __init__(self, Cs=(0.0003, 0.003, 0.03, 0.3), max_iter: int = 300, tol: float = 1e-4):
@@ -31,7 +74,7 @@ class LogRegHead:
         from sklearn.preprocessing import StandardScaler
 
         if len(self.Cs) > 1 and X_val is None:
-            raise ConvcacheError("logreg selects C on the validation split, and the store has none "
+            raise ConvcacheError("logreg selects C on half of the validation split, and the store has none "
                                  "(pass a single C, or extract a validation split)")
         start = time.perf_counter()
         scaler = StandardScaler().fit(X)
@@ -74,45 +117,77 @@ class LogRegHead:
         return _keep_only_output(proto, "probabilities")
 
 
-class DenseHead:
-    """Chollet's head: Dense(units, relu) -> Dropout -> sigmoid (2 classes) or softmax. Early stopping
-    on validation loss, restoring the best epoch."""
+class DenseHead(ClassifierMixin, BaseEstimator):
+    """Chollet's head: Dense(units, relu) -> Dropout -> sigmoid (2 classes) or softmax, RMSprop.
 
-    def __init__(self, units: int = 256, dropout: float = 0.5, epochs: int = 30, batch_size: int = 32,
-                 learning_rate: float = 2e-5, patience: int = 5, seed: int = 0):
+    Schedules (see convcache.protocol):
+    - `replay`: epoch e trains on copy (e mod K) + 1 of every image, one view per image per epoch, in
+      the reference's batch order: with K >= epochs this *is* method 2 (end to end, frozen base).
+      Needs `image` (canonical image rank) and `copy` per row in `fit`.
+    - `pool`: every epoch shuffles all rows (copies 0..K) together.
+    `steps_per_epoch` (default: one pass over the epoch's rows) lets `pool` match replay's steps.
+    The epoch with the lowest loss on (X_val, y_val) - the *select* half of validation - is kept;
+    `patience` stops early after that many epochs without improvement.
+    """
+
+    def __init__(self, units: int = 256, dropout: float = 0.5, epochs: int = 30, batch_size: int = 20,
+                 learning_rate: float = 2e-5, patience: int | None = None, schedule: str = "pool",
+                 steps_per_epoch: int | None = None, seed: int = 0, progress: bool = False):
         self.units = units
         self.dropout = dropout
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.patience = patience
+        self.schedule = schedule
+        self.steps_per_epoch = steps_per_epoch
         self.seed = seed
+        self.progress = progress
 
-    def fit(self, X, y, X_val=None, y_val=None) -> "DenseHead":
+    def _build(self, keras, n_features: int, n_classes: int):
+        keras.utils.set_random_seed(self.seed)
+        inputs = keras.Input((n_features,), name="features")
+        head = dense_head_layers(keras, n_classes, self.units, self.dropout, self.seed)
+        model = keras.Model(inputs, head(inputs))
+        head.set_weights(initial_head_weights(n_features, self.units, n_classes, self.seed))
+        compile_head_model(keras, model, n_classes, self.learning_rate)
+        return model
+
+    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None) -> "DenseHead":
         from convcache.tfquiet import import_keras
 
+        if self.schedule not in SCHEDULES:
+            raise ConvcacheError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        if X_val is None:
+            raise ConvcacheError("the dense head selects its epoch on a validation (select) split; pass X_val")
         _, keras = import_keras()
-        keras.utils.set_random_seed(self.seed)
+        X = np.asarray(X, np.float32)
+        y = np.asarray(y)
         self.classes_ = np.unique(y)
+        if not np.array_equal(self.classes_, np.arange(len(self.classes_))):
+            raise ConvcacheError("labels must be 0..n_classes-1")
         self.n_features_in_ = X.shape[1]
         n = len(self.classes_)
-        inputs = keras.Input((X.shape[1],), name="features")
-        outputs = dense_head_layers(keras, n, self.units, self.dropout)(inputs)
-        self.model_ = keras.Model(inputs, outputs)
-        self.model_.compile(optimizer=keras.optimizers.RMSprop(self.learning_rate),
-                            loss="binary_crossentropy" if n == 2 else "sparse_categorical_crossentropy",
-                            metrics=["accuracy"])
-        callbacks, val = [], None
-        if X_val is not None:
-            val = (X_val, y_val)
-            callbacks.append(keras.callbacks.EarlyStopping("val_loss", patience=self.patience,
-                                                           restore_best_weights=True))
+        image = np.arange(len(y)) if image is None else np.asarray(image)
+        copy = np.zeros(len(y), np.int64) if copy is None else np.asarray(copy)
+        plan = _Schedule(self.schedule, image, copy, self.batch_size, self.steps_per_epoch, self.seed)
+        self.model_ = self._build(keras, X.shape[1], n)
+        X_val = np.asarray(X_val, np.float32)
+
+        def evaluate():
+            return {"select": evaluate_model(self.model_, X_val, y_val)}
+
         start = time.perf_counter()
-        history = self.model_.fit(X, y, epochs=self.epochs, batch_size=self.batch_size, validation_data=val,
-                                  callbacks=callbacks, verbose=0, shuffle=True)
+        history, selector = fit_epochs(self.model_, self.epochs, lambda e: batches_of(X.__getitem__, y, plan.rows(e),
+                                                                                      self.batch_size),
+                                       evaluate, self.patience, self.progress, f"dense ({self.schedule})",
+                                       plan.info)
         self.fit_seconds_ = time.perf_counter() - start
-        self.history_ = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-        self.epochs_run_ = len(self.history_["loss"])
+        self.history_ = history
+        self.epochs_run_ = len(history)
+        self.best_epoch_ = selector.best_epoch
+        self.steps_run_ = int(sum(h["steps"] for h in history))
+        self.copies_used_ = sorted({int(c) for h in history for c in h.get("copies", [])})
         self.seconds_per_epoch_ = self.fit_seconds_ / max(self.epochs_run_, 1)
         return self
 
@@ -124,8 +199,10 @@ class DenseHead:
         return self.classes_[self.predict_proba(X).argmax(1)]
 
     def summary(self) -> dict:
-        best = int(np.argmin(self.history_["val_loss"])) + 1 if "val_loss" in self.history_ else self.epochs_run_
-        return {"epochs_run": self.epochs_run_, "best_epoch": best, "seconds_per_epoch": self.seconds_per_epoch_,
+        return {"schedule": self.schedule, "epochs_run": self.epochs_run_, "best_epoch": self.best_epoch_,
+                "steps": self.steps_run_, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "copies_used": self.copies_used_, "seconds_per_epoch": self.seconds_per_epoch_,
+                "rule": "lowest select-half loss" + (f", patience {self.patience}" if self.patience else ""),
                 "history": self.history_}
 
     def to_onnx(self) -> onnx.ModelProto:
@@ -145,11 +222,12 @@ class DenseHead:
         return proto
 
 
-def dense_head_layers(keras, n_classes: int, units: int = 256, dropout: float = 0.5):
-    """The dense head as a Sequential, shared by DenseHead and the end-to-end reference."""
+def dense_head_layers(keras, n_classes: int, units: int = 256, dropout: float = 0.5, seed: int = 0):
+    """The dense head as a Sequential, shared by DenseHead and the end-to-end reference. The dropout
+    layer's generator is seeded, so both trainers draw the same masks step by step."""
     return keras.Sequential([
         keras.layers.Dense(units, activation="relu"),
-        keras.layers.Dropout(dropout),
+        keras.layers.Dropout(dropout, seed=seed),
         keras.layers.Dense(1, activation="sigmoid") if n_classes == 2 else keras.layers.Dense(n_classes,
                                                                                              activation="softmax"),
     ], name="head")

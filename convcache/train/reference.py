@@ -17,134 +17,173 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from convcache.augment import AugmentPolicy, augment
 from convcache.backbone import keras_model, weights
 from convcache.datasets import discover
 from convcache.errors import ConvcacheError, ImageError
 from convcache.imaging import read_and_decode
+from convcache.protocol import initial_head_weights, replay_copy, validation_halves
 from convcache.train.heads import dense_head_layers
+from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
 from convcache.train.metrics import evaluate, write_metrics
 from convcache.tfquiet import import_keras
 
 log = logging.getLogger(__name__)
 
 
-def _decode_split(items, size: int, workers: int = 2):
+def _decode_split(items, size: int, workers: int = 2, progress: bool = False, desc: str = "decode"):
+    """Decoded images of a split in canonical order (ascending sha256, duplicates kept once)."""
     def load(item):
         try:
             data, pixels = read_and_decode(item.path, size)
-        except ImageError:
-            return None
+        except ImageError as exc:
+            return item, exc.reason
         return pixels, item.label, hashlib.sha256(data).hexdigest()
 
+    rows, skipped = {}, {}
     with ThreadPoolExecutor(workers) as pool:
-        rows = [r for r in pool.map(load, items) if r is not None]
-    if len(rows) < len(items):
-        log.warning("reference: skipped %d unreadable images", len(items) - len(rows))
+        for r in tqdm(pool.map(load, items), total=len(items), desc=desc, unit="img", disable=not progress,
+                      leave=False):
+            if len(r) == 2:
+                skipped[r[0].path] = r[1]
+            else:
+                rows.setdefault(r[2], r)
+    for path, reason in sorted(skipped.items()):
+        log.warning("reference: skipped %s: %s", path, reason)
     if not rows:
         return None
-    pixels, labels, shas = zip(*rows)
+    pixels, labels, shas = zip(*(rows[s] for s in sorted(rows)))
     return np.stack(pixels), np.array(labels), list(shas)
 
 
 def build_model(keras, base, n_classes: int, layer: str | None = None, pooling: str | None = None,
-                units: int = 256, dropout: float = 0.5):
-    """The export stage's Keras extractor (same cut, pooling, preprocessing), frozen, + the dense head."""
+                units: int = 256, dropout: float = 0.5, seed: int = 0):
+    """The export stage's Keras extractor (same cut, pooling, preprocessing), frozen, + the dense head,
+    starting from the protocol's initial head weights (the same as DenseHead's for the same seed)."""
     base.trainable = False
     extractor = keras_model.build_extractor(base, layer, pooling)
     inputs = keras.Input(base.input_shape[1:], dtype="float32", name="images")
-    x = extractor(inputs, training=False)
-    outputs = dense_head_layers(keras, n_classes, units, dropout)(keras.layers.Flatten()(x))
-    return keras.Model(inputs, outputs)
+    x = keras.layers.Flatten()(extractor(inputs, training=False))
+    head = dense_head_layers(keras, n_classes, units, dropout, seed)
+    model = keras.Model(inputs, head(x))
+    head.set_weights(initial_head_weights(int(x.shape[-1]), units, n_classes, seed))
+    return model, extractor
 
 
-def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 3, use_augment: bool = True,
-                  input_size: int = 150, batch_size: int = 32, seed: int = 0, fine_tune: str | None = None,
+def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30, use_augment: bool = True,
+                  input_size: int = 150, batch_size: int = 20, seed: int = 0, fine_tune: str | None = None,
                   fine_tune_epochs: int = 2, policy: AugmentPolicy | None = None,
-                  learning_rate: float = 2e-5, layer: str | None = None, pooling: str | None = None) -> dict:
+                  learning_rate: float = 2e-5, layer: str | None = None, pooling: str | None = None,
+                  patience: int | None = None, dropout: float = 0.5, units: int = 256,
+                  progress: bool = True, augment_seed: int | None = None) -> dict:
+    """`seed` sets the initial head weights, the batch order and dropout (and --weights random);
+    `augment_seed` (default: `seed`) sets the copies, as `extract --seed` does."""
     if fine_tune not in (None, "block5"):
         raise ConvcacheError(f"--fine-tune {fine_tune}: only block5 is supported")
-    if epochs < 1:
-        raise ConvcacheError("--epochs must be >= 1")
+    if fine_tune and layer not in (None, "block5_pool"):
+        raise ConvcacheError(f"--fine-tune block5 with --layer {layer}: the cut model has no block5 to fine-tune")
+    if epochs < 1 or batch_size < 1:
+        raise ConvcacheError("--epochs and --batch-size must be >= 1")
     policy = policy or AugmentPolicy()
+    augment_seed = seed if augment_seed is None else augment_seed
     _, keras = import_keras()
     items, classes = discover(data)
-    splits = {s: _decode_split([i for i in items if i.split == s], input_size) for s in ("train", "validation", "test")}
+    splits = {s: _decode_split([i for i in items if i.split == s], input_size, progress=progress, desc=f"decode {s}")
+              for s in ("train", "validation", "test")}
     if splits["train"] is None:
         raise ConvcacheError(f"--data {data}: no readable training images")
     if splits["validation"] is None:
         raise ConvcacheError(f"--data {data}: the reference selects its best epoch on a validation split; none found")
-    keras.utils.set_random_seed(seed)
     base = weights.load_vgg16(weights_source, input_size, seed)
-    model = build_model(keras, base, len(classes), layer, pooling)
-    loss = "binary_crossentropy" if len(classes) == 2 else "sparse_categorical_crossentropy"
-    model.compile(keras.optimizers.RMSprop(learning_rate), loss=loss, metrics=["accuracy"])
+    model, extractor = build_model(keras, base, len(classes), layer, pooling, units, dropout, seed)
+    n = len(classes)
+    compile_head_model(keras, model, n, learning_rate)
 
     x_train, y_train, shas = splits["train"]
-    x_val, y_val, _ = splits["validation"]
-    rng = np.random.default_rng(seed)
-    history, best = [], (-1.0, None)
-    phases = [("frozen", epochs)] + ([("fine-tune block5", fine_tune_epochs)] if fine_tune else [])
-    start = time.perf_counter()
-    epoch = 0
-    for phase, n_epochs in phases:
-        if phase.startswith("fine-tune"):
-            base.trainable = True
-            for conv_layer in base.layers:
-                conv_layer.trainable = conv_layer.name.startswith("block5")
-            model.compile(keras.optimizers.RMSprop(learning_rate / 2), loss=loss, metrics=["accuracy"])
-        for _ in range(n_epochs):
-            copy = epoch + 1 if use_augment else 0
-            order = rng.permutation(len(y_train))
-            t0 = time.perf_counter()
-            train_loss, train_acc = _train_epoch(model, x_train, y_train, shas, order, batch_size, policy, seed, copy)
-            t1 = time.perf_counter()
-            val_loss, val_acc = model.evaluate(x_val.astype(np.float32), y_val, batch_size=64, verbose=0)
-            t2 = time.perf_counter()
-            history.append({"epoch": epoch + 1, "phase": phase, "train_loss": train_loss, "train_accuracy": train_acc,
-                            "val_loss": float(val_loss), "val_accuracy": float(val_acc), "train_seconds": t1 - t0,
-                            "val_seconds": t2 - t1})
-            log.info("epoch %d (%s): val_accuracy %.4f, %.0fs", epoch + 1, phase, val_acc, t2 - t0)
-            if val_acc > best[0]:
-                best = (float(val_acc), model.get_weights())
-            epoch += 1
-    total = time.perf_counter() - start
-    model.set_weights(best[1])
+    x_val, y_val, val_shas = splits["validation"]
+    sel, rep = validation_halves(val_shas, y_val)
+    xs, ys, xr, yr = x_val[sel].astype(np.float32), y_val[sel], x_val[rep].astype(np.float32), y_val[rep]
+    rng = np.random.default_rng(seed)  # the same stream of epoch orders as DenseHead's replay schedule
 
-    n = len(classes)
+    def evaluate():
+        return {"select": evaluate_model(model, xs, ys, 32), "report": evaluate_model(model, xr, yr, 32)}
+
+    def make_batches(offset):
+        def batches(e):
+            copy = replay_copy(offset + e, 10**9) if use_augment else 0
+            order = rng.permutation(len(y_train))
+            steps = math.ceil(len(order) / batch_size)
+            bar = tqdm(total=steps, desc=f"reference epoch {offset + e + 1}", unit="step", disable=not progress,
+                       leave=False)
+            for b in range(steps):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                yield np.stack([augment(x_train[i], policy, augment_seed, shas[i], copy) for i in idx]).astype(np.float32), y_train[idx]
+                bar.update(1)
+            bar.close()
+        return batches
+
+    def info_from(offset, phase):
+        return lambda e: {"phase": phase, "copies": [replay_copy(offset + e, 10**9) if use_augment else 0]}
+
+    start = time.perf_counter()
+    history, selector = fit_epochs(model, epochs, make_batches(0), evaluate, patience, progress,
+                                   "reference", info_from(0, "frozen"))
+    best = {"phase": "frozen", "epoch": selector.best_epoch, "select_loss": selector.best_loss}
+    if fine_tune:
+        base.trainable = True
+        for conv_layer in base.layers:
+            conv_layer.trainable = conv_layer.name.startswith("block5")
+        compile_head_model(keras, model, n, learning_rate / 2)
+        ft_history, ft_selector = fit_epochs(model, fine_tune_epochs, make_batches(len(history)), evaluate,
+                                             patience, progress, "fine-tune", info_from(len(history), "fine-tune block5"))
+        for h in ft_history:
+            h["epoch"] += len(history)
+        if ft_selector.best_loss < selector.best_loss:
+            best = {"phase": "fine-tune block5", "epoch": len(history) + ft_selector.best_epoch,
+                    "select_loss": ft_selector.best_loss}
+        else:
+            model.set_weights(selector.best_state)
+        history += ft_history
+    total = time.perf_counter() - start
+
     metrics = {
         "method": "reference", "head": "dense", "augment": use_augment, "epochs": epochs,
         "fine_tune": fine_tune, "fine_tune_epochs": fine_tune_epochs if fine_tune else 0, "classes": classes,
         "fit_seconds": total, "seconds_per_epoch": float(np.mean([h["train_seconds"] for h in history])),
-        "history": history, "best_epoch": int(np.argmax([h["val_accuracy"] for h in history])) + 1,
-        "rows": {"train": int(len(y_train) * epoch)},
+        "selection": {"rule": "lowest select-half loss" + (f", patience {patience}" if patience else ""),
+                      "best": best, "epochs_run": len(history), "steps": int(sum(h["steps"] for h in history)),
+                      "copies_used": sorted({c for h in history for c in h["copies"]}), "history": history},
+        "history": history, "best_epoch": best["epoch"],
+        "rows": {"train": int(len(y_train) * len(history)),
+                 "select": int(len(ys)), "report": int(len(yr))},
         "provenance": {"data": str(data), "weights": weights_source, "weights_sha256": weights.weights_sha256(base),
                        "input_size": input_size, "layer": layer or "block5_pool", "pooling": pooling,
-                       "learning_rate": learning_rate, "policy": policy.to_dict() if use_augment else None, "seed": seed},
+                       "learning_rate": learning_rate, "batch_size": batch_size,
+                       "policy": policy.to_dict() if use_augment else None, "seed": seed,
+                       "augment_seed": augment_seed},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    for name in ("validation", "test"):
-        if splits[name] is not None:
-            x, y, _ = splits[name]
-            metrics[name] = evaluate(_proba(model, x), y, n)
-            metrics["rows"][name] = int(len(y))
+    metrics["select"] = _evaluate(model, xs, ys, n)
+    metrics["report"] = _evaluate(model, xr, yr, n)
+    proba = _proba(model, xr)
+    metrics["report_correct"] = (proba.argmax(1) == yr).astype(int).tolist()
+    metrics["report_proba"] = proba.astype(float).tolist()
+    metrics["report_sha256"] = [val_shas[i] for i in rep]
+    if splits["test"] is not None:
+        x, y, _ = splits["test"]
+        metrics["test"] = _evaluate(model, x, y, n)
+        metrics["rows"]["test"] = int(len(y))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_metrics(Path(out_dir) / "metrics.json", metrics)
     return metrics
 
 
-def _train_epoch(model, x, y, shas, order, batch_size, policy, seed, copy):
-    """One pass; returns the epoch's mean loss and accuracy (train_on_batch keeps running means)."""
-    model.reset_metrics()
-    loss = acc = float("nan")
-    for b in range(math.ceil(len(order) / batch_size)):
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        batch = np.stack([augment(x[i], policy, seed, shas[i], copy) for i in idx]).astype(np.float32)
-        loss, acc = model.train_on_batch(batch, y[idx])
-    return float(loss), float(acc)
+def _evaluate(model, x, y, n):
+    return evaluate(_proba(model, x), y, n)
 
 
 def _proba(model, x) -> np.ndarray:
-    p = np.asarray(model.predict(x.astype(np.float32), batch_size=64, verbose=0))
+    p = np.asarray(model.predict(x.astype(np.float32), batch_size=32, verbose=0))
     return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p

@@ -13,47 +13,70 @@ import onnxruntime as ort
 
 from convcache.errors import ConvcacheError
 from convcache.onnxmeta import graph_sha256, set_metadata
-from convcache.train.data import load_training_data
+from convcache.train.data import TrainingData, load_training_data
 from convcache.train.heads import HEADS
 from convcache.train.metrics import evaluate, write_metrics
 
 log = logging.getLogger(__name__)
 
 
-def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None) -> dict:
+def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None,
+               data: TrainingData | None = None, export: bool = True) -> dict:
+    """Fit `head` on originals + copies 1..K of the store's train split, select on the select half of
+    validation, report on the report half (and on test when the store has one). `data` reuses a
+    loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx."""
     if head not in HEADS:
         raise ConvcacheError(f"unknown head {head!r}; choose {', '.join(HEADS)}")
     load_start = time.perf_counter()
-    data = load_training_data(store, copies)
+    if data is None:
+        data = load_training_data(store, copies)
+    elif copies is not None:
+        data = data.with_copies(min(copies, data.copies_used))
     load_seconds = time.perf_counter() - load_start
-    val = data.validation
-    if val is None and head == "dense":
-        raise ConvcacheError("the dense head early-stops on the validation split, and the store has none")
+    if data.select is None and head == "dense":
+        raise ConvcacheError("the dense head selects its epoch on half of the validation split, and the store has none")
     estimator = HEADS[head](**(params or {}))
-    estimator.fit(data.train.X, data.train.y, val.X if val else None, val.y if val else None)
+    tr, sel = data.train, data.select
+    if head == "dense":
+        estimator.fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
+    else:
+        estimator.fit(tr.X, tr.y, sel.X if sel else None, sel.y if sel else None)
 
     n = len(data.classes)
+    summary = estimator.summary()
     metrics = {
-        "method": "cached", "head": head, "copies": copies if copies is not None else "all",
+        "method": "cached", "head": head, "copies": data.copies_used, "copies_requested": copies,
+        "copies_available": data.copies_available, "schedule": summary.get("schedule"),
+        "epochs": summary.get("epochs_run"), "steps": summary.get("steps"),
         "classes": data.classes, "fit_seconds": estimator.fit_seconds_, "load_seconds": load_seconds,
-        "rows": {"train": int(len(data.train.y))}, "selection": estimator.summary(),
+        "rows": {"train": int(len(tr.y))}, "selection": summary,
         "provenance": data.provenance, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    for name, split in (("validation", val), ("test", data.test)):
+    for name, split in (("select", data.select), ("report", data.report), ("test", data.test)):
         if split is not None:
-            metrics[name] = evaluate(estimator.predict_proba(split.X), split.y, n)
+            proba = estimator.predict_proba(split.X)
+            metrics[name] = evaluate(proba, split.y, n)
             metrics["rows"][name] = int(len(split.y))
+            if name == "report":
+                metrics["report_correct"] = (proba.argmax(1) == split.y).astype(int).tolist()
+                metrics["report_proba"] = proba.astype(float).tolist()
+                metrics["report_sha256"] = split.sha256
 
+    if not export:
+        write_metrics(Path(out_dir) / "metrics.json", metrics)
+        return metrics
     proto = estimator.to_onnx()
     set_metadata(proto, {"kind": "head", "head": head, "classes": data.classes, "n_features": int(data.train.X.shape[1]),
                          "feature_shape": data.feature_shape, "extractor_sha256": data.extractor_sha256,
                          "provenance": data.provenance, "graph_sha256": graph_sha256(proto)})
     onnx.checker.check_model(proto, full_check=True)
-    check = val.X[:64] if val is not None else data.train.X[:64]
+    check = (data.report or data.train).X[:64]
     metrics["onnx_max_abs_diff"] = _parity(proto, estimator, check)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out / "head.onnx"))
+    tmp = out / "head.onnx.tmp"
+    onnx.save(proto, str(tmp))
+    tmp.replace(out / "head.onnx")  # never leave a half-written head under the real name
     metrics["head_onnx"] = str(out / "head.onnx")
     write_metrics(out / "metrics.json", metrics)
     return metrics

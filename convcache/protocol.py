@@ -1,0 +1,89 @@
+"""The training protocol shared by the cached heads and the end-to-end reference, so that "method 2
+replayed from the cache" and "method 2 in TensorFlow" are the same computation by construction.
+
+- Images are identified by content: the canonical image order is ascending sha256 (duplicates kept
+  once), whatever the file names or the store's row order.
+- Batch order: epoch e visits the images in the order of the e-th `permutation` drawn from
+  `numpy.random.default_rng(seed)`; the replay schedule feeds copy (e mod K) + 1 of each image in
+  that epoch (copy 0 when K = 0), which is exactly what the reference augments on the fly.
+- The dense head starts from weights drawn here (Glorot uniform, zero biases) from `seed`, so both
+  trainers start from the same point without relying on framework RNG state.
+- Validation is split once, by content, into a *select* half (epoch selection, early stopping, C) and
+  a *report* half (the numbers we publish): no figure is selected on the split it is reported on.
+- Epoch selection: the epoch with the lowest select-half loss wins; with `patience`, training stops
+  after that many epochs without improvement. The reference and the dense head use this one rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEDULES = ("replay", "pool")
+
+
+def canonical_images(sha256: list[str]) -> tuple[list[str], np.ndarray]:
+    """Unique image hashes in canonical (ascending) order, and each input's rank in that order."""
+    unique = sorted(set(sha256))
+    rank = {s: i for i, s in enumerate(unique)}
+    return unique, np.array([rank[s] for s in sha256], dtype=np.int64)
+
+
+def validation_halves(sha256: list[str], labels) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the select and report halves: within each class, images in ascending sha256 order
+    alternate select, report, select, ... Depends only on content, never on a seed."""
+    labels = np.asarray(labels)
+    select, report = [], []
+    for cls in np.unique(labels):
+        idx = [i for i in np.flatnonzero(labels == cls)]
+        idx.sort(key=lambda i: sha256[i])
+        select += idx[0::2]
+        report += idx[1::2]
+    return np.array(sorted(select), dtype=np.int64), np.array(sorted(report), dtype=np.int64)
+
+
+def replay_copy(epoch: int, copies: int) -> int:
+    """The copy that epoch `epoch` (0-based) of method 2 sees, with `copies` distinct augmented copies."""
+    return 0 if copies == 0 else (epoch % copies) + 1
+
+
+def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """One permutation of range(n) per epoch, from a generator seeded once."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(n) for _ in range(epochs)]
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    return math.ceil(rows / batch_size)
+
+
+def initial_head_weights(n_features: int, units: int, n_classes: int, seed: int) -> list[np.ndarray]:
+    """Dense(units) and the output layer's weights: Glorot uniform kernels, zero biases, from `seed`."""
+    rng = np.random.default_rng([seed, 1_000_003])
+    n_out = 1 if n_classes == 2 else n_classes
+
+    def glorot(fan_in, fan_out):
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32)
+
+    return [glorot(n_features, units), np.zeros(units, np.float32), glorot(units, n_out), np.zeros(n_out, np.float32)]
+
+
+@dataclass
+class EpochSelector:
+    """Lowest select-half loss wins; stop after `patience` epochs without improvement (None: never)."""
+
+    patience: int | None = None
+    best_epoch: int = 0  # 1-based; 0 until the first epoch is seen
+    best_loss: float = math.inf
+    best_state: object = None
+    history: list = field(default_factory=list)
+
+    def update(self, epoch: int, loss: float, state_fn) -> bool:
+        """Record epoch `epoch` (1-based); returns True when training should stop."""
+        self.history.append(float(loss))
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.best_state = float(loss), epoch, state_fn()
+        return self.patience is not None and epoch - self.best_epoch >= self.patience

@@ -1,0 +1,69 @@
+"""The one epoch loop that trains the dense head, on cached features or end to end.
+
+`DenseHead` (features from the cache) and the reference (pixels through the frozen base) both train
+through `fit_epochs`: the same `train_on_batch` steps, the same per-epoch evaluation, the same epoch
+selection rule (convcache.protocol.EpochSelector). What differs is only where a batch comes from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from convcache.protocol import EpochSelector
+
+
+def compile_head_model(keras, model, n_classes: int, learning_rate: float) -> None:
+    loss = "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
+    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate), loss=loss, metrics=["accuracy"])
+
+
+def fit_epochs(model, epochs: int, batches: Callable[[int], Iterable], evaluate: Callable[[], dict],
+               patience: int | None = None, progress: bool = False, desc: str = "train",
+               epoch_info: Callable[[int], dict] | None = None) -> tuple[list[dict], EpochSelector]:
+    """Train for up to `epochs`; `batches(e)` yields (x, y) for epoch e (0-based); `evaluate()` returns
+    {"select": (loss, acc), "report": (loss, acc) or None}. Restores the selected epoch's weights."""
+    selector = EpochSelector(patience)
+    history = []
+    bar = tqdm(total=epochs, desc=desc, unit="epoch", disable=not progress, leave=False)
+    for e in range(epochs):
+        model.reset_metrics()
+        loss = acc = math.nan
+        steps, t0 = 0, time.perf_counter()
+        for x, y in batches(e):
+            loss, acc = model.train_on_batch(x, y)
+            steps += 1
+        t1 = time.perf_counter()
+        ev = evaluate()
+        t2 = time.perf_counter()
+        row = {"epoch": e + 1, "steps": steps, "train_loss": float(loss), "train_accuracy": float(acc),
+               "select_loss": float(ev["select"][0]), "select_accuracy": float(ev["select"][1]),
+               "train_seconds": t1 - t0, "eval_seconds": t2 - t1}
+        if ev.get("report") is not None:
+            row.update({"report_loss": float(ev["report"][0]), "report_accuracy": float(ev["report"][1])})
+        if epoch_info:
+            row.update(epoch_info(e))
+        history.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}", select_loss=f"{row['select_loss']:.4f}")
+        if selector.update(e + 1, row["select_loss"], model.get_weights):
+            break
+    bar.close()
+    model.set_weights(selector.best_state)
+    return history, selector
+
+
+def evaluate_model(model, x, y, batch_size: int = 256) -> tuple[float, float]:
+    loss, acc = model.evaluate(x, y, batch_size=batch_size, verbose=0)
+    return float(loss), float(acc)
+
+
+def batches_of(x_fn, y: np.ndarray, order: np.ndarray, batch_size: int):
+    """Yield (x_fn(indices), y[indices]) over `order` in batches."""
+    for b in range(math.ceil(len(order) / batch_size)):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        yield x_fn(idx), y[idx]
