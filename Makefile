@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m convcache.demo --out demo-out
+	$(PY) -m convcache.pipeline.demo --out demo-out
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SIZE, make_dataset, run_cli
 from convcache.errors import ConvcacheError
-from convcache.extract import FeatureStore
+from convcache.store import FeatureStore
 from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.train.data import load_training_data
 from convcache.train.fuse import fuse

@@ -9,35 +9,18 @@ from datetime import datetime, timezone
 import numpy as np
 import onnx
 
-from convcache import __version__
-from convcache.errors import ConvcacheError
+from convcache import __version__, onnxtools
 from convcache.tfquiet import import_keras
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME, OUTPUT_NAME = "images", "features"
+from convcache.artifacts import FEATURES as OUTPUT_NAME, IMAGES as INPUT_NAME  # noqa: E402
 PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
 
 
 def keras_to_onnx(model, opset: int = 17) -> onnx.ModelProto:
-    tf, _ = import_keras()
-    import tf2onnx
-
     size = model.input_shape[1]
-    spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)]
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
-    rename_io(proto, INPUT_NAME, OUTPUT_NAME)
-    return proto
-
-
-def rename_io(proto: onnx.ModelProto, input_name: str, output_name: str) -> None:
-    """Give the single graph input and output stable names, whatever the converter chose."""
-    renames = {proto.graph.input[0].name: input_name, proto.graph.output[0].name: output_name}
-    for node in proto.graph.node:
-        node.input[:] = [renames.get(n, n) for n in node.input]
-        node.output[:] = [renames.get(n, n) for n in node.output]
-    proto.graph.input[0].name = input_name
-    proto.graph.output[0].name = output_name
+    return onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), OUTPUT_NAME, opset)
 
 
 def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -57,18 +40,10 @@ def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def check_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray) -> float:
     """Run both; fail when ORT strays from Keras. Returns the max abs diff."""
-    import onnxruntime as ort
-
     reference = np.asarray(keras_model.predict(images, verbose=0))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
-    if got.shape != reference.shape:
-        raise ConvcacheError(f"ONNX output shape {got.shape} != Keras {reference.shape}")
-    diff = float(np.max(np.abs(got - reference)))
     bound = PARITY_RTOL * float(np.max(np.abs(reference)))
+    diff = onnxtools.check_parity(proto, reference, {INPUT_NAME: images}, OUTPUT_NAME, bound, "ONNX/Keras parity failed")
     log.info("parity with Keras: max abs diff %.3g (bound %.3g)", diff, bound)
-    if not diff <= bound:
-        raise ConvcacheError(f"ONNX/Keras parity failed: max abs diff {diff:.3g} > {bound:.3g}")
     return diff
 
 

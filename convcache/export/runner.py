@@ -10,7 +10,7 @@ import onnx
 from convcache.errors import ConvcacheError
 from convcache.backbone import keras_model, weights
 from convcache.export import onnx_target, quantize
-from convcache.onnxmeta import graph_sha256, set_metadata
+from convcache import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def export_extractor(weights_source: str, input_size: int, output: str, layer: s
     onnx.checker.check_model(proto, full_check=True)
     diff = onnx_target.check_parity(proto, model, onnx_target.sample_images(4, input_size, seed))
 
-    meta = {"kind": "extractor", "precision": precision, "parity_max_abs_diff": diff}
+    meta = {"precision": precision, "parity_max_abs_diff": diff, "opset": opset}
     if precision == "fp16":
         proto = quantize.to_fp16(proto)
     elif precision == "int8":
@@ -49,19 +49,15 @@ def export_extractor(weights_source: str, input_size: int, output: str, layer: s
     out_shape = [None, *(int(d) for d in model.output_shape[1:])]
     meta.update({
         "weights": {"source": weights_source, "sha256": weights.weights_sha256(base)},
-        "input": {"name": onnx_target.INPUT_NAME, "layout": "NHWC", "dtype": "float32",
+        "input": {"name": artifacts.IMAGES, "layout": "NHWC", "dtype": "float32",
                   "size": input_size, "pixels": "RGB, 0-255"},
         "preprocessing": keras_model.PREPROCESSING,
-        "output": {"name": onnx_target.OUTPUT_NAME, "shape": out_shape},
+        "output": {"name": artifacts.FEATURES, "shape": out_shape},
         "layer": layer or base.layers[-1].name,
         "pooling": pooling,
-        "graph_sha256": graph_sha256(proto),
         "versions": onnx_target.library_versions(),
         "created": onnx_target.now_iso(),
     })
-    set_metadata(proto, meta)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(output) + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(output)  # never leave a half-written model under the real name
+    meta = artifacts.write_metadata(proto, artifacts.KIND_EXTRACTOR, meta)
+    artifacts.save_model(proto, output)  # never leaves a half-written model under the real name
     return meta

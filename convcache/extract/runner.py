@@ -21,9 +21,11 @@ from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
 from convcache.extract.mapper import decode_copies, hash_file
 from convcache.datasets import discover
-from convcache.extract.writer import FORMAT, SplitWriter
+from convcache.artifacts import STORE_FORMAT as FORMAT
+from convcache.extract.writer import SplitWriter
 from convcache.imaging import DEFAULT_MAX_PIXELS
-from convcache.onnxmeta import get_metadata, graph_sha256, load_model
+from convcache import artifacts
+from convcache.onnxmeta import load_model
 from convcache.runtime import create_session
 
 log = logging.getLogger(__name__)
@@ -67,20 +69,18 @@ class Extractor:
     """An ONNX extractor and what a store needs to know about it."""
 
     def __init__(self, path: str, device: str):
-        proto = load_model(path)
-        self.meta = get_metadata(proto)
-        if self.meta.get("kind") != "extractor":
-            raise ConvcacheError(f"{path} is not a convcache extractor (run `convcache export` first)")
-        self.sha256 = graph_sha256(proto)
-        self.size = int(self.meta["input"]["size"])
-        self.feature_shape = tuple(self.meta["output"]["shape"][1:])
+        self.contract = artifacts.Extractor.from_proto(load_model(path), str(path))
+        self.meta = self.contract.metadata
+        self.sha256 = self.contract.identity
+        self.size = self.contract.size
+        self.feature_shape = self.contract.feature_shape
         self.session = create_session(path, device)
         self.provider = self.session.get_providers()[0]
         self.calls = 0
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         self.calls += 1
-        return self.session.run(["features"], {"images": images.astype(np.float32)})[0]
+        return self.session.run([self.contract.output_name], {self.contract.input_name: images.astype(np.float32)})[0]
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:

@@ -13,11 +13,11 @@ import logging
 import numpy as np
 import zarr
 
+from convcache.artifacts import STORE_COLUMNS
 from convcache.errors import ConvcacheError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "convcache-features/1"
 CHUNK_BYTES = 4 << 20
 
 
@@ -32,7 +32,7 @@ class SplitWriter:
         else:
             self.group = self._create(root, split, identity, provenance, feature_shape, dtype,
                                       chunk_rows or max(1, CHUNK_BYTES // row_bytes))
-        self.arrays = {name: self.group[name] for name in ("features", "label", "image", "copy", "sha256", "path")}
+        self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
         self.chunk_rows = self.arrays["features"].chunks[0]
         self.committed = int(self.group.attrs["committed_rows"])
         self.skipped = dict(self.group.attrs.get("skipped", {}))

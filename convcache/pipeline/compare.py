@@ -202,7 +202,7 @@ def _extract(cfg, extractor: Path, store: Path) -> None:
 
 def _extraction_cost(store: Path) -> dict:
     """Seconds per row of extraction, measured by the store's own extract runs on this machine."""
-    from convcache.extract import FeatureStore
+    from convcache.store import FeatureStore
 
     fs = FeatureStore(store)
     out = {}

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convcache.errors import ConvcacheError, ImageError
+from convcache.errors import ImageError
 from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, prepare_image, read_and_decode
-from convcache.onnxmeta import file_sha256, get_metadata, load_model
+from convcache import artifacts
 from convcache.runtime import create_session
 
 
@@ -29,13 +29,11 @@ class Predictor:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int = 32,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None):
-        meta = get_metadata(load_model(model))
-        if meta.get("kind") != "fused":
-            raise ConvcacheError(f"{model} is not a fused convcache model (make one with `convcache fuse`)")
-        self.metadata = meta
-        self.classes = list(meta["classes"])
-        self.size = int(meta["input"]["size"])
-        self.sha256 = file_sha256(model)
+        self.contract = artifacts.read(model, artifacts.KIND_FUSED)
+        self.metadata = self.contract.metadata
+        self.classes = list(self.contract.classes)
+        self.size = self.contract.size
+        self.model_id = self.sha256 = self.contract.identity  # the one model id (see convcache.artifacts)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.session = create_session(str(model), device, threads)
@@ -58,7 +56,7 @@ class Predictor:
 
     def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A batch of uint8 pixels -> (probabilities, flattened features)."""
-        probs, feats = self.session.run(["probabilities", "features"], {"images": pixels.astype(np.float32)})
+        probs, feats = self.session.run(list(self.contract.outputs), {self.contract.input_name: pixels.astype(np.float32)})
         return probs, feats.reshape(len(pixels), -1)
 
     def to_prediction(self, probs: np.ndarray) -> Prediction:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convcache.errors import ConvcacheError
-from convcache.extract import FeatureStore
+from convcache.store import FeatureStore
 from convcache.protocol import canonical_images, validation_halves
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class TrainingData:
     provenance: dict
     copies_available: int
     copies_used: int
+    extractor_opset: int = 17
 
     def with_copies(self, k: int) -> "TrainingData":
         """The same data restricted to train copies 0..k (k no larger than what was loaded)."""
@@ -59,7 +60,7 @@ def load_training_data(store_path: str, copies: int | None = None) -> TrainingDa
     store = FeatureStore(store_path)
     if "train" not in store.splits:
         raise ConvcacheError(f"{store_path}: no train split")
-    shas = {store.attrs(s)["extractor"]["sha256"] for s in store.splits}
+    shas = {store.extractor_identity(s) for s in store.splits}
     if len(shas) > 1:
         raise ConvcacheError(f"{store_path}: splits were extracted with different extractors; refusing to mix them")
     if copies is not None and copies < 0:
@@ -80,10 +81,10 @@ def load_training_data(store_path: str, copies: int | None = None) -> TrainingDa
         splits[name] = split if name == "train" else split.take(np.lexsort((split.copy, split.image)))
         if name == "train":
             available = int(data.copy.max())
-    stored = int(store.load("train", with_features=False).copy.max())
+    stored = store.copies_available("train")
     if copies is not None and copies > stored:
         log.warning("--copies %d: the store holds copies 0..%d of train; using those", copies, stored)
-    attrs = store.attrs("train")
+    ext = store.extractor_metadata("train")
     if len(np.unique(splits["train"].y)) < 2:
         raise ConvcacheError(f"{store_path}: the train split has fewer than two classes")
     select = report = None
@@ -93,11 +94,10 @@ def load_training_data(store_path: str, copies: int | None = None) -> TrainingDa
         select, report = v.take(sel), v.take(rep)
     return TrainingData(
         train=splits["train"], validation=splits["validation"], select=select, report=report, test=splits["test"],
-        classes=store.classes, feature_shape=list(attrs["extractor"]["metadata"]["output"]["shape"][1:]),
-        extractor_sha256=attrs["extractor"]["sha256"],
-        provenance={"store": str(store.path), "extractor": attrs["extractor"]["sha256"],
-                    "extractor_weights": attrs["extractor"]["metadata"].get("weights"),
-                    "extractor_layer": attrs["extractor"]["metadata"].get("layer"),
-                    "augment": attrs["augment"], "copies": available},
+        classes=store.classes, feature_shape=list(store.feature_shape("train")),
+        extractor_sha256=store.extractor_identity("train"), extractor_opset=int(ext.get("opset", 17)),
+        provenance={"store": str(store.path), "extractor": store.extractor_identity("train"),
+                    "extractor_weights": ext.get("weights"), "extractor_layer": ext.get("layer"),
+                    "augment": store.augmentation("train"), "copies": available},
         copies_available=stored, copies_used=available,
     )

@@ -11,14 +11,16 @@ import numpy as np
 import onnx
 
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from convcache.artifacts import FEATURES, PROBABILITIES
+from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx, sklearn_to_onnx
 
 from convcache.errors import ConvcacheError
 from convcache.protocol import SCHEDULES, initial_head_weights, replay_copy
 from convcache.train.loop import batches_of, compile_head_model, evaluate_model, fit_epochs
 
 log = logging.getLogger(__name__)
-
-OPSET = 17  # the extractor's opset, so that fusion joins one opset
 
 
 class _Schedule:
@@ -100,6 +102,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "pipeline_")
         return self.pipeline_.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
@@ -108,13 +111,9 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     def summary(self) -> dict:
         return {"C": self.C_, "validation_accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
 
-    def to_onnx(self) -> onnx.ModelProto:
-        from skl2onnx import convert_sklearn
-        from skl2onnx.common.data_types import FloatTensorType
-
-        proto = convert_sklearn(self.pipeline_, initial_types=[("features", FloatTensorType([None, self.n_features_in_]))],
-                                options={id(self.pipeline_.steps[-1][1]): {"zipmap": False}}, target_opset=OPSET)
-        return _keep_only_output(proto, "probabilities")
+    def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+        check_is_fitted(self, "pipeline_")
+        return sklearn_to_onnx(self.pipeline_, self.n_features_in_, FEATURES, PROBABILITIES, opset)
 
 
 class DenseHead(ClassifierMixin, BaseEstimator):
@@ -192,7 +191,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        p = np.asarray(self.model_.predict(X, batch_size=256, verbose=0))
+        check_is_fitted(self, "model_")
+        p = np.asarray(self.model_.predict(np.asarray(X, np.float32), batch_size=256, verbose=0))
         return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p
 
     def predict(self, X) -> np.ndarray:
@@ -205,21 +205,16 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 "rule": "lowest select-half loss" + (f", patience {self.patience}" if self.patience else ""),
                 "history": self.history_}
 
-    def to_onnx(self) -> onnx.ModelProto:
+    def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         from convcache.tfquiet import import_keras
 
-        tf, keras = import_keras()
-        import tf2onnx
-
-        inputs = keras.Input((self.n_features_in_,), name="features")
+        check_is_fitted(self, "model_")
+        _, keras = import_keras()
+        inputs = keras.Input((self.n_features_in_,), name=FEATURES)
         p = self.model_(inputs)
         if p.shape[-1] == 1:  # sigmoid -> two-column probabilities, like logreg's
             p = keras.layers.Concatenate()([keras.layers.Lambda(lambda t: 1.0 - t)(p), p])
-        wrapped = keras.Model(inputs, p)
-        spec = [tf.TensorSpec((None, self.n_features_in_), tf.float32, name="features")]
-        proto, _ = tf2onnx.convert.from_keras(wrapped, input_signature=spec, opset=OPSET)
-        _rename_output(proto, "probabilities")
-        return proto
+        return keras_to_onnx(keras.Model(inputs, p), FEATURES, (self.n_features_in_,), PROBABILITIES, opset)
 
 
 def dense_head_layers(keras, n_classes: int, units: int = 256, dropout: float = 0.5, seed: int = 0):
@@ -231,21 +226,6 @@ def dense_head_layers(keras, n_classes: int, units: int = 256, dropout: float = 
         keras.layers.Dense(1, activation="sigmoid") if n_classes == 2 else keras.layers.Dense(n_classes,
                                                                                              activation="softmax"),
     ], name="head")
-
-
-def _rename_output(proto: onnx.ModelProto, name: str) -> None:
-    old = proto.graph.output[0].name
-    for node in proto.graph.node:
-        node.output[:] = [name if o == old else o for o in node.output]
-        node.input[:] = [name if i == old else i for i in node.input]
-    proto.graph.output[0].name = name
-
-
-def _keep_only_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    keep = [o for o in proto.graph.output if o.name == name]
-    del proto.graph.output[:]
-    proto.graph.output.extend(keep)
-    return proto
 
 
 HEADS = {"logreg": LogRegHead, "dense": DenseHead}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from convcache.errors import ConvcacheError
-from convcache.onnxmeta import graph_sha256, set_metadata
+from convcache import artifacts
+from convcache.onnxtools import check_parity
 from convcache.train.data import TrainingData, load_training_data
 from convcache.train.heads import HEADS
 from convcache.train.metrics import evaluate, write_metrics
@@ -65,27 +65,16 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
     if not export:
         write_metrics(Path(out_dir) / "metrics.json", metrics)
         return metrics
-    proto = estimator.to_onnx()
-    set_metadata(proto, {"kind": "head", "head": head, "classes": data.classes, "n_features": int(data.train.X.shape[1]),
-                         "feature_shape": data.feature_shape, "extractor_sha256": data.extractor_sha256,
-                         "provenance": data.provenance, "graph_sha256": graph_sha256(proto)})
+    proto = estimator.to_onnx(opset=data.extractor_opset)  # the extractor's opset: fusion joins one opset
     onnx.checker.check_model(proto, full_check=True)
     check = (data.report or data.train).X[:64]
-    metrics["onnx_max_abs_diff"] = _parity(proto, estimator, check)
+    metrics["onnx_max_abs_diff"] = check_parity(proto, estimator.predict_proba(check), {artifacts.FEATURES: check},
+                                                artifacts.PROBABILITIES, 1e-4, "the ONNX head")
+    artifacts.write_metadata(proto, artifacts.KIND_HEAD, {
+        "head": head, "classes": data.classes, "n_features": int(data.train.X.shape[1]),
+        "feature_shape": data.feature_shape, "extractor_sha256": data.extractor_sha256, "provenance": data.provenance})
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "head.onnx.tmp"
-    onnx.save(proto, str(tmp))
-    tmp.replace(out / "head.onnx")  # never leave a half-written head under the real name
+    artifacts.save_model(proto, out / "head.onnx")  # never leaves a half-written head under the real name
     metrics["head_onnx"] = str(out / "head.onnx")
     write_metrics(out / "metrics.json", metrics)
     return metrics
-
-
-def _parity(proto, estimator, X) -> float:
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"features": X})[0]
-    diff = float(np.max(np.abs(got - estimator.predict_proba(X))))
-    if diff > 1e-4:
-        raise ConvcacheError(f"the ONNX head differs from the fitted head by {diff:.3g}")
-    return diff

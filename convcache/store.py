@@ -1,4 +1,5 @@
-"""FeatureStore: read a convcache Zarr store back as numpy (or dask) arrays."""
+"""FeatureStore: the feature store's read side, shared by every stage that reads one (train, compare).
+Typed properties describe the store; only committed rows are ever visible."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from convcache.artifacts import STORE_FORMAT as FORMAT
 from convcache.errors import ConvcacheError
-
-FORMAT = "convcache-features/1"
 
 
 @dataclass
@@ -44,6 +44,23 @@ class FeatureStore:
     @property
     def classes(self) -> list[str]:
         return list(self.root.attrs["classes"])
+
+    def extractor_identity(self, split: str = "train") -> str:
+        return self.attrs(split)["extractor"]["sha256"]
+
+    def extractor_metadata(self, split: str = "train") -> dict:
+        return dict(self.attrs(split)["extractor"]["metadata"])
+
+    def feature_shape(self, split: str = "train") -> tuple:
+        return tuple(int(d) for d in self._group(split)["features"].shape[1:])
+
+    def augmentation(self, split: str = "train") -> dict:
+        return dict(self.attrs(split)["augment"])
+
+    def copies_available(self, split: str = "train") -> int:
+        """The largest copy index committed in `split` (0: originals only)."""
+        n = self.rows(split)
+        return int(self._group(split)["copy"][:n].max()) if n else 0
 
     def attrs(self, split: str) -> dict:
         return dict(self._group(split).attrs)

@@ -91,13 +91,16 @@ def main(argv=None) -> None:
     size = str(a.input_size)
     _step("export", ["export", "--weights", a.weights, "--input-size", size, "--layer", "block4_pool",
                      "--pooling", "avg", "-o", str(extractor)])
-    _step("extract", ["extract", "--model", str(extractor), "--data", str(data), "--augment", "2", "-o", str(store)])
+    _step("extract", ["extract", "--model", str(extractor), "--data", str(data), "--augment", "3", "--policy", "book",
+                      "-o", str(store)])
     for head in ("logreg", "dense"):
         extra = ["--epochs", "30"] if head == "dense" else []
         _step(f"train {head}", ["train", "--features", str(store), "--head", head, *extra,
                                 "-o", str(out / "heads" / head)])
-    _step("compare", ["compare", "--data", str(data), "--weights", a.weights, "--budget", "tiny", "--input-size", size,
-                      "--layer", "block4_pool", "--pooling", "avg", "-o", str(out / "report")])
+    _step("compare", ["compare", "--data", str(data), "--weights", a.weights, "--input-size", size,
+                      "--layer", "block4_pool", "--pooling", "avg", "--extractor", str(extractor), "--store", str(store),
+                      "--copies", "0", "1", "3", "--seeds", "0", "1", "--epochs", "3", "--real-epochs", "2",
+                      "--learning-rate", "1e-3", "-o", str(out / "report")])
     _step("fuse", ["fuse", "--extractor", str(extractor), "--head", str(out / "heads" / "logreg"),
                    "-o", str(out / "model.onnx")])
     image = next((data / "validation" / "stripes").glob("*.jpg"))

@@ -1,0 +1,204 @@
+"""The contracts between stages, in one place.
+
+Stages meet only through artifacts: ONNX models carrying `convcache.*` metadata (an extractor from
+`export`, a head from `train`, a fused model from `fuse`) and the Zarr feature store from `extract`.
+This module states what each artifact promises (kind, tensor names, shapes, identity, provenance),
+writes that description, and reads it back validated, so that no stage digs into another's raw
+metadata. A malformed or foreign artifact is refused with a message that names what is wrong.
+
+Identity: `graph_sha256` in every model's metadata is the model's *identity*: a hash of what
+determines its outputs (weights, op types and attributes, the wiring, the input spec; see
+`convcache.onnxmeta.graph_sha256`), never of the names a converter generated. It is the model id
+used everywhere: `info`, the feature store, heads, the service's answers, OpenAPI and metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx
+
+from convcache.errors import ConvcacheError
+from convcache.onnxmeta import get_metadata, graph_sha256, load_model, set_metadata
+
+# tensor names every convcache model uses
+IMAGES, FEATURES, PROBABILITIES = "images", "features", "probabilities"
+STORE_FORMAT = "convcache-features/1"
+STORE_COLUMNS = ("features", "label", "image", "copy", "sha256", "path")
+KIND_EXTRACTOR, KIND_HEAD, KIND_FUSED = "extractor", "head", "fused"
+
+
+def _need(meta: dict, keys: tuple, where: str) -> None:
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise ConvcacheError(f"{where}: convcache metadata lacks {', '.join(missing)}")
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """`export`'s artifact: pixels (NHWC float32 0-255, RGB) -> conv features."""
+
+    kind: ClassVar[str] = KIND_EXTRACTOR
+    identity: str
+    input_name: str
+    output_name: str
+    size: int
+    feature_shape: tuple  # without the batch axis
+    opset: int
+    layer: str | None = None
+    pooling: str | None = None
+    precision: str = "fp32"
+    metadata: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n_features(self) -> int:
+        n = 1
+        for d in self.feature_shape:
+            n *= int(d)
+        return n
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Extractor":
+        meta = _kind(proto, KIND_EXTRACTOR, where, "run `convcache export` first")
+        _need(meta, ("input", "output"), where)
+        try:
+            return cls(identity=graph_sha256(proto), input_name=meta["input"].get("name", IMAGES),
+                       output_name=meta["output"].get("name", FEATURES), size=int(meta["input"]["size"]),
+                       feature_shape=tuple(int(d) for d in meta["output"]["shape"][1:]), opset=_opset(proto),
+                       layer=meta.get("layer"), pooling=meta.get("pooling"), precision=meta.get("precision", "fp32"),
+                       metadata=meta)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConvcacheError(f"{where}: malformed extractor metadata ({exc.__class__.__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class Head:
+    """`train`'s artifact: flattened features -> class probabilities, trained on one extractor's features."""
+
+    kind: ClassVar[str] = KIND_HEAD
+    identity: str
+    head: str
+    classes: tuple
+    n_features: int
+    extractor_identity: str
+    opset: int
+    input_name: str = FEATURES
+    output_name: str = PROBABILITIES
+    metadata: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Head":
+        meta = _kind(proto, KIND_HEAD, where, "train one with `convcache train`")
+        _need(meta, ("head", "classes", "n_features", "extractor_sha256"), where)
+        names = [i.name for i in proto.graph.input]
+        outs = [o.name for o in proto.graph.output]
+        if FEATURES not in names or PROBABILITIES not in outs:
+            raise ConvcacheError(f"{where}: a head must map '{FEATURES}' to '{PROBABILITIES}' (has {names} -> {outs})")
+        return cls(identity=graph_sha256(proto), head=meta["head"], classes=tuple(meta["classes"]),
+                   n_features=int(meta["n_features"]), extractor_identity=meta["extractor_sha256"], opset=_opset(proto),
+                   metadata=meta)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """`fuse`'s artifact: pixels -> probabilities (and the features), served without TensorFlow."""
+
+    kind: ClassVar[str] = KIND_FUSED
+    identity: str
+    classes: tuple
+    size: int
+    input_name: str = IMAGES
+    outputs: tuple = (PROBABILITIES, FEATURES)
+    metadata: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Fused":
+        meta = _kind(proto, KIND_FUSED, where, "make one with `convcache fuse`")
+        _need(meta, ("classes", "input"), where)
+        try:
+            size = int(meta["input"]["size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConvcacheError(f"{where}: malformed input size in metadata ({exc})") from None
+        dims = proto.graph.input[0].type.tensor_type.shape.dim if proto.graph.input else []
+        graph_size = [d.dim_value for d in dims[1:3]] if len(dims) == 4 else []
+        if graph_size and all(graph_size) and graph_size != [size, size]:
+            raise ConvcacheError(f"{where}: metadata says input {size}x{size}, the graph takes "
+                                 f"{graph_size[0]}x{graph_size[1]}")
+        classes = tuple(meta["classes"])
+        if not classes or len(set(classes)) != len(classes):
+            raise ConvcacheError(f"{where}: metadata classes must be distinct and non-empty, got {list(classes)}")
+        return cls(identity=graph_sha256(proto), classes=classes, size=size,
+                   metadata=meta)
+
+
+ARTIFACTS = {a.kind: a for a in (Extractor, Head, Fused)}
+
+
+_NOUN = {KIND_EXTRACTOR: "a convcache extractor", KIND_HEAD: "a convcache head", KIND_FUSED: "a fused convcache model"}
+
+
+def _kind(proto, kind: str, where: str, hint: str) -> dict:
+    try:
+        meta = get_metadata(proto)
+    except ValueError as exc:
+        raise ConvcacheError(f"{where}: convcache metadata is not valid JSON ({exc})") from None
+    if meta.get("kind") != kind:
+        found = meta.get("kind")
+        raise ConvcacheError(f"{where} is not {_NOUN[kind]}" + (f" (it is {_NOUN.get(found, repr(found))})" if found
+                                                                  else "") + f"; {hint}")
+    return meta
+
+
+def read(path: str | os.PathLike, kind: str | None = None):
+    """Read a model's contract: an Extractor, Head or Fused (checked against `kind` when given)."""
+    proto = load_model(path)
+    found = get_metadata(proto).get("kind") if kind is None else kind
+    if found not in ARTIFACTS:
+        raise ConvcacheError(f"{path} carries no convcache metadata (kind {found!r})")
+    return ARTIFACTS[found].from_proto(proto, str(path))
+
+
+def write_metadata(proto: onnx.ModelProto, kind: str, meta: dict) -> dict:
+    """Annotate `proto` as a `kind` artifact; the identity is computed here, never passed in."""
+    full = {**meta, "kind": kind, "graph_sha256": graph_sha256(proto)}
+    set_metadata(proto, full)
+    ARTIFACTS[kind].from_proto(proto, f"the {kind} being written")  # what we write, we can read
+    return full
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file beside the target, then a rename."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Any ONNX file: inputs, outputs (name, type, shape), opsets, and convcache metadata if any."""
+    proto = load_model(path, load_weights=False)
+
+    def io(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+                        if t.elem_type else None, "shape": dims})
+        return out
+
+    inits = {i.name for i in proto.graph.initializer}
+    return {"inputs": io([i for i in proto.graph.input if i.name not in inits]), "outputs": io(proto.graph.output),
+            "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+            "ir_version": proto.ir_version, "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+            "nodes": len(proto.graph.node), "identity": graph_sha256(load_model(path)),
+            "convcache": get_metadata(proto)}
