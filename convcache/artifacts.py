@@ -40,12 +40,20 @@ def _opset(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-@dataclass(frozen=True)
-class Extractor:
+@dataclass(frozen=True, kw_only=True)
+class Artifact:
+    """What every model artifact has: its identity and its raw `convcache.*` metadata."""
+
+    kind: ClassVar[str] = ""
+    identity: str
+    metadata: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Extractor(Artifact):
     """`export`'s artifact: pixels (NHWC float32 0-255, RGB) -> conv features."""
 
     kind: ClassVar[str] = KIND_EXTRACTOR
-    identity: str
     input_name: str
     output_name: str
     size: int
@@ -54,7 +62,6 @@ class Extractor:
     layer: str | None = None
     pooling: str | None = None
     precision: str = "fp32"
-    metadata: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_features(self) -> int:
@@ -77,12 +84,11 @@ class Extractor:
             raise ConvcacheError(f"{where}: malformed extractor metadata ({exc.__class__.__name__}: {exc})") from None
 
 
-@dataclass(frozen=True)
-class Head:
+@dataclass(frozen=True, kw_only=True)
+class Head(Artifact):
     """`train`'s artifact: flattened features -> class probabilities, trained on one extractor's features."""
 
     kind: ClassVar[str] = KIND_HEAD
-    identity: str
     head: str
     classes: tuple
     n_features: int
@@ -90,7 +96,6 @@ class Head:
     opset: int
     input_name: str = FEATURES
     output_name: str = PROBABILITIES
-    metadata: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Head":
@@ -105,17 +110,15 @@ class Head:
                    metadata=meta)
 
 
-@dataclass(frozen=True)
-class Fused:
+@dataclass(frozen=True, kw_only=True)
+class Fused(Artifact):
     """`fuse`'s artifact: pixels -> probabilities (and the features), served without TensorFlow."""
 
     kind: ClassVar[str] = KIND_FUSED
-    identity: str
     classes: tuple
     size: int
     input_name: str = IMAGES
     outputs: tuple = (PROBABILITIES, FEATURES)
-    metadata: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Fused":

@@ -1,31 +1,57 @@
-"""One command line: `convcache <stage> ...`. Stage modules are imported lazily so that, for example,
-`convcache serve` never imports TensorFlow."""
+"""convcache: augment offline, extract VGG16 conv features once into a Zarr cache, train cheap heads on
+them, and serve one fused ONNX model.
+
+Stages: export (VGG16 conv base -> ONNX), extract (features of originals and augmented copies ->
+Zarr), train / reference / fuse (heads on cached features, the end-to-end baseline, one fused model),
+predict / serve (the fused model without TensorFlow), compare (the study: cached features against
+the book's methods 1 and 2). `convcache <stage> --help` lists a stage's options and defaults.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import os
 import sys
 
 from convcache import __version__
 from convcache.errors import ConvcacheError
+from convcache.export import cli as export_cli
+from convcache.extract import cli as extract_cli
+from convcache.pipeline import cli as pipeline_cli
+from convcache.serve import cli as serve_cli
+from convcache.train import cli as train_cli
 
-STAGE_CLIS = ["convcache.export.cli", "convcache.extract.cli", "convcache.train.cli", "convcache.serve.cli",
-              "convcache.pipeline.cli"]
+# Each stage's cli module registers its parsers and imports its heavy modules (TensorFlow, FastAPI)
+# only inside the command it runs, so `convcache serve` never imports TensorFlow.
+STAGE_CLIS = (export_cli, extract_cli, train_cli, serve_cli, pipeline_cli)
+
+
+class _Stages:
+    """`add_subparsers()` whose parsers show defaults in --help and accept -v after the stage name."""
+
+    def __init__(self, sub, common):
+        self.sub, self.common = sub, common
+
+    def add_parser(self, name, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("parents", [self.common])
+        return self.sub.add_parser(name, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convcache", description=__doc__.split("\n")[0])
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="convcache", description=summary.replace("\n", " "), epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"convcache {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    for name in STAGE_CLIS:
-        try:
-            importlib.import_module(name).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+    stages = _Stages(sub, common)
+    for module in STAGE_CLIS:
+        module.register(stages)
     return parser
 
 
@@ -41,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"convcache {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `convcache info --json m.onnx | head -1`: the reader left; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise complain again at exit
+        return 141
 
 
 if __name__ == "__main__":

@@ -29,10 +29,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"too many pixels: {w}x{h} > {max_pixels}")
-            if img.format == "JPEG":
-                img.draft("RGB", (size, size))
-            img.load()
-            return prepare_image(ImageOps.exif_transpose(img), size)
+            return decode_opened(img, size)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -41,6 +38,15 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise ImageError("not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def decode_opened(img: Image.Image, size: int) -> np.ndarray:
+    """An opened PIL image -> model pixels, the way a file is decoded: JPEGs not yet loaded decode in
+    draft mode at the smallest DCT scale covering `size`; EXIF orientation is applied."""
+    if img.format == "JPEG" and getattr(img, "tile", None):  # tiles pending: not decoded yet
+        img.draft("RGB", (size, size))
+    img.load()
+    return prepare_image(ImageOps.exif_transpose(img), size)
 
 
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:

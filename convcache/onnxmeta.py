@@ -112,15 +112,3 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # onnx raises DecodeError and others for non-ONNX files
         raise ConvcacheError(f"not a readable ONNX model: {path} ({exc.__class__.__name__})") from None
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    return get_metadata(load_model(path))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

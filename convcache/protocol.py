@@ -49,12 +49,6 @@ def replay_copy(epoch: int, copies: int) -> int:
     return 0 if copies == 0 else (epoch % copies) + 1
 
 
-def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
-    """One permutation of range(n) per epoch, from a generator seeded once."""
-    rng = np.random.default_rng(seed)
-    return [rng.permutation(n) for _ in range(epochs)]
-
-
 def steps_per_epoch(rows: int, batch_size: int) -> int:
     return math.ceil(rows / batch_size)
 

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import SIZE, make_dataset, run_cli
 from convcache.errors import ConvcacheError
-from convcache.onnxmeta import get_metadata, graph_sha256, read_metadata, set_metadata
+from convcache.artifacts import read
+from convcache.onnxmeta import get_metadata, graph_sha256, set_metadata
 
 
 def _run(path, images):
@@ -54,7 +55,7 @@ def test_dynamic_batch_gives_same_rows(extractor):
 
 
 def test_metadata_round_trip(extractor, tmp_path):
-    meta = read_metadata(extractor)
+    meta = read(extractor).metadata
     assert meta["kind"] == "extractor"
     assert meta["weights"]["source"] == "random" and len(meta["weights"]["sha256"]) == 64
     assert meta["input"]["size"] == SIZE and meta["output"]["name"] == "features"
@@ -68,7 +69,7 @@ def test_metadata_round_trip(extractor, tmp_path):
 
 
 def test_pooling_and_layer(pooled_extractor):
-    meta = read_metadata(pooled_extractor)
+    meta = read(pooled_extractor).metadata
     assert meta["layer"] == "block3_pool" and meta["output"]["shape"] == [None, 256]
 
 
@@ -132,7 +133,7 @@ def test_int8_on_tiny_calibration_set(tmp_path):
     assert q["held_out_images"] >= 1 and 0.9 < q["cosine_mean"] <= 1.0001
     model = onnx.load(str(out))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
-    assert read_metadata(out)["precision"] == "int8"
+    assert read(out).metadata["precision"] == "int8"
 
 
 def test_fp16_variant(tmp_path):

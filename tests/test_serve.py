@@ -115,7 +115,7 @@ def test_limits(server):
     assert r.status_code == 422 and "no files" in r.json()["error"]
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     meta = httpx.get(server.url + "/v1/model").json()
-    assert meta["metadata"]["kind"] == "fused" and meta["classes"] == ["cats", "dogs"]
+    assert meta["model"] and meta["classes"] == ["cats", "dogs"] and meta["input_size"] > 0
     assert httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/predict"]
 
 
@@ -175,3 +175,56 @@ def test_serve_does_not_import_tensorflow(fused_model):
 def test_serve_rejects_a_non_fused_model(pooled_extractor):
     r = run_cli("serve", "--model", pooled_extractor, "--port", free_port())
     assert r.returncode == 2 and "not a fused convcache model" in r.stderr
+
+
+def test_openapi_documents_the_upload_and_a_typed_answer(server, fused_model):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    op = spec["paths"]["/v1/predict"]["post"]
+    upload = op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["image"]
+    assert upload["items"]["format"] == "binary" and op["requestBody"]["required"]
+    ok = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    schema = spec["components"]["schemas"][ok]
+    assert {"model", "predictions"} <= set(schema["properties"])
+    pred = spec["components"]["schemas"]["Prediction"]["properties"]
+    assert {"class", "probabilities", "cached"} <= set(pred)
+    assert op["responses"]["415"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    # the documented answer is what the service answers, and its model id is the model's identity
+    r = httpx.post(server.url + "/v1/predict", files={"image": ("a.jpg", jpeg(1), "image/jpeg")})
+    from convcache.artifacts import read
+
+    identity = read(fused_model).identity
+    assert r.status_code == 200 and r.json()["model"] == identity and identity.startswith(spec["info"]["version"])
+    info = httpx.get(server.url + "/v1/model").json()
+    assert info["model"] == identity and "/" not in json_dumps(info.get("extractor"))  # no local paths
+    assert "config" not in info and "metadata" not in info
+
+
+def json_dumps(v):
+    import json
+
+    return json.dumps(v)
+
+
+def test_one_error_shape_and_route_template_labels(server):
+    for method, path, status in (("get", "/wp-login.php", 404), ("get", "/v1/predict", 405),
+                                 ("post", "/v1/predict", 415)):
+        r = getattr(httpx, method)(server.url + path, **({"content": b"junk"} if method == "post" else {}))
+        assert r.status_code == status and set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
+    text = httpx.get(server.url + "/metrics").text
+    assert "/wp-login.php" not in text and 'endpoint="<unmatched>"' in text
+    assert 'endpoint="/v1/predict"' in text
+
+
+def test_metrics_are_one_exposition_across_workers(fused_model):
+    s = Server(fused_model, "--workers", 2)
+    try:
+        for i in range(20):
+            assert httpx.post(s.url + "/v1/predict", content=jpeg(300 + i), timeout=60).status_code == 200
+        counts = []
+        for _ in range(6):  # whichever worker answers /metrics, it reports all 20 requests
+            text = httpx.get(s.url + "/metrics").text
+            counts.append(sum(float(line.split()[-1]) for line in text.splitlines()
+                              if line.startswith("convcache_requests_total") and '"/v1/predict"' in line))
+        assert all(c == 20 for c in counts), counts
+    finally:
+        s.stop()

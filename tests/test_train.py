@@ -112,11 +112,11 @@ def test_missing_validation_split(pooled_extractor, tmp_path):
     data = make_dataset(tmp_path / "d", splits={"train": 5})
     store = extract(pooled_extractor, data, tmp_path / "f.zarr")
     with pytest.raises(ConvcacheError, match="validation"):
-        train_head(str(store), "logreg", str(tmp_path / "h"))
-    with pytest.raises(ConvcacheError, match="validation"):
         train_head(str(store), "dense", str(tmp_path / "h"))
     m = train_head(str(store), "logreg", str(tmp_path / "h"), params={"Cs": (0.1,)})
     assert "report" not in m and "select" not in m
+    m = train_head(str(store), "logreg", str(tmp_path / "h"))  # C by cross-validation on train instead
+    assert m["selection"]["selected_by"].endswith("cross-validation on train")
 
 
 def test_empty_split_is_an_error(pooled_extractor, tmp_path):

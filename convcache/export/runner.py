@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -15,17 +16,55 @@ from convcache import artifacts
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
+POOLINGS = (None, "avg", "max")
+LAYERS = ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool",
+          *weights.CONV_LAYERS)
+
+
+@dataclass
+class ExportConfig:
+    """What `convcache export` builds; validated when constructed, before TensorFlow starts."""
+
+    weights: str = "hed"  # imagenet, hed, random, or a Keras weights file
+    input_size: int = 150
+    output: str = "extractor.onnx"
+    layer: str | None = None  # default: block5_pool
+    pooling: str | None = None
+    precision: str = "fp32"
+    calibration: str | None = None
+    seed: int = 0
+    opset: int = 17
+
+    def __post_init__(self):
+        if self.weights not in weights.NAMED_SOURCES and not Path(self.weights).is_file():
+            raise ConvcacheError(f"unknown weights source {self.weights!r}: not one of "
+                                 f"{', '.join(weights.NAMED_SOURCES)} and not an existing weights file")
+        if self.input_size < weights.MIN_INPUT_SIZE:
+            raise ConvcacheError(f"--input-size {self.input_size} is below VGG16's minimum of {weights.MIN_INPUT_SIZE}")
+        if self.layer is not None and self.layer not in LAYERS:
+            raise ConvcacheError(f"unknown layer {self.layer!r}; VGG16's are: {', '.join(LAYERS)}")
+        if self.pooling not in POOLINGS:
+            raise ConvcacheError(f"unknown pooling {self.pooling!r}; choose avg or max")
+        if self.precision not in PRECISIONS:
+            raise ConvcacheError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision == "int8" and not self.calibration:
+            raise ConvcacheError("--precision int8 needs --calibration DIR (a folder of images)")
+        if self.calibration and not Path(self.calibration).is_dir():
+            raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
+        if self.seed < 0 or not 13 <= self.opset <= 21:
+            raise ConvcacheError("--seed must be >= 0 and --opset between 13 and 21")
 
 
 def export_extractor(weights_source: str, input_size: int, output: str, layer: str | None = None,
                      pooling: str | None = None, precision: str = "fp32", calibration: str | None = None,
                      seed: int = 0, opset: int = 17) -> dict:
-    if precision not in PRECISIONS:
-        raise ConvcacheError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and not calibration:
-        raise ConvcacheError("--precision int8 needs --calibration DIR (a folder of images)")
-    if calibration and not Path(calibration).is_dir():
-        raise ConvcacheError(f"--calibration {calibration}: not a directory")
+    return run_export(ExportConfig(weights_source, input_size, output, layer, pooling, precision, calibration, seed,
+                                   opset))
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    weights_source, input_size, output, layer, pooling = cfg.weights, cfg.input_size, cfg.output, cfg.layer, cfg.pooling
+    precision, calibration, seed, opset = cfg.precision, cfg.calibration, cfg.seed, cfg.opset
     base = weights.load_vgg16(weights_source, input_size, seed)
     model = keras_model.build_extractor(base, layer, pooling)
     proto = onnx_target.keras_to_onnx(model, opset)

@@ -8,6 +8,8 @@ EXIT_PARTIAL = 3  # finished, but some files were skipped
 
 
 def register(sub) -> None:
+    from convcache.imaging import DEFAULT_MAX_PIXELS
+
     p = sub.add_parser("extract", help="features of originals + K augmented copies into a Zarr cache",
                        description="Run an exported extractor over a dataset and its deterministic augmented "
                                    "copies, caching the features in a resumable, content-addressed Zarr store. "
@@ -19,19 +21,19 @@ def register(sub) -> None:
                         "or a CSV manifest with path,label[,split]")
     p.add_argument("-o", "--output", required=True, help="the .zarr store to create or extend")
     p.add_argument("--augment", type=int, default=0, metavar="K", help="augmented copies per training image")
-    p.add_argument("--augment-splits", default="train", help="comma-separated splits that get copies (default train)")
+    p.add_argument("--augment-splits", default="train", help="comma-separated splits that get copies")
     p.add_argument("--policy", default="keras3",
                    help="augmentation: a preset (keras3: today's ImageDataGenerator; book: Keras 2.0.8 as the book "
                         "ran it) or JSON overrides, a file or a string, e.g. '{\"preset\": \"book\", "
                         "\"rotation_range\": 20}' (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="augmentation seed: copy c of an image depends on it")
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference call")
     p.add_argument("--workers", type=int, default=2, help="decode/augment threads")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime device")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
-    p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels (bomb guard)")
-    p.add_argument("--chunk-rows", type=int, default=None, help="rows per Zarr chunk (default: ~4 MiB chunks)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels (bomb guard)")
+    p.add_argument("--chunk-rows", type=int, help="rows per Zarr chunk (None: about 4 MiB chunks)")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -43,13 +45,11 @@ def _policy(text: str | None):
 
 def run(args) -> int:
     from convcache.extract.runner import ExtractConfig, run_extract
-    from convcache.imaging import DEFAULT_MAX_PIXELS
-
     cfg = ExtractConfig(model=args.model, data=args.data, output=args.output, augment=args.augment,
                         augment_splits=tuple(s.strip() for s in args.augment_splits.split(",") if s.strip()),
                         seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=args.device,
                         dtype=args.dtype, policy=_policy(args.policy),
-                        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, chunk_rows=args.chunk_rows,
+                        max_pixels=args.max_pixels, chunk_rows=args.chunk_rows,
                         progress=not args.no_progress)
     s = run_extract(cfg)
     print(f"extracted {s.rows_written} rows ({s.rows_cached} cached, {s.inference_calls} inference calls) from "

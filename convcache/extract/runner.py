@@ -127,7 +127,6 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary) 
             if need:
                 plan.append((hashed.item, hashed.sha256, need))
     total = sum(len(need) for _, _, need in plan)
-    writer.reserve(total)
     next_image = max(image_index.values(), default=-1) + 1
     pending: list[tuple] = []  # (item, sha, copy, pixels) waiting for a full batch
     bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or total == 0)
@@ -156,7 +155,6 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary) 
         infer(pending)
     bar.close()
     writer.flush()
-    writer.reserve(0)  # give back rows reserved for files that failed to decode
     writer.commit()
     summary.skipped.update(writer.skipped)
     rows = summary.rows_written - rows_before

@@ -1,9 +1,13 @@
 """The Zarr side: one group per split, rows written in chunk-aligned blocks, committed after they land.
 
-Crash safety: a group's `committed_rows` attribute is the only truth. Data blocks are written
-first (each Zarr chunk file is replaced atomically), then `committed_rows` moves forward
-(zarr.json is also replaced atomically). A re-run truncates anything past `committed_rows` and
-computes it again, so a kill at any moment leaves no half-written or duplicate rows.
+Crash safety: a group's `committed_rows` attribute is the only truth. For each block the arrays
+grow to the block's end, the block is written (each Zarr chunk file is replaced atomically), then
+`committed_rows` moves forward (zarr.json is also replaced atomically) and the consolidated
+metadata is refreshed. Between commits the arrays' shapes equal `committed_rows`, so plain
+zarr/xarray/dask readers see only committed rows; only a kill inside one block's write can leave
+that one block visible past the commit, and the next run truncates it. A re-run truncates anything
+past `committed_rows` and computes it again, so a kill at any moment leaves no half-written or
+duplicate rows in what `FeatureStore` reads.
 """
 
 from __future__ import annotations
@@ -43,11 +47,14 @@ class SplitWriter:
     def _create(root, split, identity, provenance, feature_shape, dtype, chunk_rows):
         group = root.create_group(split, attributes={**provenance, "identity": identity, "committed_rows": 0,
                                                      "skipped": {}})
-        group.create_array("features", shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype)
+        feature_dims = [f"feature_{i}" for i in range(len(feature_shape))]
+        group.create_array("features", shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype,
+                           dimension_names=["row", *feature_dims])
         for name, dt in (("label", "int32"), ("image", "int64"), ("copy", "int16")):
-            group.create_array(name, shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=dt)
-        group.create_array("sha256", shape=(0, 32), chunks=(max(chunk_rows, 1024), 32), dtype="uint8")
-        group.create_array("path", shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=str)
+            group.create_array(name, shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=dt, dimension_names=["row"])
+        group.create_array("sha256", shape=(0, 32), chunks=(max(chunk_rows, 1024), 32), dtype="uint8",
+                           dimension_names=["row", "sha256_byte"])
+        group.create_array("path", shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=str, dimension_names=["row"])
         return group
 
     def _check_identity(self, identity: dict) -> None:
@@ -71,9 +78,6 @@ class SplitWriter:
             if arr.shape[0] != rows:
                 arr.resize((rows, *arr.shape[1:]))
 
-    def reserve(self, new_rows: int) -> None:
-        self._resize(self.committed + new_rows)
-
     def add(self, row: dict) -> None:
         self.buffer.append(row)
         end = self.committed + len(self.buffer)
@@ -92,6 +96,7 @@ class SplitWriter:
             "sha256": np.stack([np.frombuffer(bytes.fromhex(r["sha256"]), np.uint8) for r in self.buffer]),
             "path": np.array([r["path"] for r in self.buffer], dtype=object),
         }
+        self._resize(stop)  # grow to this block only: the shape never runs ahead of the data
         for name, values in columns.items():
             arr = self.arrays[name]
             arr[start:stop] = values.astype(arr.dtype) if name == "features" else values
@@ -101,6 +106,15 @@ class SplitWriter:
     def commit(self, rows: int | None = None) -> None:
         self.committed = self.committed if rows is None else rows
         self.group.attrs.update({"committed_rows": self.committed, "skipped": self.skipped})
+        self._consolidate()
+
+    def _consolidate(self) -> None:
+        """Refresh the root's consolidated metadata (what xarray.open_zarr reads first)."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec yet
+            zarr.consolidate_metadata(self.group.store)
 
     def record_run(self, run: dict) -> None:
         """Append a finished run's cost (rows, seconds, where) to the split's `runs` attribute."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
 from convcache.pipeline.stats import mcnemar_exact, paired_bootstrap
+from convcache.protocol import steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     data = load_training_data(str(store), cfg.max_copy)
     load_seconds = time.perf_counter() - t
     n_images = int(data.train.image.max()) + 1
-    steps = math.ceil(n_images / cfg.batch_size)
+    steps = steps_per_epoch(n_images, cfg.batch_size)
     if data.copies_used < cfg.max_copy:
         raise ConvcacheError(f"{store}: holds copies 0..{data.copies_used}, the study needs 0..{cfg.max_copy}")
     arms = _plan(cfg, steps)

@@ -8,12 +8,15 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from convcache.errors import ImageError
 from convcache.serve.batcher import MicroBatcher, QueueFull
@@ -35,6 +38,52 @@ class ServeConfig:
     max_body_bytes: int = 20 << 20
     max_pixels: int = 40_000_000
     max_files: int = 64
+
+
+class Prediction(BaseModel):
+    class_: str = Field(alias="class", description="the most probable class")
+    probabilities: dict[str, float] = Field(description="probability of each class")
+    cached: bool = Field(description="answered from the content-addressed cache")
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="the model id: the fused model's identity (see `convcache info`)")
+    predictions: list[Prediction]
+
+
+class FeatureVector(BaseModel):
+    features: list[float]
+    cached: bool
+
+
+class FeaturesResponse(BaseModel):
+    model: str
+    features: list[FeatureVector]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in one line")
+
+
+class ModelInfo(BaseModel):
+    model: str
+    provider: str
+    classes: list[str]
+    input_size: int
+    extractor: dict
+    head: str | None
+
+
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one or more image files (any field name is accepted)"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "or one image as the raw body"},
+    "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in (
+    (400, "malformed multipart body"), (413, "body too large"), (415, "not an image"),
+    (422, "corrupt image, too many pixels, or no files"), (503, "overloaded"))}
 
 
 class HTTPError(Exception):
@@ -81,7 +130,8 @@ class ObserveMiddleware:
         except Exception:  # Starlette has already answered 500; never let it take the process down
             log.exception("unhandled error on %s", scope["path"])
         finally:
-            endpoint = scope["path"]
+            route = scope.get("route")  # set by the router: label by route template, never by raw path
+            endpoint = getattr(route, "path", None) or "<unmatched>"
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
             if status[0] >= 400:
@@ -105,14 +155,27 @@ def create_app(config: ServeConfig) -> FastAPI:
         state["ready"] = False  # uvicorn has drained in-flight requests before this point
         await batcher.stop()
 
-    app = FastAPI(title="convcache", version=predictor.metadata.get("graph_sha256", "")[:12], lifespan=lifespan,
-                  description=f"Image classification with a fused convcache model: classes {predictor.classes}.")
+    app = FastAPI(title="convcache", version=predictor.model_id[:12], lifespan=lifespan,
+                  description=f"Image classification with a fused convcache model (model id "
+                              f"{predictor.model_id}): classes {predictor.classes}. Every error answers "
+                              '`{"error": "..."}`.')
 
     app.add_middleware(ObserveMiddleware, metrics=metrics)
 
+    # one error body shape for everything: {"error": "..."}
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, exc: HTTPError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
 
     async def read_images(request: Request) -> list[bytes]:
         declared = request.headers.get("content-length")
@@ -161,22 +224,28 @@ def create_app(config: ServeConfig) -> FastAPI:
         images = await read_images(request)
         return await asyncio.gather(*(infer(d, i) for i, d in enumerate(images)))
 
-    @app.post("/v1/predict", summary="Classify one or more images (multipart upload or a raw image body)")
+    @app.post("/v1/predict", summary="Classify one or more images (multipart upload or a raw image body)",
+              response_model=PredictResponse, response_model_by_alias=True, responses=ERRORS,
+              openapi_extra=IMAGE_BODY)
     async def predict(request: Request):
         results = await infer_all(request)
-        return {"model": predictor.sha256, "predictions": [
+        return {"model": predictor.model_id, "predictions": [
             {**predictor.to_prediction(probs).to_dict(), "cached": cached} for (probs, _), cached in results]}
 
-    @app.post("/v1/features", summary="The extractor's feature vector of each image")
+    @app.post("/v1/features", summary="The extractor's feature vector of each image", response_model=FeaturesResponse,
+              responses=ERRORS, openapi_extra=IMAGE_BODY)
     async def features(request: Request):
         results = await infer_all(request)
-        return {"model": predictor.sha256, "features": [
+        return {"model": predictor.model_id, "features": [
             {"features": feats.tolist(), "cached": cached} for (_, feats), cached in results]}
 
-    @app.get("/v1/model", summary="The fused model's metadata")
+    @app.get("/v1/model", summary="The fused model's identity, classes and provenance", response_model=ModelInfo)
     async def model_info():
-        return {"sha256": predictor.sha256, "provider": predictor.provider, "classes": predictor.classes,
-                "metadata": predictor.metadata, "config": asdict(config)}
+        ext = predictor.metadata.get("extractor", {})
+        return {"model": predictor.model_id, "provider": predictor.provider, "classes": predictor.classes,
+                "input_size": predictor.size, "head": predictor.metadata.get("head"),
+                "extractor": {k: ext.get(k) for k in ("sha256", "layer", "pooling", "precision")}
+                | {"weights": (ext.get("weights") or {}).get("source")}}
 
     @app.get("/healthz")
     async def healthz():
@@ -188,9 +257,21 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(exposition_registry(metrics.registry)), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
+    """With several workers (PROMETHEUS_MULTIPROC_DIR set by `convcache serve --workers N`), one
+    exposition aggregated across the worker processes; otherwise this process's registry."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return own
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
 
 
 def app_from_env() -> FastAPI:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 
 
@@ -55,12 +56,24 @@ def run_serve(args) -> int:
 
     from convcache.serve.app import CONFIG_ENV, ServeConfig, create_app
 
+    from convcache.errors import ConvcacheError
+
+    with socket.socket() as probe:  # refuse a busy port before loading anything or printing "serving"
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise ConvcacheError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_queue=args.max_queue, cache_size=args.cache_size,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels)
     common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30}
     if args.workers > 1:
+        import tempfile
+
         os.environ[CONFIG_ENV] = json.dumps(asdict(config))
+        # one /metrics exposition across the workers: prometheus_client's multiprocess mode
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="convcache-metrics-"))
         uvicorn.run("convcache.serve.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         app = create_app(config)  # load errors surface here, before the port opens

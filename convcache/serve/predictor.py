@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from convcache.errors import ImageError
-from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, prepare_image, read_and_decode
+from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_opened, prepare_image, read_and_decode
 from convcache import artifacts
 from convcache.runtime import create_session
 
@@ -25,7 +25,12 @@ class Prediction:
 
 
 class Predictor:
-    """`Predictor("model.onnx").predict(images)`: images are paths, bytes, PIL images or HxWx3 arrays."""
+    """`Predictor("model.onnx").predict(images)`: images are paths, bytes, PIL images or HxWx3 arrays.
+
+    A path, its bytes and the PIL image `Image.open(path)` give the same pixels (draft decoding for
+    JPEGs, EXIF orientation). A PIL image that is already loaded, or an array, is taken as already
+    decoded and oriented: no draft decoding (a JPEG then resizes from full resolution, which can differ
+    by a few grey levels), no EXIF."""
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int = 32,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None):
@@ -45,8 +50,11 @@ class Predictor:
             return read_and_decode(image, self.size, self.max_pixels)[1]
         if isinstance(image, (bytes, bytearray, memoryview)):
             return decode_image(bytes(image), self.size, self.max_pixels)
-        if isinstance(image, Image.Image):
-            return prepare_image(image, self.size)
+        if isinstance(image, Image.Image):  # decoded as a file would be (draft if not loaded yet, EXIF)
+            try:
+                return decode_opened(image, self.size)
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise ImageError(f"corrupt or truncated image: {exc}") from None
         if isinstance(image, np.ndarray):
             if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
                 arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image

@@ -48,7 +48,7 @@ class _Schedule:
 
     def rows(self, epoch: int) -> np.ndarray:
         if self.schedule == "replay":
-            order = self.rng.permutation(self.n_images)  # epoch_orders(n, E, seed)[epoch], drawn in turn
+            order = self.rng.permutation(self.n_images)  # the e-th permutation of default_rng(seed)
             c = replay_copy(epoch, self.K)
             self._copies[epoch] = [c]
             return self.table[order, c]
@@ -63,7 +63,9 @@ class _Schedule:
 
 
 class LogRegHead(ClassifierMixin, BaseEstimator):
-    """Standardization + multinomial logistic regression; C chosen on validation accuracy only."""
+    """Standardization + multinomial logistic regression (the linear probe). C is chosen by accuracy on
+    (X_val, y_val) - the select half of validation - or, without them, by stratified 3-fold
+    cross-validation on the training data (so the head works in Pipeline, cross_val_score, grid search)."""
 
     def __init__(self, Cs=(0.0003, 0.003, 0.03, 0.3), max_iter: int = 300, tol: float = 1e-4):
         self.Cs = Cs
@@ -75,10 +77,14 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
 
-        if len(self.Cs) > 1 and X_val is None:
-            raise ConvcacheError("logreg selects C on half of the validation split, and the store has none "
-                                 "(pass a single C, or extract a validation split)")
+        from sklearn.utils.validation import check_X_y
+
+        X, y = check_X_y(X, y, dtype=[np.float32, np.float64])
+        if not len(self.Cs):
+            raise ConvcacheError("logreg needs at least one C")
         start = time.perf_counter()
+        if len(self.Cs) > 1 and X_val is None:
+            return self._fit_cv(X, y, start)
         scaler = StandardScaler().fit(X)
         Xs = scaler.transform(X).astype(np.float32)
         Xv = scaler.transform(X_val).astype(np.float32) if X_val is not None else None
@@ -95,8 +101,30 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         model.set_params(C=best[1])
         model.coef_, model.intercept_ = best[2], best[3]
         self.C_ = best[1]
-        self.pipeline_ = Pipeline([("scale", scaler), ("logreg", model)])
-        self.classes_ = model.classes_
+        self.selected_by_ = "validation" if Xv is not None else "single C"
+        return self._finish(Pipeline([("scale", scaler), ("logreg", model)]), X, start)
+
+    def _fit_cv(self, X, y, start) -> "LogRegHead":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        folds = max(2, min(3, int(np.bincount(np.unique(y, return_inverse=True)[1]).min())))
+        pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=self.max_iter,
+                                                                                   tol=self.tol))])
+        search = GridSearchCV(pipe, {"logreg__C": list(self.Cs)}, cv=StratifiedKFold(folds, shuffle=False))
+        search.fit(X, y)
+        self.scores_ = {float(c): float(sc) for c, sc in zip(search.cv_results_["param_logreg__C"],
+                                                              search.cv_results_["mean_test_score"])}
+        self.C_ = float(search.best_params_["logreg__C"])
+        self.selected_by_ = f"{folds}-fold cross-validation on train"
+        return self._finish(search.best_estimator_, X, start)
+
+    def _finish(self, pipeline, X, start) -> "LogRegHead":
+        self.pipeline_ = pipeline
+        self.n_iter_ = pipeline[-1].n_iter_
+        self.classes_ = pipeline.classes_
         self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - start
         return self
@@ -106,10 +134,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self.pipeline_.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)  # checks that the head is fitted first
+        return self.classes_[proba.argmax(1)]
 
     def summary(self) -> dict:
-        return {"C": self.C_, "validation_accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
+        return {"C": self.C_, "selected_by": self.selected_by_, "accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
 
     def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         check_is_fitted(self, "pipeline_")
@@ -196,7 +225,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)  # checks that the head is fitted first
+        return self.classes_[proba.argmax(1)]
 
     def summary(self) -> dict:
         return {"schedule": self.schedule, "epochs_run": self.epochs_run_, "best_epoch": self.best_epoch_,
