@@ -35,6 +35,8 @@ def register(sub) -> None:
                    help="epochs of the one real TensorFlow method-2 run, 0 to skip (default: %(default)s)")
     c.add_argument("--no-logreg", action="store_true", help="skip the linear probe")
     c.add_argument("--no-equal-epochs", action="store_true", help="skip the equal-epochs cached arms")
+    c.add_argument("--equal-epochs-max-k", type=int, metavar="K",
+                   help="equal-epochs arms only up to this K (they cost (K+1)x method 2's steps; None: all)")
     c.add_argument("--extractor", help="reuse this exported extractor instead of exporting one")
     c.add_argument("--store", help="reuse (and extend) this feature store")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -49,7 +51,8 @@ def run_compare_cmd(args) -> int:
                         layer=args.layer, pooling=args.pooling, copies=args.copies, seeds=args.seeds,
                         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         policy=args.policy, real_epochs=args.real_epochs, logreg=not args.no_logreg,
-                        equal_epochs=not args.no_equal_epochs, extractor=args.extractor, store=args.store,
+                        equal_epochs=not args.no_equal_epochs, equal_epochs_max_k=args.equal_epochs_max_k,
+                        extractor=args.extractor, store=args.store,
                         progress=not args.quiet)
     results = run_compare(cfg)
     for match, a in results.get("answer", {}).items():

@@ -54,6 +54,7 @@ class CompareConfig:
     real_epochs: int = 5  # one real TensorFlow end-to-end run (0: skip)
     logreg: bool = True
     equal_epochs: bool = True
+    equal_epochs_max_k: int | None = None  # equal-epochs arms cost (K+1)x method 2's steps: cap K on a small CPU
     extractor: str | None = None  # reuse an exported extractor
     store: str | None = None  # reuse (and extend) a feature store
     augment_seed: int = 0
@@ -97,14 +98,14 @@ def run_compare(cfg: CompareConfig) -> dict:
     results = {"config": {k: v for k, v in asdict(cfg).items()}, "machine": _machine(),
                "n_train_images": n_images, "steps_per_epoch": steps, "load_seconds": load_seconds,
                "export_seconds": export_seconds, "extraction": cost, "arms": {}}
-    for arm in arms:
+    for arm in arms:  # cheapest and most needed first; every arm is saved as it finishes
         runs = []
         for seed in (cfg.seeds if arm["head"] == "dense" else [cfg.seeds[0]]):
             runs.append(_run_arm(cfg, out, arm, seed, data, str(store)))
         results["arms"][arm["name"]] = {**arm, "runs": [_slim(r) for r in runs], **_aggregate(runs)}
+        if arm["name"] == "method 2 (replay)" and cfg.real_epochs:
+            results["real_reference"] = _real_reference(cfg, out, results)
         _save(out, results)
-    if cfg.real_epochs:
-        results["real_reference"] = _real_reference(cfg, out, results)
     _analyse(results, cfg)
     _save(out, results)
     from convcache.pipeline.report import write_report
@@ -120,17 +121,18 @@ def _plan(cfg: CompareConfig, steps: int) -> list[dict]:
             {"name": "method 2 (replay)", "head": "dense", "k": cfg.epochs, "schedule": "replay", "match": "both",
              "params": {**dense, "schedule": "replay"}}]
     for k in cfg.copies:
-        if k == 0:
-            continue
-        arms.append({"name": f"cached K={k}, equal steps", "head": "dense", "k": k, "schedule": "pool",
-                     "match": "steps", "params": {**dense, "schedule": "pool", "steps_per_epoch": steps}})
-        if cfg.equal_epochs:
-            arms.append({"name": f"cached K={k}, equal epochs", "head": "dense", "k": k, "schedule": "pool",
-                         "match": "epochs", "params": {**dense, "schedule": "pool"}})
+        if k:
+            arms.append({"name": f"cached K={k}, equal steps", "head": "dense", "k": k, "schedule": "pool",
+                         "match": "steps", "params": {**dense, "schedule": "pool", "steps_per_epoch": steps}})
     if cfg.logreg:
         for k in cfg.copies:
             arms.append({"name": f"linear probe K={k}", "head": "logreg", "k": k, "schedule": None, "match": None,
                          "params": {}})
+    cap = cfg.max_copy if cfg.equal_epochs_max_k is None else cfg.equal_epochs_max_k
+    for k in cfg.copies:
+        if cfg.equal_epochs and 0 < k <= cap:
+            arms.append({"name": f"cached K={k}, equal epochs", "head": "dense", "k": k, "schedule": "pool",
+                         "match": "epochs", "params": {**dense, "schedule": "pool"}})
     return arms
 
 
