@@ -141,6 +141,8 @@ def test_heads_are_scikit_learn_estimators():
     assert scores.mean() > 0.8
     head = LogRegHead(Cs=(0.01, 1.0)).fit(X, y)  # no validation split: C by cross-validation on train
     assert head.selected_by_.endswith("cross-validation on train") and head.score(X, y) > 0.8
+    dense = DenseHead(units=16, epochs=15, learning_rate=1e-2, batch_size=8).fit(X, y)  # holds out 10% itself
+    assert dense.score(X, y) > 0.8 and dense.best_epoch_ >= 1
 
 
 def test_logreg_passes_sklearn_estimator_checks():

@@ -213,6 +213,8 @@ def test_one_error_shape_and_route_template_labels(server):
     text = httpx.get(server.url + "/metrics").text
     assert "/wp-login.php" not in text and 'endpoint="<unmatched>"' in text
     assert 'endpoint="/v1/predict"' in text
+    model_id = httpx.get(server.url + "/v1/model").json()["model"]
+    assert f'convcache_model_info{{model="{model_id}"}} 1.0' in text  # the one model id, in metrics too
 
 
 def test_metrics_are_one_exposition_across_workers(fused_model):

@@ -8,7 +8,11 @@ EXIT_PARTIAL = 3  # finished, but some files were skipped
 
 
 def register(sub) -> None:
-    from convcache.imaging import DEFAULT_MAX_PIXELS
+    from dataclasses import fields
+
+    from convcache.extract.runner import ExtractConfig
+
+    d = {f.name: f.default for f in fields(ExtractConfig)}
 
     p = sub.add_parser("extract", help="features of originals + K augmented copies into a Zarr cache",
                        description="Run an exported extractor over a dataset and its deterministic augmented "
@@ -20,18 +24,18 @@ def register(sub) -> None:
                    help="a root with train/ validation/ test/ class folders, one class-folder directory, "
                         "or a CSV manifest with path,label[,split]")
     p.add_argument("-o", "--output", required=True, help="the .zarr store to create or extend")
-    p.add_argument("--augment", type=int, default=0, metavar="K", help="augmented copies per training image")
+    p.add_argument("--augment", type=int, default=d["augment"], metavar="K", help="augmented copies per training image")
     p.add_argument("--augment-splits", default="train", help="comma-separated splits that get copies")
     p.add_argument("--policy", default="keras3",
                    help="augmentation: a preset (keras3: today's ImageDataGenerator; book: Keras 2.0.8 as the book "
                         "ran it) or JSON overrides, a file or a string, e.g. '{\"preset\": \"book\", "
                         "\"rotation_range\": 20}' (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="augmentation seed: copy c of an image depends on it")
-    p.add_argument("--batch-size", type=int, default=32, help="images per inference call")
-    p.add_argument("--workers", type=int, default=2, help="decode/augment threads")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime device")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels (bomb guard)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="augmentation seed: copy c of an image depends on it")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per inference call")
+    p.add_argument("--workers", type=int, default=d["workers"], help="decode/augment threads")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d["device"], help="ONNX Runtime device")
+    p.add_argument("--dtype", choices=["float32", "float16"], default=d["dtype"], help="storage dtype")
+    p.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="skip images with more pixels (bomb guard)")
     p.add_argument("--chunk-rows", type=int, help="rows per Zarr chunk (None: about 4 MiB chunks)")
     p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -39,14 +39,20 @@ def register(sub) -> None:
                    help="equal-epochs arms only up to this K (they cost (K+1)x method 2's steps; None: all)")
     c.add_argument("--extractor", help="reuse this exported extractor instead of exporting one")
     c.add_argument("--store", help="reuse (and extend) this feature store")
+    c.add_argument("--report-only", action="store_true",
+                   help="write report.md from the arms saved so far in -o (an unfinished run), train nothing")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.add_argument("-o", "--output", required=True, help="report folder")
     c.set_defaults(func=run_compare_cmd)
 
 
 def run_compare_cmd(args) -> int:
-    from convcache.pipeline.compare import CompareConfig, run_compare
+    from convcache.pipeline.compare import CompareConfig, report_only, run_compare
 
+    if args.report_only:
+        results = report_only(args.output)
+        print(f"reported {len(results['arms'])} finished arms -> {args.output}/report.md")
+        return 0
     cfg = CompareConfig(data=args.data, output=args.output, weights=args.weights, input_size=args.input_size,
                         layer=args.layer, pooling=args.pooling, copies=args.copies, seeds=args.seeds,
                         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,

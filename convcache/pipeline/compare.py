@@ -77,6 +77,25 @@ class CompareConfig:
         return max(max(self.copies), self.epochs)
 
 
+def report_only(output: str) -> dict:
+    """Analyse and report the arms a (possibly unfinished) compare run has saved so far."""
+    from convcache.pipeline.report import write_report
+
+    path = Path(output) / "results.json"
+    if not path.is_file():
+        raise ConvcacheError(f"{path}: no results to report")
+    results = json.loads(path.read_text())
+    for arm in ("method 1", "method 2 (replay)"):
+        if arm not in results["arms"]:
+            raise ConvcacheError(f"{path}: '{arm}' has not finished yet; nothing to compare against")
+    cfg = CompareConfig(**{k: v for k, v in results["config"].items()})
+    _analyse(results, cfg)
+    results["partial"] = True
+    _save(Path(output), results)
+    write_report(Path(output), results)
+    return results
+
+
 def run_compare(cfg: CompareConfig) -> dict:
     from convcache.train.data import load_training_data
 
@@ -107,6 +126,7 @@ def run_compare(cfg: CompareConfig) -> dict:
             results["real_reference"] = _real_reference(cfg, out, results)
         _save(out, results)
     _analyse(results, cfg)
+    results["partial"] = False
     _save(out, results)
     from convcache.pipeline.report import write_report
 

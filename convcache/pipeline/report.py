@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def ordered(arms: dict) -> list:
+    """Arms in reading order: method 1, method 2, then by K."""
+    rank = {"method 1": 0, "method 2 (replay)": 1}
+    return sorted(arms.items(), key=lambda kv: (rank.get(kv[0], 2), kv[1]["k"], kv[0]))
+
+
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -47,11 +53,11 @@ def write_report(out: Path, results: dict) -> None:
     for title, match in (("Equal gradient steps (every dense arm: the same steps as method 2)", "steps"),
                          ("Equal epochs (cached arms: full passes over copies 0..K)", "epochs")):
         lines += [f"## {title}", "", HEADER]
-        for name, arm in arms.items():
+        for name, arm in ordered(arms):
             if arm["head"] == "dense" and arm["match"] in (match, "both"):
                 lines.append(_arm_row(name, arm, results))
         lines.append("")
-    probes = [(n, a) for n, a in arms.items() if a["head"] == "logreg"]
+    probes = [(n, a) for n, a in ordered(arms) if a["head"] == "logreg"]
     if probes:
         lines += ["## Linear probe (logistic regression, C on the select half)", "", HEADER]
         lines += [_arm_row(n, a, results) for n, a in probes] + [""]

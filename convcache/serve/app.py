@@ -8,36 +8,23 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from convcache.errors import ImageError
 from convcache.serve.batcher import MicroBatcher, QueueFull
+from convcache.serve.config import ServeConfig
 from convcache.serve.cache import ResultCache, content_key
 from convcache.serve.predictor import Predictor
 
 log = logging.getLogger(__name__)
 CONFIG_ENV = "CONVCACHE_SERVE_CONFIG"
-
-
-@dataclass
-class ServeConfig:
-    model: str
-    device: str = "auto"
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_queue: int = 256
-    cache_size: int = 10_000
-    max_body_bytes: int = 20 << 20
-    max_pixels: int = 40_000_000
-    max_files: int = 64
 
 
 class Prediction(BaseModel):
@@ -107,6 +94,8 @@ class Metrics:
         self.cache_hits = Counter("convcache_cache_hits", "answers served from the cache", registry=r)
         self.cache_misses = Counter("convcache_cache_misses", "answers computed", registry=r)
         self.errors = Counter("convcache_errors", "requests answered with an error", ["status"], registry=r)
+        self.model = Gauge("convcache_model_info", "the served model's id (its identity); always 1", ["model"],
+                           registry=r, multiprocess_mode="max")
 
 
 class ObserveMiddleware:
@@ -141,6 +130,7 @@ class ObserveMiddleware:
 def create_app(config: ServeConfig) -> FastAPI:
     predictor = Predictor(config.model, config.device, config.max_batch, config.max_pixels)
     metrics = Metrics()
+    metrics.model.labels(predictor.model_id).set(1)
     cache = ResultCache(config.cache_size)
     batcher = MicroBatcher(predictor.run_pixels, config.max_batch, config.max_wait_ms / 1000, config.max_queue,
                            on_batch=metrics.batch_size.observe)

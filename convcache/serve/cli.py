@@ -8,6 +8,11 @@ import sys
 
 
 def register(sub) -> None:
+    from dataclasses import fields
+
+    from convcache.serve.config import ServeConfig
+
+    d = {f.name: f.default for f in fields(ServeConfig)}
     p = sub.add_parser("predict", help="classify images with a fused model (one JSON line per image)")
     p.add_argument("--model", required=True, help="fused .onnx from `convcache fuse`")
     p.add_argument("images", nargs="+", help="image files")
@@ -22,12 +27,12 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--max-batch", type=int, default=32, help="images per inference call")
-    s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    s.add_argument("--max-queue", type=int, default=256, help="images waiting before 503")
-    s.add_argument("--cache-size", type=int, default=10_000, help="cached answers (0 disables)")
+    s.add_argument("--max-batch", type=int, default=d["max_batch"], help="images per inference call")
+    s.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="how long a batch waits to fill")
+    s.add_argument("--max-queue", type=int, default=d["max_queue"], help="images waiting before 503")
+    s.add_argument("--cache-size", type=int, default=d["cache_size"], help="cached answers (0 disables)")
     s.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
-    s.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded size limit (422 above)")
+    s.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="decoded size limit (422 above)")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=run_serve)
@@ -54,7 +59,8 @@ def run_serve(args) -> int:
 
     import uvicorn
 
-    from convcache.serve.app import CONFIG_ENV, ServeConfig, create_app
+    from convcache.serve.app import CONFIG_ENV, create_app
+    from convcache.serve.config import ServeConfig
 
     from convcache.errors import ConvcacheError
 

@@ -30,24 +30,30 @@ def register(sub) -> None:
     t.add_argument("-o", "--output", required=True, help="output folder for head.onnx and metrics.json")
     t.set_defaults(func=run_train)
 
+    from dataclasses import fields
+
+    from convcache.train.config import ReferenceConfig
+
+    d = {f.name: f.default for f in fields(ReferenceConfig)}
     r = sub.add_parser("reference", help="end-to-end frozen-base TensorFlow training (the baseline)",
                        description="VGG16 frozen conv base + the dense head trained end to end with on-the-fly "
-                                   "augmentation (same code and policy as extract).")
+                                   "augmentation: the book's method 2 (same decoding, augmentation code and "
+                                   "protocol as the cached heads).")
     r.add_argument("--data", required=True, help="root with train/ and validation/ class folders (or a CSV)")
-    r.add_argument("--weights", default="hed", help="imagenet, hed, random or a weights file")
-    r.add_argument("--epochs", type=int, default=30, help="frozen-base epochs (default: %(default)s, the book's)")
-    r.add_argument("--no-augment", action="store_true", help="Chollet's setting without augmentation")
-    r.add_argument("--fine-tune", choices=["block5"], help="then unfreeze block5 at a lower learning rate")
-    r.add_argument("--fine-tune-epochs", type=int, default=2)
-    r.add_argument("--input-size", type=int, default=150)
-    r.add_argument("--layer", help="cut the base after this layer, as export does (default block5_pool)")
-    r.add_argument("--pooling", choices=["avg", "max"])
-    r.add_argument("--learning-rate", type=float, default=2e-5, help="RMSprop (default: %(default)s, the book's)")
-    r.add_argument("--batch-size", type=int, default=20, help="default: %(default)s, the book's")
-    r.add_argument("--policy", default="keras3", help="augmentation preset or JSON, as for extract (default: %(default)s)")
+    r.add_argument("--weights", default=d["weights"], help="imagenet, hed, random or a weights file")
+    r.add_argument("--epochs", type=int, default=d["epochs"], help="frozen-base epochs (the book: 30)")
+    r.add_argument("--no-augment", action="store_true", help="the book's setting without augmentation")
+    r.add_argument("--fine-tune", choices=["block5"], help="then unfreeze block5 at half the learning rate")
+    r.add_argument("--fine-tune-epochs", type=int, default=d["fine_tune_epochs"], help="epochs of --fine-tune")
+    r.add_argument("--input-size", type=int, default=d["input_size"], help="square input side")
+    r.add_argument("--layer", help="cut the base after this layer, as export does (None: block5_pool)")
+    r.add_argument("--pooling", choices=["avg", "max"], help="global pooling after the cut")
+    r.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="RMSprop (the book: 2e-5)")
+    r.add_argument("--batch-size", type=int, default=d["batch_size"], help="the book: 20")
+    r.add_argument("--policy", default=d["policy"], help="augmentation preset or JSON, as for extract")
     r.add_argument("--patience", type=int, help="stop after this many epochs without a lower select-half loss")
-    r.add_argument("--dropout", type=float, default=0.5)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dropout", type=float, default=d["dropout"], help="dropout rate of the head")
+    r.add_argument("--seed", type=int, default=d["seed"], help="initial head weights, batch order, dropout, copies")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.add_argument("-o", "--output", required=True, help="output folder for metrics.json")
     r.set_defaults(func=run_reference_cmd)
@@ -88,17 +94,13 @@ def run_train(args) -> int:
 
 
 def run_reference_cmd(args) -> int:
-    from convcache.augment import AugmentPolicy
-    from convcache.errors import ConvcacheError
-    from convcache.train.reference import run_reference
+    from convcache.train.config import ReferenceConfig
 
-    policy = AugmentPolicy.parse(args.policy)  # validated before TensorFlow starts
-    if args.seed < 0:
-        raise ConvcacheError("--seed must be >= 0")
-    m = run_reference(args.data, args.weights, args.output, args.epochs, not args.no_augment, args.input_size,
-                      args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs, policy=policy,
-                      learning_rate=args.learning_rate, layer=args.layer, pooling=args.pooling,
-                      patience=args.patience, dropout=args.dropout, progress=not args.quiet)
+    cfg = ReferenceConfig(args.data, args.weights, args.output, args.epochs, not args.no_augment, args.input_size,
+                          args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs, args.policy,
+                          args.learning_rate, args.layer, args.pooling, args.patience, args.dropout,
+                          progress=not args.quiet)  # validated here, before TensorFlow starts
+    m = cfg.run()
     print(f"reference ({'no ' if args.no_augment else ''}augmentation, {len(m['history'])} epochs, best "
           f"{m['best_epoch']}) in {m['fit_seconds']:.0f}s: report-half validation {_acc(m, 'report')}, "
           f"test {_acc(m, 'test')} -> {args.output}")

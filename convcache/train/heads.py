@@ -23,6 +23,23 @@ from convcache.train.loop import batches_of, compile_head_model, evaluate_model,
 log = logging.getLogger(__name__)
 
 
+def _hold_out_images(X, y, image, copy, seed, fraction: float = 0.1):
+    """Split off ~`fraction` of the images (every copy of them), stratified by class; the held-out
+    images' originals (copy 0, or their first copy) become the select split. Ranks are re-numbered."""
+    rng = np.random.default_rng([seed, 7])
+    held = set()
+    for cls in np.unique(y):
+        imgs = np.unique(image[y == cls])
+        held.update(rng.choice(imgs, max(1, int(round(fraction * len(imgs)))), replace=False).tolist())
+    out = np.isin(image, list(held))
+    if out.all():
+        raise ConvcacheError("too few images to hold out a select split; pass X_val")
+    val_rows = np.flatnonzero(out & (copy == copy[out].min()))
+    keep = np.flatnonzero(~out)
+    _, new_rank = np.unique(image[keep], return_inverse=True)
+    return X[keep], y[keep], X[val_rows], y[val_rows], new_rank, copy[keep]
+
+
 class _Schedule:
     """Which rows each epoch trains on, in which order (see convcache.protocol)."""
 
@@ -186,8 +203,6 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
         if self.schedule not in SCHEDULES:
             raise ConvcacheError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
-        if X_val is None:
-            raise ConvcacheError("the dense head selects its epoch on a validation (select) split; pass X_val")
         _, keras = import_keras()
         X = np.asarray(X, np.float32)
         y = np.asarray(y)
@@ -198,6 +213,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         n = len(self.classes_)
         image = np.arange(len(y)) if image is None else np.asarray(image)
         copy = np.zeros(len(y), np.int64) if copy is None else np.asarray(copy)
+        if X_val is None:  # scikit-learn's fit(X, y): hold out a stratified 10% of the images to select on
+            X, y, X_val, y_val, image, copy = _hold_out_images(X, y, image, copy, self.seed)
         plan = _Schedule(self.schedule, image, copy, self.batch_size, self.steps_per_epoch, self.seed)
         self.model_ = self._build(keras, X.shape[1], n)
         X_val = np.asarray(X_val, np.float32)

@@ -27,6 +27,7 @@ from convcache.imaging import read_and_decode
 from convcache.protocol import initial_head_weights, replay_copy, validation_halves
 from convcache.train.heads import dense_head_layers
 from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
+from convcache.train.config import ReferenceConfig  # noqa: F401  (re-exported: the stage's config)
 from convcache.train.metrics import evaluate, write_metrics
 from convcache.tfquiet import import_keras
 
