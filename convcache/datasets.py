@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,15 @@ class Item:
 
 def discover(data: str) -> tuple[list[Item], list[str]]:
     """Items sorted by (split, path), and class names sorted into indices."""
+    items, classes, _ = discover_all(data)
+    return items, classes
+
+
+def discover_all(data: str) -> tuple[list[Item], list[str], list[tuple[str, str, str]]]:
+    """Items, class names, and the entries of class folders that cannot be images, each as
+    (path, split, reason): directories, FIFOs, devices, sockets, broken links and symlink loops."""
     src = Path(data)
+    ignored: list[tuple[str, str, str]] = []
     if not src.exists():
         raise ConvcacheError(f"--data {data}: no such file or directory")
     if src.is_file():
@@ -30,14 +40,35 @@ def discover(data: str) -> tuple[list[Item], list[str]]:
     else:
         split_dirs = [src / s for s in SPLITS if (src / s).is_dir()]
         folders = [(d.name, d) for d in split_dirs] if split_dirs else [("train", src)]
-        pairs = [(str(f), cls.name, split) for split, root in folders for cls in _class_dirs(root)
-                 for f in sorted(cls.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        pairs = []
+        for split, root in folders:
+            for cls in _class_dirs(root):
+                for f in sorted(cls.iterdir()):
+                    if f.name.startswith("."):
+                        continue
+                    reason = _not_a_file(f)
+                    if reason:
+                        ignored.append((str(f), split, reason))
+                    else:
+                        pairs.append((str(f), cls.name, split))
     if not pairs:
         raise ConvcacheError(f"--data {data}: no images found (expected split/class folders, class folders or a CSV)")
     classes = sorted({label for _, label, _ in pairs})
     index = {c: i for i, c in enumerate(classes)}
     items = sorted((Item(p, index[label], split) for p, label, split in pairs), key=lambda i: (i.split, i.path))
-    return items, classes
+    return items, classes, ignored
+
+
+def _not_a_file(path: Path) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:  # ELOOP for symlink loops, ENOENT for broken links
+        return f"unreadable: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory, not an image file"
+    return "not a regular file (a FIFO, device or socket)"
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -45,15 +76,33 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _read_manifest(path: Path) -> list[tuple[str, str, str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"path", "label"} <= set(rows[0]):
+    """path,label[,split] rows; a UTF-8 BOM is fine; any malformed row is refused with its line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConvcacheError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the manifest as "
+                             "UTF-8") from None
+    reader = csv.DictReader(text.splitlines())
+    rows = []
+    try:
+        for row in reader:
+            rows.append(row)
+    except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit
+        raise ConvcacheError(f"{path}:{len(rows) + 2}: {exc}") from None
+    if not rows or not {"path", "label"} <= set(reader.fieldnames or ()):
         raise ConvcacheError(f"{path}: a manifest needs a header with path,label[,split]")
-    out = []
+    result = []
     for n, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()):
+            raise ConvcacheError(f"{path}:{n}: expected {len(reader.fieldnames)} fields ({', '.join(reader.fieldnames)})")
+        p, label = row["path"].strip(), row["label"].strip()
+        if not p or not label:
+            raise ConvcacheError(f"{path}:{n}: empty {'path' if not p else 'label'}")
         split = (row.get("split") or "train").strip()
         if split not in SPLITS:
             raise ConvcacheError(f"{path}:{n}: unknown split {split!r} (use {', '.join(SPLITS)})")
-        p = Path(row["path"].strip())
-        out.append((str(p if p.is_absolute() else path.parent / p), row["label"].strip(), split))
-    return out
+        pp = Path(p)
+        result.append((str(pp if pp.is_absolute() else path.parent / pp), label, split))
+    return result

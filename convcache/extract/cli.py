@@ -36,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d["device"], help="ONNX Runtime device")
     p.add_argument("--dtype", choices=["float32", "float16"], default=d["dtype"], help="storage dtype")
     p.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="skip images with more pixels (bomb guard)")
+    p.add_argument("--max-bytes", type=int, default=d["max_bytes"],
+                   help="skip files larger than this, before reading them (FIFOs and devices are always skipped)")
     p.add_argument("--chunk-rows", type=int, help="rows per Zarr chunk (None: about 4 MiB chunks)")
     p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -53,7 +55,7 @@ def run(args) -> int:
                         augment_splits=tuple(s.strip() for s in args.augment_splits.split(",") if s.strip()),
                         seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=args.device,
                         dtype=args.dtype, policy=_policy(args.policy),
-                        max_pixels=args.max_pixels, chunk_rows=args.chunk_rows,
+                        max_pixels=args.max_pixels, chunk_rows=args.chunk_rows, max_bytes=args.max_bytes,
                         progress=not args.no_progress)
     s = run_extract(cfg)
     print(f"extracted {s.rows_written} rows ({s.rows_cached} cached, {s.inference_calls} inference calls) from "
@@ -61,4 +63,6 @@ def run(args) -> int:
           f"{len(s.skipped)} skipped, {len(s.duplicates)} duplicates -> {args.output}")
     for path, reason in sorted(s.skipped.items()):
         print(f"  skipped {path}: {reason}")
+    for path, first in sorted(s.duplicates.items()):
+        print(f"  duplicate {path}: same content as {first}, used once")
     return EXIT_PARTIAL if s.skipped else 0

@@ -10,7 +10,7 @@ import numpy as np
 from convcache.augment import AugmentPolicy, augment
 from convcache.errors import ImageError
 from convcache.datasets import Item
-from convcache.imaging import decode_image
+from convcache.imaging import DEFAULT_MAX_BYTES, decode_image, read_bytes
 
 
 @dataclass
@@ -20,12 +20,13 @@ class Hashed:
     error: str | None = None
 
 
-def hash_file(item: Item) -> Hashed:
+def hash_file(item: Item, max_bytes: int = DEFAULT_MAX_BYTES) -> Hashed:
     try:
-        with open(item.path, "rb") as f:
-            return Hashed(item, hashlib.sha256(f.read()).hexdigest())
-    except OSError as exc:
-        return Hashed(item, None, f"unreadable: {exc.strerror or exc}")
+        return Hashed(item, hashlib.sha256(read_bytes(item.path, max_bytes)).hexdigest())
+    except ImageError as exc:
+        return Hashed(item, None, exc.reason)
+    except Exception as exc:  # one bad file never stops a run
+        return Hashed(item, None, f"unreadable ({exc.__class__.__name__}: {exc})")
 
 
 @dataclass
@@ -38,15 +39,14 @@ class Decoded:
 
 
 def decode_copies(item: Item, sha256: str, copies: list[int], size: int, policy: AugmentPolicy, seed: int,
-                  max_pixels: int) -> Decoded:
+                  max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded:
     try:
-        with open(item.path, "rb") as f:
-            data = f.read()
+        data = read_bytes(item.path, max_bytes)
         if hashlib.sha256(data).hexdigest() != sha256:
             return Decoded(item, sha256, copies, None, "changed while reading")
         image = decode_image(data, size, max_pixels)
-    except OSError as exc:
-        return Decoded(item, sha256, copies, None, f"unreadable: {exc.strerror or exc}")
+        return Decoded(item, sha256, copies, [augment(image, policy, seed, sha256, c) for c in copies])
     except ImageError as exc:
         return Decoded(item, sha256, copies, None, exc.reason)
-    return Decoded(item, sha256, copies, [augment(image, policy, seed, sha256, c) for c in copies])
+    except Exception as exc:  # one bad file never stops a run
+        return Decoded(item, sha256, copies, None, f"failed ({exc.__class__.__name__}: {exc})")

@@ -20,10 +20,10 @@ from convcache import __version__
 from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
 from convcache.extract.mapper import decode_copies, hash_file
-from convcache.datasets import discover
+from convcache.datasets import discover_all
 from convcache.artifacts import STORE_FORMAT as FORMAT
 from convcache.extract.writer import SplitWriter
-from convcache.imaging import DEFAULT_MAX_PIXELS
+from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, printable_path
 from convcache import artifacts
 from convcache.onnxmeta import load_model
 from convcache.runtime import create_session
@@ -47,6 +47,19 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_rows: int | None = None
     progress: bool = True
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self):
+        if isinstance(self.policy, (str, dict)):
+            self.policy = AugmentPolicy.parse(self.policy)
+        if self.augment < 0 or self.seed < 0:
+            raise ConvcacheError("--augment and --seed must be >= 0")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ConvcacheError("--batch-size and --workers must be >= 1")
+        if self.max_pixels < 1 or self.max_bytes < 1 or (self.chunk_rows is not None and self.chunk_rows < 1):
+            raise ConvcacheError("--max-pixels, --max-bytes and --chunk-rows must be >= 1")
+        if self.dtype not in ("float32", "float16"):
+            raise ConvcacheError(f"--dtype {self.dtype}: choose float32 or float16")
 
 
 @dataclass
@@ -84,13 +97,9 @@ class Extractor:
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
-    if cfg.augment < 0 or cfg.batch_size < 1 or cfg.workers < 1:
-        raise ConvcacheError("--augment must be >= 0, --batch-size and --workers >= 1")
-    if cfg.dtype not in ("float32", "float16"):
-        raise ConvcacheError(f"--dtype {cfg.dtype}: choose float32 or float16")
     start = time.perf_counter()
     extractor = Extractor(cfg.model, cfg.device)
-    items, classes = discover(cfg.data)
+    items, classes, ignored = discover_all(cfg.data)
     root = _open_root(cfg.output, classes)
     summary = ExtractSummary(provider=extractor.provider, images=len(items))
     identity = {"extractor_sha256": extractor.sha256, "policy": cfg.policy.to_dict(), "seed": cfg.seed,
@@ -103,23 +112,33 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
             split_items = [i for i in items if i.split == split]
             copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
             writer = SplitWriter(root, split, identity, provenance, extractor.feature_shape, cfg.dtype, cfg.chunk_rows)
-            _extract_split(split, split_items, copies, writer, extractor, pool, cfg, summary)
+            _extract_split(split, split_items, copies, writer, extractor, pool, cfg, summary,
+                           {p: r for p, sp, r in ignored if sp == split})
     summary.inference_calls = extractor.calls
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary) -> None:
+def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, ignored=None) -> None:
     t_start = time.perf_counter()
     rows_before = summary.rows_written
     done, image_index = writer.existing()
     writer.skipped = {}  # files are retried on every run; failures are recorded again below
+    for path, reason in (ignored or {}).items():  # entries discovery could not use (FIFOs, loops, ...)
+        writer.skip(path, reason)
     plan, seen = [], {}
-    for hashed in pool.map(hash_file, items):
+    hashed_all = list(pool.map(lambda item: hash_file(item, cfg.max_bytes), items))
+    labels: dict = {}
+    for hashed in hashed_all:
+        if not hashed.error:
+            labels.setdefault(hashed.sha256, set()).add(hashed.item.label)
+    for hashed in hashed_all:
         if hashed.error:
             writer.skip(hashed.item.path, hashed.error)
+        elif len(labels[hashed.sha256]) > 1:  # the same bytes under two labels: neither label can be trusted
+            writer.skip(hashed.item.path, "the same content is listed under different labels")
         elif hashed.sha256 in seen:
-            summary.duplicates[hashed.item.path] = seen[hashed.sha256]
+            summary.duplicates[printable_path(hashed.item.path)] = printable_path(seen[hashed.sha256])
         else:
             seen[hashed.sha256] = hashed.item.path
             need = [c for c in copies if (hashed.sha256, c) not in done]
@@ -135,11 +154,12 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary) 
         features = extractor(np.stack([r[3] for r in rows]))
         for (item, sha, copy, _), feat in zip(rows, features):
             writer.add({"features": feat, "label": item.label, "image": image_index[sha], "copy": copy,
-                        "sha256": sha, "path": item.path})
+                        "sha256": sha, "path": printable_path(item.path)})
         summary.rows_written += len(rows)
         bar.update(len(rows))
 
-    jobs = ((item, sha, need, extractor.size, cfg.policy, cfg.seed, cfg.max_pixels) for item, sha, need in plan)
+    jobs = ((item, sha, need, extractor.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes)
+            for item, sha, need in plan)
     for decoded in _ordered(pool, decode_copies, jobs, window=4 * cfg.workers):
         if decoded.error:
             writer.skip(decoded.item.path, decoded.error)

@@ -19,6 +19,7 @@ import zarr
 
 from convcache.artifacts import STORE_COLUMNS
 from convcache.errors import ConvcacheError
+from convcache.imaging import printable_path
 
 log = logging.getLogger(__name__)
 
@@ -121,4 +122,4 @@ class SplitWriter:
         self.group.attrs.update({"runs": [*self.group.attrs.get("runs", []), run]})
 
     def skip(self, path: str, reason: str) -> None:
-        self.skipped[path] = reason
+        self.skipped[printable_path(path)] = reason

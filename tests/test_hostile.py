@@ -1,0 +1,155 @@
+"""Hostile input: no single file or manifest row takes down a run, and bad input is one line, not a traceback."""
+
+import io
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import make_dataset, make_image, run_cli
+from convcache.errors import ConvcacheError, ImageError
+from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.imaging import decode_image
+from convcache.store import FeatureStore
+
+
+def _seeds() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    pic = Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8))
+    out = []
+    for fmt, kw in (("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {}),
+                    ("PNG", {"bits": 16})):
+        buf = io.BytesIO()
+        img = pic.convert("I;16") if kw.get("bits") == 16 else pic
+        img.save(buf, fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+def _dds_unknown_flags() -> bytes:
+    hdr = bytearray(124)
+    struct.pack_into("<IIIIIII", hdr, 0, 124, 0x1007, 8, 8, 0, 0, 0)
+    struct.pack_into("<II", hdr, 72, 32, 0)  # pixel format flags 0: Pillow raises NotImplementedError
+    return b"DDS " + bytes(hdr) + bytes(256)
+
+
+SEEDS = _seeds() + [_dds_unknown_flags()]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.sampled_from(range(len(SEEDS))), st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)),
+                                                    max_size=12), st.integers(0, 4096))
+def test_fuzzed_images_raise_only_image_error(which, flips, cut):
+    """Mutated real images (byte flips, truncation): decoding returns pixels or raises ImageError, nothing else."""
+    data = bytearray(SEEDS[which])
+    for pos, val in flips:
+        if data:
+            data[pos % len(data)] = val
+    data = bytes(data[: max(1, len(data) - cut % max(1, len(data)))])
+    try:
+        px = decode_image(data, 32)
+        assert px.shape == (32, 32, 3) and px.dtype == np.uint8
+    except ImageError:
+        pass
+
+
+def test_malformed_dds_is_a_skip_not_a_crash(extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 2})
+    (data / "train" / "cats" / "odd.dds").write_bytes(_dds_unknown_flags())
+    s = run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(tmp_path / "f.zarr"),
+                                  progress=False))
+    assert s.rows_written == 4 and "NotImplementedError" in next(iter(s.skipped.values()))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a filesystem that takes arbitrary bytes in names")
+def test_odd_entries_are_reported_and_bad_names_kept(extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 2})
+    cats = data / "train" / "cats"
+    bad_name = os.fsencode(str(cats)) + b"/caf\xe9.jpg"  # Latin-1 bytes: not valid UTF-8
+    make_image(tmp_path / "x.jpg", seed=77, kind=0)
+    with open(bad_name, "wb") as f:
+        f.write((tmp_path / "x.jpg").read_bytes())
+    os.mkfifo(cats / "pipe.jpg")  # would hang a plain open()
+    (cats / "folder.jpg").mkdir()
+    os.symlink(cats / "loop.jpg", cats / "loop.jpg")
+    (cats / "big.jpg").write_bytes(b"\xff" * 5000)
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "f.zarr", "--max-bytes", 4000,
+                "--quiet", timeout=120)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    out = r.stdout
+    assert "pipe.jpg: not a regular file" in out and "folder.jpg: a directory" in out
+    assert "loop.jpg: unreadable" in out and "big.jpg: file too large" in out
+    paths = FeatureStore(tmp_path / "f.zarr").load("train").paths
+    assert any(p.endswith("caf\\xe9.jpg") for p in paths)  # stored, with its raw byte kept as an escape
+
+
+def test_duplicate_content_with_conflicting_labels_is_skipped(extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 2})
+    (data / "train" / "dogs" / "copy.jpg").write_bytes((data / "train" / "cats" / "cats.0.jpg").read_bytes())
+    (data / "train" / "cats" / "same.jpg").write_bytes((data / "train" / "cats" / "cats.1.jpg").read_bytes())
+    s = run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(tmp_path / "f.zarr"),
+                                  progress=False))
+    conflict = {os.path.basename(p) for p, r in s.skipped.items() if "different labels" in r}
+    assert conflict == {"copy.jpg", "cats.0.jpg"} and len(s.duplicates) == 1 and s.rows_written == 3
+
+
+def test_a_16_bit_decode_bomb_stays_bounded(tmp_path):
+    """A 6300x6300 16-bit PNG (~77 KB on disk) decodes within a stated peak RSS."""
+    path = tmp_path / "bomb.png"
+    Image.new("I;16", (6300, 6300), 1000).save(path)
+    assert path.stat().st_size < 200_000
+    code = ("import resource, sys; from convcache.imaging import read_and_decode; "
+            f"px = read_and_decode({str(path)!r}, 150)[1]; assert px.shape == (150, 150, 3); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    baseline = ("import resource; import convcache.imaging, numpy, PIL.Image; "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    base = int(subprocess.run([sys.executable, "-c", baseline], capture_output=True, text=True, check=True).stdout)
+    assert (peak - base) / 1024 < 300, f"decoding took {(peak - base) / 1024:.0f} MiB above the interpreter"
+    with pytest.raises(ImageError, match="decoding needs"):
+        decode_image(path.read_bytes(), 150, max_decode_bytes=32 << 20)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xef\xbb\xbfpath,label\n{img},cats\n", None),  # a BOM is fine
+    (b"path,label\n{img}\n", ":2: expected 2 fields"),
+    (b"path,label\n{img},\n", ":2: empty label"),
+    (b"path,label\n{img},caf\xe9\n", ":2: not UTF-8"),
+    (b"path,label\n{img},cats\n{img}," + b"x" * 200_000 + b"\n", ":3:"),
+])
+def test_manifest_rows_fail_with_their_line(extractor, tmp_path, content, message):
+    make_image(tmp_path / "a.jpg", seed=1, kind=0)
+    make_image(tmp_path / "b.jpg", seed=2, kind=1)
+    (tmp_path / "m.csv").write_bytes(content.replace(b"{img}", b"a.jpg") + b"b.jpg,dogs\n")
+    r = run_cli("extract", "--model", extractor, "--data", tmp_path / "m.csv", "-o", tmp_path / "f.zarr", "--quiet")
+    if message is None:
+        assert r.returncode == 0, r.stderr
+        assert FeatureStore(tmp_path / "f.zarr").classes == ["cats", "dogs"]
+    else:
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_negative_seed_is_one_line(extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 1})
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "f.zarr", "--seed", "-1")
+    assert r.returncode == 2 and "--seed" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ConvcacheError):
+        ExtractConfig(model="m", data="d", output="o", policy='{"zoom_range": 1.5}')
+
+
+def test_predict_reports_every_bad_file_and_goes_on(fused_model, tmp_path):
+    good = tmp_path / "good.jpg"
+    make_image(good, seed=3, kind=0)
+    (tmp_path / "odd.dds").write_bytes(_dds_unknown_flags())
+    os.mkfifo(tmp_path / "pipe.jpg")
+    r = run_cli("predict", "--model", fused_model, tmp_path / "odd.dds", tmp_path / "pipe.jpg", good, timeout=60)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 3 and len(lines) == 3 and '"class"' in lines[2] and "Traceback" not in r.stderr
+    assert "NotImplementedError" in lines[0] and "not a regular file" in lines[1]
