@@ -153,3 +153,31 @@ def test_predict_reports_every_bad_file_and_goes_on(fused_model, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 3 and len(lines) == 3 and '"class"' in lines[2] and "Traceback" not in r.stderr
     assert "NotImplementedError" in lines[0] and "not a regular file" in lines[1]
+
+
+def test_a_second_writer_fails_at_once_and_nothing_is_lost(extractor, tmp_path):
+    import json
+    import time
+
+    data = make_dataset(tmp_path / "d", splits={"train": 12, "validation": 2})
+    store = tmp_path / "f.zarr"
+    args = [sys.executable, "-m", "convcache", "extract", "--model", str(extractor), "--data", str(data), "--augment",
+            "2", "--batch-size", "1", "--chunk-rows", "2", "--quiet", "-o", str(store)]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the first writer has committed something
+        try:
+            if json.loads((store / "train" / "zarr.json").read_text())["attributes"]["committed_rows"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.01)
+    second = subprocess.run(args, capture_output=True, text=True)
+    assert first.poll() is None, "the first writer finished before the second started"
+    assert second.returncode == 2 and "another extract is writing" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.wait(120) == 0
+    clean = tmp_path / "clean.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(clean), augment=2, progress=False))
+    a, b = FeatureStore(store).load("train"), FeatureStore(clean).load("train")
+    key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
+    assert key(a) == key(b) and len(a) == 12 * 2 * 3

@@ -7,6 +7,7 @@ import logging
 import platform
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -100,6 +101,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     start = time.perf_counter()
     extractor = Extractor(cfg.model, cfg.device)
     items, classes, ignored = discover_all(cfg.data)
+    with writer_lock(cfg.output):
+        return _run_locked(cfg, start, extractor, items, classes, ignored)
+
+
+def _run_locked(cfg, start, extractor, items, classes, ignored) -> ExtractSummary:
     root = _open_root(cfg.output, classes)
     summary = ExtractSummary(provider=extractor.provider, images=len(items))
     identity = {"extractor_sha256": extractor.sha256, "policy": cfg.policy.to_dict(), "seed": cfg.seed,
@@ -193,6 +199,31 @@ def _ordered(pool, fn, jobs, window: int):
             yield futures.popleft().result()
     while futures:
         yield futures.popleft().result()
+
+
+@contextmanager
+def writer_lock(output: str):
+    """One writer per store: an advisory lock (flock) on `<store>.lock` beside the store. A second
+    writer fails at once with a one-line error and touches nothing; the lock dies with its process,
+    so a killed writer never leaves a stale lock. (Local disks only; see the README.)"""
+    import fcntl
+    import os
+
+    lock_path = Path(str(Path(output)).rstrip("/") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise ConvcacheError(f"-o {output}: another extract is writing to this store (pid {holder}); "
+                                 "wait for it to finish or write to another store") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _open_root(output: str, classes: list[str]) -> zarr.Group:
