@@ -230,3 +230,29 @@ def test_metrics_are_one_exposition_across_workers(fused_model):
         assert all(c == 20 for c in counts), counts
     finally:
         s.stop()
+
+
+def test_hostile_clients_get_fast_clear_answers(fused_model):
+    """No server header; a stalled body is cut off (408); an undecodable upload is a 4xx, never a 500;
+    overload is refused before decoding, with Retry-After."""
+    from test_hostile import _dds_unknown_flags
+
+    s = Server(fused_model, "--max-queue", 1, "--max-wait-ms", 300, "--cache-size", 0)
+    try:
+        r = httpx.post(s.url + "/v1/predict", content=_dds_unknown_flags())
+        assert r.status_code == 422 and "NotImplementedError" in r.json()["error"] and "server" not in r.headers
+        # a client that sends headers and then stalls its body
+        with socket.create_connection(("127.0.0.1", s.port)) as c:
+            c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
+            c.settimeout(30)
+            t0 = time.time()
+            answer = c.recv(4096).decode(errors="replace")
+            assert answer.startswith("HTTP/1.1 408") and time.time() - t0 < 25
+        with ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda i: httpx.post(s.url + "/v1/predict", content=jpeg(500 + i), timeout=30),
+                               range(8)))
+        busy = [r for r in rs if r.status_code == 503]
+        assert busy and all(r.headers.get("retry-after") == "1" for r in busy)
+        assert {r.status_code for r in rs} <= {200, 503}
+    finally:
+        s.stop()

@@ -3,6 +3,7 @@ that turn every bad input into a 4xx/503 JSON answer, and Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from convcache.errors import ImageError
@@ -155,7 +157,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     # one error body shape for everything: {"error": "..."}
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, exc: HTTPError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def starlette_error(request: Request, exc: StarletteHTTPException):
@@ -172,11 +175,22 @@ def create_app(config: ServeConfig) -> FastAPI:
         if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
             raise HTTPError(413, f"body over {config.max_body_bytes} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                raise HTTPError(413, f"body over {config.max_body_bytes} bytes")
-            chunks.append(chunk)
+        stream = request.stream()
+        try:
+            while True:  # each chunk must arrive within the body timeout: slow or stalled bodies are cut off
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), config.body_timeout_s)
+                except StopAsyncIteration:
+                    break
+                size += len(chunk)
+                if size > config.max_body_bytes:
+                    raise HTTPError(413, f"body over {config.max_body_bytes} bytes")
+                chunks.append(chunk)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"the request body stalled for over {config.body_timeout_s:g}s") from None
+        except ClientDisconnect:
+            log.debug("client disconnected while sending its body")
+            raise HTTPError(400, "client disconnected") from None
         body = b"".join(chunks)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return [body]
@@ -190,6 +204,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise HTTPError(422, "the multipart upload holds no files")
         return [await f.read() for f in files]
 
+    decode_slots = asyncio.Semaphore(max(1, config.decode_memory_bytes // config.max_decode_bytes))
+    decoding = {"n": 0}
+
     async def infer(data: bytes, index: int):
         key = content_key(data, predictor.sha256)
         hit = cache.get(key)
@@ -197,10 +214,17 @@ def create_app(config: ServeConfig) -> FastAPI:
             metrics.cache_hits.inc()
             return hit, True
         metrics.cache_misses.inc()
+        # overload is answered before any decoding work: images waiting for inference + being decoded
+        if batcher.pending + decoding["n"] >= config.max_queue:
+            raise HTTPError(503, "overloaded: the inference queue is full, retry later")
+        decoding["n"] += 1
         try:
-            pixels = await run_in_threadpool(predictor.to_pixels, data)
+            async with decode_slots:  # decodes at once are capped by a memory budget
+                pixels = await run_in_threadpool(predictor.to_pixels, data)
         except ImageError as exc:
             raise HTTPError(_image_status(exc.reason), f"image {index}: {exc.reason}") from None
+        finally:
+            decoding["n"] -= 1
         try:
             result = await batcher.submit(pixels)
         except QueueFull:
@@ -209,8 +233,6 @@ def create_app(config: ServeConfig) -> FastAPI:
         return result, False
 
     async def infer_all(request: Request):
-        import asyncio
-
         images = await read_images(request)
         return await asyncio.gather(*(infer(d, i) for i, d in enumerate(images)))
 

@@ -73,7 +73,9 @@ def run_serve(args) -> int:
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_queue=args.max_queue, cache_size=args.cache_size,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels)
-    common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30}
+    common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30,
+              "server_header": False, "limit_concurrency": config.max_connections,
+              "timeout_keep_alive": config.keep_alive_s}
     if args.workers > 1:
         import tempfile
 
