@@ -79,10 +79,10 @@ def to_int8(proto: onnx.ModelProto, calibration: np.ndarray, per_channel: bool =
 
 
 def cosine_report(fp32: onnx.ModelProto, quantized: onnx.ModelProto, images: np.ndarray) -> dict:
-    import onnxruntime as ort
+    from convcache.onnxtools import session
 
     def run(p):
-        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+        s = session(p)
         return s.run(None, {s.get_inputs()[0].name: images})[0].reshape(len(images), -1)
 
     a, b = run(fp32), run(quantized)
