@@ -60,7 +60,7 @@ class FeatureStore:
     def copies_available(self, split: str = "train") -> int:
         """The largest copy index committed in `split` (0: originals only)."""
         n = self.rows(split)
-        return int(self._group(split)["copy"][:n].max()) if n else 0
+        return int(self._group(split)["copy"][:n].max()) if n else 0  # noqa: E501
 
     def attrs(self, split: str) -> dict:
         return dict(self._group(split).attrs)
@@ -73,8 +73,26 @@ class FeatureStore:
             raise ConvcacheError(f"{self.path}: no '{split}' split (has: {', '.join(self.splits) or 'none'})")
         return self.root[split]
 
-    def load(self, split: str, max_copy: int | None = None, with_features: bool = True) -> SplitData:
-        """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order."""
+    def verify(self, split: str) -> tuple[list, str | None]:
+        """(damaged row ranges, a note if the split predates block digests); see convcache.integrity."""
+        from convcache.integrity import verify
+
+        return verify(self._group(split))
+
+    def check(self, split: str) -> None:
+        """Raise a one-line error naming the damaged rows, if any."""
+        damage, _ = self.verify(split)
+        if damage:
+            where = "; ".join(str(d) for d in damage[:3]) + (f"; and {len(damage) - 3} more" if len(damage) > 3 else "")
+            raise ConvcacheError(f"{self.path}: the '{split}' split is damaged ({where}); run `convcache extract "
+                                 "--repair` on it to recompute those rows")
+
+    def load(self, split: str, max_copy: int | None = None, with_features: bool = True,
+             verify: bool = True) -> SplitData:
+        """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order. With
+        `verify`, every block's digest is checked first: damage is an error, never silent zero rows."""
+        if verify:
+            self.check(split)
         group, n = self._group(split), self.rows(split)
         copy = group["copy"][:n]
         keep = np.ones(n, bool) if max_copy is None else copy <= max_copy

@@ -181,3 +181,61 @@ def test_a_second_writer_fails_at_once_and_nothing_is_lost(extractor, tmp_path):
     a, b = FeatureStore(store).load("train"), FeatureStore(clean).load("train")
     key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
     assert key(a) == key(b) and len(a) == 12 * 2 * 3
+
+
+def _chunk_files(store, split, name):
+    return sorted(p for p in (store / split / name / "c").rglob("*") if p.is_file())
+
+
+def test_damage_is_named_never_silent_and_repair_recomputes(extractor, tmp_path):
+    import json
+    import shutil
+
+    data = make_dataset(tmp_path / "d", splits={"train": 6, "validation": 2})
+    clean = tmp_path / "clean.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(clean), augment=1, chunk_rows=4,
+                              progress=False))
+    assert run_cli("extract", "--verify", "-o", clean).returncode == 0
+
+    def damaged_copy(tag, damage):
+        store = tmp_path / f"{tag}.zarr"
+        shutil.copytree(clean, store)
+        damage(store)
+        return store
+
+    def drop_feature_chunk(store):
+        _chunk_files(store, "train", "features")[1].unlink()
+
+    def drop_sha_chunk(store):
+        _chunk_files(store, "train", "sha256")[0].unlink()
+
+    def raise_committed(store):
+        meta = json.loads((store / "train" / "zarr.json").read_text())
+        meta["attributes"]["committed_rows"] += 8
+        (store / "train" / "zarr.json").write_text(json.dumps(meta))
+        (store / "zarr.json").write_text(json.dumps({k: v for k, v in json.loads(
+            (store / "zarr.json").read_text()).items() if k != "consolidated_metadata"}))
+
+    def corrupt_chunk(store):
+        f = _chunk_files(store, "train", "features")[0]
+        f.write_bytes(f.read_bytes()[:10] + b"garbage")
+
+    for tag, damage, words in (("chunk", drop_feature_chunk, "differ from the block digest"),
+                               ("sha", drop_sha_chunk, "differ from the block digest"),
+                               ("counter", raise_committed, "hold fewer rows"),
+                               ("corrupt", corrupt_chunk, "unreadable chunk")):
+        store = damaged_copy(tag, damage)
+        r = run_cli("extract", "--verify", "-o", store)
+        assert r.returncode == 2 and words in r.stdout and "rows " in r.stdout, (tag, r.stdout, r.stderr)
+        r = run_cli("train", "--features", store, "--head", "logreg", "-o", tmp_path / f"h-{tag}")
+        assert r.returncode == 2 and "damaged" in r.stderr and "Traceback" not in r.stderr, (tag, r.stderr)
+        r = run_cli("extract", "--model", extractor, "--data", data, "--augment", 1, "--chunk-rows", 4, "-o", store,
+                    "--quiet")
+        assert r.returncode == 2 and "--repair" in r.stderr, (tag, r.stderr)  # no duplicates appended
+        r = run_cli("extract", "--model", extractor, "--data", data, "--augment", 1, "--chunk-rows", 4, "-o", store,
+                    "--quiet", "--repair")
+        assert r.returncode == 0, (tag, r.stderr)
+        assert run_cli("extract", "--verify", "-o", store).returncode == 0
+        a, b = FeatureStore(store).load("train"), FeatureStore(clean).load("train")
+        key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
+        assert key(a) == key(b) and len(a) == len(b), tag

@@ -19,8 +19,8 @@ def register(sub) -> None:
                                    "copies, caching the features in a resumable, content-addressed Zarr store. "
                                    f"Exit status: 0 all files used, {EXIT_PARTIAL} finished with skipped files, "
                                    "2 bad arguments or input.")
-    p.add_argument("--model", required=True, help="extractor .onnx from `convcache export`")
-    p.add_argument("--data", required=True,
+    p.add_argument("--model", help="extractor .onnx from `convcache export` (required unless --verify)")
+    p.add_argument("--data",
                    help="a root with train/ validation/ test/ class folders, one class-folder directory, "
                         "or a CSV manifest with path,label[,split]")
     p.add_argument("-o", "--output", required=True, help="the .zarr store to create or extend")
@@ -39,6 +39,10 @@ def register(sub) -> None:
     p.add_argument("--max-bytes", type=int, default=d["max_bytes"],
                    help="skip files larger than this, before reading them (FIFOs and devices are always skipped)")
     p.add_argument("--chunk-rows", type=int, help="rows per Zarr chunk (None: about 4 MiB chunks)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every committed block of -o against its digest and exit (0 intact, 2 damaged)")
+    p.add_argument("--repair", action="store_true",
+                   help="if -o is damaged, recompute the damaged rows (and those after them) from the images")
     p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -49,13 +53,37 @@ def _policy(text: str | None):
     return AugmentPolicy.parse(text)
 
 
+def verify(output: str) -> int:
+    from convcache.store import FeatureStore
+
+    store = FeatureStore(output)
+    damaged = 0
+    for split in store.splits:
+        damage, note = store.verify(split)
+        damaged += len(damage)
+        status = note or ("intact" if not damage else "DAMAGED")
+        print(f"{split}: {store.rows(split)} committed rows, {status}")
+        for d in damage:
+            print(f"  {d}")
+    if damaged:
+        print(f"repair with: convcache extract --repair --model MODEL --data DATA -o {output}")
+    return 2 if damaged else 0
+
+
 def run(args) -> int:
+    from convcache.errors import ConvcacheError
+
+    if args.verify:
+        return verify(args.output)
+    if not args.model or not args.data:
+        raise ConvcacheError("--model and --data are required (except with --verify)")
     from convcache.extract.runner import ExtractConfig, run_extract
     cfg = ExtractConfig(model=args.model, data=args.data, output=args.output, augment=args.augment,
                         augment_splits=tuple(s.strip() for s in args.augment_splits.split(",") if s.strip()),
                         seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=args.device,
                         dtype=args.dtype, policy=_policy(args.policy),
                         max_pixels=args.max_pixels, chunk_rows=args.chunk_rows, max_bytes=args.max_bytes,
+                        repair=args.repair,
                         progress=not args.no_progress)
     s = run_extract(cfg)
     print(f"extracted {s.rows_written} rows ({s.rows_cached} cached, {s.inference_calls} inference calls) from "

@@ -49,6 +49,7 @@ class ExtractConfig:
     chunk_rows: int | None = None
     progress: bool = True
     max_bytes: int = DEFAULT_MAX_BYTES
+    repair: bool = False  # recompute damaged rows instead of refusing a damaged store
 
     def __post_init__(self):
         if isinstance(self.policy, (str, dict)):
@@ -117,7 +118,8 @@ def _run_locked(cfg, start, extractor, items, classes, ignored) -> ExtractSummar
         for split in sorted({i.split for i in items}):
             split_items = [i for i in items if i.split == split]
             copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
-            writer = SplitWriter(root, split, identity, provenance, extractor.feature_shape, cfg.dtype, cfg.chunk_rows)
+            writer = SplitWriter(root, split, identity, provenance, extractor.feature_shape, cfg.dtype, cfg.chunk_rows,
+                                 repair=cfg.repair)
             _extract_split(split, split_items, copies, writer, extractor, pool, cfg, summary,
                            {p: r for p, sp, r in ignored if sp == split})
     summary.inference_calls = extractor.calls

@@ -20,6 +20,7 @@ import zarr
 from convcache.artifacts import STORE_COLUMNS
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
+from convcache.integrity import DIGEST_ARRAYS, block_digest, create_digest_arrays, verify
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ CHUNK_BYTES = 4 << 20
 
 class SplitWriter:
     def __init__(self, root: zarr.Group, split: str, identity: dict, provenance: dict, feature_shape: tuple,
-                 dtype: str, chunk_rows: int | None = None):
+                 dtype: str, chunk_rows: int | None = None, repair: bool = False):
         self.split = split
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
         if split in root:
@@ -41,8 +42,35 @@ class SplitWriter:
         self.chunk_rows = self.arrays["features"].chunks[0]
         self.committed = int(self.group.attrs["committed_rows"])
         self.skipped = dict(self.group.attrs.get("skipped", {}))
+        if any(name not in self.group for name in DIGEST_ARRAYS):  # a store from before block digests
+            create_digest_arrays(self.group, self.committed)
+        # one handle per array: a fresh group[name] could come from the (older) consolidated metadata
+        self.digests = {name: self.group[name] for name in DIGEST_ARRAYS}
+        self._drop_uncommitted_blocks()
+        self._check_integrity(repair)
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
         self.buffer: list[dict] = []
+
+    def _drop_uncommitted_blocks(self) -> None:
+        starts = self.digests["block_start"][:]
+        keep = int((starts < self.committed).sum())
+        for arr in self.digests.values():
+            if arr.shape[0] != keep:
+                arr.resize((keep, *arr.shape[1:]))
+
+    def _check_integrity(self, repair: bool) -> None:
+        damage, _ = verify(self.group)
+        if not damage:
+            return
+        where = "; ".join(str(d) for d in damage[:3]) + (f"; and {len(damage) - 3} more" if len(damage) > 3 else "")
+        if not repair:
+            raise ConvcacheError(f"the store's '{self.split}' split is damaged ({where}); run extract again with "
+                                 "--repair to recompute those rows from the images")
+        first = min(d.start for d in damage)
+        log.warning("repair: '%s' keeps rows 0..%d and recomputes the rest (%s)", self.split, first - 1, where)
+        self.committed = first  # everything from the first damaged row is recomputed from the images
+        self.group.attrs.update({"committed_rows": first})
+        self._drop_uncommitted_blocks()
 
     @staticmethod
     def _create(root, split, identity, provenance, feature_shape, dtype, chunk_rows):
@@ -98,9 +126,16 @@ class SplitWriter:
             "path": np.array([r["path"] for r in self.buffer], dtype=object),
         }
         self._resize(stop)  # grow to this block only: the shape never runs ahead of the data
+        columns["features"] = columns["features"].astype(self.arrays["features"].dtype)
         for name, values in columns.items():
-            arr = self.arrays[name]
-            arr[start:stop] = values.astype(arr.dtype) if name == "features" else values
+            self.arrays[name][start:stop] = values
+        n_blocks = self.digests["block_start"].shape[0]  # the block's digest lands before its commit
+        for name, value in (("block_start", np.array([start], np.int64)),
+                            ("block_sha256", np.frombuffer(block_digest(columns, columns["features"].dtype),
+                                                           np.uint8)[None])):
+            arr = self.digests[name]
+            arr.resize((n_blocks + 1, *arr.shape[1:]))
+            arr[n_blocks : n_blocks + 1] = value
         self.buffer = []
         self.commit(stop)
 
