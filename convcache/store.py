@@ -33,8 +33,12 @@ class FeatureStore:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise ConvcacheError(f"not a feature store: {path}")
-        self.root = zarr.open_group(str(self.path), mode="r")
-        if self.root.attrs.get("format") != FORMAT:
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r")
+            fmt = self.root.attrs.get("format")
+        except Exception as exc:  # corrupt zarr.json and friends
+            raise ConvcacheError(f"{path}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
+        if fmt != FORMAT:
             raise ConvcacheError(f"{path}: not a convcache feature store (format {self.root.attrs.get('format')!r})")
 
     @property

@@ -239,3 +239,14 @@ def test_damage_is_named_never_silent_and_repair_recomputes(extractor, tmp_path)
         a, b = FeatureStore(store).load("train"), FeatureStore(clean).load("train")
         key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
         assert key(a) == key(b) and len(a) == len(b), tag
+
+
+def test_corrupt_store_metadata_is_one_line(extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 2, "validation": 1})
+    store = tmp_path / "f.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), progress=False))
+    (store / "zarr.json").write_text("{ not json")
+    for args in (("train", "--features", store, "-o", tmp_path / "h"),
+                 ("extract", "--model", extractor, "--data", data, "-o", store, "--quiet")):
+        r = run_cli(*args)
+        assert r.returncode == 2 and "unreadable store metadata" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -103,7 +103,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     extractor = Extractor(cfg.model, cfg.device)
     items, classes, ignored = discover_all(cfg.data)
     with writer_lock(cfg.output):
-        return _run_locked(cfg, start, extractor, items, classes, ignored)
+        try:
+            return _run_locked(cfg, start, extractor, items, classes, ignored)
+        except OSError as exc:  # disk full, read-only file system, ...: what was committed stays
+            raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is kept, "
+                                 "re-run to resume once that is fixed") from None
 
 
 def _run_locked(cfg, start, extractor, items, classes, ignored) -> ExtractSummary:
@@ -232,10 +236,14 @@ def _open_root(output: str, classes: list[str]) -> zarr.Group:
     path = Path(output)
     if path.exists() and not (path / "zarr.json").is_file():
         raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
-    root = zarr.open_group(str(path), mode="a")
-    if "format" not in root.attrs:
+    try:
+        root = zarr.open_group(str(path), mode="a")
+        fmt = root.attrs.get("format")
+    except Exception as exc:  # corrupt zarr.json and friends
+        raise ConvcacheError(f"-o {output}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
+    if fmt is None:
         root.attrs.update({"format": FORMAT, "classes": classes, "created": _now(), "versions": _versions()})
-    elif root.attrs["format"] != FORMAT:
+    elif fmt != FORMAT:
         raise ConvcacheError(f"-o {output}: not a convcache feature store")
     elif list(root.attrs["classes"]) != classes:
         raise ConvcacheError(f"-o {output}: the store has classes {list(root.attrs['classes'])}, the data has "
