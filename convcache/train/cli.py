@@ -86,6 +86,9 @@ def run_train(args) -> int:
     if args.copies is not None and args.copies > m["copies_available"]:
         print(f"warning: --copies {args.copies}, but the store holds copies 0..{m['copies_available']}; "
               f"used {m['copies']}")
+    if args.head == "dense" and args.schedule == "replay" and 0 < m["copies"] < m["epochs"]:
+        print(f"note: replay over {m['copies']} copies for {m['epochs']} epochs repeats copies; method 2 would see "
+              f"{m['epochs']} distinct copies (extract --augment {m['epochs']})")
     sched = f", {m['schedule']} schedule, {m['epochs']} epochs, {m['steps']} steps" if args.head == "dense" else ""
     print(f"trained {args.head} on {m['rows']['train']} rows (copies 0..{m['copies']}{sched}) in "
           f"{m['fit_seconds']:.1f}s: report-half validation {_acc(m, 'report')}, test {_acc(m, 'test')} -> "
