@@ -75,3 +75,20 @@ def test_method_1_is_the_reference_without_augmentation(replay_setup):
         np.testing.assert_allclose([h["train_loss"] for h in head["selection"]["history"]],
                                    [h["train_loss"] for h in ref["history"]], rtol=1e-4)
         np.testing.assert_allclose(np.array(head["report_proba"]), np.array(ref["report_proba"]), atol=1e-4)
+
+
+def test_reference_without_freezing_trains_the_base_and_says_it_cannot_be_cached(replay_setup, tmp_path):
+    from conftest import run_cli
+
+    root, data, _ = replay_setup
+    r = run_cli("reference", "--data", data, "--weights", "random", "--input-size", SIZE, "--layer", "block3_pool",
+                "--pooling", "avg", "--epochs", 1, "--batch-size", 4, "--unfreeze", "all", "--quiet",
+                "-o", tmp_path / "ref")
+    assert r.returncode == 0, r.stderr
+    assert "cannot be replayed from a feature cache" in r.stdout
+    import json
+
+    m = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert m["unfreeze"] == "all" and m["cacheable"] is False and m["base_weights_changed"] is True
+    r = run_cli("reference", "--data", data, "--layer", "block4_pool", "--fine-tune", "block5", "-o", tmp_path / "x")
+    assert r.returncode == 2 and "no block5" in r.stderr  # a cut model has no block5 to fine-tune

@@ -44,6 +44,8 @@ def register(sub) -> None:
     r.add_argument("--epochs", type=int, default=d["epochs"], help="frozen-base epochs (the book: 30)")
     r.add_argument("--no-augment", action="store_true", help="the book's setting without augmentation")
     r.add_argument("--fine-tune", choices=["block5"], help="then unfreeze block5 at half the learning rate")
+    r.add_argument("--unfreeze", choices=["all"], help="train every layer from the start: what not freezing "
+                                                       "costs and gives (it cannot be cached)")
     r.add_argument("--fine-tune-epochs", type=int, default=d["fine_tune_epochs"], help="epochs of --fine-tune")
     r.add_argument("--input-size", type=int, default=d["input_size"], help="square input side")
     r.add_argument("--layer", help="cut the base after this layer, as export does (None: block5_pool)")
@@ -102,8 +104,11 @@ def run_reference_cmd(args) -> int:
     cfg = ReferenceConfig(args.data, args.weights, args.output, args.epochs, not args.no_augment, args.input_size,
                           args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs, args.policy,
                           args.learning_rate, args.layer, args.pooling, args.patience, args.dropout,
-                          progress=not args.quiet)  # validated here, before TensorFlow starts
+                          progress=not args.quiet, unfreeze=args.unfreeze)  # validated before TensorFlow starts
     m = cfg.run()
+    if not m["cacheable"]:
+        print("note: this run trains conv layers, so their outputs change every step: it cannot be replayed from a "
+              "feature cache" + (" (only the frozen blocks below block5 could be)" if args.fine_tune else ""))
     print(f"reference ({'no ' if args.no_augment else ''}augmentation, {len(m['history'])} epochs, best "
           f"{m['best_epoch']}) in {m['fit_seconds']:.0f}s: report-half validation {_acc(m, 'report')}, "
           f"test {_acc(m, 'test')} -> {args.output}")

@@ -33,6 +33,7 @@ class ReferenceConfig:
     patience: int | None = None
     dropout: float = 0.5
     progress: bool = True
+    unfreeze: str | None = None  # "all": no frozen layer (the consequence of not freezing; not cacheable)
 
     def __post_init__(self):
         if self.weights not in weights.NAMED_SOURCES and not Path(self.weights).is_file():
@@ -47,6 +48,8 @@ class ReferenceConfig:
             raise ConvcacheError("--epochs, --batch-size and --fine-tune-epochs must be >= 1, --seed >= 0")
         if not 0 <= self.dropout < 1 or not self.learning_rate > 0 or (self.patience is not None and self.patience < 1):
             raise ConvcacheError("--dropout must be in [0, 1), --learning-rate > 0, --patience >= 1")
+        if self.unfreeze not in (None, "all") or (self.unfreeze and self.fine_tune):
+            raise ConvcacheError("--unfreeze takes 'all' and excludes --fine-tune")
         self.policy_obj = AugmentPolicy.parse(self.policy)
 
     def run(self) -> dict:
@@ -55,4 +58,4 @@ class ReferenceConfig:
         return run_reference(self.data, self.weights, self.output, self.epochs, self.augment, self.input_size,
                              self.batch_size, self.seed, self.fine_tune, self.fine_tune_epochs, self.policy_obj,
                              self.learning_rate, self.layer, self.pooling, self.patience, self.dropout,
-                             progress=self.progress)
+                             progress=self.progress, unfreeze=self.unfreeze)

@@ -78,11 +78,13 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
                   fine_tune_epochs: int = 2, policy: AugmentPolicy | None = None,
                   learning_rate: float = 2e-5, layer: str | None = None, pooling: str | None = None,
                   patience: int | None = None, dropout: float = 0.5, units: int = 256,
-                  progress: bool = True, augment_seed: int | None = None) -> dict:
+                  progress: bool = True, augment_seed: int | None = None, unfreeze: str | None = None) -> dict:
     """`seed` sets the initial head weights, the batch order and dropout (and --weights random);
     `augment_seed` (default: `seed`) sets the copies, as `extract --seed` does."""
     if fine_tune not in (None, "block5"):
         raise ConvcacheError(f"--fine-tune {fine_tune}: only block5 is supported")
+    if unfreeze not in (None, "all") or (unfreeze and fine_tune):
+        raise ConvcacheError("--unfreeze takes 'all' and excludes --fine-tune")
     if fine_tune and layer not in (None, "block5_pool"):
         raise ConvcacheError(f"--fine-tune block5 with --layer {layer}: the cut model has no block5 to fine-tune")
     if epochs < 1 or batch_size < 1:
@@ -99,6 +101,11 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
         raise ConvcacheError(f"--data {data}: the reference selects its best epoch on a validation split; none found")
     base = weights.load_vgg16(weights_source, input_size, seed)
     model, extractor = build_model(keras, base, len(classes), layer, pooling, units, dropout, seed)
+    initial_weights_sha256 = weights.weights_sha256(base)
+    if unfreeze == "all":  # no layer is frozen: nothing is fixed, so nothing can be cached
+        base.trainable = True
+        log.warning("reference --unfreeze all: every conv layer trains; no layer's output is fixed, so this run "
+                    "cannot be cached and pays the whole base forward and backward every step")
     n = len(classes)
     compile_head_model(keras, model, n, learning_rate)
 
@@ -159,7 +166,9 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
         "history": history, "best_epoch": best["epoch"],
         "rows": {"train": int(len(y_train) * len(history)),
                  "select": int(len(ys)), "report": int(len(yr))},
-        "provenance": {"data": str(data), "weights": weights_source, "weights_sha256": weights.weights_sha256(base),
+        "unfreeze": unfreeze, "cacheable": unfreeze is None and not fine_tune,
+        "base_weights_changed": weights.weights_sha256(base) != initial_weights_sha256,
+        "provenance": {"data": str(data), "weights": weights_source, "weights_sha256": initial_weights_sha256,
                        "input_size": input_size, "layer": layer or "block5_pool", "pooling": pooling,
                        "learning_rate": learning_rate, "batch_size": batch_size,
                        "policy": policy.to_dict() if use_augment else None, "seed": seed,
