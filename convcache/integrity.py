@@ -43,11 +43,15 @@ class Damage:
         return f"rows {self.start}..{self.stop - 1}: {self.reason}"
 
 
-def create_digest_arrays(group, covered_from: int) -> None:
-    group.create_array("block_start", shape=(0,), chunks=(4096,), dtype="int64", dimension_names=["block"])
-    group.create_array("block_sha256", shape=(0, 32), chunks=(4096, 32), dtype="uint8",
-                       dimension_names=["block", "digest_byte"])
+def create_digest_arrays(group, covered_from: int) -> dict:
+    """Add the digest arrays to a split (new, or written before digests); rows before `covered_from`
+    stay unverifiable. Returns the arrays (a group read from consolidated metadata would not see them yet)."""
+    arrays = {"block_start": group.create_array("block_start", shape=(0,), chunks=(4096,), dtype="int64",
+                                                dimension_names=["block"]),
+              "block_sha256": group.create_array("block_sha256", shape=(0, 32), chunks=(4096, 32), dtype="uint8",
+                                                 dimension_names=["block", "digest_byte"])}
     group.attrs["digests_from"] = int(covered_from)
+    return arrays
 
 
 def verify(group) -> tuple[list[Damage], str | None]:

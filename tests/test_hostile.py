@@ -250,3 +250,22 @@ def test_corrupt_store_metadata_is_one_line(extractor, tmp_path):
                  ("extract", "--model", extractor, "--data", data, "-o", store, "--quiet")):
         r = run_cli(*args)
         assert r.returncode == 2 and "unreadable store metadata" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_store_from_before_block_digests_is_extended(extractor, tmp_path):
+    import shutil
+
+    import zarr
+
+    data = make_dataset(tmp_path / "d", splits={"train": 3, "validation": 1})
+    store = tmp_path / "f.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), progress=False))
+    for split in ("train", "validation"):  # make it look like a store written before digests existed
+        for name in ("block_start", "block_sha256"):
+            shutil.rmtree(store / split / name)
+    zarr.consolidate_metadata(str(store))
+    s = run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), augment=1,
+                                  progress=False))
+    assert s.rows_written == 6
+    damage, note = FeatureStore(store).verify("train")
+    assert damage == [] and note is None and len(FeatureStore(store).load("train")) == 12

@@ -42,10 +42,11 @@ class SplitWriter:
         self.chunk_rows = self.arrays["features"].chunks[0]
         self.committed = int(self.group.attrs["committed_rows"])
         self.skipped = dict(self.group.attrs.get("skipped", {}))
-        if any(name not in self.group for name in DIGEST_ARRAYS):  # a store from before block digests
-            create_digest_arrays(self.group, self.committed)
         # one handle per array: a fresh group[name] could come from the (older) consolidated metadata
-        self.digests = {name: self.group[name] for name in DIGEST_ARRAYS}
+        if any(name not in self.group for name in DIGEST_ARRAYS):  # a store from before block digests
+            self.digests = create_digest_arrays(self.group, self.committed)
+        else:
+            self.digests = {name: self.group[name] for name in DIGEST_ARRAYS}
         self._drop_uncommitted_blocks()
         self._check_integrity(repair)
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
