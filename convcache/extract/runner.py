@@ -237,7 +237,7 @@ def _open_root(output: str, classes: list[str]) -> zarr.Group:
     if path.exists() and not (path / "zarr.json").is_file():
         raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
     try:
-        root = zarr.open_group(str(path), mode="a")
+        root = zarr.open_group(str(path), mode="a", use_consolidated=False)  # the writer reads the truth
         fmt = root.attrs.get("format")
     except Exception as exc:  # corrupt zarr.json and friends
         raise ConvcacheError(f"-o {output}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None

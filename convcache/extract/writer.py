@@ -33,7 +33,8 @@ class SplitWriter:
         self.split = split
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
         if split in root:
-            self.group = root[split]
+            # the writer reads the truth, never the (possibly older) consolidated copy of it
+            self.group = zarr.open_group(root.store, path=split, mode="r+", use_consolidated=False)
             self._check_identity(identity)
         else:
             self.group = self._create(root, split, identity, provenance, feature_shape, dtype,
