@@ -75,9 +75,17 @@ def pct(xs, q) -> float:
 
 
 def bad_inputs() -> list[bytes]:
+    import struct
+
     big = io.BytesIO()
     Image.new("L", (9000, 9000)).save(big, "PNG")  # 81 M pixels, over the 40 M limit
-    return [b"not an image", b"", b"\xff\xd8\xff\xe0" + bytes(900), big.getvalue()]
+    bomb = io.BytesIO()
+    Image.new("I;16", (6300, 6300), 1000).save(bomb, "PNG")  # ~77 KB, 40 M 16-bit pixels: the decode bomb
+    hdr = bytearray(124)
+    struct.pack_into("<IIIIIII", hdr, 0, 124, 0x1007, 8, 8, 0, 0, 0)
+    struct.pack_into("<II", hdr, 72, 32, 0)  # a DDS whose pixel format Pillow cannot handle
+    return [b"not an image", b"", b"\xff\xd8\xff\xe0" + bytes(900), big.getvalue(), bomb.getvalue(),
+            b"DDS " + bytes(hdr) + bytes(256)]
 
 
 def main() -> None:
@@ -86,6 +94,7 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--soak", type=int, default=10_000)
+    p.add_argument("--soak-clients", type=int, default=32)
     a = p.parse_args()
     files = sorted((Path(a.data) / "validation").rglob("*.jpg"))[:: 1000 // a.images][: a.images]
     bodies = [f.read_bytes() for f in files]
@@ -115,19 +124,22 @@ def main() -> None:
         asyncio.run(load(server.url, bodies[:1], 1, 1))
         _, lat, _ = asyncio.run(load(server.url, bodies[:1], 1, 1000))
         print(f"\ncache hits, 1 client, 1,000 requests: p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms\n")
-        mixed = [*bodies, *bad_inputs()]
-        weights = [0.9 / len(bodies)] * len(bodies) + [0.1 / 4] * 4
+        bad = bad_inputs()
+        mixed = [*bodies, *bad]
+        weights = [0.9 / len(bodies)] * len(bodies) + [0.1 / len(bad)] * len(bad)
         order = np.random.default_rng(0).choice(len(mixed), a.soak, p=weights)
         seq = [mixed[i] for i in order]
         rss = [("start", server.rss_mib())]
-        done, codes_total = 0, {}
+        done, codes_total, lats = 0, {}, []
         for chunk in (1000, 4000, a.soak - 5000):
-            _, _, codes = asyncio.run(load(server.url, seq[done : done + chunk], 8, chunk))
+            _, lat, codes = asyncio.run(load(server.url, seq[done : done + chunk], a.soak_clients, chunk))
+            lats += list(lat)
             done += chunk
             for k, v in codes.items():
                 codes_total[k] = codes_total.get(k, 0) + v
             rss.append((f"after {done:,}", server.rss_mib()))
-        print(f"soak: {a.soak:,} requests at 8 clients, 10% bad input; statuses {codes_total}")
+        print(f"soak: {a.soak:,} requests at {a.soak_clients} clients, 10% bad input (incl. a 16-bit decode bomb "
+              f"and a malformed DDS); statuses {codes_total}; p50 {pct(lats, 50):.1f} ms, p99 {pct(lats, 99):.1f} ms")
         print("| point | RSS MiB |\n|---|---|")
         for name, r in rss:
             print(f"| {name} | {r:.0f} |")
