@@ -1,6 +1,7 @@
 """Write docs/results.md (and docs/results.json, docs/img/*.png) from the study's compare runs.
 
-    .venv/bin/python bench/study/results_doc.py runs/study/block5-report runs/study/block4-report
+    .venv/bin/python bench/study/results_doc.py runs/study/block5-report runs/study/block4-report \\
+        < bench/study/reading.md
 
 Every figure in the page comes from the results.json files given here; the page lists the commands.
 """
@@ -43,9 +44,10 @@ def section(res: dict, tag: str) -> list[str]:
     lines = [f"## {LABELS.get(layer, layer)}", ""]
     head = ("| arm | report-half accuracy %, mean ± sd over seeds | gradient steps | vs method 2, points "
             "[95% CI] | extraction s | training s |\n|---|---|---|---|---|---|")
-    for title, keep in (("Equal gradient steps (3,000 steps = 30 epochs x 100 steps of 20, as the book)",
+    e, spe, bs = res["config"]["epochs"], res["steps_per_epoch"], res["config"]["batch_size"]
+    for title, keep in ((f"Equal gradient steps ({e * spe:,} steps = {e} epochs x {spe} steps of {bs})",
                          lambda a: a["head"] == "dense" and a["match"] in ("steps", "both")),
-                        ("Equal epochs (pooled arms: 30 full passes over copies 0..K)",
+                        (f"Equal epochs (pooled arms: {e} full passes over copies 0..K)",
                          lambda a: a["head"] == "dense" and a["match"] in ("epochs", "both")),
                         ("Linear probe (logistic regression; deterministic, one run per K)",
                          lambda a: a["head"] == "logreg")):
@@ -121,7 +123,7 @@ def main(folders: list[str]) -> None:
              "`--weights hed` (ImageNet VGG16 trained further for edges: compare methods with each other, not "
              "with the book's ImageNet numbers), 150x150, augmentation preset `book` (Keras 2.0.8 semantics).",
              "- Every dense arm: Chollet's head (Dense 256 relu, Dropout 0.5, sigmoid), RMSprop 2e-5, batch 20, "
-             "30 epochs; 3 seeds (0, 1, 2: initial weights, batch order, dropout masks). The kept epoch is the one "
+             "30 epochs at block5_pool, 10 at block4_pool (the same for every arm of a layer); 3 seeds (0, 1, 2: initial weights, batch order, dropout masks). The kept epoch is the one "
              "with the lowest loss on the *select* half of validation (500 photos); every accuracy is on the other, "
              "*report* half (500 photos), which selected nothing. The linear probe picks C on the select half.",
              "- Method 1: the dense head on cached originals (K=0). Method 2: head + frozen base end to end with "
@@ -131,13 +133,14 @@ def main(folders: list[str]) -> None:
              "- Differences: paired bootstrap over the 500 report-half photos of the seed-averaged correctness "
              "(10,000 resamples); 'noise' = the 95% interval contains 0. With 500 photos one point is 5 photos.",
              "- Compute: extraction of the copies an arm uses (measured by the store's own extract runs) + the "
-             "arm's training time (mean over seeds); method 2 end to end = 30 x the measured end-to-end epoch. "
+             "arm's training time (mean over seeds); method 2 end to end = its epochs x the measured end-to-end epoch. "
              f"Machine: {results[0]['machine']['cpu']}, 2 cores, no GPU.", "",
              "Reproduce (about 3 hours on this 2-core CPU, resumable):", "", "```bash",
-             "bench/study/extract.sh      # exports hed extractors, extracts copies 0..30 (both layers)",
+             "bench/study/extract.sh      # exports the hed extractors; copies 0..30 (block5), 0..10 (block4)",
              "bench/study/run.sh block5   # convcache compare ... (see the script)",
              "bench/study/run.sh block4",
-             "bench/study/results_doc.py runs/study/block5-report runs/study/block4-report < answer.md", "```", ""]
+             ".venv/bin/python bench/study/results_doc.py runs/study/block5-report runs/study/block4-report \\",
+             "    < bench/study/reading.md", "```", ""]
     for res, tag in zip(results, tags):
         page += section(res, tag)
     (DOCS / "results.md").write_text("\n".join(page) + "\n")

@@ -90,7 +90,7 @@ def report_only(output: str) -> dict:
             raise ConvcacheError(f"{path}: '{arm}' has not finished yet; nothing to compare against")
     cfg = CompareConfig(**{k: v for k, v in results["config"].items()})
     _analyse(results, cfg)
-    results["partial"] = True
+    results["partial"] = results.get("partial", True)  # a finished run stays finished
     _save(Path(output), results)
     write_report(Path(output), results)
     return results
