@@ -269,3 +269,22 @@ def test_a_store_from_before_block_digests_is_extended(extractor, tmp_path):
     assert s.rows_written == 6
     damage, note = FeatureStore(store).verify("train")
     assert damage == [] and note is None and len(FeatureStore(store).load("train")) == 12
+
+
+def test_disk_full_is_one_line_and_keeps_what_was_committed(extractor, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root in a mount namespace)")
+    try:
+        data = make_dataset(tmp_path / "d", splits={"train": 40, "validation": 4})
+        r = run_cli("extract", "--model", extractor, "--data", data, "--augment", 3, "--chunk-rows", 4,
+                    "-o", small / "f.zarr", "--quiet")
+        assert r.returncode == 2 and "No space left on device" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        store = FeatureStore(small / "f.zarr")
+        assert store.rows("train") > 0 and store.verify("train")[0] == []  # what was committed is intact
+        assert len(store.load("train")) == store.rows("train")
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

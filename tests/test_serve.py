@@ -248,6 +248,12 @@ def test_hostile_clients_get_fast_clear_answers(fused_model):
             t0 = time.time()
             answer = c.recv(4096).decode(errors="replace")
             assert answer.startswith("HTTP/1.1 408") and time.time() - t0 < 25
+        # a slowloris: headers never finished; the connection is closed, not held forever
+        with socket.create_connection(("127.0.0.1", s.port)) as c:
+            c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+            c.settimeout(30)
+            t0 = time.time()
+            assert c.recv(4096) == b"" and time.time() - t0 < 25
         with ThreadPoolExecutor(8) as pool:
             rs = list(pool.map(lambda i: httpx.post(s.url + "/v1/predict", content=jpeg(500 + i), timeout=30),
                                range(8)))

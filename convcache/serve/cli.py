@@ -60,6 +60,7 @@ def run_serve(args) -> int:
     import uvicorn
 
     from convcache.serve.app import CONFIG_ENV, create_app
+    from convcache.serve.protocol import ENV as HEADER_TIMEOUT_ENV
     from convcache.serve.config import ServeConfig
 
     from convcache.errors import ConvcacheError
@@ -75,7 +76,8 @@ def run_serve(args) -> int:
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels)
     common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30,
               "server_header": False, "limit_concurrency": config.max_connections,
-              "timeout_keep_alive": config.keep_alive_s}
+              "timeout_keep_alive": config.keep_alive_s, "http": "convcache.serve.protocol:HeaderTimeoutProtocol"}
+    os.environ[HEADER_TIMEOUT_ENV] = str(config.header_timeout_s)
     if args.workers > 1:
         import tempfile
 

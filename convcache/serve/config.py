@@ -21,3 +21,4 @@ class ServeConfig:
     body_timeout_s: float = 10.0  # each chunk of a request body must arrive within this
     max_connections: int = 512  # uvicorn's limit_concurrency: more get 503 at once
     keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this
+    header_timeout_s: float = 10.0  # request headers must be complete within this (slowloris)
