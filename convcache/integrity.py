@@ -43,6 +43,18 @@ class Damage:
         return f"rows {self.start}..{self.stop - 1}: {self.reason}"
 
 
+def committed_blocks(starts, committed: int) -> int:
+    """How many leading entries of `block_start` belong to committed blocks: strictly increasing starts
+    below the commit. A kill between growing the digest arrays and writing them leaves a fill value (0)
+    at the end; it and anything after it are not committed blocks."""
+    keep, prev = 0, -1
+    for start in starts:
+        if not prev < start < committed:
+            break
+        keep, prev = keep + 1, start
+    return keep
+
+
 def create_digest_arrays(group, covered_from: int) -> dict:
     """Add the digest arrays to a split (new, or written before digests); rows before `covered_from`
     stay unverifiable. Returns the arrays (a group read from consolidated metadata would not see them yet)."""
@@ -71,7 +83,7 @@ def verify(group) -> tuple[list[Damage], str | None]:
     starts = group["block_start"][:].tolist()
     digests = group["block_sha256"][:]
     covered_from = int(group.attrs.get("digests_from", 0))
-    starts_ok = [s for s in starts if s < committed]
+    starts_ok = starts[: committed_blocks(starts, committed)]
     expected = covered_from
     for i, start in enumerate(starts_ok):
         stop = starts_ok[i + 1] if i + 1 < len(starts_ok) else committed

@@ -288,3 +288,26 @@ def test_disk_full_is_one_line_and_keeps_what_was_committed(extractor, tmp_path)
         assert len(store.load("train")) == store.rows("train")
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_a_split_created_only_in_part_is_created_again(extractor, tmp_path):
+    """A kill between creating a split's group and its arrays (found by bench/stress_faults.py)."""
+    import shutil
+
+    data = make_dataset(tmp_path / "d", splits={"train": 2, "validation": 2})
+    store = tmp_path / "f.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), progress=False))
+    clean = tmp_path / "clean.zarr"
+    shutil.copytree(store, clean)
+    meta = store / "validation" / "zarr.json"
+    import json
+
+    m = json.loads(meta.read_text())
+    m["attributes"]["committed_rows"] = 0
+    meta.write_text(json.dumps(m))
+    for name in ("label", "image", "copy", "sha256", "path", "block_start", "block_sha256"):
+        shutil.rmtree(store / "validation" / name)
+    s = run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), progress=False))
+    assert s.rows_written == 4 and FeatureStore(store).verify("validation")[0] == []
+    np.testing.assert_array_equal(FeatureStore(store).load("validation").features,
+                                  FeatureStore(clean).load("validation").features)

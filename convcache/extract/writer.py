@@ -20,7 +20,7 @@ import zarr
 from convcache.artifacts import STORE_COLUMNS
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
-from convcache.integrity import DIGEST_ARRAYS, block_digest, create_digest_arrays, verify
+from convcache.integrity import DIGEST_ARRAYS, block_digest, committed_blocks, create_digest_arrays, verify
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,22 @@ class SplitWriter:
                  dtype: str, chunk_rows: int | None = None, repair: bool = False):
         self.split = split
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
-        if split in root:
+        fresh = split not in root
+        if not fresh:
             # the writer reads the truth, never the (possibly older) consolidated copy of it
             self.group = zarr.open_group(root.store, path=split, mode="r+", use_consolidated=False)
-            self._check_identity(identity)
-        else:
+            missing = [name for name in STORE_COLUMNS if name not in self.group]
+            if missing and (repair or not int(self.group.attrs.get("committed_rows", 0))):
+                # a run killed while creating the split: nothing was committed, so start it again
+                log.info("'%s' was created only in part (missing %s); creating it again", split, ", ".join(missing))
+                del root[split]
+                fresh = True
+            elif missing:
+                raise ConvcacheError(f"the store's '{split}' split lacks {', '.join(missing)}: it is damaged; run "
+                                     "extract again with --repair to rebuild it from the images")
+            else:
+                self._check_identity(identity)
+        if fresh:
             self.group = self._create(root, split, identity, provenance, feature_shape, dtype,
                                       chunk_rows or max(1, CHUNK_BYTES // row_bytes))
         self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
@@ -54,8 +65,7 @@ class SplitWriter:
         self.buffer: list[dict] = []
 
     def _drop_uncommitted_blocks(self) -> None:
-        starts = self.digests["block_start"][:]
-        keep = int((starts < self.committed).sum())
+        keep = committed_blocks(self.digests["block_start"][:].tolist(), self.committed)
         for arr in self.digests.values():
             if arr.shape[0] != keep:
                 arr.resize((keep, *arr.shape[1:]))
