@@ -1,0 +1,56 @@
+"""The two costs the study's compute ratios rest on, measured back to back in one run on a quiet CPU:
+extracting one cached row (decode + augment + ONNX Runtime) and one end-to-end method-2 image (decode
+once, augment + TensorFlow forward through the frozen base + head update; validation forward).
+
+    .venv/bin/python bench/bench_method2_cost.py --images 160 --extractor runs/study/block5.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from convcache.artifacts import read
+from convcache.augment import PRESETS
+from convcache.extract.runner import ExtractConfig, _cpu_model, run_extract
+from convcache.train.reference import run_reference
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
+    p.add_argument("--extractor", default="runs/study/block5.onnx")
+    p.add_argument("--images", type=int, default=160, help="training images (half per class); validation gets half")
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="m2cost-"))
+    manifest = tmp / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for split, n in (("train", a.images), ("validation", a.images // 2)):
+            for cls in ("cats", "dogs"):
+                files = sorted((Path(a.data) / split / cls).glob("*.jpg"))[: n // 2]
+                w.writerows([str(x.resolve()), cls, split] for x in files)
+    t = time.perf_counter()
+    s = run_extract(ExtractConfig(model=a.extractor, data=str(manifest), output=str(tmp / "f.zarr"), augment=1,
+                                  policy=PRESETS["book"], progress=False))
+    extract_s = time.perf_counter() - t
+    ext = read(a.extractor)  # the same cut and pooling end to end
+    m = run_reference(str(manifest), "hed", str(tmp / "ref"), epochs=1, policy=PRESETS["book"], progress=False,
+                      batch_size=20, layer=ext.layer, pooling=ext.pooling, input_size=ext.size)
+    h = m["history"][0]
+    out = {"cpu": _cpu_model(), "extract_rows": s.rows_written, "extract_seconds": extract_s,
+           "extract_ms_per_row": 1000 * extract_s / s.rows_written,
+           "e2e_train_ms_per_image": 1000 * h["train_seconds"] / a.images,
+           "e2e_eval_ms_per_image": 1000 * h["eval_seconds"] / (a.images // 2)}
+    out["method2_epoch_seconds_2000_train_1000_val"] = (2000 * out["e2e_train_ms_per_image"]
+                                                       + 1000 * out["e2e_eval_ms_per_image"]) / 1000
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
