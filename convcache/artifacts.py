@@ -46,6 +46,9 @@ class Artifact:
 
     kind: ClassVar[str] = ""
     identity: str
+    input_name: str = ""
+    output_name: str = ""
+    opset: int = 0
     metadata: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -54,11 +57,8 @@ class Extractor(Artifact):
     """`export`'s artifact: pixels (NHWC float32 0-255, RGB) -> conv features."""
 
     kind: ClassVar[str] = KIND_EXTRACTOR
-    input_name: str
-    output_name: str
     size: int
     feature_shape: tuple  # without the batch axis
-    opset: int
     layer: str | None = None
     pooling: str | None = None
     precision: str = "fp32"
@@ -93,9 +93,6 @@ class Head(Artifact):
     classes: tuple
     n_features: int
     extractor_identity: str
-    opset: int
-    input_name: str = FEATURES
-    output_name: str = PROBABILITIES
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Head":
@@ -107,7 +104,7 @@ class Head(Artifact):
             raise ConvcacheError(f"{where}: a head must map '{FEATURES}' to '{PROBABILITIES}' (has {names} -> {outs})")
         return cls(identity=graph_sha256(proto), head=meta["head"], classes=tuple(meta["classes"]),
                    n_features=int(meta["n_features"]), extractor_identity=meta["extractor_sha256"], opset=_opset(proto),
-                   metadata=meta)
+                   input_name=FEATURES, output_name=PROBABILITIES, metadata=meta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +114,6 @@ class Fused(Artifact):
     kind: ClassVar[str] = KIND_FUSED
     classes: tuple
     size: int
-    input_name: str = IMAGES
     outputs: tuple = (PROBABILITIES, FEATURES)
 
     @classmethod
@@ -136,8 +132,8 @@ class Fused(Artifact):
         classes = tuple(meta["classes"])
         if not classes or len(set(classes)) != len(classes):
             raise ConvcacheError(f"{where}: metadata classes must be distinct and non-empty, got {list(classes)}")
-        return cls(identity=graph_sha256(proto), classes=classes, size=size,
-                   metadata=meta)
+        return cls(identity=graph_sha256(proto), classes=classes, size=size, input_name=IMAGES,
+                   output_name=PROBABILITIES, opset=_opset(proto), metadata=meta)
 
 
 ARTIFACTS = {a.kind: a for a in (Extractor, Head, Fused)}
