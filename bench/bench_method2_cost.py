@@ -16,7 +16,8 @@ from pathlib import Path
 
 from convcache.artifacts import read
 from convcache.augment import PRESETS
-from convcache.extract.runner import ExtractConfig, _cpu_model, run_extract
+from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.runtime import cpu_model
 from convcache.train.reference import run_reference
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     m = run_reference(str(manifest), "hed", str(tmp / "ref"), epochs=1, policy=PRESETS["book"], progress=False,
                       batch_size=20, layer=ext.layer, pooling=ext.pooling, input_size=ext.size)
     h = m["history"][0]
-    out = {"cpu": _cpu_model(), "extract_rows": s.rows_written, "extract_seconds": extract_s,
+    out = {"cpu": cpu_model(), "extract_rows": s.rows_written, "extract_seconds": extract_s,
            "extract_ms_per_row": 1000 * extract_s / s.rows_written,
            "e2e_train_ms_per_image": 1000 * h["train_seconds"] / a.images,
            "e2e_eval_ms_per_image": 1000 * h["eval_seconds"] / (a.images // 2)}

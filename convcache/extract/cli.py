@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 EXIT_PARTIAL = 3  # finished, but some files were skipped
 

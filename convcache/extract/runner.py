@@ -27,7 +27,7 @@ from convcache.extract.writer import SplitWriter
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, printable_path
 from convcache import artifacts
 from convcache.onnxmeta import load_model
-from convcache.runtime import create_session
+from convcache.runtime import cpu_model, create_session
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, 
     rows = summary.rows_written - rows_before
     if rows:  # the cost of the cache, for compute accounting (seconds per row on this machine)
         writer.record_run({"rows": rows, "seconds": round(time.perf_counter() - t_start, 3),
-                           "provider": extractor.provider, "cpu": _cpu_model(), "batch_size": cfg.batch_size,
+                           "provider": extractor.provider, "cpu": cpu_model(), "batch_size": cfg.batch_size,
                            "workers": cfg.workers, "copies": copies, "finished": _now()})
 
 
@@ -256,16 +256,6 @@ def _versions() -> dict:
 
     return {"convcache": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "zarr": zarr.__version__, "numpy": np.__version__}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _now() -> str:

@@ -185,8 +185,7 @@ def _slim(m: dict) -> dict:
             "select_accuracy": m["select"]["accuracy"], "fit_seconds": m["fit_seconds"], "steps": sel.get("steps"),
             "epochs_run": sel.get("epochs_run"), "best_epoch": sel.get("best_epoch"), "C": sel.get("C"),
             "copies_used": sel.get("copies_used"), "report_correct": m["report_correct"],
-            "train_loss": [h["train_loss"] for h in sel.get("history", [])],
-            "report_curve": None}
+            "train_loss": [h["train_loss"] for h in sel.get("history", [])]}
 
 
 def _aggregate(runs: list[dict]) -> dict:
@@ -325,9 +324,9 @@ def _analyse(results: dict, cfg: CompareConfig) -> None:
 
 
 def _machine() -> dict:
-    from convcache.extract.runner import _cpu_model
+    from convcache.runtime import cpu_model
 
-    return {"cpu": _cpu_model(), "python": platform.python_version(), "machine": platform.machine()}
+    return {"cpu": cpu_model(), "python": platform.python_version(), "machine": platform.machine()}
 
 
 def _save(out: Path, results: dict) -> None:
