@@ -20,16 +20,24 @@ class Item:
     split: str
 
 
-def discover(data: str) -> tuple[list[Item], list[str]]:
+def discover(data: str, storage_options: dict | None = None) -> tuple[list[Item], list[str]]:
     """Items sorted by (split, path), and class names sorted into indices."""
-    items, classes, _ = discover_all(data)
+    items, classes, _ = discover_all(data, storage_options)
     return items, classes
 
 
-def discover_all(data: str) -> tuple[list[Item], list[str], list[tuple[str, str, str]]]:
+def discover_all(data: str, storage_options: dict | None = None
+                 ) -> tuple[list[Item], list[str], list[tuple[str, str, str]]]:
     """Items, class names, and the entries of class folders that cannot be images, each as
-    (path, split, reason): directories, FIFOs, devices, sockets, broken links and symlink loops."""
-    src = Path(data)
+    (path, split, reason): directories, FIFOs, devices, sockets, broken links and symlink loops.
+    `data` may be a URL (s3://bucket/prefix/ or a manifest at a URL): it is listed through fsspec and
+    every item's path is a full URL."""
+    from convcache.location import resolve
+
+    loc = resolve(data, storage_options, what="--data")
+    if not loc.local:
+        return _discover_remote(loc)
+    src = Path(loc.path)
     ignored: list[tuple[str, str, str]] = []
     if not src.exists():
         raise ConvcacheError(f"--data {data}: no such file or directory")
@@ -51,12 +59,45 @@ def discover_all(data: str) -> tuple[list[Item], list[str], list[tuple[str, str,
                         ignored.append((str(f), split, reason))
                     else:
                         pairs.append((str(f), cls.name, split))
+    return _items(data, pairs, ignored)
+
+
+def _items(data, pairs, ignored):
     if not pairs:
         raise ConvcacheError(f"--data {data}: no images found (expected split/class folders, class folders or a CSV)")
     classes = sorted({label for _, label, _ in pairs})
     index = {c: i for i, c in enumerate(classes)}
     items = sorted((Item(p, index[label], split) for p, label, split in pairs), key=lambda i: (i.split, i.path))
     return items, classes, ignored
+
+
+def _discover_remote(loc):
+    """The same layouts as on disk, listed through fsspec (a bucket has prefixes, not folders)."""
+    fs = loc.fs
+    base = loc.path.rstrip("/")
+    try:
+        if loc.path.lower().endswith(".csv") and fs.isfile(base):
+            return _items(loc.url, _read_manifest(loc), [])
+        if not fs.exists(base):
+            raise ConvcacheError(f"--data {loc.url}: no such prefix or object")
+        dirs = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["name"].rstrip("/")
+                for e in fs.ls(base, detail=True) if e["type"] == "directory"}
+    except ConvcacheError:
+        raise
+    except Exception as exc:  # credentials, network, a missing bucket
+        raise ConvcacheError(f"--data {loc.url}: cannot list ({exc.__class__.__name__}: {exc})") from None
+    split_dirs = [(s, dirs[s]) for s in SPLITS if s in dirs]
+    folders = split_dirs or [("train", base)]
+    pairs = []
+    for split, root in folders:
+        classes = sorted(e["name"].rstrip("/") for e in fs.ls(root, detail=True) if e["type"] == "directory"
+                         and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith("."))
+        for cls in classes:
+            for e in sorted(fs.ls(cls, detail=True), key=lambda e: e["name"]):
+                name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+                if e["type"] == "file" and not name.startswith("."):
+                    pairs.append((f"{loc.protocol}://{e['name']}", cls.rsplit("/", 1)[-1], split))
+    return _items(loc.url, pairs, [])
 
 
 def _not_a_file(path: Path) -> str | None:
@@ -75,9 +116,11 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _read_manifest(path: Path) -> list[tuple[str, str, str]]:
-    """path,label[,split] rows; a UTF-8 BOM is fine; any malformed row is refused with its line."""
-    raw = path.read_bytes()
+def _read_manifest(path) -> list[tuple[str, str, str]]:
+    """path,label[,split] rows; a UTF-8 BOM is fine; any malformed row is refused with its line. Paths
+    may be URLs; relative paths are relative to the manifest (on disk or at its URL)."""
+    remote = not isinstance(path, Path)  # a Location of a manifest at a URL
+    raw = path.fs.cat_file(path.path) if remote else path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -103,6 +146,12 @@ def _read_manifest(path: Path) -> list[tuple[str, str, str]]:
         split = (row.get("split") or "train").strip()
         if split not in SPLITS:
             raise ConvcacheError(f"{path}:{n}: unknown split {split!r} (use {', '.join(SPLITS)})")
-        pp = Path(p)
-        result.append((str(pp if pp.is_absolute() else path.parent / pp), label, split))
+        if "://" in p:
+            result.append((p, label, split))
+        elif remote:
+            parent = path.url.rsplit("/", 1)[0]
+            result.append((f"{parent}/{p.lstrip('/')}", label, split))
+        else:
+            pp = Path(p)
+            result.append((str(pp if pp.is_absolute() else path.parent / pp), label, split))
     return result

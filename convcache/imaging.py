@@ -39,9 +39,13 @@ def printable_path(path) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def read_bytes(path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+def read_bytes(path, max_bytes: int = DEFAULT_MAX_BYTES, storage_options: dict | None = None) -> bytes:
     """A file's bytes, once: refused before reading when it is not a regular file (FIFO, device,
-    directory, socket) or larger than `max_bytes`."""
+    directory, socket) or larger than `max_bytes`. A URL (s3://...) is read through fsspec."""
+    if isinstance(path, str) and "://" in path:
+        from convcache.location import read_url
+
+        return read_url(path, max_bytes, storage_options)
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):

@@ -16,7 +16,8 @@ DEVICES = ("auto", "cpu", "cuda")
 _CUDA = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
 
 
-def create_session(path: str, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+def create_session(path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+    """A session for an ONNX file (or its bytes, as Dask workers receive it)."""
     if device not in DEVICES:
         raise ConvcacheError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     available = ort.get_available_providers()
@@ -30,9 +31,10 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     if threads:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers)
     except Exception as exc:
-        raise ConvcacheError(f"cannot load {path} in ONNX Runtime: {exc}") from None
+        name = "the model" if isinstance(path, bytes) else path
+        raise ConvcacheError(f"cannot load {name} in ONNX Runtime: {exc}") from None
     active = session.get_providers()[0]  # ORT can fall back to CPU silently: check what is real
     if device == "cuda" and active != "CUDAExecutionProvider":
         raise ConvcacheError(f"--device cuda: ONNX Runtime fell back to {active}")

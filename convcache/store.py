@@ -29,12 +29,19 @@ class SplitData:
 class FeatureStore:
     """Read-only view of a store. Only committed rows are visible."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
+    def __init__(self, path: str | Path, storage_options: dict | None = None):
+        from convcache.location import resolve
+
+        self.location = resolve(path, storage_options, what="store")
+        self.path = Path(self.location.path) if self.location.local else self.location.url
+        try:
+            present = self.location.child("zarr.json").isfile()
+        except Exception as exc:  # credentials, network, a missing bucket
+            raise ConvcacheError(f"{path}: cannot read the store ({exc.__class__.__name__}: {exc})") from None
+        if not present:
             raise ConvcacheError(f"not a feature store: {path}")
         try:
-            self.root = zarr.open_group(str(self.path), mode="r")
+            self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
             fmt = self.root.attrs.get("format")
         except Exception as exc:  # corrupt zarr.json and friends
             raise ConvcacheError(f"{path}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None

@@ -21,8 +21,12 @@ def register(sub) -> None:
     p.add_argument("--model", help="extractor .onnx from `convcache export` (required unless --verify)")
     p.add_argument("--data",
                    help="a root with train/ validation/ test/ class folders, one class-folder directory, "
-                        "or a CSV manifest with path,label[,split]")
-    p.add_argument("-o", "--output", required=True, help="the .zarr store to create or extend")
+                        "or a CSV manifest with path,label[,split]; local or a URL (s3://bucket/prefix/)")
+    p.add_argument("-o", "--output", required=True,
+                   help="the .zarr store to create or extend: a path or a URL (s3://bucket/x.zarr, gs://, memory://)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for -o and --data URLs, repeatable (credentials and AWS_ENDPOINT_URL "
+                        "also come from the environment)")
     p.add_argument("--augment", type=int, default=d["augment"], metavar="K", help="augmented copies per training image")
     p.add_argument("--augment-splits", default="train", help="comma-separated splits that get copies")
     p.add_argument("--policy", default="keras3",
@@ -38,6 +42,15 @@ def register(sub) -> None:
     p.add_argument("--max-bytes", type=int, default=d["max_bytes"],
                    help="skip files larger than this, before reading them (FIFOs and devices are always skipped)")
     p.add_argument("--chunk-rows", type=int, help="rows per Zarr chunk (None: about 4 MiB chunks)")
+    g = p.add_argument_group("distributed (Dask)")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run decode + augment + inference on this Dask cluster (tcp://HOST:8786); the store and "
+                        "the images must be reachable from the workers (object storage or a shared file system)")
+    g.add_argument("--cluster", metavar="local:N", help="start a Dask LocalCluster with N worker processes")
+    g.add_argument("--rows-per-task", type=int, help="rows per Dask task, rounded up to whole chunks (default: one "
+                                                     "chunk)")
+    g.add_argument("--threads", type=int, help="ONNX Runtime threads per session (default: all cores; with "
+                                               "--cluster local:N, cores/N per worker)")
     p.add_argument("--verify", action="store_true",
                    help="check every committed block of -o against its digest and exit (0 intact, 2 damaged)")
     p.add_argument("--repair", action="store_true",
@@ -52,10 +65,10 @@ def _policy(text: str | None):
     return AugmentPolicy.parse(text)
 
 
-def verify(output: str) -> int:
+def verify(output: str, storage_options: dict | None = None) -> int:
     from convcache.store import FeatureStore
 
-    store = FeatureStore(output)
+    store = FeatureStore(output, storage_options)
     damaged = 0
     for split in store.splits:
         damage, note = store.verify(split)
@@ -72,8 +85,11 @@ def verify(output: str) -> int:
 def run(args) -> int:
     from convcache.errors import ConvcacheError
 
+    from convcache.location import parse_storage_options
+
+    options = parse_storage_options(args.storage_option)
     if args.verify:
-        return verify(args.output)
+        return verify(args.output, options)
     if not args.model or not args.data:
         raise ConvcacheError("--model and --data are required (except with --verify)")
     from convcache.extract.runner import ExtractConfig, run_extract
@@ -82,7 +98,8 @@ def run(args) -> int:
                         seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=args.device,
                         dtype=args.dtype, policy=_policy(args.policy),
                         max_pixels=args.max_pixels, chunk_rows=args.chunk_rows, max_bytes=args.max_bytes,
-                        repair=args.repair,
+                        repair=args.repair, storage_options=options, scheduler=args.scheduler,
+                        cluster=args.cluster, rows_per_task=args.rows_per_task, threads=args.threads,
                         progress=not args.no_progress)
     s = run_extract(cfg)
     print(f"extracted {s.rows_written} rows ({s.rows_cached} cached, {s.inference_calls} inference calls) from "

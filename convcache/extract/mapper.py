@@ -17,12 +17,13 @@ from convcache.imaging import DEFAULT_MAX_BYTES, decode_image, read_bytes
 class Hashed:
     item: Item
     sha256: str | None
-    error: str | None = None
+    error: str | None = None  # the file could not be read
+    decode_error: str | None = None  # read and hashed, but it does not decode (probe_file only)
 
 
-def hash_file(item: Item, max_bytes: int = DEFAULT_MAX_BYTES) -> Hashed:
+def hash_file(item: Item, max_bytes: int = DEFAULT_MAX_BYTES, storage_options: dict | None = None) -> Hashed:
     try:
-        return Hashed(item, hashlib.sha256(read_bytes(item.path, max_bytes)).hexdigest())
+        return Hashed(item, hashlib.sha256(read_bytes(item.path, max_bytes, storage_options)).hexdigest())
     except ImageError as exc:
         return Hashed(item, None, exc.reason)
     except Exception as exc:  # one bad file never stops a run
@@ -39,9 +40,10 @@ class Decoded:
 
 
 def decode_copies(item: Item, sha256: str, copies: list[int], size: int, policy: AugmentPolicy, seed: int,
-                  max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded:
+                  max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES,
+                  storage_options: dict | None = None) -> Decoded:
     try:
-        data = read_bytes(item.path, max_bytes)
+        data = read_bytes(item.path, max_bytes, storage_options)
         if hashlib.sha256(data).hexdigest() != sha256:
             return Decoded(item, sha256, copies, None, "changed while reading")
         image = decode_image(data, size, max_pixels)
@@ -50,3 +52,23 @@ def decode_copies(item: Item, sha256: str, copies: list[int], size: int, policy:
         return Decoded(item, sha256, copies, None, exc.reason)
     except Exception as exc:  # one bad file never stops a run
         return Decoded(item, sha256, copies, None, f"failed ({exc.__class__.__name__}: {exc})")
+
+
+def probe_file(item: Item, size: int, max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES,
+               storage_options: dict | None = None) -> Hashed:
+    """hash_file plus a full decode: the distributed planner must know, before it assigns rows to
+    tasks, which files will decode (a task fills whole chunks, so a row cannot go missing later)."""
+    try:
+        data = read_bytes(item.path, max_bytes, storage_options)
+    except ImageError as exc:
+        return Hashed(item, None, exc.reason)
+    except Exception as exc:  # one bad file never stops a run
+        return Hashed(item, None, f"unreadable ({exc.__class__.__name__}: {exc})")
+    hashed = Hashed(item, hashlib.sha256(data).hexdigest())
+    try:
+        decode_image(data, size, max_pixels)
+    except ImageError as exc:
+        hashed.decode_error = exc.reason
+    except Exception as exc:
+        hashed.decode_error = f"failed ({exc.__class__.__name__}: {exc})"
+    return hashed

@@ -50,6 +50,11 @@ class ExtractConfig:
     progress: bool = True
     max_bytes: int = DEFAULT_MAX_BYTES
     repair: bool = False  # recompute damaged rows instead of refusing a damaged store
+    storage_options: dict = field(default_factory=dict)  # for -o and --data URLs (beside the environment's)
+    scheduler: str | None = None  # a Dask scheduler address: extract on that cluster
+    cluster: str | None = None  # local:N: start a Dask LocalCluster of N worker processes
+    rows_per_task: int | None = None  # distributed: rows per task, rounded up to whole chunks (None: one chunk)
+    threads: int | None = None  # ONNX Runtime threads per session (None: its default; 1 per local:N worker)
 
     def __post_init__(self):
         if isinstance(self.policy, (str, dict)):
@@ -62,6 +67,19 @@ class ExtractConfig:
             raise ConvcacheError("--max-pixels, --max-bytes and --chunk-rows must be >= 1")
         if self.dtype not in ("float32", "float16"):
             raise ConvcacheError(f"--dtype {self.dtype}: choose float32 or float16")
+        if (self.rows_per_task is not None and self.rows_per_task < 1) or (self.threads is not None
+                                                                             and self.threads < 1):
+            raise ConvcacheError("--rows-per-task and --threads must be >= 1")
+        if self.scheduler and self.cluster:
+            raise ConvcacheError("--scheduler and --cluster are exclusive: connect to a cluster or start a local one")
+        if self.cluster:
+            from convcache.extract.distributed import parse_cluster
+
+            parse_cluster(self.cluster)
+        from convcache.location import resolve
+
+        resolve(self.output, self.storage_options, what="-o", write=True)  # a bad URL fails before any work
+        resolve(self.data, self.storage_options, what="--data")
 
 
 @dataclass
@@ -83,13 +101,13 @@ class ExtractSummary:
 class Extractor:
     """An ONNX extractor and what a store needs to know about it."""
 
-    def __init__(self, path: str, device: str):
+    def __init__(self, path: str, device: str, threads: int | None = None):
         self.contract = artifacts.Extractor.from_proto(load_model(path), str(path))
         self.meta = self.contract.metadata
         self.sha256 = self.contract.identity
         self.size = self.contract.size
         self.feature_shape = self.contract.feature_shape
-        self.session = create_session(path, device)
+        self.session = create_session(path, device, threads)
         self.provider = self.session.get_providers()[0]
         self.calls = 0
 
@@ -100,32 +118,57 @@ class Extractor:
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     start = time.perf_counter()
-    extractor = Extractor(cfg.model, cfg.device)
-    items, classes, ignored = discover_all(cfg.data)
-    with writer_lock(cfg.output):
+    distributed = bool(cfg.scheduler or cfg.cluster)
+    if distributed:  # the client needs the model's contract and bytes, not a session
+        proto = load_model(cfg.model)
+        extractor = artifacts.Extractor.from_proto(proto, str(cfg.model))
+    else:
+        extractor = Extractor(cfg.model, cfg.device, cfg.threads)
+    items, classes, ignored = discover_all(cfg.data, cfg.storage_options)
+    with writer_lock(cfg.output, cfg.storage_options):
         try:
-            return _run_locked(cfg, start, extractor, items, classes, ignored)
+            if not distributed:
+                return _run_locked(cfg, start, extractor, items, classes, ignored)
+            from convcache.extract.distributed import run_distributed
+
+            summary = ExtractSummary(provider="dask", images=len(items))
+            run_distributed(cfg, extractor, proto.SerializeToString(), items, classes, ignored, summary)
+            summary.seconds = time.perf_counter() - start
+            return summary
         except OSError as exc:  # disk full, read-only file system, ...: what was committed stays
             raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is kept, "
                                  "re-run to resume once that is fixed") from None
 
 
-def _run_locked(cfg, start, extractor, items, classes, ignored) -> ExtractSummary:
-    root = _open_root(cfg.output, classes)
-    summary = ExtractSummary(provider=extractor.provider, images=len(items))
-    identity = {"extractor_sha256": extractor.sha256, "policy": cfg.policy.to_dict(), "seed": cfg.seed,
+def store_identity(cfg: ExtractConfig, contract, classes) -> tuple[dict, dict]:
+    """What a split's rows depend on (refused if it differs from the stored one), and its provenance."""
+    identity = {"extractor_sha256": contract.identity, "policy": cfg.policy.to_dict(), "seed": cfg.seed,
                 "dtype": cfg.dtype, "classes": classes}
-    provenance = {"extractor": {"metadata": extractor.meta, "sha256": extractor.sha256, "file": str(cfg.model)},
+    provenance = {"extractor": {"metadata": contract.metadata, "sha256": contract.identity, "file": str(cfg.model)},
                   "augment": {"policy": cfg.policy.to_dict(), "seed": cfg.seed, "splits": list(cfg.augment_splits)},
                   "classes": classes, "versions": _versions(), "created": _now()}
+    return identity, provenance
+
+
+def split_writers(cfg: ExtractConfig, contract, items, classes, ignored):
+    """For each split of the data, in order: (split, its items, the copies it gets, its SplitWriter,
+    the entries discovery ignored in it)."""
+    root = open_root(cfg.output, classes, cfg.storage_options)
+    identity, provenance = store_identity(cfg, contract, classes)
+    for split in sorted({i.split for i in items}):
+        copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
+        writer = SplitWriter(root, split, identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows,
+                             repair=cfg.repair)
+        yield split, [i for i in items if i.split == split], copies, writer, {p: r for p, sp, r in ignored
+                                                                                if sp == split}
+
+
+def _run_locked(cfg, start, extractor, items, classes, ignored) -> ExtractSummary:
+    summary = ExtractSummary(provider=extractor.provider, images=len(items))
     with ThreadPoolExecutor(cfg.workers) as pool:
-        for split in sorted({i.split for i in items}):
-            split_items = [i for i in items if i.split == split]
-            copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
-            writer = SplitWriter(root, split, identity, provenance, extractor.feature_shape, cfg.dtype, cfg.chunk_rows,
-                                 repair=cfg.repair)
-            _extract_split(split, split_items, copies, writer, extractor, pool, cfg, summary,
-                           {p: r for p, sp, r in ignored if sp == split})
+        for split, split_items, copies, writer, ignored_here in split_writers(cfg, extractor.contract, items, classes,
+                                                                              ignored):
+            _extract_split(split, split_items, copies, writer, extractor, pool, cfg, summary, ignored_here)
     summary.inference_calls = extractor.calls
     summary.seconds = time.perf_counter() - start
     return summary
@@ -138,25 +181,8 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, 
     writer.skipped = {}  # files are retried on every run; failures are recorded again below
     for path, reason in (ignored or {}).items():  # entries discovery could not use (FIFOs, loops, ...)
         writer.skip(path, reason)
-    plan, seen = [], {}
-    hashed_all = list(pool.map(lambda item: hash_file(item, cfg.max_bytes), items))
-    labels: dict = {}
-    for hashed in hashed_all:
-        if not hashed.error:
-            labels.setdefault(hashed.sha256, set()).add(hashed.item.label)
-    for hashed in hashed_all:
-        if hashed.error:
-            writer.skip(hashed.item.path, hashed.error)
-        elif len(labels[hashed.sha256]) > 1:  # the same bytes under two labels: neither label can be trusted
-            writer.skip(hashed.item.path, "the same content is listed under different labels")
-        elif hashed.sha256 in seen:
-            summary.duplicates[printable_path(hashed.item.path)] = printable_path(seen[hashed.sha256])
-        else:
-            seen[hashed.sha256] = hashed.item.path
-            need = [c for c in copies if (hashed.sha256, c) not in done]
-            summary.rows_cached += len(copies) - len(need)
-            if need:
-                plan.append((hashed.item, hashed.sha256, need))
+    hashed_all = list(pool.map(lambda item: hash_file(item, cfg.max_bytes, cfg.storage_options), items))
+    plan = plan_rows(hashed_all, copies, done, writer, summary)
     total = sum(len(need) for _, _, need in plan)
     next_image = max(image_index.values(), default=-1) + 1
     pending: list[tuple] = []  # (item, sha, copy, pixels) waiting for a full batch
@@ -170,8 +196,8 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, 
         summary.rows_written += len(rows)
         bar.update(len(rows))
 
-    jobs = ((item, sha, need, extractor.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes)
-            for item, sha, need in plan)
+    jobs = ((item, sha, need, extractor.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes,
+             cfg.storage_options) for item, sha, need in plan)
     for decoded in _ordered(pool, decode_copies, jobs, window=4 * cfg.workers):
         if decoded.error:
             writer.skip(decoded.item.path, decoded.error)
@@ -196,6 +222,29 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, 
                            "workers": cfg.workers, "copies": copies, "finished": _now()})
 
 
+def plan_rows(hashed_all, copies, done, writer, summary) -> list[tuple]:
+    """(item, sha256, copies still needed) for every usable file, in item order. Unreadable files and
+    content listed under two labels are recorded as skipped; repeated content is used once."""
+    plan, seen, labels = [], {}, {}
+    for hashed in hashed_all:
+        if not hashed.error:
+            labels.setdefault(hashed.sha256, set()).add(hashed.item.label)
+    for hashed in hashed_all:
+        if hashed.error:
+            writer.skip(hashed.item.path, hashed.error)
+        elif len(labels[hashed.sha256]) > 1:  # the same bytes under two labels: neither label can be trusted
+            writer.skip(hashed.item.path, "the same content is listed under different labels")
+        elif hashed.sha256 in seen:
+            summary.duplicates[printable_path(hashed.item.path)] = printable_path(seen[hashed.sha256])
+        else:
+            seen[hashed.sha256] = hashed.item.path
+            need = [c for c in copies if (hashed.sha256, c) not in done]
+            summary.rows_cached += len(copies) - len(need)
+            if need:
+                plan.append((hashed.item, hashed.sha256, need))
+    return plan
+
+
 def _ordered(pool, fn, jobs, window: int):
     """pool.map with a bounded look-ahead, so decoded images never pile up in memory."""
     futures = deque()
@@ -208,14 +257,21 @@ def _ordered(pool, fn, jobs, window: int):
 
 
 @contextmanager
-def writer_lock(output: str):
+def writer_lock(output: str, storage_options: dict | None = None):
     """One writer per store: an advisory lock (flock) on `<store>.lock` beside the store. A second
     writer fails at once with a one-line error and touches nothing; the lock dies with its process,
-    so a killed writer never leaves a stale lock. (Local disks only; see the README.)"""
+    so a killed writer never leaves a stale lock. Local disks only: object storage has no lock that
+    dies with its holder, so a store at a URL is not guarded against two writers (see the README)."""
     import fcntl
     import os
 
-    lock_path = Path(str(Path(output)).rstrip("/") + ".lock")
+    from convcache.location import resolve
+
+    loc = resolve(output, storage_options, what="-o", write=True)
+    if not loc.local:
+        yield
+        return
+    lock_path = Path(loc.path.rstrip("/") + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -232,14 +288,19 @@ def writer_lock(output: str):
         os.close(fd)  # releases the lock
 
 
-def _open_root(output: str, classes: list[str]) -> zarr.Group:
-    path = Path(output)
-    if path.exists() and not (path / "zarr.json").is_file():
-        raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
+def open_root(output: str, classes: list[str], storage_options: dict | None = None) -> zarr.Group:
+    """The store's root group for writing (created if absent), checked against `classes`."""
+    from convcache.location import resolve
+
+    loc = resolve(output, storage_options, what="-o", write=True)
     try:
-        root = zarr.open_group(str(path), mode="a", use_consolidated=False)  # the writer reads the truth
+        if loc.exists() and not loc.child("zarr.json").isfile():
+            raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
+        root = zarr.open_group(store=loc.zarr_store(), mode="a", use_consolidated=False)  # the writer reads the truth
         fmt = root.attrs.get("format")
-    except Exception as exc:  # corrupt zarr.json and friends
+    except ConvcacheError:
+        raise
+    except Exception as exc:  # corrupt zarr.json and friends; credentials or network for a URL
         raise ConvcacheError(f"-o {output}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
     if fmt is None:
         root.attrs.update({"format": FORMAT, "classes": classes, "created": _now(), "versions": _versions()})

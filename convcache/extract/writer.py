@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
 
 
+def row_columns(rows: list[dict]) -> dict:
+    """The small columns of a block (everything but features) as stored, from row dicts."""
+    return {
+        "label": np.array([r["label"] for r in rows], np.int32),
+        "image": np.array([r["image"] for r in rows], np.int64),
+        "copy": np.array([r["copy"] for r in rows], np.int16),
+        "sha256": np.stack([np.frombuffer(bytes.fromhex(r["sha256"]), np.uint8) for r in rows]),
+        "path": np.array([r["path"] for r in rows], dtype=object),
+    }
+
+
 class SplitWriter:
     def __init__(self, root: zarr.Group, split: str, identity: dict, provenance: dict, feature_shape: tuple,
                  dtype: str, chunk_rows: int | None = None, repair: bool = False):
@@ -129,26 +140,36 @@ class SplitWriter:
         if not self.buffer:
             return
         start, stop = self.committed, self.committed + len(self.buffer)
-        columns = {
-            "features": np.stack([r["features"] for r in self.buffer]),
-            "label": np.array([r["label"] for r in self.buffer], np.int32),
-            "image": np.array([r["image"] for r in self.buffer], np.int64),
-            "copy": np.array([r["copy"] for r in self.buffer], np.int16),
-            "sha256": np.stack([np.frombuffer(bytes.fromhex(r["sha256"]), np.uint8) for r in self.buffer]),
-            "path": np.array([r["path"] for r in self.buffer], dtype=object),
-        }
+        columns = {"features": np.stack([r["features"] for r in self.buffer]), **row_columns(self.buffer)}
         self._resize(stop)  # grow to this block only: the shape never runs ahead of the data
         columns["features"] = columns["features"].astype(self.arrays["features"].dtype)
+        self.arrays["features"][start:stop] = columns["features"]
+        digest = block_digest(columns, columns["features"].dtype)  # the block's digest lands before its commit
+        self.buffer = []
+        self.commit_block(start, stop, {k: v for k, v in columns.items() if k != "features"}, digest)
+
+    # --- the distributed path: workers write whole feature chunks, this writer alone commits ---
+
+    def reserve(self, rows: int) -> None:
+        """Grow every column to committed + `rows` so that workers can write feature chunks there. Until
+        they are committed those rows read as fill values (0) to plain Zarr readers; `committed_rows`
+        stays the truth, and a re-run truncates whatever was reserved but not committed."""
+        self._resize(self.committed + rows)
+
+    def commit_block(self, start: int, stop: int, columns: dict, digest: bytes) -> None:
+        """Commit rows [start, stop) whose features a worker already wrote: write the small columns
+        (planned on the client), the block's digest (computed by the worker over every column), then
+        `committed_rows`. Blocks commit strictly in row order."""
+        if start != self.committed:
+            raise ConvcacheError(f"internal: block {start}..{stop} committed after row {self.committed}")
         for name, values in columns.items():
             self.arrays[name][start:stop] = values
-        n_blocks = self.digests["block_start"].shape[0]  # the block's digest lands before its commit
+        n_blocks = self.digests["block_start"].shape[0]
         for name, value in (("block_start", np.array([start], np.int64)),
-                            ("block_sha256", np.frombuffer(block_digest(columns, columns["features"].dtype),
-                                                           np.uint8)[None])):
+                            ("block_sha256", np.frombuffer(digest, np.uint8)[None])):
             arr = self.digests[name]
             arr.resize((n_blocks + 1, *arr.shape[1:]))
             arr[n_blocks : n_blocks + 1] = value
-        self.buffer = []
         self.commit(stop)
 
     def commit(self, rows: int | None = None) -> None:

@@ -7,7 +7,9 @@ def register(sub) -> None:
     t = sub.add_parser("train", help="train a head on cached features",
                        description="Fit a head on a feature store (originals + the first K copies), export it to "
                                    "ONNX and write metrics.json beside it.")
-    t.add_argument("--features", required=True, help="the .zarr store from `convcache extract`")
+    t.add_argument("--features", required=True, help="the .zarr store from `convcache extract` (a path or a URL)")
+    t.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for a --features URL, repeatable")
     t.add_argument("--head", choices=["logreg", "dense"], default="logreg")
     t.add_argument("--copies", type=int, default=None, metavar="K",
                    help="use originals + augmented copies 1..K (default: all stored)")
@@ -84,7 +86,10 @@ def run_train(args) -> int:
               "progress": not args.quiet} if args.head == "dense" else {}
     if args.head == "logreg" and args.C:
         params["Cs"] = tuple(args.C)
-    m = train_head(args.features, args.head, args.output, args.copies, params)
+    from convcache.location import parse_storage_options
+
+    m = train_head(args.features, args.head, args.output, args.copies, params,
+                   storage_options=parse_storage_options(args.storage_option))
     if args.copies is not None and args.copies > m["copies_available"]:
         print(f"warning: --copies {args.copies}, but the store holds copies 0..{m['copies_available']}; "
               f"used {m['copies']}")

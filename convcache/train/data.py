@@ -56,8 +56,9 @@ class TrainingData:
                        provenance={**self.provenance, "copies": int(self.train.copy[keep].max())})
 
 
-def load_training_data(store_path: str, copies: int | None = None) -> TrainingData:
-    store = FeatureStore(store_path)
+def load_training_data(store_path: str, copies: int | None = None, storage_options: dict | None = None
+                       ) -> TrainingData:
+    store = FeatureStore(store_path, storage_options)
     if "train" not in store.splits:
         raise ConvcacheError(f"{store_path}: no train split")
     shas = {store.extractor_identity(s) for s in store.splits}

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None,
-               data: TrainingData | None = None, export: bool = True) -> dict:
+               data: TrainingData | None = None, export: bool = True, storage_options: dict | None = None) -> dict:
     """Fit `head` on originals + copies 1..K of the store's train split, select on the select half of
     validation, report on the report half (and on test when the store has one). `data` reuses a
     loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx."""
@@ -28,7 +28,7 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
         raise ConvcacheError(f"unknown head {head!r}; choose {', '.join(HEADS)}")
     load_start = time.perf_counter()
     if data is None:
-        data = load_training_data(store, copies)
+        data = load_training_data(store, copies, storage_options)
     elif copies is not None:
         data = data.with_copies(min(copies, data.copies_used))
     load_seconds = time.perf_counter() - load_start

@@ -1,0 +1,162 @@
+"""Where a store or an image lives: a local path or an fsspec URL (s3://, gs://, az://, memory://, file://).
+
+Every stage resolves its paths here, once, before any work: an unknown scheme or a scheme whose
+filesystem package is missing is a one-line error naming the package, never a local folder named
+`s3:`. Storage options come from the standard places (the filesystem's own: AWS_* environment
+variables and ~/.aws for S3, gcloud credentials for GCS, ...), plus `AWS_ENDPOINT_URL` /
+`AWS_ENDPOINT_URL_S3` for S3-compatible endpoints, plus `--storage-option key=value` for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convcache.errors import ConvcacheError
+
+LOCAL = ("file", "local")
+# schemes whose filesystem a store can be written to (http(s) is read-only; zip/tar are archives)
+WRITABLE = {"file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "hdfs",
+            "webhdfs"}
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+             "abfss": "adlfs", "adl": "adlfs", "oss": "ossfs", "http": "aiohttp", "https": "aiohttp"}
+
+
+def is_url(text) -> bool:
+    return "://" in str(text)
+
+
+def parse_storage_options(pairs) -> dict:
+    """`key=value` strings -> a dict; values are JSON where they parse (true, 3, {"a": 1}), else text."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise ConvcacheError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+def _env_options(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"endpoint_url": endpoint}
+    return {}
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved place: `protocol` and `path` as fsspec names them; `url` as the user wrote it."""
+
+    url: str
+    protocol: str
+    path: str
+    storage_options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def local(self) -> bool:
+        return self.protocol in LOCAL
+
+    @property
+    def fs(self):
+        """The filesystem, with its listings cache dropped: what we list or stat must be current (fsspec
+        shares one instance per options, and another writer may have changed the bucket since)."""
+        import fsspec
+
+        if self.local:
+            return fsspec.filesystem("file")
+        fs = fsspec.filesystem(self.protocol, **self.storage_options)
+        fs.invalidate_cache()
+        return fs
+
+    def child(self, name: str) -> "Location":
+        if self.local:
+            return Location(str(Path(self.path) / name), "file", str(Path(self.path) / name))
+        path = self.path.rstrip("/") + "/" + name
+        return Location(f"{self.protocol}://{path}", self.protocol, path, self.storage_options)
+
+    def sibling(self, suffix: str) -> "Location":
+        """This location's name with `suffix` appended (`x.zarr` -> `x.zarr.lock`)."""
+        path = self.path.rstrip("/") + suffix
+        url = path if self.local else f"{self.protocol}://{path}"
+        return Location(url, self.protocol, path, self.storage_options)
+
+    def exists(self) -> bool:
+        return Path(self.path).exists() if self.local else self.fs.exists(self.path)
+
+    def isfile(self) -> bool:
+        return Path(self.path).is_file() if self.local else self.fs.isfile(self.path)
+
+    def zarr_store(self, read_only: bool = False):
+        """A Zarr v3 store for this location (LocalStore on disk, FsspecStore elsewhere)."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.local:
+            return LocalStore(self.path, read_only=read_only)
+        return FsspecStore.from_url(f"{self.protocol}://{self.path}", storage_options=self.storage_options or None,
+                                    read_only=read_only)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def resolve(target, storage_options: dict | None = None, what: str = "path", write: bool = False) -> Location:
+    """A Location for a local path or an fsspec URL, checked before any work is done."""
+    text = os.fspath(target) if not isinstance(target, str) else target
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not is_url(text):
+        return Location(text, "file", text)
+    import fsspec
+    from fsspec.core import split_protocol
+
+    protocol, path = split_protocol(text)
+    protocol = (protocol or "file").lower()
+    if protocol in LOCAL:
+        return Location(path, "file", path)
+    if protocol not in fsspec.available_protocols():
+        raise ConvcacheError(f"{what} {text}: unknown scheme '{protocol}://' (use a local path or s3://, gs://, "
+                             "az://, memory://, file://)")
+    if write and protocol not in WRITABLE:
+        raise ConvcacheError(f"{what} {text}: '{protocol}://' cannot hold a store that is written to")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        package = _PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
+        raise ConvcacheError(f"{what} {text}: {protocol}:// needs {package} (pip install {package}"
+                             f"{' or convcache[s3]' if package == 's3fs' else ''})") from None
+    if not path.strip("/"):
+        raise ConvcacheError(f"{what} {text}: a URL needs a bucket/path after {protocol}://")
+    options = {**_env_options(protocol), **(storage_options or {})}
+    return Location(text, protocol, path, options)
+
+
+def read_url(url: str, max_bytes: int, storage_options: dict | None = None) -> bytes:
+    """An object's bytes through fsspec; refused before reading when larger than `max_bytes`."""
+    from convcache.errors import ImageError
+
+    loc = resolve(url, storage_options)
+    fs = loc.fs
+    try:
+        info = fs.info(loc.path)
+        if info.get("type") == "directory":
+            raise ImageError("not a regular file (a directory)")
+        size = info.get("size")
+        if size is not None and size > max_bytes:
+            raise ImageError(f"file too large: {size} bytes > {max_bytes}")
+        data = fs.cat_file(loc.path, start=0, end=max_bytes + 1)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("unreadable: no such object") from None
+    except Exception as exc:  # permissions, network: one bad object never stops a run
+        raise ImageError(f"unreadable ({exc.__class__.__name__}: {exc})") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"file too large: over {max_bytes} bytes")
+    return data

@@ -1,0 +1,245 @@
+"""Past one machine: stores and images on object storage (a real S3 endpoint on loopback), extraction
+on a real Dask LocalCluster (2 worker processes), kills of a worker and of the client."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_dataset, run_cli
+
+pytest.importorskip("distributed")
+pytest.importorskip("s3fs")
+
+
+def _rows(store, split):
+    from convcache.store import FeatureStore
+
+    d = FeatureStore(store).load(split)
+    return {(s, int(c)): (f, int(i), int(y), p) for s, c, f, i, y, p in zip(d.sha256, d.copy, d.features, d.image,
+                                                                             d.labels, d.paths)}
+
+
+def assert_same_rows(a, b, splits=("train", "validation"), paths=True):
+    """Same (sha256, copy) keys, bitwise-equal features, same image index and label (and path)."""
+    for split in splits:
+        ra, rb = _rows(a, split), _rows(b, split)
+        assert ra.keys() == rb.keys(), split
+        for k in ra:
+            assert np.array_equal(ra[k][0], rb[k][0]), (split, k)
+            assert ra[k][1:3] == rb[k][1:3], (split, k)
+            if paths:
+                assert ra[k][3] == rb[k][3]
+
+
+def _committed(store: Path, split="train") -> int:
+    try:
+        return json.loads((store / split / "zarr.json").read_text())["attributes"]["committed_rows"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _hostile_dataset(root: Path) -> Path:
+    data = make_dataset(root, splits={"train": 8, "validation": 3})
+    (data / "train" / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "train" / "dogs" / "copy.jpg").write_bytes((data / "train" / "dogs" / "dogs.0.jpg").read_bytes())
+    return data
+
+
+def test_distributed_equals_single_process(extractor, dask_cluster, tmp_path):
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    data = _hostile_dataset(tmp_path / "data")
+    common = dict(model=str(extractor), data=str(data), augment=2, chunk_rows=4, progress=False)
+    one = run_extract(ExtractConfig(output=str(tmp_path / "one.zarr"), **common))
+    dist = run_extract(ExtractConfig(output=str(tmp_path / "dist.zarr"), scheduler=dask_cluster.scheduler_address,
+                                     **common))
+    assert dist.rows_written == one.rows_written == (16 * 3 + 6)
+    assert dist.skipped == one.skipped and any("broken.jpg" in p for p in dist.skipped)
+    assert dist.duplicates == one.duplicates and len(dist.duplicates) == 1
+    assert_same_rows(tmp_path / "one.zarr", tmp_path / "dist.zarr")
+    from convcache.store import FeatureStore
+
+    store = FeatureStore(tmp_path / "dist.zarr")
+    run = store.attrs("train")["runs"][-1]
+    assert run["tasks"] >= 10 and run["workers"] == 2 and run["scheduler"] == dask_cluster.scheduler_address
+    assert store.verify("train") == ([], None)
+    # a second run computes nothing
+    again = run_extract(ExtractConfig(output=str(tmp_path / "dist.zarr"), scheduler=dask_cluster.scheduler_address,
+                                      **common))
+    assert again.rows_written == 0 and again.rows_cached == one.rows_written
+
+
+def test_worker_killed_mid_run_completes(extractor, tmp_path):
+    """SIGKILL one of two workers while tasks run: the scheduler reruns its tasks, the store is complete."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    data = make_dataset(tmp_path / "data", splits={"train": 30})
+    common = dict(model=str(extractor), data=str(data), augment=3, chunk_rows=2, progress=False)
+    run_extract(ExtractConfig(output=str(tmp_path / "one.zarr"), **common))
+    out = tmp_path / "dist.zarr"
+    killed = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.CRITICAL) as cluster:
+        with Client(cluster) as client:  # one client at a time in this process
+            pids = list(client.run(os.getpid).values())
+
+        def killer():
+            deadline = time.time() + 60
+            while time.time() < deadline and not killed:
+                n = _committed(out)
+                if n > 0:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed["at"] = n
+                time.sleep(0.005)
+
+        t = threading.Thread(target=killer)
+        t.start()
+        summary = run_extract(ExtractConfig(output=str(out), scheduler=cluster.scheduler_address, **common))
+        t.join()
+    total = 60 * 4
+    assert 0 < killed["at"] < total, "the worker was not killed while the run was in flight"
+    assert summary.rows_written == total
+    assert_same_rows(tmp_path / "one.zarr", out, splits=("train",))
+
+
+def test_client_killed_then_resumed(extractor, tmp_path):
+    """kill -9 the client (and its LocalCluster) mid-run; a re-run computes only the missing rows."""
+    data = make_dataset(tmp_path / "data", splits={"train": 30})
+    out = tmp_path / "dist.zarr"
+    args = [sys.executable, "-m", "convcache", "extract", "--model", extractor, "--data", data, "-o", out,
+            "--augment", "3", "--chunk-rows", "2", "--cluster", "local:2", "-q"]
+    proc = subprocess.Popen(list(map(str, args)), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and _committed(out) == 0 and proc.poll() is None:
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    at_kill = _committed(out)
+    total = 60 * 4
+    assert 0 < at_kill < total
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", out, "--augment", 3, "--chunk-rows", 2,
+                "--cluster", "local:2", "-q")
+    assert r.returncode == 0, r.stderr
+    written = int(r.stdout.split("extracted ")[1].split(" rows")[0])
+    assert written == total - at_kill  # read after the kill: exactly what the re-run found committed
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(tmp_path / "one.zarr"), augment=3,
+                              chunk_rows=2, progress=False))
+    assert_same_rows(tmp_path / "one.zarr", out, splits=("train",))
+
+
+def _upload(local: Path, url_path: str) -> None:
+    import s3fs
+
+    s3fs.S3FileSystem().put(str(local), url_path, recursive=True)
+
+
+def test_images_listed_from_s3(bucket, tmp_path):
+    from convcache.datasets import discover_all
+
+    data = make_dataset(tmp_path / "data", splits={"train": 3, "validation": 2})
+    _upload(data, f"{bucket}/imgs")
+    local, classes_l, _ = discover_all(str(data))
+    remote, classes_r, _ = discover_all(f"s3://{bucket}/imgs/")
+    assert classes_l == classes_r == ["cats", "dogs"]
+    rel = lambda items, base: [(i.path.split(base, 1)[1], i.label, i.split) for i in items]  # noqa: E731
+    assert rel(remote, "/imgs") == rel(local, str(data))
+    # a manifest at a URL, with relative and absolute (URL) paths
+    manifest = "path,label,split\ntrain/cats/cats.0.jpg,cats,train\n" \
+               f"s3://{bucket}/imgs/train/dogs/dogs.1.jpg,dogs,train\n"
+    import s3fs
+
+    s3fs.S3FileSystem().pipe(f"{bucket}/imgs/list.csv", manifest.encode())
+    items, classes, _ = discover_all(f"s3://{bucket}/imgs/list.csv")
+    assert [i.path for i in items] == [f"s3://{bucket}/imgs/train/cats/cats.0.jpg",
+                                       f"s3://{bucket}/imgs/train/dogs/dogs.1.jpg"]
+
+
+def test_s3_store_written_killed_resumed_and_trained(extractor, bucket, tmp_path):
+    """Images and store on the S3 endpoint: a run killed mid-way resumes to the same rows as a local
+    run, `extract --verify` passes, and `train --features s3://...` reads it back."""
+    import s3fs
+
+    data = make_dataset(tmp_path / "data", splits={"train": 10, "validation": 4})
+    _upload(data, f"{bucket}/imgs")
+    store = f"s3://{bucket}/feats.zarr"
+    args = ["extract", "--model", extractor, "--data", f"s3://{bucket}/imgs/", "-o", store, "--augment", 2,
+            "--chunk-rows", 2, "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "convcache", *map(str, args)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fs = s3fs.S3FileSystem()
+
+    def committed():
+        try:
+            fs.invalidate_cache()
+            return json.loads(fs.cat_file(f"{bucket}/feats.zarr/train/zarr.json"))["attributes"]["committed_rows"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return 0
+
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and committed() == 0 and proc.poll() is None:
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    at_kill = committed()
+    assert 0 < at_kill < 60
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"-> {store}" in r.stdout
+    assert not Path("s3:").exists()
+    assert run_cli("extract", "--verify", "-o", store).returncode == 0
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(tmp_path / "one.zarr"), augment=2,
+                              progress=False))
+    assert_same_rows(tmp_path / "one.zarr", store, paths=False)
+    t = run_cli("train", "--features", store, "-o", tmp_path / "head", "--C", "0.1")
+    assert t.returncode == 0, t.stderr
+    metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    assert metrics["provenance"]["store"] == store and metrics["rows"]["train"] == 60
+
+
+def test_bad_urls_fail_before_work(extractor, tmp_path):
+    data = make_dataset(tmp_path / "data", splits={"train": 2})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = subprocess.run([sys.executable, "-m", "convcache", "extract", "--model", str(extractor), "--data", str(data),
+                        "-o", "foo://bucket/x.zarr"], capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 2 and "unknown scheme 'foo://'" in r.stderr and "Traceback" not in r.stderr
+    assert list(cwd.iterdir()) == []  # no folder named foo: or s3:
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", "https://example.com/x.zarr")
+    assert r.returncode == 2 and "cannot hold a store" in r.stderr
+    r = run_cli("train", "--features", "s3://", "-o", tmp_path / "h")
+    assert r.returncode == 2 and "needs a bucket" in r.stderr
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "x.zarr", "--storage-option", "oops")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "x.zarr", "--cluster", "remote:3")
+    assert r.returncode == 2 and "local:N" in r.stderr
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "x.zarr", "--scheduler",
+                "tcp://127.0.0.1:9")
+    assert r.returncode == 2 and "cannot connect" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_bucket_is_one_line(s3_endpoint, tmp_path):
+    r = run_cli("train", "--features", "s3://no-such-bucket-here/x.zarr", "-o", tmp_path / "h")
+    assert r.returncode == 2 and r.stderr.count("\n") <= 1 and "Traceback" not in r.stderr
+    r = run_cli("extract", "--verify", "-o", "s3://no-such-bucket-here/x.zarr")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
