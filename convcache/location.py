@@ -42,6 +42,25 @@ def parse_storage_options(pairs) -> dict:
     return options
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """'4GB', '512MiB', '1e9' -> bytes (decimal units as dask's parse_bytes reads them, binary with 'i')."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m and m.group(2).lower()
+    try:
+        value = float(m.group(1)) * _UNITS[unit] if m else None
+    except (KeyError, ValueError):
+        value = None
+    if value is None or value <= 0:
+        raise ConvcacheError(f"{what} {text}: expected a size such as 4GB, 512MiB or 1000000")
+    return int(value)
+
+
 def _env_options(protocol: str) -> dict:
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

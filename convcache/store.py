@@ -118,6 +118,64 @@ class FeatureStore:
             paths=[str(p) for p in group["path"][:n][idx]],
         )
 
+    def blocks(self, split: str) -> list[tuple[int, int, bytes | None]]:
+        """The committed rows as (start, stop, digest) ranges: one per commit (a chunk, or a distributed
+        task); rows written before digests existed come in chunk-sized ranges with digest None."""
+        from convcache.integrity import DIGEST_ARRAYS, committed_blocks
+
+        group, n = self._group(split), self.rows(split)
+        chunk = group["features"].chunks[0]
+        if any(name not in group for name in DIGEST_ARRAYS):
+            return [(a, min(a + chunk, n), None) for a in range(0, n, chunk)]
+        starts = group["block_start"][:].tolist()
+        starts = starts[: committed_blocks(starts, n)]
+        digests = group["block_sha256"][: len(starts)]
+        first = int(group.attrs.get("digests_from", 0))
+        out = [(a, min(a + chunk, first), None) for a in range(0, first, chunk)]
+        bounds = starts + [n]
+        out += [(a, b, bytes(digests[i])) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        return out
+
+    def iter_blocks(self, split: str, max_copy: int | None = None, shuffle: bool = False, seed: int = 0,
+                    verify: bool = True, with_features: bool = True):
+        """Committed rows of `split`, one block at a time (never the whole split in memory), as SplitData.
+        Each block is checked against its digest as it is read (damage is an error naming its rows).
+        With `shuffle`, blocks come in a seeded random order and rows are shuffled within each block."""
+        from convcache.integrity import block_digest
+
+        group = self._group(split)
+        arrays = {name: group[name] for name in ("features", "label", "image", "copy", "sha256", "path")}
+        if not with_features:
+            arrays.pop("features")
+            verify = False
+        blocks = self.blocks(split)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(blocks)) if shuffle else range(len(blocks))
+        for b in order:
+            start, stop, digest = blocks[b]
+            if max_copy is not None and not verify and not (arrays["copy"][start:stop] <= max_copy).any():
+                continue  # nothing of this block is wanted: its features are never read
+            cols = {name: arr[start:stop] for name, arr in arrays.items()}
+            if verify and digest is not None and block_digest(cols, arrays["features"].dtype) != digest:
+                raise ConvcacheError(f"{self.path}: the '{split}' split is damaged (rows {start}..{stop - 1}: "
+                                     "contents differ from the block digest); run `convcache extract --repair`")
+            keep = np.ones(stop - start, bool) if max_copy is None else cols["copy"] <= max_copy
+            idx = np.flatnonzero(keep)
+            if shuffle:
+                idx = rng.permutation(idx)
+            if not len(idx):
+                continue
+            yield SplitData(
+                features=cols["features"][idx] if with_features else np.empty((len(idx), 0)),
+                labels=cols["label"][idx], image=cols["image"][idx], copy=cols["copy"][idx],
+                sha256=[bytes(r).hex() for r in cols["sha256"][idx]], paths=[str(p) for p in cols["path"][idx]])
+
+    def nbytes(self, split: str, max_copy: int | None = None, dtype=np.float32) -> int:
+        """Bytes the features of `split` (copies <= max_copy) take in memory as `dtype`."""
+        group, n = self._group(split), self.rows(split)
+        rows = n if max_copy is None else int((group["copy"][:n] <= max_copy).sum())
+        return rows * int(np.prod(self.feature_shape(split))) * np.dtype(dtype).itemsize
+
     def dask(self, split: str) -> dict:
         """Lazy dask arrays of the committed rows (needs the 'dist' extra)."""
         try:

@@ -243,3 +243,79 @@ def test_missing_bucket_is_one_line(s3_endpoint, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") <= 1 and "Traceback" not in r.stderr
     r = run_cli("extract", "--verify", "-o", "s3://no-such-bucket-here/x.zarr")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- training that streams
+
+@pytest.fixture(scope="module")
+def pooled_store(pooled_extractor, tmp_path_factory):
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    root = tmp_path_factory.mktemp("stream")
+    data = make_dataset(root / "data", splits={"train": 12, "validation": 6})
+    run_extract(ExtractConfig(model=str(pooled_extractor), data=str(data), output=str(root / "s.zarr"), augment=2,
+                              chunk_rows=8, progress=False))
+    return root / "s.zarr"
+
+
+def test_iter_blocks_reads_every_committed_row_once_and_checks_digests(pooled_store, tmp_path):
+    import shutil
+
+    from convcache.errors import ConvcacheError
+    from convcache.store import FeatureStore
+
+    store = FeatureStore(pooled_store)
+    whole = store.load("train")
+    blocks = list(store.iter_blocks("train"))
+    assert len(blocks) == -(-len(whole) // 8) and max(len(b) for b in blocks) == 8
+    assert np.array_equal(np.concatenate([b.features for b in blocks]), whole.features)
+    shuffled = list(store.iter_blocks("train", shuffle=True, seed=3, max_copy=1))
+    keys = [(s, c) for b in shuffled for s, c in zip(b.sha256, b.copy)]
+    want = [(s, c) for s, c in zip(whole.sha256, whole.copy) if c <= 1]
+    assert sorted(keys) == sorted(want) and keys != want
+    # a chunk altered on disk: iterating names the rows instead of training on them
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(pooled_store, bad)
+    chunk = bad / "train" / "features" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(ConvcacheError, match="rows 8..15"):
+        for _ in FeatureStore(bad).iter_blocks("train"):
+            pass
+
+
+def test_streaming_logreg_matches_in_memory_head():
+    """On a problem with a known optimum, the out-of-core probe (same C grid) scores as the LBFGS one."""
+    from sklearn.datasets import make_classification
+
+    from convcache.train.heads import LogRegHead, StreamingLogRegHead
+
+    X, y = make_classification(n_samples=3000, n_features=60, n_informative=12, class_sep=0.8, random_state=0)
+    Xtr, ytr, Xva, yva, Xte, yte = X[:2000], y[:2000], X[2000:2500], y[2000:2500], X[2500:], y[2500:]
+    exact = LogRegHead().fit(Xtr, ytr, Xva, yva)
+    stream = StreamingLogRegHead(block_rows=128, epochs=8).fit(Xtr, ytr, Xva, yva)
+    a, b = exact.score(Xte, yte), stream.score(Xte, yte)
+    assert abs(a - b) <= 0.02, (a, b)
+    assert stream.best_epoch_ >= 1 and stream.n_rows_ == 2000
+    p = stream.predict_proba(Xte[:5])
+    assert p.shape == (5, 2) and np.allclose(p.sum(1), 1)
+
+
+def test_train_streams_when_the_split_exceeds_the_memory_budget(pooled_store, tmp_path):
+    from convcache.store import FeatureStore
+
+    need = 2 * FeatureStore(pooled_store).nbytes("train")
+    r = run_cli("train", "--features", pooled_store, "-o", tmp_path / "s", "--memory-budget", str(need // 4))
+    assert r.returncode == 0, r.stderr
+    assert "streamed from the store" in r.stdout
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["streaming"] and m["head"] == "logreg-stream" and m["rows"]["train"] == 72
+    assert m["onnx_max_abs_diff"] <= 1e-4 and (tmp_path / "s" / "head.onnx").is_file()
+    full = run_cli("train", "--features", pooled_store, "-o", tmp_path / "m", "--memory-budget", str(need * 2))
+    assert full.returncode == 0 and "streamed" not in full.stdout
+    m2 = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert not m2["streaming"] and m2["head"] == "logreg"
+    assert abs(m["report"]["accuracy"] - m2["report"]["accuracy"]) <= 0.25  # tiny fixture: 6 report images
+    r = run_cli("train", "--features", pooled_store, "-o", tmp_path / "d", "--head", "dense", "--memory-budget", "1kB")
+    assert r.returncode == 2 and "over --memory-budget" in r.stderr

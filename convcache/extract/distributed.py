@@ -155,6 +155,7 @@ def extract_split_distributed(client, model_future, split, items, copies, writer
     probe = client.map(probe_files, batches, size=contract.size, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
                        storage_options=cfg.storage_options, pure=False)
     hashed_all = [h for part in client.gather(probe) for h in part]
+    summary.phases["probe"] = summary.phases.get("probe", 0.0) + time.perf_counter() - t_start
     plan = plan_rows(hashed_all, copies, done, writer, summary)
     decode_errors = {h.item.path: h.decode_error for h in hashed_all if h.decode_error}
     next_image = max(image_index.values(), default=-1) + 1
@@ -180,6 +181,7 @@ def extract_split_distributed(client, model_future, split, items, copies, writer
                                                            "rows": block}, pure=False, retries=2)
                for a, block in blocks.items()]
     bar = tqdm(total=len(rows), desc=f"extract {split}", unit="row", disable=not cfg.progress or not rows)
+    t_tasks = time.perf_counter()
     finished, failed, providers, task_seconds = {}, [], set(), []
     for fut in as_completed(futures):
         try:
@@ -197,6 +199,7 @@ def extract_split_distributed(client, model_future, split, items, copies, writer
             summary.rows_written += r["stop"] - r["start"]
         bar.update(res["stop"] - res["start"])
     bar.close()
+    summary.phases["tasks"] = summary.phases.get("tasks", 0.0) + time.perf_counter() - t_tasks
     writer.commit()
     summary.skipped.update(writer.skipped)
     summary.provider = ", ".join(sorted(providers)) or summary.provider
@@ -218,7 +221,9 @@ def run_distributed(cfg, contract, model_bytes: bytes, items, classes, ignored, 
 
     # local:N shares this machine's cores between N workers; a remote worker uses its own machine
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // parse_cluster(cfg.cluster)) if cfg.cluster else None)
+    t0 = time.perf_counter()
     with dask_client(cfg.scheduler, cfg.cluster) as client:
+        summary.phases["cluster"] = time.perf_counter() - t0
         if cfg.progress:
             print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers, dashboard "
                   f"{client.dashboard_link}", file=sys.stderr)

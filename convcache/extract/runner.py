@@ -92,6 +92,7 @@ class ExtractSummary:
     duplicates: dict = field(default_factory=dict)
     seconds: float = 0.0
     provider: str = ""
+    phases: dict = field(default_factory=dict)  # distributed: seconds to start/connect, probe, run tasks
 
     @property
     def rows_per_second(self) -> float:

@@ -10,7 +10,12 @@ def register(sub) -> None:
     t.add_argument("--features", required=True, help="the .zarr store from `convcache extract` (a path or a URL)")
     t.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option for a --features URL, repeatable")
-    t.add_argument("--head", choices=["logreg", "dense"], default="logreg")
+    t.add_argument("--head", choices=["logreg", "dense", "logreg-stream"], default="logreg",
+                   help="logreg-stream: the out-of-core linear probe (chosen by itself when the split does not fit "
+                        "--memory-budget)")
+    t.add_argument("--memory-budget", metavar="SIZE",
+                   help="e.g. 4GB, 512MiB: if the train split's features would not fit, logreg streams them from "
+                        "the store block by block (default: no budget, load in memory)")
     t.add_argument("--copies", type=int, default=None, metavar="K",
                    help="use originals + augmented copies 1..K (default: all stored)")
     t.add_argument("--C", type=float, nargs="+", help="logreg: candidate C values (chosen on the select half)")
@@ -84,12 +89,15 @@ def run_train(args) -> int:
               "learning_rate": args.learning_rate, "steps_per_epoch": args.steps_per_epoch,
               "patience": args.patience, "dropout": args.dropout,
               "progress": not args.quiet} if args.head == "dense" else {}
-    if args.head == "logreg" and args.C:
+    if args.head != "dense" and args.C:
         params["Cs"] = tuple(args.C)
     from convcache.location import parse_storage_options
 
+    from convcache.location import parse_bytes
+
+    budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
     m = train_head(args.features, args.head, args.output, args.copies, params,
-                   storage_options=parse_storage_options(args.storage_option))
+                   storage_options=parse_storage_options(args.storage_option), memory_budget=budget)
     if args.copies is not None and args.copies > m["copies_available"]:
         print(f"warning: --copies {args.copies}, but the store holds copies 0..{m['copies_available']}; "
               f"used {m['copies']}")
@@ -97,7 +105,7 @@ def run_train(args) -> int:
         print(f"note: replay over {m['copies']} copies for {m['epochs']} epochs repeats copies; method 2 would see "
               f"{m['epochs']} distinct copies (extract --augment {m['epochs']})")
     sched = f", {m['schedule']} schedule, {m['epochs']} epochs, {m['steps']} steps" if args.head == "dense" else ""
-    print(f"trained {args.head} on {m['rows']['train']} rows (copies 0..{m['copies']}{sched}) in "
+    print(f"trained {m['head']}{' (streamed from the store)' if m['streaming'] else ''} on {m['rows']['train']} rows (copies 0..{m['copies']}{sched}) in "
           f"{m['fit_seconds']:.1f}s: report-half validation {_acc(m, 'report')}, test {_acc(m, 'test')} -> "
           f"{args.output}/head.onnx, metrics.json")
     return 0

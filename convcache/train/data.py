@@ -56,9 +56,11 @@ class TrainingData:
                        provenance={**self.provenance, "copies": int(self.train.copy[keep].max())})
 
 
-def load_training_data(store_path: str, copies: int | None = None, storage_options: dict | None = None
-                       ) -> TrainingData:
-    store = FeatureStore(store_path, storage_options)
+def load_training_data(store_path, copies: int | None = None, storage_options: dict | None = None,
+                       train_features: bool = True) -> TrainingData:
+    """`train_features=False` loads every column of train but its features (a streaming head reads
+    those block by block from the store, verifying each block as it reads it)."""
+    store = store_path if isinstance(store_path, FeatureStore) else FeatureStore(store_path, storage_options)
     if "train" not in store.splits:
         raise ConvcacheError(f"{store_path}: no train split")
     shas = {store.extractor_identity(s) for s in store.splits}
@@ -72,11 +74,12 @@ def load_training_data(store_path: str, copies: int | None = None, storage_optio
         if name not in store.splits:
             splits[name] = None
             continue
-        data = store.load(name, max_copy=copies if name == "train" else 0)
+        lazy = name == "train" and not train_features
+        data = store.load(name, max_copy=copies if name == "train" else 0, with_features=not lazy, verify=not lazy)
         if len(data) == 0:
             raise ConvcacheError(f"{store_path}: the {name} split is empty")
         _, rank = canonical_images(data.sha256)
-        split = Split(data.features.reshape(len(data), -1).astype(np.float32, copy=False), data.labels,
+        split = Split(data.features.reshape(len(data), -1).astype(np.float32, copy=False), data.labels,  # noqa: E501
                       rank, data.copy.astype(np.int64), data.sha256)
         # evaluation splits in canonical order (ascending sha256), as the reference holds them
         splits[name] = split if name == "train" else split.take(np.lexsort((split.copy, split.image)))

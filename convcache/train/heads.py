@@ -162,6 +162,97 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return sklearn_to_onnx(self.pipeline_, self.n_features_in_, FEATURES, PROBABILITIES, opset)
 
 
+class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
+    """The linear probe out of core, for training sets larger than memory: one pass fits the
+    standardization (StandardScaler.partial_fit), then `epochs` passes of shuffled blocks train one
+    averaged SGD logistic regression per regularization strength, all in the same passes. Strengths
+    come from LogRegHead's C grid (alpha = 1 / (C * n_rows), the same objective), so both heads
+    search the same models; the (C, epoch) with the best select-half accuracy is kept.
+
+    `fit_stream(batches, classes, X_val, y_val)` takes `batches(epoch)`, an iterator of (X, y) blocks;
+    `fit(X, y, X_val, y_val)` is the in-memory form (blocks of `block_rows`)."""
+
+    def __init__(self, Cs=(0.0003, 0.003, 0.03, 0.3), epochs: int = 10, block_rows: int = 1024, seed: int = 0,
+                 progress: bool = False):
+        self.Cs = Cs
+        self.epochs = epochs
+        self.block_rows = block_rows
+        self.seed = seed
+        self.progress = progress
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "StreamingLogRegHead":
+        from sklearn.model_selection import train_test_split
+
+        X, y = np.asarray(X), np.asarray(y)
+        if X_val is None:  # scikit-learn's fit(X, y): select on a stratified 10% of the rows
+            X, X_val, y, y_val = train_test_split(X, y, test_size=0.1, stratify=y, random_state=self.seed)
+
+        def batches(epoch):
+            order = np.random.default_rng([self.seed, epoch + 1]).permutation(len(y))  # epoch -1: the scaler pass
+            for b in range(0, len(order), self.block_rows):
+                idx = order[b : b + self.block_rows]
+                yield X[idx], y[idx]
+
+        return self.fit_stream(batches, np.unique(y), X_val, y_val)
+
+    def fit_stream(self, batches, classes, X_val, y_val) -> "StreamingLogRegHead":
+        from sklearn.linear_model import SGDClassifier
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+        from tqdm import tqdm
+
+        if X_val is None:
+            raise ConvcacheError("the streaming head selects C and its epoch on the select half of validation, "
+                                 "and there is none")
+        if not len(self.Cs) or self.epochs < 1:
+            raise ConvcacheError("the streaming head needs at least one C and one epoch")
+        start = time.perf_counter()
+        scaler, n = StandardScaler(), 0
+        for X, _ in batches(-1):  # pass 0: the standardization, and the row count for alpha
+            scaler.partial_fit(np.asarray(X, np.float64))
+            n += len(X)
+        classes = np.asarray(classes)
+        models = {C: SGDClassifier(loss="log_loss", alpha=1.0 / (C * n), average=True, random_state=self.seed)
+                  for C in self.Cs}
+        Xv = scaler.transform(np.asarray(X_val, np.float64)).astype(np.float32)
+        best, self.scores_, self.history_ = None, {}, []
+        bar = tqdm(total=self.epochs, desc="logreg (streaming)", unit="epoch", disable=not self.progress,
+                   leave=False)
+        for epoch in range(self.epochs):
+            for X, y in batches(epoch):
+                Xs = scaler.transform(np.asarray(X, np.float64)).astype(np.float32)
+                for model in models.values():
+                    model.partial_fit(Xs, y, classes=classes)
+            row = {"epoch": epoch + 1}
+            for C, model in models.items():
+                score = float(model.score(Xv, y_val))
+                row[str(C)] = score
+                if best is None or score > best[0]:
+                    best = (score, C, epoch + 1, model.coef_.copy(), model.intercept_.copy())
+            self.history_.append(row)
+            bar.update(1)
+        bar.close()
+        score, C, epoch, coef, intercept = best
+        model = models[C]
+        model.coef_, model.intercept_ = coef, intercept
+        self.scores_ = {C_: max(h[str(C_)] for h in self.history_) for C_ in self.Cs}
+        self.C_, self.best_epoch_, self.n_rows_ = C, epoch, n
+        self.pipeline_ = Pipeline([("scale", scaler), ("logreg", model)])
+        self.classes_ = classes
+        self.n_features_in_ = scaler.n_features_in_
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    predict_proba = LogRegHead.predict_proba
+    predict = LogRegHead.predict
+    to_onnx = LogRegHead.to_onnx
+
+    def summary(self) -> dict:
+        return {"C": self.C_, "alpha": 1.0 / (self.C_ * self.n_rows_), "best_epoch": self.best_epoch_,
+                "epochs_run": self.epochs, "selected_by": "validation (select half)", "streaming": True,
+                "accuracy_by_C": {str(k): v for k, v in self.scores_.items()}, "history": self.history_}
+
+
 class DenseHead(ClassifierMixin, BaseEstimator):
     """Chollet's head: Dense(units, relu) -> Dropout -> sigmoid (2 classes) or softmax, RMSprop.
 
@@ -275,4 +366,4 @@ def dense_head_layers(keras, n_classes: int, units: int = 256, dropout: float = 
     ], name="head")
 
 
-HEADS = {"logreg": LogRegHead, "dense": DenseHead}
+HEADS = {"logreg": LogRegHead, "dense": DenseHead, "logreg-stream": StreamingLogRegHead}

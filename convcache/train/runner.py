@@ -7,11 +7,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from convcache.errors import ConvcacheError
 from convcache import artifacts
 from convcache.onnxtools import check_parity
+from convcache.store import FeatureStore
 from convcache.train.data import TrainingData, load_training_data
 from convcache.train.heads import HEADS
 from convcache.train.metrics import evaluate, write_metrics
@@ -20,31 +22,54 @@ log = logging.getLogger(__name__)
 
 
 def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None,
-               data: TrainingData | None = None, export: bool = True, storage_options: dict | None = None) -> dict:
+               data: TrainingData | None = None, export: bool = True, storage_options: dict | None = None,
+               memory_budget: int | None = None) -> dict:
     """Fit `head` on originals + copies 1..K of the store's train split, select on the select half of
     validation, report on the report half (and on test when the store has one). `data` reuses a
-    loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx."""
+    loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx.
+    When the train split's features would not fit `memory_budget` bytes, logreg streams them from the
+    store block by block (StreamingLogRegHead) instead of loading them."""
     if head not in HEADS:
         raise ConvcacheError(f"unknown head {head!r}; choose {', '.join(HEADS)}")
     load_start = time.perf_counter()
+    streaming, fs = head == "logreg-stream", None
     if data is None:
-        data = load_training_data(store, copies, storage_options)
+        fs = FeatureStore(store, storage_options)
+        need = 2 * fs.nbytes("train", copies)  # the features as float32, and their standardized copy
+        if memory_budget is not None and need > memory_budget:
+            if head == "dense":
+                raise ConvcacheError(f"the train split needs ~{need / 2**30:.1f} GiB in memory, over --memory-budget "
+                                     f"{memory_budget / 2**30:.1f} GiB; the dense head trains in memory (use "
+                                     "--head logreg, which streams)")
+            streaming, head = True, "logreg-stream"
+            log.info("train needs ~%.1f GiB, over the budget: streaming logistic regression", need / 2**30)
+        data = load_training_data(fs, copies, train_features=not streaming)
     elif copies is not None:
         data = data.with_copies(min(copies, data.copies_used))
     load_seconds = time.perf_counter() - load_start
-    if data.select is None and head == "dense":
-        raise ConvcacheError("the dense head selects its epoch on half of the validation split, and the store has none")
+    if data.select is None and head in ("dense", "logreg-stream"):
+        raise ConvcacheError(f"the {head} head selects its epoch on half of the validation split, and the store has "
+                             "none")
     estimator = HEADS[head](**(params or {}))
     tr, sel = data.train, data.select
     if head == "dense":
         estimator.fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
+    elif streaming and fs is not None:
+        seed = estimator.seed
+
+        def blocks(epoch):  # epoch -1: the scaler's pass, in stored order, verifying every block's digest once
+            for b in fs.iter_blocks("train", max_copy=copies, shuffle=epoch >= 0, seed=seed * 100003 + epoch + 1,
+                                    verify=epoch < 0):
+                yield b.features.reshape(len(b), -1), b.labels
+
+        estimator.fit_stream(blocks, np.unique(tr.y), sel.X, sel.y)
     else:
         estimator.fit(tr.X, tr.y, sel.X if sel else None, sel.y if sel else None)
 
     n = len(data.classes)
     summary = estimator.summary()
     metrics = {
-        "method": "cached", "head": head, "copies": data.copies_used, "copies_requested": copies,
+        "method": "cached", "head": head, "streaming": streaming, "memory_budget": memory_budget, "copies": data.copies_used, "copies_requested": copies,
         "copies_available": data.copies_available, "schedule": summary.get("schedule"),
         "epochs": summary.get("epochs_run"), "steps": summary.get("steps"),
         "classes": data.classes, "fit_seconds": estimator.fit_seconds_, "load_seconds": load_seconds,
@@ -66,11 +91,11 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
         return metrics
     proto = estimator.to_onnx(opset=data.extractor_opset)  # the extractor's opset: fusion joins one opset
     onnx.checker.check_model(proto, full_check=True)
-    check = (data.report or data.train).X[:64]
+    check = (data.report or data.select or data.train).X[:64]
     metrics["onnx_max_abs_diff"] = check_parity(proto, estimator.predict_proba(check), {artifacts.FEATURES: check},
                                                 artifacts.PROBABILITIES, 1e-4, "the ONNX head")
     artifacts.write_metadata(proto, artifacts.KIND_HEAD, {
-        "head": head, "classes": data.classes, "n_features": int(data.train.X.shape[1]),
+        "head": head, "classes": data.classes, "n_features": int(np.prod(data.feature_shape)),
         "feature_shape": data.feature_shape, "extractor_sha256": data.extractor_sha256, "provenance": data.provenance})
     out = Path(out_dir)
     artifacts.save_model(proto, out / "head.onnx")  # never leaves a half-written head under the real name
