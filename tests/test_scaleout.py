@@ -317,5 +317,70 @@ def test_train_streams_when_the_split_exceeds_the_memory_budget(pooled_store, tm
     m2 = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert not m2["streaming"] and m2["head"] == "logreg"
     assert abs(m["report"]["accuracy"] - m2["report"]["accuracy"]) <= 0.25  # tiny fixture: 6 report images
-    r = run_cli("train", "--features", pooled_store, "-o", tmp_path / "d", "--head", "dense", "--memory-budget", "1kB")
-    assert r.returncode == 2 and "over --memory-budget" in r.stderr
+    r = run_cli("train", "--features", pooled_store, "-o", tmp_path / "r", "--head", "dense", "--schedule", "replay",
+                "--memory-budget", "1kB")
+    assert r.returncode == 2 and "random access" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dense_head_streams_from_the_same_blocks(pooled_store, tmp_path):
+    r = run_cli("train", "--features", pooled_store, "-o", tmp_path / "d", "--head", "dense", "--epochs", 3,
+                "--memory-budget", "1kB", "--learning-rate", "1e-3", "-q")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert m["streaming"] and m["head"] == "dense" and m["epochs"] == 3
+    assert m["steps"] == 3 * sum(-(-n // 20) for n in (8,) * 9)  # 72 rows in 9 blocks of 8, batches of 20
+    assert m["onnx_max_abs_diff"] <= 1e-4
+
+
+# ---------------------------------------------------------------- one writer per store on object storage
+
+def test_second_writer_on_s3_is_refused_while_the_first_holds_the_lease(extractor, bucket, tmp_path):
+    import s3fs
+
+    data = make_dataset(tmp_path / "data", splits={"train": 10})
+    store = f"s3://{bucket}/one.zarr"
+    args = ["extract", "--model", extractor, "--data", data, "-o", store, "--augment", 3, "--chunk-rows", 1, "-q"]
+    first = subprocess.Popen([sys.executable, "-m", "convcache", *map(str, args)], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fs = s3fs.S3FileSystem()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and first.poll() is None:
+            fs.invalidate_cache()
+            if fs.exists(f"{bucket}/one.zarr/train/zarr.json"):
+                break
+            time.sleep(0.02)
+        lease = json.loads(fs.cat_file(f"{bucket}/one.zarr.lock"))
+        assert lease["pid"] == first.pid and lease["expires"] > time.time()
+        second = run_cli(*args)
+        assert second.returncode == 2 and "holds this store's lease" in second.stderr, second.stderr
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/one.zarr.lock")  # released at the end
+    assert run_cli(*args).returncode == 0  # and free again
+
+
+def test_a_writer_that_lost_its_lease_stops_before_committing(bucket):
+    import s3fs
+
+    from convcache.errors import ConvcacheError
+    from convcache.extract.locking import writer_lock
+
+    fs = s3fs.S3FileSystem()
+    with pytest.raises(ConvcacheError, match="lost the writer lease"):
+        with writer_lock(f"s3://{bucket}/x.zarr", lease_seconds=30) as guard:
+            guard()  # ours: fine
+            fs.pipe_file(f"{bucket}/x.zarr.lock", json.dumps({"owner": "someone else", "host": "elsewhere", "pid": 1,
+                                                               "expires": time.time() + 30}).encode())
+            guard()
+    with pytest.raises(ConvcacheError, match="holds this store's lease"):  # and the other holder keeps it
+        with writer_lock(f"s3://{bucket}/x.zarr"):
+            pass
+    fs.pipe_file(f"{bucket}/x.zarr.lock", json.dumps({"owner": "gone", "host": "elsewhere", "pid": 1,
+                                                       "expires": time.time() - 1}).encode())
+    with writer_lock(f"s3://{bucket}/x.zarr") as guard:  # an expired lease is taken over
+        guard()
+        assert json.loads(fs.cat_file(f"{bucket}/x.zarr.lock"))["pid"] == os.getpid()

@@ -216,7 +216,7 @@ def extract_split_distributed(client, model_future, split, items, copies, writer
                            "copies": copies, "finished": _now()})
 
 
-def run_distributed(cfg, contract, model_bytes: bytes, items, classes, ignored, summary) -> None:
+def run_distributed(cfg, contract, model_bytes: bytes, items, classes, ignored, summary, guard=None) -> None:
     from convcache.extract.runner import split_writers
 
     # local:N shares this machine's cores between N workers; a remote worker uses its own machine
@@ -228,7 +228,7 @@ def run_distributed(cfg, contract, model_bytes: bytes, items, classes, ignored, 
             print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers, dashboard "
                   f"{client.dashboard_link}", file=sys.stderr)
         model_future = client.scatter(model_bytes, broadcast=True, hash=False)
-        for split, split_items, copies, writer, ignored_here in split_writers(cfg, contract, items, classes, ignored):
+        for split, split_items, copies, writer, ignored_here in split_writers(cfg, contract, items, classes, ignored, guard):
             extract_split_distributed(client, model_future, split, split_items, copies, writer, contract, cfg,
                                       summary, ignored_here, cfg.rows_per_task, threads)
 

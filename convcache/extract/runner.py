@@ -7,11 +7,9 @@ import logging
 import platform
 import time
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -23,6 +21,7 @@ from convcache.errors import ConvcacheError
 from convcache.extract.mapper import decode_copies, hash_file
 from convcache.datasets import discover_all
 from convcache.artifacts import STORE_FORMAT as FORMAT
+from convcache.extract.locking import writer_lock
 from convcache.extract.writer import SplitWriter
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, printable_path
 from convcache import artifacts
@@ -126,14 +125,14 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     else:
         extractor = Extractor(cfg.model, cfg.device, cfg.threads)
     items, classes, ignored = discover_all(cfg.data, cfg.storage_options)
-    with writer_lock(cfg.output, cfg.storage_options):
+    with writer_lock(cfg.output, cfg.storage_options) as guard:
         try:
             if not distributed:
-                return _run_locked(cfg, start, extractor, items, classes, ignored)
+                return _run_locked(cfg, start, extractor, items, classes, ignored, guard)
             from convcache.extract.distributed import run_distributed
 
             summary = ExtractSummary(provider="dask", images=len(items))
-            run_distributed(cfg, extractor, proto.SerializeToString(), items, classes, ignored, summary)
+            run_distributed(cfg, extractor, proto.SerializeToString(), items, classes, ignored, summary, guard)
             summary.seconds = time.perf_counter() - start
             return summary
         except OSError as exc:  # disk full, read-only file system, ...: what was committed stays
@@ -151,7 +150,7 @@ def store_identity(cfg: ExtractConfig, contract, classes) -> tuple[dict, dict]:
     return identity, provenance
 
 
-def split_writers(cfg: ExtractConfig, contract, items, classes, ignored):
+def split_writers(cfg: ExtractConfig, contract, items, classes, ignored, guard=None):
     """For each split of the data, in order: (split, its items, the copies it gets, its SplitWriter,
     the entries discovery ignored in it)."""
     root = open_root(cfg.output, classes, cfg.storage_options)
@@ -159,16 +158,16 @@ def split_writers(cfg: ExtractConfig, contract, items, classes, ignored):
     for split in sorted({i.split for i in items}):
         copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
         writer = SplitWriter(root, split, identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows,
-                             repair=cfg.repair)
+                             repair=cfg.repair, guard=guard)
         yield split, [i for i in items if i.split == split], copies, writer, {p: r for p, sp, r in ignored
                                                                                 if sp == split}
 
 
-def _run_locked(cfg, start, extractor, items, classes, ignored) -> ExtractSummary:
+def _run_locked(cfg, start, extractor, items, classes, ignored, guard=None) -> ExtractSummary:
     summary = ExtractSummary(provider=extractor.provider, images=len(items))
     with ThreadPoolExecutor(cfg.workers) as pool:
         for split, split_items, copies, writer, ignored_here in split_writers(cfg, extractor.contract, items, classes,
-                                                                              ignored):
+                                                                              ignored, guard):
             _extract_split(split, split_items, copies, writer, extractor, pool, cfg, summary, ignored_here)
     summary.inference_calls = extractor.calls
     summary.seconds = time.perf_counter() - start
@@ -255,38 +254,6 @@ def _ordered(pool, fn, jobs, window: int):
             yield futures.popleft().result()
     while futures:
         yield futures.popleft().result()
-
-
-@contextmanager
-def writer_lock(output: str, storage_options: dict | None = None):
-    """One writer per store: an advisory lock (flock) on `<store>.lock` beside the store. A second
-    writer fails at once with a one-line error and touches nothing; the lock dies with its process,
-    so a killed writer never leaves a stale lock. Local disks only: object storage has no lock that
-    dies with its holder, so a store at a URL is not guarded against two writers (see the README)."""
-    import fcntl
-    import os
-
-    from convcache.location import resolve
-
-    loc = resolve(output, storage_options, what="-o", write=True)
-    if not loc.local:
-        yield
-        return
-    lock_path = Path(loc.path.rstrip("/") + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise ConvcacheError(f"-o {output}: another extract is writing to this store (pid {holder}); "
-                                 "wait for it to finish or write to another store") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def open_root(output: str, classes: list[str], storage_options: dict | None = None) -> zarr.Group:

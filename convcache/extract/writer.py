@@ -40,8 +40,9 @@ def row_columns(rows: list[dict]) -> dict:
 
 class SplitWriter:
     def __init__(self, root: zarr.Group, split: str, identity: dict, provenance: dict, feature_shape: tuple,
-                 dtype: str, chunk_rows: int | None = None, repair: bool = False):
+                 dtype: str, chunk_rows: int | None = None, repair: bool = False, guard=None):
         self.split = split
+        self.guard = guard  # called before every commit: raises if this writer lost its lease
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
         fresh = split not in root
         if not fresh:
@@ -173,6 +174,8 @@ class SplitWriter:
         self.commit(stop)
 
     def commit(self, rows: int | None = None) -> None:
+        if self.guard:
+            self.guard()
         self.committed = self.committed if rows is None else rows
         self.group.attrs.update({"committed_rows": self.committed, "skipped": self.skipped})
         self._consolidate()

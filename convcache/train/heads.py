@@ -167,7 +167,7 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
     standardization (StandardScaler.partial_fit), then `epochs` passes of shuffled blocks train one
     averaged SGD logistic regression per regularization strength, all in the same passes. Strengths
     come from LogRegHead's C grid (alpha = 1 / (C * n_rows), the same objective), so both heads
-    search the same models; the (C, epoch) with the best select-half accuracy is kept.
+    search the same models; the C whose final model has the best select-half accuracy is kept.
 
     `fit_stream(batches, classes, X_val, y_val)` takes `batches(epoch)`, an iterator of (X, y) blocks;
     `fit(X, y, X_val, y_val)` is the in-memory form (blocks of `block_rows`)."""
@@ -215,7 +215,7 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
         models = {C: SGDClassifier(loss="log_loss", alpha=1.0 / (C * n), average=True, random_state=self.seed)
                   for C in self.Cs}
         Xv = scaler.transform(np.asarray(X_val, np.float64)).astype(np.float32)
-        best, self.scores_, self.history_ = None, {}, []
+        self.history_ = []
         bar = tqdm(total=self.epochs, desc="logreg (streaming)", unit="epoch", disable=not self.progress,
                    leave=False)
         for epoch in range(self.epochs):
@@ -223,20 +223,15 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
                 Xs = scaler.transform(np.asarray(X, np.float64)).astype(np.float32)
                 for model in models.values():
                     model.partial_fit(Xs, y, classes=classes)
-            row = {"epoch": epoch + 1}
-            for C, model in models.items():
-                score = float(model.score(Xv, y_val))
-                row[str(C)] = score
-                if best is None or score > best[0]:
-                    best = (score, C, epoch + 1, model.coef_.copy(), model.intercept_.copy())
-            self.history_.append(row)
+            self.history_.append({"epoch": epoch + 1, **{str(C): float(m.score(Xv, y_val)) for C, m in models.items()}})
             bar.update(1)
         bar.close()
-        score, C, epoch, coef, intercept = best
+        # C is chosen as LogRegHead chooses it, on the final (averaged, near-converged) models: one candidate
+        # per C, not per (C, epoch), so the select half is not searched harder than the in-memory head's
+        self.scores_ = {C: self.history_[-1][str(C)] for C in self.Cs}
+        C = max(sorted(self.Cs), key=lambda c: self.scores_[c])  # the smallest C among ties, as LogRegHead
         model = models[C]
-        model.coef_, model.intercept_ = coef, intercept
-        self.scores_ = {C_: max(h[str(C_)] for h in self.history_) for C_ in self.Cs}
-        self.C_, self.best_epoch_, self.n_rows_ = C, epoch, n
+        self.C_, self.best_epoch_, self.n_rows_ = C, self.epochs, n
         self.pipeline_ = Pipeline([("scale", scaler), ("logreg", model)])
         self.classes_ = classes
         self.n_features_in_ = scaler.n_features_in_
@@ -318,6 +313,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                                                                                       self.batch_size),
                                        evaluate, self.patience, self.progress, f"dense ({self.schedule})",
                                        plan.info)
+        return self._finish_fit(history, selector, start)
+
+    def _finish_fit(self, history, selector, start) -> "DenseHead":
         self.fit_seconds_ = time.perf_counter() - start
         self.history_ = history
         self.epochs_run_ = len(history)
@@ -326,6 +324,33 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.copies_used_ = sorted({int(c) for h in history for c in h.get("copies", [])})
         self.seconds_per_epoch_ = self.fit_seconds_ / max(self.epochs_run_, 1)
         return self
+
+    def fit_stream(self, blocks, classes, X_val, y_val) -> "DenseHead":
+        """Train from `blocks(epoch)`, an iterator of (X, y) blocks (shuffled by the caller), cut into
+        batches of `batch_size`: the pool schedule over a store that is never loaded whole. Replay
+        needs every image's copy e at epoch e, i.e. random access across the store, so it is refused."""
+        from convcache.tfquiet import import_keras
+
+        if self.schedule != "pool":
+            raise ConvcacheError("streaming trains the dense head with --schedule pool (replay needs random access "
+                                 "to every image's copies)")
+        _, keras = import_keras()
+        self.classes_ = np.asarray(classes)
+        X_val = np.asarray(X_val, np.float32)
+        self.n_features_in_ = X_val.shape[1]
+        self.model_ = self._build(keras, self.n_features_in_, len(self.classes_))
+
+        def batches(epoch):
+            for X, y in blocks(epoch):
+                X = np.asarray(X, np.float32)
+                for b in range(0, len(y), self.batch_size):
+                    yield X[b : b + self.batch_size], y[b : b + self.batch_size]
+
+        start = time.perf_counter()
+        history, selector = fit_epochs(self.model_, self.epochs, batches,
+                                       lambda: {"select": evaluate_model(self.model_, X_val, y_val)}, self.patience,
+                                       self.progress, "dense (streaming)")
+        return self._finish_fit(history, selector, start)
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "model_")

@@ -37,12 +37,9 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
         fs = FeatureStore(store, storage_options)
         need = 2 * fs.nbytes("train", copies)  # the features as float32, and their standardized copy
         if memory_budget is not None and need > memory_budget:
-            if head == "dense":
-                raise ConvcacheError(f"the train split needs ~{need / 2**30:.1f} GiB in memory, over --memory-budget "
-                                     f"{memory_budget / 2**30:.1f} GiB; the dense head trains in memory (use "
-                                     "--head logreg, which streams)")
-            streaming, head = True, "logreg-stream"
-            log.info("train needs ~%.1f GiB, over the budget: streaming logistic regression", need / 2**30)
+            streaming = True
+            head = "dense" if head == "dense" else "logreg-stream"
+            log.info("train needs ~%.1f GiB, over the budget: streaming %s", need / 2**30, head)
         data = load_training_data(fs, copies, train_features=not streaming)
     elif copies is not None:
         data = data.with_copies(min(copies, data.copies_used))
@@ -52,24 +49,27 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
                              "none")
     estimator = HEADS[head](**(params or {}))
     tr, sel = data.train, data.select
-    if head == "dense":
-        estimator.fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
-    elif streaming and fs is not None:
+    if streaming and fs is not None:
         seed = estimator.seed
+        if head == "dense":  # logreg verifies every block in its first pass; the dense head has none
+            fs.check("train")
 
-        def blocks(epoch):  # epoch -1: the scaler's pass, in stored order, verifying every block's digest once
+        def blocks(epoch):  # epoch -1: logreg's scaler pass, in stored order, verifying every block's digest
             for b in fs.iter_blocks("train", max_copy=copies, shuffle=epoch >= 0, seed=seed * 100003 + epoch + 1,
                                     verify=epoch < 0):
                 yield b.features.reshape(len(b), -1), b.labels
 
         estimator.fit_stream(blocks, np.unique(tr.y), sel.X, sel.y)
+    elif head == "dense":
+        estimator.fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
     else:
         estimator.fit(tr.X, tr.y, sel.X if sel else None, sel.y if sel else None)
 
     n = len(data.classes)
     summary = estimator.summary()
     metrics = {
-        "method": "cached", "head": head, "streaming": streaming, "memory_budget": memory_budget, "copies": data.copies_used, "copies_requested": copies,
+        "method": "cached", "head": head, "streaming": streaming, "memory_budget": memory_budget,
+        "copies": data.copies_used, "copies_requested": copies,
         "copies_available": data.copies_available, "schedule": summary.get("schedule"),
         "epochs": summary.get("epochs_run"), "steps": summary.get("steps"),
         "classes": data.classes, "fit_seconds": estimator.fit_seconds_, "load_seconds": load_seconds,
