@@ -257,11 +257,19 @@ def _spawn(args, layer, url, salt=0):
 def kills(args, base: str) -> None:
     rng = random.Random(0)
     for layer, (run, read) in LAYERS.items():
-        results = []
+        results, total = [], args.tasks * args.rows
         for k in range(args.kills):
-            url = f"{base}/kill-{layer}-{k}.store"
+            url = f"{base}/kill-{layer}-{k}" + ("" if base.startswith("s3://") else ".store")
             p = _spawn(args, layer, url)
-            time.sleep(rng.uniform(4.0, 9.0))  # cluster start-up is ~3 s; tasks run after it
+            target = rng.uniform(0.05, 0.9) * args.tasks * args.rows  # kill once this many rows are committed
+            deadline = time.time() + 120
+            while time.time() < deadline and p.poll() is None:
+                try:
+                    if read(url, args.features)["committed"] >= target:
+                        break
+                except Exception:  # not created yet
+                    pass
+                time.sleep(0.002)
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             try:
@@ -274,7 +282,9 @@ def kills(args, base: str) -> None:
             results.append({"killed_at_committed": before.get("committed"), "valid_after_kill": before.get("valid"),
                             "resumed_complete": after["committed"] == args.tasks * args.rows and after["valid"],
                             "rc": p.returncode, **({"error": before["error"]} if "error" in before else {})})
-        print(json.dumps({"exp": "kill -9 client", "layer": layer, "kills": len(results),
+        print(json.dumps({"exp": "kill -9 client", "where": base.split(":")[0] if "://" in base else "local",
+                          "layer": layer, "kills": len(results),
+                          "killed_mid_run": sum(0 < (r["killed_at_committed"] or 0) < total for r in results),
                           "valid_after_every_kill": all(r["valid_after_kill"] for r in results),
                           "resumed_complete": sum(r["resumed_complete"] for r in results), "points": results}),
               flush=True)
@@ -343,6 +353,11 @@ def main() -> None:
             mid_run_reader(args, tmp)
         if args.exp in ("all", "kills"):
             kills(args, tmp)
+            server = with_s3()
+            try:
+                kills(args, "s3://layers/kills")
+            finally:
+                server.stop()
         if args.exp == "two":
             server = with_s3()
             try:

@@ -17,6 +17,7 @@ write whole feature chunks.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from convcache.imaging import printable_path
 log = logging.getLogger(__name__)
 
 PROBE_BATCH = 64  # files per probe task
+CONSOLIDATE_SECONDS = 5.0  # the client refreshes the consolidated snapshot at most this often (and at the end)
 _SESSIONS: dict = {}  # per worker process: (model identity, device, threads) -> ONNX Runtime session
 
 
@@ -131,11 +133,25 @@ def extract_block(model: bytes, spec: dict) -> dict:
 
 # ---------------------------------------------------------------- on the client
 
-def task_bounds(start: int, stop: int, rows_per_task: int) -> list[tuple[int, int]]:
-    """[start, stop) cut at multiples of rows_per_task (itself a multiple of the chunk size), so
-    every task writes whole chunks except where the split begins or ends mid-chunk."""
-    cuts = [start] + [k for k in range((start // rows_per_task + 1) * rows_per_task, stop, rows_per_task)] + [stop]
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+def row_blocks(plan, image_index: dict, start: int, rows_per_task: int):
+    """The planned rows as (first row, rows) blocks cut at multiples of rows_per_task (itself a multiple
+    of the chunk size), so every task writes whole chunks except where the split begins or ends
+    mid-chunk. New images get indices in plan order, as in the single-process path."""
+    next_image = max(image_index.values(), default=-1) + 1
+    block, a = [], start
+    end = (start // rows_per_task + 1) * rows_per_task
+    for item, sha, need in plan:
+        if sha not in image_index:
+            image_index[sha] = next_image
+            next_image += 1
+        for c in need:
+            block.append({"source": item.path, "label": item.label, "image": image_index[sha], "copy": c,
+                          "sha256": sha, "path": printable_path(item.path)})
+            if a + len(block) == end:
+                yield a, block
+                block, a, end = [], end, end + rows_per_task
+    if block:
+        yield a, block
 
 
 def extract_split_distributed(client, model_future, split, items, copies, writer, contract, cfg, summary,
@@ -158,60 +174,76 @@ def extract_split_distributed(client, model_future, split, items, copies, writer
     summary.phases["probe"] = summary.phases.get("probe", 0.0) + time.perf_counter() - t_start
     plan = plan_rows(hashed_all, copies, done, writer, summary)
     decode_errors = {h.item.path: h.decode_error for h in hashed_all if h.decode_error}
-    next_image = max(image_index.values(), default=-1) + 1
-    rows = []
-    for item, sha, need in plan:
+    for item, _, _ in plan:
         if item.path in decode_errors:
             writer.skip(item.path, decode_errors[item.path])
-            continue
-        if sha not in image_index:
-            image_index[sha] = next_image
-            next_image += 1
-        rows += [{"source": item.path, "label": item.label, "image": image_index[sha], "copy": c, "sha256": sha,
-                  "path": printable_path(item.path)} for c in need]
+    plan = [p for p in plan if p[0].path not in decode_errors]
     start = writer.committed
-    writer.reserve(len(rows))
+    total = sum(len(need) for _, _, need in plan)
+    writer.reserve(total)
+    writer.consolidate_seconds = max(writer.consolidate_seconds, CONSOLIDATE_SECONDS)
     per_task = max(1, -(-(rows_per_task or writer.chunk_rows) // writer.chunk_rows)) * writer.chunk_rows
     common = {"contract": contract, "device": cfg.device, "threads": threads, "split": split,
               "policy": cfg.policy, "seed": cfg.seed, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
               "storage_options": cfg.storage_options, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
               "store": cfg.output}
-    blocks = {a: rows[a - start : b - start] for a, b in task_bounds(start, start + len(rows), per_task)}
-    futures = [client.submit(extract_block, model_future, {**common, "start": a, "stop": a + len(block),
-                                                           "rows": block}, pure=False, retries=2)
-               for a, block in blocks.items()]
-    bar = tqdm(total=len(rows), desc=f"extract {split}", unit="row", disable=not cfg.progress or not rows)
+    # blocks are built as they are submitted, and dropped once committed: the client never holds every
+    # row of a large split, only those of the tasks in flight
+    pending_blocks = row_blocks(plan, image_index, start, per_task)
+    in_flight = max(8, 4 * sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()))
+    blocks, n_tasks = {}, 0
+
+    def submit(n):
+        nonlocal n_tasks
+        out = []
+        for a, block in itertools.islice(pending_blocks, n):
+            blocks[a] = block
+            out.append(client.submit(extract_block, model_future, {**common, "start": a, "stop": a + len(block),
+                                                                   "rows": block}, pure=False, retries=2))
+        n_tasks += len(out)
+        return out
+
+    bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or not total)
     t_tasks = time.perf_counter()
     finished, failed, providers, task_seconds = {}, [], set(), []
-    for fut in as_completed(futures):
-        try:
-            res = fut.result()
-        except Exception as exc:  # after the scheduler's retries: this block stays uncommitted
-            failed.append(f"{exc}")
-            continue
-        finished[res["start"]] = res
-        providers.add(res["provider"])
-        task_seconds.append(res["seconds"])
-        summary.inference_calls += res["calls"]
-        while writer.committed in finished:  # commit the contiguous prefix, in row order
-            r = finished.pop(writer.committed)
-            writer.commit_block(r["start"], r["stop"], row_columns(blocks[r["start"]]), r["digest"])
-            summary.rows_written += r["stop"] - r["start"]
-        bar.update(res["stop"] - res["start"])
+    running = as_completed(submit(in_flight))
+    for batch in running.batches():  # every task finished since the last commit
+        for fut in batch:
+            try:
+                res = fut.result()
+            except Exception as exc:  # after the scheduler's retries: this block stays uncommitted
+                failed.append(f"{exc}")
+                continue
+            finished[res["start"]] = res
+            providers.add(res["provider"])
+            task_seconds.append(res["seconds"])
+            summary.inference_calls += res["calls"]
+            bar.update(res["stop"] - res["start"])
+        ready, at = [], writer.committed
+        while at in finished:  # the contiguous finished prefix, committed at once, in row order
+            r = finished.pop(at)
+            ready.append((r["start"], r["stop"], row_columns(blocks.pop(r["start"])), r["digest"]))
+            at = r["stop"]
+        if ready:
+            writer.commit_blocks(ready)
+            summary.rows_written += at - ready[0][0]
+        if not failed:  # after a failure nothing past it could commit: let the rest drain
+            for fut in submit(len(batch)):
+                running.add(fut)
     bar.close()
     summary.phases["tasks"] = summary.phases.get("tasks", 0.0) + time.perf_counter() - t_tasks
     writer.commit()
     summary.skipped.update(writer.skipped)
     summary.provider = ", ".join(sorted(providers)) or summary.provider
     if failed:
-        raise ConvcacheError(f"'{split}': {len(failed)} of {len(futures)} tasks failed (first: {failed[0]}); rows "
+        raise ConvcacheError(f"'{split}': {len(failed)} of {n_tasks} tasks failed (first: {failed[0]}); rows "
                              f"0..{writer.committed - 1} are committed, re-run to extract the rest")
     written = writer.committed - start
     if written:
         workers = client.scheduler_info().get("workers", {})
         writer.record_run({"rows": written, "seconds": round(time.perf_counter() - t_start, 3),
                            "provider": summary.provider, "cpu": cpu_model(), "batch_size": cfg.batch_size,
-                           "workers": len(workers), "scheduler": client.scheduler.address, "tasks": len(futures),
+                           "workers": len(workers), "scheduler": client.scheduler.address, "tasks": n_tasks,
                            "task_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
                            "copies": copies, "finished": _now()})
 

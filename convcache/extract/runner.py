@@ -22,6 +22,7 @@ from convcache.extract.mapper import decode_copies, hash_file
 from convcache.datasets import discover_all
 from convcache.artifacts import STORE_FORMAT as FORMAT
 from convcache.extract.locking import writer_lock
+from convcache.location import is_url
 from convcache.extract.writer import SplitWriter
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, printable_path
 from convcache import artifacts
@@ -29,6 +30,7 @@ from convcache.onnxmeta import load_model
 from convcache.runtime import cpu_model, create_session
 
 log = logging.getLogger(__name__)
+REMOTE_CONSOLIDATE_SECONDS = 5.0  # object storage: the consolidated snapshot is refreshed at most this often
 
 
 @dataclass
@@ -159,6 +161,8 @@ def split_writers(cfg: ExtractConfig, contract, items, classes, ignored, guard=N
         copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
         writer = SplitWriter(root, split, identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows,
                              repair=cfg.repair, guard=guard)
+        if is_url(cfg.output):  # each refresh is a GET per array and a PUT: at most every few seconds
+            writer.consolidate_seconds = REMOTE_CONSOLIDATE_SECONDS
         yield split, [i for i in items if i.split == split], copies, writer, {p: r for p, sp, r in ignored
                                                                                 if sp == split}
 

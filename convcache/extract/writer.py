@@ -13,6 +13,7 @@ duplicate rows in what `FeatureStore` reads.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import zarr
@@ -43,6 +44,8 @@ class SplitWriter:
                  dtype: str, chunk_rows: int | None = None, repair: bool = False, guard=None):
         self.split = split
         self.guard = guard  # called before every commit: raises if this writer lost its lease
+        self.consolidate_seconds = 0.0  # see commit()
+        self._consolidated = 0.0
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
         fresh = split not in root
         if not fresh:
@@ -158,27 +161,42 @@ class SplitWriter:
         self._resize(self.committed + rows)
 
     def commit_block(self, start: int, stop: int, columns: dict, digest: bytes) -> None:
-        """Commit rows [start, stop) whose features a worker already wrote: write the small columns
-        (planned on the client), the block's digest (computed by the worker over every column), then
-        `committed_rows`. Blocks commit strictly in row order."""
-        if start != self.committed:
-            raise ConvcacheError(f"internal: block {start}..{stop} committed after row {self.committed}")
-        for name, values in columns.items():
-            self.arrays[name][start:stop] = values
-        n_blocks = self.digests["block_start"].shape[0]
-        for name, value in (("block_start", np.array([start], np.int64)),
-                            ("block_sha256", np.frombuffer(digest, np.uint8)[None])):
-            arr = self.digests[name]
-            arr.resize((n_blocks + 1, *arr.shape[1:]))
-            arr[n_blocks : n_blocks + 1] = value
-        self.commit(stop)
+        """Commit rows [start, stop) whose features are already written (see commit_blocks)."""
+        self.commit_blocks([(start, stop, columns, digest)])
 
-    def commit(self, rows: int | None = None) -> None:
+    def commit_blocks(self, blocks: list[tuple[int, int, dict, bytes]]) -> None:
+        """Commit contiguous blocks (start, stop, small columns, digest) whose features a worker already
+        wrote, in one commit: the small columns (planned on the client), each block's digest (computed
+        by the worker over every column), then `committed_rows`. Blocks commit strictly in row order."""
+        start = self.committed
+        for a, b, _, _ in blocks:
+            if a != start:
+                raise ConvcacheError(f"internal: block {a}..{b} committed after row {start}")
+            start = b
+        first, stop = blocks[0][0], blocks[-1][1]
+        for name in blocks[0][2]:
+            values = [c[name] for _, _, c, _ in blocks]
+            self.arrays[name][first:stop] = np.concatenate(values) if len(values) > 1 else values[0]
+        n_blocks = self.digests["block_start"].shape[0]
+        for name, value in (("block_start", np.array([a for a, _, _, _ in blocks], np.int64)),
+                            ("block_sha256", np.stack([np.frombuffer(d, np.uint8) for _, _, _, d in blocks]))):
+            arr = self.digests[name]
+            arr.resize((n_blocks + len(blocks), *arr.shape[1:]))
+            arr[n_blocks:] = value
+        self.commit(stop, final=False)
+
+    def commit(self, rows: int | None = None, final: bool = True) -> None:
+        """Move `committed_rows`. The consolidated metadata (a snapshot for xarray-style readers) is
+        refreshed on every commit, or with `consolidate_seconds` set, at most that often and on a final
+        commit: a plain reader then sees an older commit, still a consistent one."""
         if self.guard:
             self.guard()
         self.committed = self.committed if rows is None else rows
         self.group.attrs.update({"committed_rows": self.committed, "skipped": self.skipped})
-        self._consolidate()
+        now = time.monotonic()
+        if rows is None or final or now - self._consolidated >= self.consolidate_seconds:
+            self._consolidate()
+            self._consolidated = now
 
     def _consolidate(self) -> None:
         """Refresh the root's consolidated metadata (what xarray.open_zarr reads first)."""
