@@ -108,6 +108,8 @@ def read_zarr(url, nfeat, salt=0) -> dict:
 def ic_storage(url: str):
     import icechunk as ic
 
+    ic.set_logs_filter("error")  # its local-storage warning, printed per repository opened, is noted in the doc
+
     if url.startswith("s3://"):
         bucket, _, prefix = url[5:].partition("/")
         return ic.s3_storage(bucket=bucket, prefix=prefix, endpoint_url=os.environ["AWS_ENDPOINT_URL"],

@@ -89,7 +89,8 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 
 def join(extractor: onnx.ModelProto, head: onnx.ModelProto, features: str, head_input: str,
          probabilities: str) -> onnx.ModelProto:
-    """extractor (images -> features map) + Flatten + head (flat features -> probabilities) as one graph
+    """extractor (images -> features map) + Flatten + head (flat features -> probabilities), or without the
+    Flatten for a head that takes the map (a trainable top + head), as one graph
     with outputs `probabilities` and `features`, joined by `onnx.compose.merge_models`."""
     target = _default_opset(extractor)
     if _default_opset(head) != target:
@@ -101,9 +102,13 @@ def join(extractor: onnx.ModelProto, head: onnx.ModelProto, features: str, head_
                                  "on a store from this extractor") from None
     ext = onnx.ModelProto()
     ext.CopyFrom(extractor)
-    flat = "convcache_flat_features"
-    ext.graph.node.append(helper.make_node("Flatten", [features], [flat], axis=1, name="flatten_features"))
-    ext.graph.output.append(helper.make_tensor_value_info(flat, onnx.TensorProto.FLOAT, None))
+    rank = {i.name: len(i.type.tensor_type.shape.dim) for i in head.graph.input}.get(head_input, 2)
+    if rank > 2:  # a head that takes the feature map itself (a trainable top): no Flatten in between
+        flat = features
+    else:
+        flat = "convcache_flat_features"
+        ext.graph.node.append(helper.make_node("Flatten", [features], [flat], axis=1, name="flatten_features"))
+        ext.graph.output.append(helper.make_tensor_value_info(flat, onnx.TensorProto.FLOAT, None))
     # converters declare domains they never use (tf2onnx: ai.onnx.ml 2); drop those when the head needs another
     used = {n.domain for n in ext.graph.node}
     head_ops = {o.domain: o.version for o in head.opset_import}

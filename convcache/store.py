@@ -21,6 +21,7 @@ class SplitData:
     copy: np.ndarray
     sha256: list[str]
     paths: list[str]
+    row: np.ndarray | None = None  # each row's position in the split (load only)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,7 +117,19 @@ class FeatureStore:
             copy=copy[idx],
             sha256=[bytes(r).hex() for r in group["sha256"][:n][idx]],
             paths=[str(p) for p in group["path"][:n][idx]],
+            row=idx,
         )
+
+    def take(self, split: str, rows) -> np.ndarray:
+        """Features of committed `rows` (positions in the split, any order, repeats allowed), read chunk by
+        chunk: memory is the answer plus one chunk, never the split."""
+        rows = np.asarray(rows, np.int64)
+        n = self.rows(split)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise ConvcacheError(f"{self.path}: rows outside the {n} committed rows of '{split}'")
+        wanted, inverse = np.unique(rows, return_inverse=True)
+        got = self._group(split)["features"].get_orthogonal_selection((wanted,))
+        return got[inverse]
 
     def blocks(self, split: str) -> list[tuple[int, int, bytes | None]]:
         """The committed rows as (start, stop, digest) ranges: one per commit (a chunk, or a distributed

@@ -87,7 +87,8 @@ def run_export(cfg: ExportConfig) -> dict:
 
     out_shape = [None, *(int(d) for d in model.output_shape[1:])]
     meta.update({
-        "weights": {"source": weights_source, "sha256": weights.weights_sha256(base)},
+        "weights": {"source": weights_source, "sha256": weights.weights_sha256(base),
+                    **({"seed": seed} if weights_source == "random" else {})},
         "input": {"name": artifacts.IMAGES, "layout": "NHWC", "dtype": "float32",
                   "size": input_size, "pixels": "RGB, 0-255"},
         "preprocessing": keras_model.PREPROCESSING,

@@ -33,6 +33,12 @@ def register(sub) -> None:
                                                 "loss (default: run every epoch, keep the best)")
     t.add_argument("--dropout", type=float, default=0.5, help="dense: dropout rate (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="dense: initial weights, batch order, dropout (default: 0)")
+    t.add_argument("--train-top", choices=["block5"],
+                   help="dense: also train VGG16's block5 (from the extractor's weights) on a store of cached "
+                        "block4_pool maps: --epochs with block5 frozen, then --fine-tune-epochs with block5 "
+                        "trainable at half the learning rate, as `reference --fine-tune block5` does end to end; "
+                        "blocks 1-4 are the cache and never run")
+    t.add_argument("--fine-tune-epochs", type=int, default=2, help="with --train-top (default: %(default)s)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     t.add_argument("-o", "--output", required=True, help="output folder for head.onnx and metrics.json")
     t.set_defaults(func=run_train)
@@ -89,6 +95,8 @@ def run_train(args) -> int:
               "learning_rate": args.learning_rate, "steps_per_epoch": args.steps_per_epoch,
               "patience": args.patience, "dropout": args.dropout,
               "progress": not args.quiet} if args.head == "dense" else {}
+    if args.train_top:
+        params["fine_tune_epochs"] = args.fine_tune_epochs
     if args.head != "dense" and args.C:
         params["Cs"] = tuple(args.C)
     from convcache.location import parse_storage_options
@@ -97,7 +105,8 @@ def run_train(args) -> int:
 
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
     m = train_head(args.features, args.head, args.output, args.copies, params,
-                   storage_options=parse_storage_options(args.storage_option), memory_budget=budget)
+                   storage_options=parse_storage_options(args.storage_option), memory_budget=budget,
+                   train_top=args.train_top)
     if args.copies is not None and args.copies > m["copies_available"]:
         print(f"warning: --copies {args.copies}, but the store holds copies 0..{m['copies_available']}; "
               f"used {m['copies']}")
@@ -105,6 +114,8 @@ def run_train(args) -> int:
         print(f"note: replay over {m['copies']} copies for {m['epochs']} epochs repeats copies; method 2 would see "
               f"{m['epochs']} distinct copies (extract --augment {m['epochs']})")
     sched = f", {m['schedule']} schedule, {m['epochs']} epochs, {m['steps']} steps" if args.head == "dense" else ""
+    if args.train_top:
+        sched += f" (block5 trained on cached block4_pool maps, best: {m['selection']['best']['phase']})"
     print(f"trained {m['head']}{' (streamed from the store)' if m['streaming'] else ''} on {m['rows']['train']} rows (copies 0..{m['copies']}{sched}) in "
           f"{m['fit_seconds']:.1f}s: report-half validation {_acc(m, 'report')}, test {_acc(m, 'test')} -> "
           f"{args.output}/head.onnx, metrics.json")

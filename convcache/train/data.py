@@ -23,11 +23,13 @@ class Split:
     image: np.ndarray | None = None  # canonical image rank (ascending sha256) within the split
     copy: np.ndarray | None = None
     sha256: list | None = None
+    row: np.ndarray | None = None  # position in the store's split (to read features lazily)
 
     def take(self, idx) -> "Split":
         return Split(self.X[idx], self.y[idx], None if self.image is None else self.image[idx],
                      None if self.copy is None else self.copy[idx],
-                     None if self.sha256 is None else [self.sha256[i] for i in idx])
+                     None if self.sha256 is None else [self.sha256[i] for i in idx],
+                     None if self.row is None else self.row[idx])
 
 
 @dataclass
@@ -80,7 +82,7 @@ def load_training_data(store_path, copies: int | None = None, storage_options: d
             raise ConvcacheError(f"{store_path}: the {name} split is empty")
         _, rank = canonical_images(data.sha256)
         split = Split(data.features.reshape(len(data), -1).astype(np.float32, copy=False), data.labels,  # noqa: E501
-                      rank, data.copy.astype(np.int64), data.sha256)
+                      rank, data.copy.astype(np.int64), data.sha256, data.row)
         # evaluation splits in canonical order (ascending sha256), as the reference holds them
         splits[name] = split if name == "train" else split.take(np.lexsort((split.copy, split.image)))
         if name == "train":

@@ -23,16 +23,22 @@ log = logging.getLogger(__name__)
 
 def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None,
                data: TrainingData | None = None, export: bool = True, storage_options: dict | None = None,
-               memory_budget: int | None = None) -> dict:
+               memory_budget: int | None = None, train_top: str | None = None) -> dict:
     """Fit `head` on originals + copies 1..K of the store's train split, select on the select half of
     validation, report on the report half (and on test when the store has one). `data` reuses a
     loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx.
     When the train split's features would not fit `memory_budget` bytes, logreg streams them from the
-    store block by block (StreamingLogRegHead) instead of loading them."""
+    store block by block (StreamingLogRegHead) instead of loading them. `train_top="block5"` fine-tunes
+    block5 + the dense head on a store of cached block4_pool maps (convcache.train.top)."""
     if head not in HEADS:
         raise ConvcacheError(f"unknown head {head!r}; choose {', '.join(HEADS)}")
     load_start = time.perf_counter()
     streaming, fs = head == "logreg-stream", None
+    if train_top:
+        if head != "dense" or data is not None:
+            raise ConvcacheError("--train-top trains the top under the dense head: use --head dense")
+        fs = FeatureStore(store, storage_options)
+        data = load_training_data(fs, copies, train_features=False)  # maps are read per epoch, chunk by chunk
     if data is None:
         fs = FeatureStore(store, storage_options)
         need = 2 * fs.nbytes("train", copies)  # the features as float32, and their standardized copy
@@ -47,9 +53,14 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
     if data.select is None and head in ("dense", "logreg-stream"):
         raise ConvcacheError(f"the {head} head selects its epoch on half of the validation split, and the store has "
                              "none")
-    estimator = HEADS[head](**(params or {}))
     tr, sel = data.train, data.select
-    if streaming and fs is not None:
+    estimator = _top_head(fs, train_top, params) if train_top else HEADS[head](**(params or {}))
+    if train_top:
+        fs.check("train")  # the digests, block by block, before any epoch reads rows
+        estimator.fit(None, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy,
+                      fetch=lambda rows: fs.take("train", tr.row[rows]))
+        head = f"top-{train_top}"
+    elif streaming and fs is not None:
         seed = estimator.seed
         if head == "dense":  # logreg verifies every block in its first pass; the dense head has none
             fs.check("train")
@@ -92,6 +103,8 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
     proto = estimator.to_onnx(opset=data.extractor_opset)  # the extractor's opset: fusion joins one opset
     onnx.checker.check_model(proto, full_check=True)
     check = (data.report or data.select or data.train).X[:64]
+    if train_top:  # the top takes the boundary maps themselves
+        check = check.reshape(len(check), *data.feature_shape)
     metrics["onnx_max_abs_diff"] = check_parity(proto, estimator.predict_proba(check), {artifacts.FEATURES: check},
                                                 artifacts.PROBABILITIES, 1e-4, "the ONNX head")
     artifacts.write_metadata(proto, artifacts.KIND_HEAD, {
@@ -102,3 +115,20 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
     metrics["head_onnx"] = str(out / "head.onnx")
     write_metrics(out / "metrics.json", metrics)
     return metrics
+
+
+def _top_head(fs: FeatureStore, top: str, params: dict | None):
+    """A TopHead for the store's extractor: the store must hold the top's boundary maps, unpooled, and
+    the top starts from the extractor's own weights."""
+    from convcache.train.top import TopHead, boundary_of
+
+    meta = fs.extractor_metadata("train")
+    boundary = boundary_of(top)
+    if meta.get("layer") != boundary or meta.get("pooling"):
+        raise ConvcacheError(f"--train-top {top} trains on cached {boundary} maps; this store holds "
+                             f"{meta.get('layer')}{' ' + meta['pooling'] + '-pooled' if meta.get('pooling') else ''} "
+                             f"features. Export with `--layer {boundary}` (no --pooling) and extract again")
+    w = meta.get("weights") or {}
+    return TopHead(top=top, weights=w.get("source", "hed"), weights_seed=int(w.get("seed", 0)),
+                   weights_sha256=w.get("sha256"), input_size=int(meta["input"]["size"]),
+                   maps_shape=tuple(fs.feature_shape("train")), **(params or {}))

@@ -1,0 +1,198 @@
+"""Cache at the freeze boundary: fine-tuning VGG16's block5 on cached block4_pool maps.
+
+When block5 is fine-tuned, blocks 1-4 stay frozen, so their output (block4_pool) is a fixed function
+of each augmented copy: it can be extracted once and cached like any feature. `TopHead` rebuilds
+block5 (initialised from the extractor's own weights, layer by layer, by name) under the dense head
+and trains both on the cached maps exactly as the end-to-end reference fine-tunes (`reference
+--fine-tune block5`): `epochs` epochs with block5 frozen, then `fine_tune_epochs` with block5
+trainable at half the learning rate, the same batch order, copies, initial head weights, dropout
+masks and epoch selection. Only block5 and the head run per step; blocks 1-4 ran once, at extraction.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from convcache.artifacts import FEATURES, PROBABILITIES
+from convcache.errors import ConvcacheError
+from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx
+from convcache.protocol import SCHEDULES, initial_head_weights
+from convcache.train.heads import _Schedule, dense_head_layers
+from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
+
+# trainable top -> (the cached boundary layer it starts from, its layers in order)
+TOPS = {"block5": ("block4_pool", ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool"))}
+
+
+def boundary_of(top: str) -> str:
+    if top not in TOPS:
+        raise ConvcacheError(f"--train-top {top}: choose {', '.join(TOPS)}")
+    return TOPS[top][0]
+
+
+def build_top(keras, top: str, maps_shape: tuple, weights_source: str, input_size: int, weights_seed: int = 0,
+              expected_sha256: str | None = None):
+    """VGG16's `top` layers as a model on the boundary maps, with the weights of `weights_source`
+    (checked against the extractor's recorded weights when `expected_sha256` is given)."""
+    from convcache.backbone import weights
+
+    base = weights.load_vgg16(weights_source, input_size, weights_seed)
+    if expected_sha256 and weights.weights_sha256(base) != expected_sha256:
+        raise ConvcacheError(f"the {top} weights from --weights {weights_source} are not the extractor's (its base "
+                             f"has sha256 {expected_sha256[:12]}); pass the weights (and seed) the extractor used")
+    inputs = keras.Input(tuple(maps_shape), dtype="float32", name=FEATURES)
+    x = inputs
+    for name in TOPS[top][1]:
+        x = base.get_layer(name)(x)
+    return keras.Model(inputs, x, name=f"top_{top}")
+
+
+class TopHead(ClassifierMixin, BaseEstimator):
+    """VGG16's `top` (block5) + the dense head on cached boundary maps (block4_pool), fine-tuned as the
+    reference fine-tunes. `X` may be maps (n, h, w, c) or their flattened rows; `fit` also takes a
+    `fetch(rows)` callable instead of X, so that each epoch's rows are read from the store (chunk by
+    chunk) rather than held in memory."""
+
+    def __init__(self, top: str = "block5", weights: str = "hed", input_size: int = 150, weights_seed: int = 0,
+                 weights_sha256: str | None = None, maps_shape: tuple | None = None, units: int = 256,
+                 dropout: float = 0.5, epochs: int = 3, fine_tune_epochs: int = 2, batch_size: int = 20,
+                 learning_rate: float = 2e-5, patience: int | None = None, schedule: str = "replay",
+                 steps_per_epoch: int | None = None, seed: int = 0, progress: bool = False):
+        self.top = top
+        self.weights = weights
+        self.input_size = input_size
+        self.weights_seed = weights_seed
+        self.weights_sha256 = weights_sha256
+        self.maps_shape = maps_shape
+        self.units = units
+        self.dropout = dropout
+        self.epochs = epochs
+        self.fine_tune_epochs = fine_tune_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.schedule = schedule
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+        self.progress = progress
+
+    def _maps(self, X) -> np.ndarray:
+        X = np.asarray(X, np.float32)
+        return X.reshape(len(X), *self.maps_shape_)
+
+    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None, fetch=None) -> "TopHead":
+        from convcache.tfquiet import import_keras
+
+        if self.schedule not in SCHEDULES:
+            raise ConvcacheError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.fine_tune_epochs < 0:
+            raise ConvcacheError("--epochs must be >= 1 and --fine-tune-epochs >= 0")
+        if X_val is None:
+            raise ConvcacheError("the top is fine-tuned with its epochs selected on the select half of validation")
+        _, keras = import_keras()
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        if not np.array_equal(self.classes_, np.arange(len(self.classes_))):
+            raise ConvcacheError("labels must be 0..n_classes-1")
+        self.maps_shape_ = tuple(int(d) for d in (self.maps_shape or np.asarray(X).shape[1:]))
+        if len(self.maps_shape_) != 3:
+            raise ConvcacheError(f"the top trains on feature maps (h, w, c), got shape {self.maps_shape_}")
+        fetch = fetch or (lambda rows: np.asarray(X)[rows])
+        image = np.arange(len(y)) if image is None else np.asarray(image)
+        copy = np.zeros(len(y), np.int64) if copy is None else np.asarray(copy)
+        plan = _Schedule(self.schedule, image, copy, self.batch_size, self.steps_per_epoch, self.seed)
+        Xv = self._maps(X_val)
+        n = len(self.classes_)
+
+        keras.utils.set_random_seed(self.seed)
+        self.top_model_ = build_top(keras, self.top, self.maps_shape_, self.weights, self.input_size,
+                                    self.weights_seed, self.weights_sha256)
+        self.top_model_.trainable = False
+        inputs = keras.Input(self.maps_shape_, dtype="float32", name=FEATURES)
+        x = keras.layers.Flatten()(self.top_model_(inputs, training=False))
+        head = dense_head_layers(keras, n, self.units, self.dropout, self.seed)
+        self.model_ = keras.Model(inputs, head(x))
+        head.set_weights(initial_head_weights(int(x.shape[-1]), self.units, n, self.seed))
+        initial_top = [w.copy() for w in self.top_model_.get_weights()]
+        self.top_changed_ = False  # did fine-tuning move block5 (even if the frozen phase's weights are kept)?
+
+        def batches(offset):
+            def epoch_batches(e):
+                rows = plan.rows(offset + e)
+                Xe = self._maps(fetch(rows))  # this epoch's rows, read once (from the store: chunk by chunk)
+                for b in range(0, len(rows), self.batch_size):
+                    yield Xe[b : b + self.batch_size], y[rows[b : b + self.batch_size]]
+            return epoch_batches
+
+        def info(offset, phase):
+            return lambda e: {"phase": phase, **plan.info(offset + e)}
+
+        def evaluate():
+            return {"select": evaluate_model(self.model_, Xv, y_val, 32)}
+
+        start = time.perf_counter()
+        compile_head_model(keras, self.model_, n, self.learning_rate)
+        history, selector = fit_epochs(self.model_, self.epochs, batches(0), evaluate, self.patience, self.progress,
+                                       f"top frozen ({self.schedule})", info(0, "frozen"))
+        best = {"phase": "frozen", "epoch": selector.best_epoch, "select_loss": selector.best_loss}
+        if self.fine_tune_epochs:
+            self.top_model_.trainable = True
+            compile_head_model(keras, self.model_, n, self.learning_rate / 2)
+            ft, ft_selector = fit_epochs(self.model_, self.fine_tune_epochs, batches(len(history)), evaluate,
+                                         self.patience, self.progress, f"fine-tune {self.top}",
+                                         info(len(history), f"fine-tune {self.top}"))
+            for h in ft:
+                h["epoch"] += len(history)
+            self.top_changed_ = any(not np.array_equal(a, b) for a, b in zip(initial_top,
+                                                                               self.top_model_.get_weights()))
+            if ft_selector.best_loss < selector.best_loss:
+                best = {"phase": f"fine-tune {self.top}", "epoch": len(history) + ft_selector.best_epoch,
+                        "select_loss": ft_selector.best_loss}
+            else:
+                self.model_.set_weights(selector.best_state)
+            history += ft
+        self.fit_seconds_ = time.perf_counter() - start
+        self.history_ = history
+        self.best_ = best
+        self.epochs_run_ = len(history)
+        self.best_epoch_ = best["epoch"]
+        self.steps_run_ = int(sum(h["steps"] for h in history))
+        self.copies_used_ = sorted({int(c) for h in history for c in h.get("copies", [])})
+        self.n_features_in_ = int(np.prod(self.maps_shape_))
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        p = np.asarray(self.model_.predict(self._maps(X), batch_size=32, verbose=0))
+        return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def summary(self) -> dict:
+        return {"schedule": self.schedule, "top": self.top, "cached_boundary": TOPS[self.top][0],
+                "trained_layers": list(TOPS[self.top][1]) + ["head"], "epochs_run": self.epochs_run_,
+                "frozen_epochs": self.epochs, "fine_tune_epochs": self.fine_tune_epochs, "best": self.best_,
+                "best_epoch": self.best_epoch_, "steps": self.steps_run_, "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate, "copies_used": self.copies_used_,
+                "top_weights_changed": self.top_changed_,
+                "seconds_per_epoch": self.fit_seconds_ / max(self.epochs_run_, 1),
+                "rule": "lowest select-half loss per phase, the fine-tuned phase kept only if lower",
+                "history": self.history_}
+
+    def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+        """The trained top + head: boundary maps `features` (n, h, w, c) -> `probabilities`."""
+        from convcache.tfquiet import import_keras
+
+        check_is_fitted(self, "model_")
+        _, keras = import_keras()
+        inputs = keras.Input(self.maps_shape_, name=FEATURES)
+        p = self.model_(inputs)
+        if p.shape[-1] == 1:
+            p = keras.layers.Concatenate()([keras.layers.Lambda(lambda t: 1.0 - t)(p), p])
+        return keras_to_onnx(keras.Model(inputs, p), FEATURES, self.maps_shape_, PROBABILITIES, opset)
