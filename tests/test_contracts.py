@@ -106,11 +106,11 @@ def test_a_crash_before_commit_leaves_no_visible_rows(pooled_extractor, tmp_path
     commits = {"n": 0}
     real_commit = writer.SplitWriter.commit
 
-    def crash_on_third(self, rows=None):
+    def crash_on_third(self, rows=None, **kwargs):
         commits["n"] += 1
         if commits["n"] == 3:
             raise KeyboardInterrupt  # the process dies between writing a block and committing it
-        return real_commit(self, rows)
+        return real_commit(self, rows, **kwargs)
 
     monkeypatch.setattr(writer.SplitWriter, "commit", crash_on_third)
     with pytest.raises(KeyboardInterrupt):

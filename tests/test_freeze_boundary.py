@@ -32,10 +32,16 @@ def boundary(tmp_path_factory):
     return root, data, store, model
 
 
+_REFERENCES: dict = {}
+
+
 def _reference(root, data, dropout, tag):
-    return run_reference(str(data), "random", str(root / f"ref-{tag}"), epochs=FROZEN, fine_tune="block5",
-                         fine_tune_epochs=FINE, input_size=SIZE, policy=PRESETS["book"], dropout=dropout,
-                         progress=False, **COMMON)
+    """The end-to-end run for `dropout`, once per module (the tests compare several cached runs to it)."""
+    if dropout not in _REFERENCES:
+        _REFERENCES[dropout] = run_reference(str(data), "random", str(root / f"ref-{tag}"), epochs=FROZEN,
+                                             fine_tune="block5", fine_tune_epochs=FINE, input_size=SIZE,
+                                             policy=PRESETS["book"], dropout=dropout, progress=False, **COMMON)
+    return _REFERENCES[dropout]
 
 
 def _top(root, store, dropout, tag, copies=None):

@@ -234,7 +234,7 @@ def test_bad_urls_fail_before_work(extractor, tmp_path):
     r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "x.zarr", "--cluster", "remote:3")
     assert r.returncode == 2 and "local:N" in r.stderr
     r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "x.zarr", "--scheduler",
-                "tcp://127.0.0.1:9")
+                "tcp://127.0.0.1:9", env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
     assert r.returncode == 2 and "cannot connect" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -339,7 +339,7 @@ def test_second_writer_on_s3_is_refused_while_the_first_holds_the_lease(extracto
 
     data = make_dataset(tmp_path / "data", splits={"train": 10})
     store = f"s3://{bucket}/one.zarr"
-    args = ["extract", "--model", extractor, "--data", data, "-o", store, "--augment", 3, "--chunk-rows", 1, "-q"]
+    args = ["extract", "--model", extractor, "--data", data, "-o", store, "--augment", 3, "--chunk-rows", 2, "-q"]
     first = subprocess.Popen([sys.executable, "-m", "convcache", *map(str, args)], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     fs = s3fs.S3FileSystem()

@@ -62,7 +62,7 @@ def dask_client(scheduler: str | None, cluster: str | None, threads: int | None 
             yield client
         return
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler)  # waits distributed.comm.timeouts.connect (dask config; default 30 s)
     except Exception as exc:  # OSError / TimeoutError: nothing listens there
         raise ConvcacheError(f"--scheduler {scheduler}: cannot connect ({exc.__class__.__name__}: {exc})") from None
     try:

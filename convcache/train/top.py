@@ -15,14 +15,13 @@ import time
 
 import numpy as np
 import onnx
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
 from convcache.errors import ConvcacheError
 from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx
 from convcache.protocol import SCHEDULES, initial_head_weights
-from convcache.train.heads import _Schedule, dense_head_layers
+from convcache.train.heads import DenseHead, _Schedule, dense_head_layers
 from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
 
 # trainable top -> (the cached boundary layer it starts from, its layers in order)
@@ -52,34 +51,28 @@ def build_top(keras, top: str, maps_shape: tuple, weights_source: str, input_siz
     return keras.Model(inputs, x, name=f"top_{top}")
 
 
-class TopHead(ClassifierMixin, BaseEstimator):
+class TopHead(DenseHead):
     """VGG16's `top` (block5) + the dense head on cached boundary maps (block4_pool), fine-tuned as the
     reference fine-tunes. `X` may be maps (n, h, w, c) or their flattened rows; `fit` also takes a
     `fetch(rows)` callable instead of X, so that each epoch's rows are read from the store (chunk by
-    chunk) rather than held in memory."""
+    chunk) rather than held in memory. The dense head's parameters keep their meaning; `epochs` is the
+    frozen phase."""
 
     def __init__(self, top: str = "block5", weights: str = "hed", input_size: int = 150, weights_seed: int = 0,
                  weights_sha256: str | None = None, maps_shape: tuple | None = None, units: int = 256,
                  dropout: float = 0.5, epochs: int = 3, fine_tune_epochs: int = 2, batch_size: int = 20,
                  learning_rate: float = 2e-5, patience: int | None = None, schedule: str = "replay",
                  steps_per_epoch: int | None = None, seed: int = 0, progress: bool = False):
+        super().__init__(units=units, dropout=dropout, epochs=epochs, batch_size=batch_size,
+                         learning_rate=learning_rate, patience=patience, schedule=schedule,
+                         steps_per_epoch=steps_per_epoch, seed=seed, progress=progress)
         self.top = top
         self.weights = weights
         self.input_size = input_size
         self.weights_seed = weights_seed
         self.weights_sha256 = weights_sha256
         self.maps_shape = maps_shape
-        self.units = units
-        self.dropout = dropout
-        self.epochs = epochs
         self.fine_tune_epochs = fine_tune_epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.patience = patience
-        self.schedule = schedule
-        self.steps_per_epoch = steps_per_epoch
-        self.seed = seed
-        self.progress = progress
 
     def _maps(self, X) -> np.ndarray:
         X = np.asarray(X, np.float32)
@@ -168,11 +161,7 @@ class TopHead(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "model_")
-        p = np.asarray(self.model_.predict(self._maps(X), batch_size=32, verbose=0))
-        return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p
-
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        return super().predict_proba(self._maps(X))
 
     def summary(self) -> dict:
         return {"schedule": self.schedule, "top": self.top, "cached_boundary": TOPS[self.top][0],

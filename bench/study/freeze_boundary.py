@@ -1,0 +1,134 @@
+"""Issue 12's study: block5 fine-tuned on cached block4_pool maps vs the frozen head on block5 features,
+on the shared cats-vs-dogs photos, hed weights, 150x150, the book's policy and optimiser (RMSprop 2e-5,
+batch 20; fine-tuning at half the rate), replay schedule, 3 seeds, epochs selected on the select half of
+validation and accuracy reported on the report half. Resumable: each arm/seed writes its metrics.json and
+is skipped when it exists.
+
+    bench/study/extract_boundary.sh                       # the block4_pool maps store (K = 10)
+    .venv/bin/python bench/study/freeze_boundary.py run   # the arms (tens of minutes on 2 cores)
+    .venv/bin/python bench/study/freeze_boundary.py doc   # docs/results_freeze_boundary.json + the table
+
+Arms, matched at FROZEN + FINE epochs (replay: epoch e trains on copy (e mod K) + 1; K = 0: originals):
+- frozen: the dense head on the first study's cached block5_pool features (runs/study/block5.zarr, the
+  same photos, policy and seed), FROZEN + FINE epochs;
+- fine-tuned: `train --head dense --train-top block5` on the block4_pool maps, FROZEN epochs with block5
+  frozen, then FINE epochs with block5 trainable (the reference's schedule);
+- real: one TensorFlow `reference --fine-tune block5` run (1 + 1 epochs, seed 0) and the cached run with the
+  same settings, to show that the cached trainer reproduces its losses on real data;
+- unfrozen: `reference --unfreeze all` for a few epochs: its cost per epoch and its validation curve.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "runs" / "ft"
+DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small"
+CC = [str(ROOT / ".venv" / "bin" / "convcache")]
+FROZEN, FINE = 3, 3
+KS = (0, 2, 10)
+SEEDS = (0, 1, 2)
+BASE = ["--head", "dense", "--schedule", "replay", "--batch-size", "20", "--learning-rate", "2e-5", "-q"]
+
+
+def _run(args: list, out: Path) -> dict:
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        print(" ".join(map(str, args)), flush=True)
+        out.mkdir(parents=True, exist_ok=True)  # peak RSS (KiB) and wall seconds of the run, beside its metrics
+        subprocess.run(["/usr/bin/time", "-o", str(out / "time.txt"), "-f", "%M %e", *CC, *map(str, args)],
+                       check=True)
+    m = json.loads(metrics.read_text())
+    if (out / "time.txt").is_file():
+        rss, wall = (out / "time.txt").read_text().split()[-2:]
+        m["peak_rss_mib"], m["wall_seconds"] = int(rss) / 1024, float(wall)
+    return m
+
+
+def frozen(k: int, seed: int) -> dict:
+    out = OUT / "arms" / f"frozen-k{k}-s{seed}"
+    return _run(["train", "--features", ROOT / "runs/study/block5.zarr", "--copies", k, "--epochs", FROZEN + FINE,
+                 "--seed", seed, *BASE, "-o", out], out)
+
+
+def fine_tuned(k: int, seed: int, frozen_epochs: int = FROZEN, fine: int = FINE, tag: str = "") -> dict:
+    out = OUT / "arms" / f"top-k{k}-s{seed}{tag}"
+    return _run(["train", "--features", OUT / "b4maps.zarr", "--copies", k, "--train-top", "block5", "--epochs",
+                 frozen_epochs, "--fine-tune-epochs", fine, "--seed", seed, *BASE, "-o", out], out)
+
+
+def real(seed: int = 0) -> dict:
+    out = OUT / "arms" / f"reference-ft-s{seed}"
+    return _run(["reference", "--data", DATA, "--weights", "hed", "--policy", "book", "--epochs", 1, "--fine-tune",
+                 "block5", "--fine-tune-epochs", 1, "--seed", seed, "-q", "-o", out], out)
+
+
+def unfrozen(seed: int = 0, epochs: int = 2) -> dict:
+    out = OUT / "arms" / f"reference-unfreeze-s{seed}"
+    return _run(["reference", "--data", DATA, "--weights", "hed", "--policy", "book", "--epochs", epochs,
+                 "--unfreeze", "all", "--seed", seed, "-q", "-o", out], out)
+
+
+def run() -> None:
+    real(0)
+    fine_tuned(10, 0, 1, 1, tag="-real")
+    for seed in SEEDS:
+        for k in KS:
+            frozen(k, seed)
+            fine_tuned(k, seed)
+    unfrozen(0)
+
+
+def doc() -> None:
+    from convcache.pipeline.stats import mcnemar_exact, paired_bootstrap
+
+    res = {"protocol": {"frozen_epochs": FROZEN, "fine_tune_epochs": FINE, "copies": KS, "seeds": SEEDS}, "arms": {}}
+    rows = []
+    for k in KS:
+        arms = {}
+        for name, fn in (("frozen", frozen), ("fine-tuned", fine_tuned)):
+            runs = [fn(k, s) for s in SEEDS]
+            order = runs[0]["report_sha256"]
+            assert all(r["report_sha256"] == order for r in runs)
+            arms[name] = {"acc": [100 * r["report"]["accuracy"] for r in runs],
+                          "correct": np.mean([r["report_correct"] for r in runs], 0),
+                          "correct_s0": runs[0]["report_correct"],
+                          "seconds_per_epoch": float(np.mean([r["selection"]["seconds_per_epoch"] for r in runs])),
+                          "fit_seconds": float(np.mean([r["fit_seconds"] for r in runs])),
+                          "peak_rss_mib": float(max(r.get("peak_rss_mib", 0) for r in runs)),
+                          "best": [r["selection"].get("best", {"epoch": r["selection"].get("best_epoch")}) for r in runs]}
+        diff = paired_bootstrap(arms["frozen"]["correct"], arms["fine-tuned"]["correct"])
+        mc = mcnemar_exact(arms["frozen"]["correct_s0"], arms["fine-tuned"]["correct_s0"])
+        res["arms"][f"K={k}"] = {n: {kk: (v.tolist() if isinstance(v, np.ndarray) else v) for kk, v in a.items()}
+                                 for n, a in arms.items()} | {"paired_bootstrap": diff, "mcnemar_seed0": mc}
+        rows.append(f"| {k} | {np.mean(arms['frozen']['acc']):.1f} ± {np.std(arms['frozen']['acc'], ddof=1):.1f} | "
+                    f"{np.mean(arms['fine-tuned']['acc']):.1f} ± {np.std(arms['fine-tuned']['acc'], ddof=1):.1f} | "
+                    f"{100 * diff['diff']:+.1f} [{100 * diff['ci95'][0]:.1f}, {100 * diff['ci95'][1]:.1f}] | "
+                    f"{arms['frozen']['seconds_per_epoch']:.0f} | {arms['fine-tuned']['seconds_per_epoch']:.0f} |")
+    ref, cached = real(0), fine_tuned(10, 0, 1, 1, tag="-real")
+    lr = [h["train_loss"] for h in ref["history"]]
+    lc = [h["train_loss"] for h in cached["selection"]["history"]]
+    res["real"] = {"reference_train_loss": lr, "cached_train_loss": lc,
+                   "max_rel_diff": float(np.max(np.abs(np.array(lc) - np.array(lr)) / np.abs(np.array(lr)))),
+                   "reference_seconds_per_epoch": ref["seconds_per_epoch"],
+                   "cached_seconds_per_epoch": cached["selection"]["seconds_per_epoch"],
+                   "reference_report": ref["report"]["accuracy"], "cached_report": cached["report"]["accuracy"]}
+    un = unfrozen(0)
+    res["unfrozen"] = {"seconds_per_epoch": un["seconds_per_epoch"], "peak_rss_mib": un.get("peak_rss_mib"),
+                       "curve": [{k: h.get(k) for k in ("epoch", "train_loss", "select_loss", "select_accuracy",
+                                                        "report_accuracy", "train_seconds")} for h in un["history"]],
+                       "report": un["report"]["accuracy"]}
+    (ROOT / "docs" / "results_freeze_boundary.json").write_text(json.dumps(res, indent=1))
+    print("| K | frozen head (block5 features) | block5 fine-tuned on cached block4 maps | difference, 95% CI | "
+          "s/epoch frozen | s/epoch fine-tuned |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+    print(json.dumps({k: res[k] for k in ("real", "unfrozen")}, indent=1))
+
+
+if __name__ == "__main__":
+    {"run": run, "doc": doc}[sys.argv[1]]()
