@@ -5,7 +5,8 @@ and joining an extractor and a head with `onnx.compose` under one opset policy.
 Opset policy: a head is converted at its extractor's opset (recorded in the extractor's metadata
 and the feature store), so that fusion joins one opset; if a head arrives with another opset of
 the default domain, `join` converts it with `onnx.version_converter` and fails clearly when that is
-not possible. Other domains (e.g. skl2onnx's `ai.onnx.ml`) are kept as they are.
+not possible. The project's own heads use the default domain only (`linear_to_onnx`, tf2onnx for the
+dense head); other domains a model brings are kept as they are, and domains nobody uses are dropped.
 """
 
 from __future__ import annotations
@@ -32,19 +33,44 @@ def keras_to_onnx(model, input_name: str, input_shape: tuple, output_name: str, 
     return proto
 
 
-def sklearn_to_onnx(estimator, n_features: int, input_name: str, output_name: str, opset: int) -> onnx.ModelProto:
-    """A scikit-learn classifier (or pipeline) -> ONNX with one probability output."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
+def linear_to_onnx(scaler, model, input_name: str, output_name: str, opset: int,
+                   normalization: str = "softmax") -> onnx.ModelProto:
+    """StandardScaler + a linear classifier (coef_, intercept_) -> ONNX in the default domain only
+    (MatMul, Add, Sigmoid or Softmax): the scaler is folded into the weights, so the head runs on every
+    runtime (OpenVINO and TensorRT have no `ai.onnx.ml` ops). Probabilities as scikit-learn computes
+    them: binary [1 - s, s] with s = sigmoid(z); multi-class softmax(z) (`normalization="softmax"`,
+    LogisticRegression) or one-vs-rest sigmoids normalised to sum 1 (`"ovr"`, SGDClassifier)."""
+    from onnx import TensorProto, numpy_helper
 
-    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-    proto = convert_sklearn(estimator, initial_types=[(input_name, FloatTensorType([None, n_features]))],
-                            options={id(final): {"zipmap": False}}, target_opset={"": opset, "ai.onnx.ml": 3})
-    probs = [o.name for o in proto.graph.output if "prob" in o.name.lower()]
-    if not probs:
-        raise ConvcacheError("skl2onnx produced no probability output")
-    keep_outputs(proto, [probs[0]])
-    rename_io(proto, {}, {probs[0]: output_name})
+    coef = np.asarray(model.coef_, np.float64)  # (k, n): k = 1 for two classes
+    intercept = np.asarray(model.intercept_, np.float64)
+    mean = np.zeros(coef.shape[1]) if getattr(scaler, "mean_", None) is None else scaler.mean_
+    scale = np.ones(coef.shape[1]) if getattr(scaler, "scale_", None) is None else scaler.scale_
+    weights = (coef / scale).T  # x' = (x - mean) / scale  =>  z = x W' + (b - (mean / scale) coef^T)
+    bias = intercept - (mean / scale) @ coef.T
+    inits = [numpy_helper.from_array(weights.astype(np.float32), "linear_W"),
+             numpy_helper.from_array(bias.astype(np.float32), "linear_b")]
+    nodes = [helper.make_node("MatMul", [input_name, "linear_W"], ["linear_zw"]),
+             helper.make_node("Add", ["linear_zw", "linear_b"], ["linear_z"])]
+    if coef.shape[0] == 1:
+        inits.append(numpy_helper.from_array(np.ones((1, 1), np.float32), "linear_one"))
+        nodes += [helper.make_node("Sigmoid", ["linear_z"], ["linear_p1"]),
+                  helper.make_node("Sub", ["linear_one", "linear_p1"], ["linear_p0"]),
+                  helper.make_node("Concat", ["linear_p0", "linear_p1"], [output_name], axis=1)]
+    elif normalization == "softmax":
+        nodes.append(helper.make_node("Softmax", ["linear_z"], [output_name], axis=1))
+    else:
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "linear_axis"))
+        nodes += [helper.make_node("Sigmoid", ["linear_z"], ["linear_s"]),
+                  helper.make_node("ReduceSum", ["linear_s", "linear_axis"], ["linear_sum"], keepdims=1),
+                  helper.make_node("Div", ["linear_s", "linear_sum"], [output_name])]
+    k = max(2, coef.shape[0])
+    graph = helper.make_graph(nodes, "convcache_linear_head",
+                              [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, coef.shape[1]])],
+                              [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [None, k])], inits)
+    opsets = [helper.make_opsetid("", opset)]
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="convcache",
+                              ir_version=helper.find_min_ir_version_for(opsets))
     return proto
 
 
@@ -56,12 +82,6 @@ def rename_io(proto: onnx.ModelProto, inputs: dict, outputs: dict) -> None:
         node.output[:] = [renames.get(n, n) for n in node.output]
     for v in list(proto.graph.input) + list(proto.graph.output):
         v.name = renames.get(v.name, v.name)
-
-
-def keep_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
-    keep = [o for o in proto.graph.output if o.name in names]
-    del proto.graph.output[:]
-    proto.graph.output.extend(keep)
 
 
 def session(proto: onnx.ModelProto):
@@ -109,13 +129,12 @@ def join(extractor: onnx.ModelProto, head: onnx.ModelProto, features: str, head_
         flat = "convcache_flat_features"
         ext.graph.node.append(helper.make_node("Flatten", [features], [flat], axis=1, name="flatten_features"))
         ext.graph.output.append(helper.make_tensor_value_info(flat, onnx.TensorProto.FLOAT, None))
-    # converters declare domains they never use (tf2onnx: ai.onnx.ml 2); drop those when the head needs another
-    used = {n.domain for n in ext.graph.node}
-    head_ops = {o.domain: o.version for o in head.opset_import}
-    keep = [o for o in ext.opset_import if o.domain in ("", "ai.onnx") or o.domain in used
-            or head_ops.get(o.domain, o.version) == o.version]
-    del ext.opset_import[:]
-    ext.opset_import.extend(keep)
+    # converters declare domains they never use (tf2onnx: ai.onnx.ml): keep only what some node uses
+    used = {n.domain for n in ext.graph.node} | {n.domain for n in head.graph.node}
+    for m in (ext, head):
+        keep = [o for o in m.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+        del m.opset_import[:]
+        m.opset_import.extend(keep)
     head = compose.add_prefix(head, "head/")
     for m in (ext, head):  # the fused model gets metadata of its own
         del m.metadata_props[:]

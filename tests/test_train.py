@@ -158,3 +158,29 @@ def test_compare_end_to_end_tiny(tmp_path):
     before = (tmp_path / "report" / "arms" / "method_1" / "seed0" / "metrics.json").stat().st_mtime_ns
     run_compare(cfg)
     assert (tmp_path / "report" / "arms" / "method_1" / "seed0" / "metrics.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("head", ["logreg", "logreg-stream"])
+def test_linear_heads_export_default_domain_ops_only(head, n_classes):
+    """No ai.onnx.ml ops (OpenVINO and TensorRT have none): MatMul/Add/Sigmoid/Softmax, same probabilities."""
+    from sklearn.datasets import make_classification
+
+    from convcache.onnxtools import session
+    from convcache.train.heads import HEADS
+
+    X, y = make_classification(n_samples=300, n_features=20, n_informative=8, n_classes=n_classes, random_state=1)
+    X = (X * 7 + 3).astype(np.float32)  # far from standardized: the folded scaler matters
+    est = HEADS[head]().fit(X[:200], y[:200], X[200:250], y[200:250])
+    proto = est.to_onnx(17)
+    assert {n.domain for n in proto.graph.node} <= {""} and [o.domain for o in proto.opset_import] == [""]
+    got = session(proto).run(None, {"features": X[250:]})[0]
+    np.testing.assert_allclose(got, est.predict_proba(X[250:]), atol=1e-5)
+
+
+def test_fused_model_uses_only_the_default_onnx_domain(fused_model):
+    import onnx
+
+    proto = onnx.load(str(fused_model))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}

@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
-from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx, sklearn_to_onnx
+from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx, linear_to_onnx
 
 from convcache.errors import ConvcacheError
 from convcache.protocol import SCHEDULES, initial_head_weights, replay_copy
@@ -158,8 +158,13 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return {"C": self.C_, "selected_by": self.selected_by_, "accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
 
     def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+        """Standard ONNX ops only (the scaler folded into the weights): runs on every runtime."""
+        from sklearn.linear_model import SGDClassifier
+
         check_is_fitted(self, "pipeline_")
-        return sklearn_to_onnx(self.pipeline_, self.n_features_in_, FEATURES, PROBABILITIES, opset)
+        model = self.pipeline_[-1]
+        return linear_to_onnx(self.pipeline_[0], model, FEATURES, PROBABILITIES, opset,
+                              "ovr" if isinstance(model, SGDClassifier) else "softmax")
 
 
 class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
