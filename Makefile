@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean check-extras
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,3 +21,16 @@ demo: $(STAMP)
 
 clean:
 	rm -rf demo-out .pytest_cache
+
+# Each inference extra in a fresh venv: it installs, imports, and `convcache info --runtime` finds one
+# ONNX Runtime build with the providers that extra promises (a few minutes; not part of `make test`).
+check-extras:
+	for extra in cpu openvino gpu; do \
+	  rm -rf /tmp/convcache-extra-$$extra && python3 -m venv /tmp/convcache-extra-$$extra && \
+	  /tmp/convcache-extra-$$extra/bin/pip install -q ".[$$extra]" && \
+	  /tmp/convcache-extra-$$extra/bin/convcache info --runtime && \
+	  /tmp/convcache-extra-$$extra/bin/python -c "import onnxruntime as o, sys; p = o.get_available_providers(); \
+	    want = {'cpu': 'CPUExecutionProvider', 'openvino': 'CPUExecutionProvider', 'gpu': 'CUDAExecutionProvider'}['$$extra']; \
+	    sys.exit(0 if want in p else 'missing ' + want)" || exit 1; \
+	done
+	/tmp/convcache-extra-openvino/bin/python -c "import openvino; print('openvino', openvino.__version__)"

@@ -145,6 +145,9 @@ def main(folders: list[str]) -> None:
              "    < bench/study/reading.md", "```", ""]
     for res, tag in zip(results, tags):
         page += section(res, tag)
+    extra = DOCS / "results_freeze_boundary.md"  # issue 12's study (bench/study/freeze_boundary.py doc)
+    if extra.is_file():
+        page += ["", extra.read_text()]
     (DOCS / "results.md").write_text("\n".join(page) + "\n")
 
 

@@ -27,8 +27,12 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="path of the .onnx file to write")
     p.set_defaults(func=run_export)
 
-    i = sub.add_parser("info", help="describe any ONNX file: inputs, outputs, opsets, identity, convcache metadata")
-    i.add_argument("model", help="an .onnx file")
+    i = sub.add_parser("info", help="describe any ONNX file: inputs, outputs, opsets, identity, convcache metadata; "
+                                    "--runtime: the inference runtimes this machine has")
+    i.add_argument("model", nargs="?", help="an .onnx file")
+    i.add_argument("--runtime", action="store_true",
+                   help="report the active ONNX Runtime build and its providers, OpenVINO, and what --device auto "
+                        "picks (exit 2 if the installed runtimes conflict)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=run_info)
 
@@ -51,7 +55,24 @@ def run_export(args) -> int:
 
 def run_info(args) -> int:
     from convcache.artifacts import describe
+    from convcache.errors import ConvcacheError
 
+    if args.runtime:
+        from convcache.runtime import report
+
+        rep = report()
+        if args.json:
+            print(json.dumps(rep, indent=2, sort_keys=True))
+        else:
+            for key in ("onnxruntime", "onnxruntime_distributions", "providers", "openvino", "openvino_devices",
+                        "cpu", "auto"):
+                if key in rep:
+                    print(f"{key:>26}: {rep[key]}")
+            for problem in rep["problems"]:
+                print(f"{'PROBLEM':>26}: {problem}")
+        return 2 if rep["problems"] else 0
+    if not args.model:
+        raise ConvcacheError("info needs a model (or --runtime)")
     info = describe(args.model)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))

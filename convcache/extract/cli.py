@@ -36,7 +36,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=d["seed"], help="augmentation seed: copy c of an image depends on it")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per inference call")
     p.add_argument("--workers", type=int, default=d["workers"], help="decode/augment threads")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d["device"], help="ONNX Runtime device")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default=d["device"],
+                   help="inference: ONNX Runtime on the CPU or CUDA, or the OpenVINO runtime (the 'openvino' extra); "
+                        "auto = CUDA if present, else OpenVINO if installed, else CPU (`convcache info --runtime`)")
     p.add_argument("--dtype", choices=["float32", "float16"], default=d["dtype"], help="storage dtype")
     p.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="skip images with more pixels (bomb guard)")
     p.add_argument("--max-bytes", type=int, default=d["max_bytes"],

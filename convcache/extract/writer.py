@@ -209,6 +209,7 @@ class SplitWriter:
     def record_run(self, run: dict) -> None:
         """Append a finished run's cost (rows, seconds, where) to the split's `runs` attribute."""
         self.group.attrs.update({"runs": [*self.group.attrs.get("runs", []), run]})
+        self._consolidate()  # readers of the consolidated metadata (FeatureStore, xarray) see it too
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped[printable_path(path)] = reason

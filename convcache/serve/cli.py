@@ -16,7 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="classify images with a fused model (one JSON line per image)")
     p.add_argument("--model", required=True, help="fused .onnx from `convcache fuse`")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=run_predict)
 
@@ -26,7 +26,7 @@ def register(sub) -> None:
     s.add_argument("--model", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default="auto")
     s.add_argument("--max-batch", type=int, default=d["max_batch"], help="images per inference call")
     s.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="how long a batch waits to fill")
     s.add_argument("--max-queue", type=int, default=d["max_queue"], help="images waiting before 503")
