@@ -108,3 +108,17 @@ def test_train_top_refuses_a_store_without_the_boundary_maps(pooled_extractor, t
     r = run_cli("train", "--features", tmp_path / "p.zarr", "--head", "dense", "--train-top", "block5", "-o",
                 tmp_path / "h")
     assert r.returncode == 2 and "block4_pool maps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_reading_the_epoch_in_segments_changes_nothing(boundary, monkeypatch):
+    """The pool schedule reads an epoch in bounded segments; the steps are the same as reading it at once."""
+    from convcache.train import top
+
+    root, _, store, _ = boundary
+    params = {**COMMON, "epochs": 1, "fine_tune_epochs": 1, "schedule": "pool", "dropout": 0.0}
+    whole = train_head(str(store), "dense", str(root / "seg-whole"), train_top="block5", params=params)
+    monkeypatch.setattr(top, "SEGMENT_ROWS", 5)  # batches of 4: segments of 8 rows, several per epoch
+    parts = train_head(str(store), "dense", str(root / "seg-parts"), train_top="block5", params=params)
+    np.testing.assert_allclose([h["train_loss"] for h in parts["selection"]["history"]],
+                               [h["train_loss"] for h in whole["selection"]["history"]], rtol=1e-6)
+    assert parts["steps"] == whole["steps"] == 2 * -(-50 // 4)  # 10 images x 5 copies (0..4) per epoch

@@ -24,6 +24,7 @@ from convcache.protocol import SCHEDULES, initial_head_weights
 from convcache.train.heads import DenseHead, _Schedule, dense_head_layers
 from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
 
+SEGMENT_ROWS = 2048  # rows read from the store at once (an epoch of the shared data's replay: one read)
 # trainable top -> (the cached boundary layer it starts from, its layers in order)
 TOPS = {"block5": ("block4_pool", ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool"))}
 
@@ -114,12 +115,16 @@ class TopHead(DenseHead):
         initial_top = [w.copy() for w in self.top_model_.get_weights()]
         self.top_changed_ = False  # did fine-tuning move block5 (even if the frozen phase's weights are kept)?
 
+        segment = self.batch_size * -(-SEGMENT_ROWS // self.batch_size)  # whole batches per read
+
         def batches(offset):
             def epoch_batches(e):
                 rows = plan.rows(offset + e)
-                Xe = self._maps(fetch(rows))  # this epoch's rows, read once (from the store: chunk by chunk)
-                for b in range(0, len(rows), self.batch_size):
-                    yield Xe[b : b + self.batch_size], y[rows[b : b + self.batch_size]]
+                for s in range(0, len(rows), segment):  # replay: one read per epoch; pool: bounded reads
+                    seg = rows[s : s + segment]
+                    Xs = self._maps(fetch(seg))  # from the store: only these rows, chunk by chunk
+                    for b in range(0, len(seg), self.batch_size):
+                        yield Xs[b : b + self.batch_size], y[seg[b : b + self.batch_size]]
             return epoch_batches
 
         def info(offset, phase):
