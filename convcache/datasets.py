@@ -73,7 +73,7 @@ def _items(data, pairs, ignored):
 
 def _discover_remote(loc):
     """The same layouts as on disk, listed through fsspec (a bucket has prefixes, not folders)."""
-    fs = loc.fs
+    fs = loc.fresh_fs()
     base = loc.path.rstrip("/")
     try:
         if loc.path.lower().endswith(".csv") and fs.isfile(base):

@@ -84,13 +84,16 @@ class Location:
 
     @property
     def fs(self):
-        """The filesystem, with its listings cache dropped: what we list or stat must be current (fsspec
-        shares one instance per options, and another writer may have changed the bucket since)."""
         import fsspec
 
         if self.local:
             return fsspec.filesystem("file")
-        fs = fsspec.filesystem(self.protocol, **self.storage_options)
+        return fsspec.filesystem(self.protocol, **self.storage_options)
+
+    def fresh_fs(self):
+        """The filesystem with its listings cache dropped, for listing and existence checks: those must be
+        current (fsspec shares one instance per options; another writer may have changed the bucket)."""
+        fs = self.fs
         fs.invalidate_cache()
         return fs
 
@@ -107,10 +110,10 @@ class Location:
         return Location(url, self.protocol, path, self.storage_options)
 
     def exists(self) -> bool:
-        return Path(self.path).exists() if self.local else self.fs.exists(self.path)
+        return Path(self.path).exists() if self.local else self.fresh_fs().exists(self.path)
 
     def isfile(self) -> bool:
-        return Path(self.path).is_file() if self.local else self.fs.isfile(self.path)
+        return Path(self.path).is_file() if self.local else self.fresh_fs().isfile(self.path)
 
     def zarr_store(self, read_only: bool = False):
         """A Zarr v3 store for this location (LocalStore on disk, FsspecStore elsewhere)."""

@@ -163,10 +163,7 @@ def extract_split_distributed(client, model_future, split, items, copies, writer
     from convcache.runtime import cpu_model
 
     t_start = time.perf_counter()
-    done, image_index = writer.existing()
-    writer.skipped = {}
-    for path, reason in (ignored or {}).items():
-        writer.skip(path, reason)
+    done, image_index = writer.begin_run(ignored)
     batches = [items[i : i + PROBE_BATCH] for i in range(0, len(items), PROBE_BATCH)]
     probe = client.map(probe_files, batches, size=contract.size, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
                        storage_options=cfg.storage_options, pure=False)

@@ -181,10 +181,7 @@ def _run_locked(cfg, start, extractor, items, classes, ignored, guard=None) -> E
 def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, ignored=None) -> None:
     t_start = time.perf_counter()
     rows_before = summary.rows_written
-    done, image_index = writer.existing()
-    writer.skipped = {}  # files are retried on every run; failures are recorded again below
-    for path, reason in (ignored or {}).items():  # entries discovery could not use (FIFOs, loops, ...)
-        writer.skip(path, reason)
+    done, image_index = writer.begin_run(ignored)
     hashed_all = list(pool.map(lambda item: hash_file(item, cfg.max_bytes, cfg.storage_options), items))
     plan = plan_rows(hashed_all, copies, done, writer, summary)
     total = sum(len(need) for _, _, need in plan)

@@ -121,6 +121,14 @@ class SplitWriter:
                 f"the store's '{self.split}' split was written with a different {', '.join(diff)}; "
                 "refusing to mix them. Write to a new store (-o OTHER.zarr).")
 
+    def begin_run(self, ignored: dict | None = None) -> tuple[set, dict]:
+        """Start a run on this split: files are retried on every run, so the skipped list starts afresh
+        with the entries discovery could not use (FIFOs, loops, ...). Returns `existing()`."""
+        self.skipped = {}
+        for path, reason in (ignored or {}).items():
+            self.skip(path, reason)
+        return self.existing()
+
     def existing(self) -> tuple[set, dict]:
         """The (sha256, copy) keys already committed, and each committed image's index."""
         n = self.committed
