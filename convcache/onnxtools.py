@@ -149,3 +149,76 @@ def join(extractor: onnx.ModelProto, head: onnx.ModelProto, features: str, head_
     rename_io(fused, {}, {"head/" + probabilities: probabilities})
     onnx.checker.check_model(fused, full_check=True)
     return fused
+
+
+def fold_channel_permutation(proto: onnx.ModelProto) -> bool:
+    """Fold an input channel permutation (RGB->BGR, converted from a matmul with a permutation
+    matrix: Shape/Cast/Reshape/Gather/Concat/MatMul/Reshape) followed by a per-channel mean `Sub`,
+    a Transpose and the first Conv, into: Sub(mean in input order) -> Transpose -> Conv whose
+    input-channel weights are permuted. The mean is still subtracted before the Conv pads, so the
+    borders stay exact; only the order of the Conv's channel sum changes. In place; returns False
+    (graph untouched) when the pattern is not there."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
+
+    def only(name, op):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    matmul = next((n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
+                   and onnx.numpy_helper.to_array(inits[n.input[1]]).shape == (3, 3)), None)
+    if matmul is None:
+        return False
+    perm_matrix = onnx.numpy_helper.to_array(inits[matmul.input[1]])
+    if not (np.isin(perm_matrix, (0, 1)).all() and (perm_matrix.sum(0) == 1).all() and (perm_matrix.sum(1) == 1).all()):
+        return False
+    # the path from the graph input to the MatMul, and the Reshape back to NHWC after it
+    flat_in = producer.get(matmul.input[0])
+    back = only(matmul.output[0], "Reshape")
+    sub = back is not None and only(back.output[0], "Sub")
+    transpose = sub and only(sub.output[0], "Transpose")
+    conv = transpose and only(transpose.output[0], "Conv")
+    image = g.input[0].name
+    if not (flat_in is not None and flat_in.op_type == "Reshape" and flat_in.input[0] == image and conv
+            and sub.input[1] in inits and conv.input[1] in inits
+            and list(next(a.ints for a in transpose.attribute if a.name == "perm")) == [0, 3, 1, 2]):
+        return False
+    mean = onnx.numpy_helper.to_array(inits[sub.input[1]])
+    if mean.shape != (3,):
+        return False
+    # y[..., j] = x[..., p[j]] - mean[j]  ==  (x - mean_in)[..., p[j]] with mean_in[p[j]] = mean[j]
+    p = perm_matrix.argmax(0)
+    mean_in = np.empty(3, np.float32)
+    mean_in[p] = mean
+    weights = onnx.numpy_helper.to_array(inits[conv.input[1]])  # O x C x kh x kw over y's channels
+    folded = np.empty_like(weights)
+    folded[:, p] = weights  # channel p[j] of x carries what channel j of y carried
+    inits[sub.input[1]].CopyFrom(onnx.numpy_helper.from_array(mean_in, sub.input[1]))
+    inits[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array(folded, conv.input[1]))
+    sub.input[0] = image
+    # drop the permutation's nodes (everything that only fed the MatMul path) and unused initializers
+    live = {o for n in (sub, transpose, conv) for o in n.output}
+    dead = {id(matmul), id(back), id(flat_in)}
+    stack = [i for n in (matmul, back, flat_in) for i in n.input]
+    while stack:
+        name = stack.pop()
+        n = producer.get(name)
+        if n is not None and id(n) not in dead and all(id(c) in dead for o in n.output for c in consumers.get(o, [])):
+            dead.add(id(n))
+            stack.extend(n.input)
+    keep = [n for n in g.node if id(n) not in dead]
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | live
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    vi = [v for v in g.value_info if v.name in used or any(v.name in n.output for n in g.node)]
+    del g.value_info[:]
+    g.value_info.extend(vi)
+    return True

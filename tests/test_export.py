@@ -32,6 +32,34 @@ def test_parity_with_keras_at_32px():
     assert not np.allclose(a, b)
 
 
+def test_rgb_to_bgr_is_folded_into_the_first_conv():
+    """The Tensordot the converter makes of the RGB->BGR matmul is gone: the graph starts
+    Sub(mean) -> Transpose -> Conv, and still equals Keras at saturated borders (mean subtracted
+    before the Conv pads), on pure-colour images where a wrong channel order shows."""
+    from convcache import onnxtools
+    from convcache.backbone import keras_model, weights
+    from convcache.export import onnx_target
+
+    model = keras_model.build_extractor(weights.load_vgg16("random", SIZE, seed=3), "block1_conv2")
+    proto = onnx_target.keras_to_onnx(model)
+    assert [n.op_type for n in proto.graph.node[:3]] == ["Sub", "Transpose", "Conv"]
+    assert not any(n.op_type in ("MatMul", "Shape", "Gather") for n in proto.graph.node)
+    images = np.zeros((4, SIZE, SIZE, 3), np.float32)
+    images[0] = 255
+    images[1, ..., 0] = 255  # red only
+    images[2, ..., 2] = 255  # blue only
+    images[3] = onnx_target.sample_images(1, SIZE, seed=1)[0]
+    reference = model.predict(images, verbose=0)
+    got = onnxtools.session(proto).run(None, {"images": images})[0]
+    np.testing.assert_allclose(got, reference, atol=1e-4 * np.abs(reference).max())
+    # the unfolded conversion agrees too, and folding twice finds nothing left to fold
+    raw = onnxtools.keras_to_onnx(model, "images", (SIZE, SIZE, 3), "features", 17)
+    assert any(n.op_type == "MatMul" for n in raw.graph.node)
+    np.testing.assert_allclose(onnxtools.session(raw).run(None, {"images": images})[0], got,
+                               atol=1e-5 * np.abs(reference).max())
+    assert not onnxtools.fold_channel_permutation(proto)
+
+
 def test_parity_failure_is_detected():
     from convcache.backbone import keras_model, weights
     from convcache.export import onnx_target

@@ -19,8 +19,13 @@ PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
 
 
 def keras_to_onnx(model, opset: int = 17) -> onnx.ModelProto:
+    """The extractor as ONNX, with the RGB->BGR permutation (a Tensordot in the converted graph)
+    folded into block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv."""
     size = model.input_shape[1]
-    return onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), OUTPUT_NAME, opset)
+    proto = onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), OUTPUT_NAME, opset)
+    if not onnxtools.fold_channel_permutation(proto):
+        log.warning("the RGB->BGR permutation was not found in the converted graph; left unfolded")
+    return proto
 
 
 def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
