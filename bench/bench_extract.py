@@ -2,6 +2,10 @@
 pre-decoded arrays, in one run on the same images; and the store's size for float32 and float16.
 
     .venv/bin/python bench/bench_extract.py --data ../shared/data/cats_and_dogs_small --images 300 --augment 2
+    .venv/bin/python bench/bench_extract.py --model runs/rt/block5-int8.onnx --device cpu --dtypes float32
+
+`--model` measures an exported extractor (an int8 one, say) instead of exporting `--weights`; `--device`
+is the runtime of both the bare and the pipeline rate.
 """
 
 from __future__ import annotations
@@ -43,14 +47,20 @@ def main() -> None:
     p.add_argument("--weights", default="hed")
     p.add_argument("--size", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", help="an exported extractor (default: export --weights)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    p.add_argument("--rounds", type=int, default=1)
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     data = subset(a.data, a.images, tmp / "data")
-    model = tmp / "extractor.onnx"
-    export_extractor(a.weights, a.size, str(model))
+    model = Path(a.model) if a.model else tmp / "extractor.onnx"
+    if not a.model:
+        export_extractor(a.weights, a.size, str(model))
 
     # Bare: the same rows, decoded and augmented beforehand, straight through session.run.
-    extractor = Extractor(str(model), "cpu")
+    extractor = Extractor(str(model), a.device)
     items, _ = discover(str(data))
     rows = []
     for item in items:
@@ -61,25 +71,38 @@ def main() -> None:
         rows += [augment(pixels, AugmentPolicy(), 0, sha, c) for c in range(a.augment + 1)]
     batch = np.stack(rows).astype(np.float32)
     extractor(batch[: a.batch_size])  # warm-up
-    t = time.perf_counter()
-    for i in range(0, len(batch), a.batch_size):
-        extractor(batch[i : i + a.batch_size])
-    bare = len(batch) / (time.perf_counter() - t)
 
-    results = {}
-    for dtype in ("float32", "float16"):
-        store = tmp / f"{dtype}.zarr"
-        s = run_extract(ExtractConfig(model=str(model), data=str(data), output=str(store), augment=a.augment,
-                                      batch_size=a.batch_size, dtype=dtype, progress=False, device="cpu"))
-        results[dtype] = (s.rows_written, s.rows_per_second, du(store))
+    def bare_rate() -> float:
+        t = time.perf_counter()
+        for i in range(0, len(batch), a.batch_size):
+            extractor(batch[i : i + a.batch_size])
+        return len(batch) / (time.perf_counter() - t)
+
+    # interleaved rounds: bare, then each pipeline run into a fresh store; the ratio is per round
+    bare, results = [], {dtype: [] for dtype in a.dtypes}
+    for r in range(a.rounds):
+        bare.append(bare_rate())
+        for dtype in a.dtypes:
+            store = tmp / f"{dtype}-{r}.zarr"
+            s = run_extract(ExtractConfig(model=str(model), data=str(data), output=str(store), augment=a.augment,
+                                          batch_size=a.batch_size, dtype=dtype, progress=False, device=a.device,
+                                          workers=a.workers))
+            results[dtype].append((s.rows_written, s.rows_per_second, du(store), s.provider))
+    from convcache.runtime import cpu_model
+
     print(f"{len(batch)} rows ({len(items)} images x {a.augment + 1} copies) at {a.size}x{a.size}, "
-          f"batch {a.batch_size}, {a.weights} weights\n")
-    print("| what | rows/s | vs bare ORT | store size | bytes/row |")
-    print("|---|---|---|---|---|")
-    print(f"| bare ORT on pre-decoded arrays | {bare:.1f} | 1.00x | | |")
-    for dtype, (n, rate, size) in results.items():
-        print(f"| full pipeline, {dtype} store | {rate:.1f} | {rate / bare:.2f}x | {size / 2**20:.1f} MiB | "
-              f"{size / n:,.0f} |")
+          f"batch {a.batch_size}, {a.model or a.weights}, device {a.device} ({extractor.provider}), "
+          f"{a.workers} decode workers, {a.rounds} interleaved rounds, {cpu_model()}\n")
+    print("| what | rows/s (median) | vs bare (median of per-round ratios) | rounds | store size | bytes/row |")
+    print("|---|---|---|---|---|---|")
+    print(f"| bare inference on pre-decoded arrays | {np.median(bare):.1f} | 1.00x | "
+          f"{', '.join(f'{x:.1f}' for x in bare)} | | |")
+    for dtype, runs in results.items():
+        rates = [x[1] for x in runs]
+        ratio = np.median([x / b for x, b in zip(rates, bare)])
+        n, size = runs[-1][0], runs[-1][2]
+        print(f"| full pipeline, {dtype} store | {np.median(rates):.1f} | {ratio:.2f}x | "
+              f"{', '.join(f'{x:.1f}' for x in rates)} | {size / 2**20:.1f} MiB | {size / n:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ def register(sub) -> None:
     p.add_argument("--pooling", choices=["avg", "max"], help="global pooling to a vector (None: the feature map)")
     p.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default, help="stored precision")
     p.add_argument("--calibration", metavar="DIR", help="images to calibrate --precision int8 on")
+    p.add_argument("--probe", metavar="DIR",
+                   help="labelled images (class folders) on which --precision int8 reports a logistic-regression "
+                        "probe's accuracy on fp32 vs int8 features (default: --calibration, when it has class "
+                        "folders)")
+    p.add_argument("--probe-limit", type=int, default=d["probe_limit"].default, metavar="N",
+                   help="probe on at most N images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d["seed"].default, help="seed for --weights random and the parity inputs")
     p.add_argument("--opset", type=int, default=d["opset"].default, help="ONNX opset of the extractor (heads follow it)")
     p.add_argument("-o", "--output", required=True, help="path of the .onnx file to write")
@@ -41,12 +47,17 @@ def run_export(args) -> int:
     from convcache.export.runner import ExportConfig, run_export as export
 
     cfg = ExportConfig(args.weights, args.input_size, args.output, args.layer, args.pooling, args.precision,
-                       args.calibration, args.seed, args.opset)  # validated here, before TensorFlow starts
+                       args.calibration, args.seed, args.opset, args.probe, args.probe_limit)  # validated here, before TensorFlow starts
     meta = export(cfg)
     extra = ""
     if "quantization" in meta:
         q = meta["quantization"]
         extra = f", int8 cosine vs fp32 mean {q['cosine_mean']:.5f} (min {q['cosine_min']:.5f})"
+        pr = q.get("probe", {})
+        if "difference" in pr:
+            extra += (f"; probe accuracy on {pr['images']} images: fp32 {pr['accuracy_fp32']:.1%}, int8 "
+                      f"{pr['accuracy_int8']:.1%}, difference {100 * pr['difference']:+.1f} "
+                      f"± {100 * pr['difference_se']:.1f} points (SE)")
     print(f"wrote {args.output}: {meta['weights']['source']} weights, output {meta['output']['shape']}, "
           f"{meta['precision']}, identity {meta['graph_sha256'][:12]}, parity max abs diff "
           f"{meta['parity_max_abs_diff']:.2g}{extra}")

@@ -34,6 +34,8 @@ class ExportConfig:
     calibration: str | None = None
     seed: int = 0
     opset: int = 17
+    probe: str | None = None  # labelled images for the int8 probe report (default: --calibration, if labelled)
+    probe_limit: int = 1000
 
     def __post_init__(self):
         if self.weights not in weights.NAMED_SOURCES and not Path(self.weights).is_file():
@@ -51,15 +53,38 @@ class ExportConfig:
             raise ConvcacheError("--precision int8 needs --calibration DIR (a folder of images)")
         if self.calibration and not Path(self.calibration).is_dir():
             raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
+        if self.probe and self.precision != "int8":
+            raise ConvcacheError("--probe reports what int8 costs a linear probe: it needs --precision int8")
+        if self.probe and not Path(self.probe).is_dir():
+            raise ConvcacheError(f"--probe {self.probe}: not a directory")
+        if self.probe_limit < 12:
+            raise ConvcacheError("--probe-limit must be >= 12")
         if self.seed < 0 or not 13 <= self.opset <= 21:
             raise ConvcacheError("--seed must be >= 0 and --opset between 13 and 21")
 
 
+def _probe(cfg: ExportConfig, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> dict:
+    """The int8 task report: on --probe, else on the calibration images when they are labelled."""
+    from convcache.export.probe import probe_report
+
+    folder = cfg.probe or cfg.calibration
+    try:
+        rep = probe_report(fp32, int8, folder, cfg.input_size, cfg.probe_limit, cfg.seed)
+    except ConvcacheError as exc:
+        if cfg.probe:
+            raise
+        log.warning("no int8 probe report (%s); pass --probe DIR with labelled images", exc)
+        return {"skipped": str(exc)}
+    if not cfg.probe:
+        rep["note"] = "probed on the calibration images themselves (the int8 ranges were set on them)"
+    return rep
+
+
 def export_extractor(weights_source: str, input_size: int, output: str, layer: str | None = None,
                      pooling: str | None = None, precision: str = "fp32", calibration: str | None = None,
-                     seed: int = 0, opset: int = 17) -> dict:
+                     seed: int = 0, opset: int = 17, probe: str | None = None) -> dict:
     return run_export(ExportConfig(weights_source, input_size, output, layer, pooling, precision, calibration, seed,
-                                   opset))
+                                   opset, probe))
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -82,6 +107,7 @@ def run_export(cfg: ExportConfig) -> dict:
         meta["quantization"] = {"format": "QDQ static, per-channel weights, MinMax calibration, first and last conv kept fp32",
                                 "calibration_images": int(len(calib)),
                                 **quantize.cosine_report(fp32, proto, held)}
+        meta["quantization"]["probe"] = _probe(cfg, fp32, proto)
     if precision != "fp32":
         onnx.checker.check_model(proto, full_check=True)
 

@@ -115,7 +115,8 @@ class Extractor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         self.calls += 1
-        return self.session.run([self.contract.output_name], {self.contract.input_name: images.astype(np.float32)})[0]
+        return self.session.run([self.contract.output_name],
+                                {self.contract.input_name: np.asarray(images, dtype=np.float32)})[0]
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -189,29 +190,50 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, 
     pending: list[tuple] = []  # (item, sha, copy, pixels) waiting for a full batch
     bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or total == 0)
 
-    def infer(rows):
-        features = extractor(np.stack([r[3] for r in rows]))
-        for (item, sha, copy, _), feat in zip(rows, features):
+    def write(job):
+        rows, future = job
+        for (item, sha, copy, _), feat in zip(rows, future.result()):
             writer.add({"features": feat, "label": item.label, "image": image_index[sha], "copy": copy,
                         "sha256": sha, "path": printable_path(item.path)})
         summary.rows_written += len(rows)
         bar.update(len(rows))
 
+    # One batch infers in its own thread (the runtime releases the GIL) while this thread writes the
+    # batch before it and gathers the next one from the decoders: rows are still written in order.
+    # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
+    # touched): a fresh 8 MiB array per batch costs more CPU in page faults than decoding does.
+    in_flight = None
+    buffers = [np.empty((cfg.batch_size, extractor.size, extractor.size, 3), np.float32) for _ in range(2)]
+    batches = 0
     jobs = ((item, sha, need, extractor.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes,
              cfg.storage_options) for item, sha, need in plan)
-    for decoded in _ordered(pool, decode_copies, jobs, window=4 * cfg.workers):
-        if decoded.error:
-            writer.skip(decoded.item.path, decoded.error)
-            continue
-        if decoded.sha256 not in image_index:
-            image_index[decoded.sha256] = next_image
-            next_image += 1
-        pending += [(decoded.item, decoded.sha256, c, px) for c, px in zip(decoded.copies, decoded.images)]
-        while len(pending) >= cfg.batch_size:
-            infer(pending[: cfg.batch_size])
-            pending = pending[cfg.batch_size :]
-    if pending:
-        infer(pending)
+    with ThreadPoolExecutor(1, thread_name_prefix="convcache-infer") as infer_pool:
+        def infer(rows):
+            nonlocal in_flight, batches
+            batch = buffers[batches % 2][: len(rows)]
+            batches += 1
+            for i, r in enumerate(rows):
+                batch[i] = r[3]
+            job = (rows, infer_pool.submit(extractor, batch))
+            if in_flight is not None:
+                write(in_flight)
+            in_flight = job
+
+        for decoded in _ordered(pool, decode_copies, jobs, window=4 * cfg.workers):
+            if decoded.error:
+                writer.skip(decoded.item.path, decoded.error)
+                continue
+            if decoded.sha256 not in image_index:
+                image_index[decoded.sha256] = next_image
+                next_image += 1
+            pending += [(decoded.item, decoded.sha256, c, px) for c, px in zip(decoded.copies, decoded.images)]
+            while len(pending) >= cfg.batch_size:
+                infer(pending[: cfg.batch_size])
+                pending = pending[cfg.batch_size :]
+        if pending:
+            infer(pending)
+        if in_flight is not None:
+            write(in_flight)
     bar.close()
     writer.flush()
     writer.commit()
