@@ -4,6 +4,10 @@ ONNX Runtime fp32 and int8, OpenVINO fp32 and int8, at batch 1 and 32 (interleav
     .venv/bin/convcache export --weights hed --precision int8 --calibration CALIB_DIR -o runs/rt/block5-int8.onnx
     .venv/bin/python bench/bench_runtime.py --fp32 runs/study/block5.onnx --int8 runs/rt/block5-int8.onnx
 
+`--pipeline-images N` adds the full pipeline (`convcache extract`: list, hash, read, decode, infer, write a
+float32 store; originals only) per ONNX runtime and precision on N training photos, each run into a fresh
+store, after the inference rounds, with its ratio to the same runtime's bare batch-32 rate.
+
 OpenVINO rows need `pip install 'convcache[openvino]'` (left out, and said so, otherwise).
 """
 
@@ -35,6 +39,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=150)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--pipeline-images", type=int, default=0, metavar="N")
+    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
     args = p.parse_args()
     runners = {}
     for precision, path in (("fp32", args.fp32), ("int8", args.int8)):
@@ -59,8 +65,31 @@ def main() -> None:
     for name, r in results.items():
         for b in (1, 32):
             table[name][f"batch {b} vs fastest"] = round(statistics.median(r[b]) / fastest[b], 2)
+    if args.pipeline_images:
+        pipeline(args, table, runners)
     print(json.dumps({"cpu": cpu_model(), "openvino": openvino_version(), "img_per_s": table,
                       "note": "batch 1 latency = 1000 / img_per_s ms"}, indent=1))
+
+
+def pipeline(args, table: dict, runners: dict) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from bench_extract import subset
+
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    tmp = Path(tempfile.mkdtemp())
+    data = subset(args.data, args.pipeline_images, tmp / "data")
+    for name in runners:
+        if name.startswith("Keras"):
+            continue
+        device = "openvino" if name.startswith("OpenVINO") else "cpu"
+        model = args.int8 if name.endswith("int8") else args.fp32
+        s = run_extract(ExtractConfig(model=model, data=str(data), output=str(tmp / f"{len(list(tmp.iterdir()))}.zarr"),
+                                      device=device, batch_size=32, progress=False))
+        table[name]["pipeline"] = round(s.rows_per_second, 1)
+        table[name]["pipeline vs batch 32"] = round(s.rows_per_second / table[name]["batch 32"], 2)
 
 
 if __name__ == "__main__":

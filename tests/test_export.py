@@ -162,6 +162,58 @@ def test_int8_on_tiny_calibration_set(tmp_path):
     model = onnx.load(str(out))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert read(out).metadata["precision"] == "int8"
+    assert "at least 6" in q["probe"]["skipped"]  # 5 images per class: too few for a probe, said so
+    assert q["keep_fp32"] == "none" and _fp32_convs(model) == []
+    export_extractor("random", SIZE, str(out), precision="int8", calibration=str(calib), seed=1, keep_fp32="first-last")
+    convs = [n.name for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
+    assert _fp32_convs(onnx.load(str(out))) == [convs[0], convs[-1]]
+
+
+def _fp32_convs(model) -> list[str]:
+    """Convs whose weights are a plain float initializer (not dequantized int8)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits]
+
+
+def test_int8_probe_reports_the_task_effect(tmp_path):
+    """export --precision int8 --probe DIR: a paired, cross-validated logistic-regression probe on fp32
+    and int8 features of labelled images, with the difference and its standard error."""
+    calib = make_dataset(tmp_path / "calib", splits={"train": 4})
+    probe = make_dataset(tmp_path / "probe", splits={"validation": 9}, seed=3)
+    out = tmp_path / "int8.onnx"
+    r = run_cli("export", "--weights", "random", "--input-size", SIZE, "--seed", 1, "--precision", "int8",
+                "--calibration", calib, "--probe", probe / "validation", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "probe accuracy on 18 images" in r.stdout
+    pr = read(out).metadata["quantization"]["probe"]
+    assert pr["images"] == 18 and pr["classes"] == 2 and pr["class_names"] == ["cats", "dogs"]
+    assert 0 <= pr["accuracy_fp32"] <= 1 and 0 <= pr["accuracy_int8"] <= 1
+    assert pr["difference"] == pytest.approx(pr["accuracy_int8"] - pr["accuracy_fp32"])
+    assert pr["difference_se"] >= 0 and 0 <= pr["mcnemar_p"] <= 1
+    assert pr["accuracy_fp32"] > 0.8  # the fixture's classes differ in colour layout: a probe finds it
+
+
+def test_probe_statistics_are_paired():
+    from convcache.export.probe import probe_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    good = rng.normal(0, 1, (80, 16)) + 3 * labels[:, None]
+    same = probe_accuracy(good, good.copy(), labels)
+    assert same["difference"] == 0 and same["difference_se"] == 0 and same["mcnemar_p"] == 1
+    assert same["accuracy_fp32"] > 0.95
+    noise = probe_accuracy(good, rng.normal(0, 1, (80, 16)), labels)  # "int8" that lost the signal
+    assert noise["difference"] < -0.2 and noise["mcnemar_p"] < 1e-3
+    assert noise["discordant"]["fp32_only"] > noise["discordant"]["int8_only"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe", "."], "needs --precision int8"),
+    (["--precision", "int8", "--calibration", ".", "--probe", "/nonexistent"], "not a directory"),
+])
+def test_probe_arguments(tmp_path, args, message):
+    r = run_cli("export", "--weights", "random", "--input-size", SIZE, *args, "-o", tmp_path / "x.onnx")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_fp16_variant(tmp_path):

@@ -160,6 +160,32 @@ def test_compare_end_to_end_tiny(tmp_path):
     assert (tmp_path / "report" / "arms" / "method_1" / "seed0" / "metrics.json").stat().st_mtime_ns == before
 
 
+def test_compare_on_an_int8_extractor(tmp_path):
+    """compare --precision int8: every arm trains on int8 features from their own store (never the fp32
+    one), the report says what the TensorFlow check then measures, and a reused extractor's metadata
+    (not the defaults) sets the base that TensorFlow rebuilds."""
+    from convcache.pipeline.compare import CompareConfig, run_compare
+    from convcache.store import FeatureStore
+
+    data = make_dataset(tmp_path / "d", splits={"train": 4, "validation": 4})
+    common = dict(data=str(data), copies=[0, 1], seeds=[0], epochs=1, batch_size=4, learning_rate=1e-3,
+                  real_epochs=1, equal_epochs=False, progress=False)
+    cfg = CompareConfig(output=str(tmp_path / "r8"), weights="random", input_size=SIZE, layer="block3_pool",
+                        pooling="avg", precision="int8", calibration=str(data / "train"), **common)
+    results = run_compare(cfg)
+    assert results["config"]["precision"] == "int8" and results["real_reference"]["extractor_precision"] == "int8"
+    store = FeatureStore(tmp_path / "r8" / "features-int8.zarr")
+    assert store.extractor_metadata()["precision"] == "int8" and not (tmp_path / "r8" / "features.zarr").exists()
+    assert "quantisation's effect" in (tmp_path / "r8" / "report.md").read_text()
+    # reuse that extractor with other defaults: its metadata wins (layer, pooling, size, precision)
+    again = CompareConfig(output=str(tmp_path / "again"), extractor=str(tmp_path / "r8" / "extractor-int8.onnx"),
+                          **common)
+    results = run_compare(again)
+    c = results["config"]
+    assert (c["layer"], c["pooling"], c["input_size"], c["precision"], c["weights"]) == \
+        ("block3_pool", "avg", SIZE, "int8", "random")
+
+
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("head", ["logreg", "logreg-stream"])
 def test_linear_heads_export_default_domain_ops_only(head, n_classes):

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 POOLINGS = (None, "avg", "max")
+KEEP_FP32 = ("none", "first", "last", "first-last")  # int8: which convs stay fp32
 LAYERS = ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool",
           *weights.CONV_LAYERS)
 
@@ -34,6 +35,7 @@ class ExportConfig:
     calibration: str | None = None
     seed: int = 0
     opset: int = 17
+    keep_fp32: str = "none"  # int8: convs left in fp32 (first, last, first-last, none)
     probe: str | None = None  # labelled images for the int8 probe report (default: --calibration, if labelled)
     probe_limit: int = 1000
 
@@ -53,6 +55,8 @@ class ExportConfig:
             raise ConvcacheError("--precision int8 needs --calibration DIR (a folder of images)")
         if self.calibration and not Path(self.calibration).is_dir():
             raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
+        if self.keep_fp32 not in KEEP_FP32:
+            raise ConvcacheError(f"--keep-fp32 {self.keep_fp32!r}: choose one of {', '.join(KEEP_FP32)}")
         if self.probe and self.precision != "int8":
             raise ConvcacheError("--probe reports what int8 costs a linear probe: it needs --precision int8")
         if self.probe and not Path(self.probe).is_dir():
@@ -82,9 +86,9 @@ def _probe(cfg: ExportConfig, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> d
 
 def export_extractor(weights_source: str, input_size: int, output: str, layer: str | None = None,
                      pooling: str | None = None, precision: str = "fp32", calibration: str | None = None,
-                     seed: int = 0, opset: int = 17, probe: str | None = None) -> dict:
+                     seed: int = 0, opset: int = 17, probe: str | None = None, keep_fp32: str = "none") -> dict:
     return run_export(ExportConfig(weights_source, input_size, output, layer, pooling, precision, calibration, seed,
-                                   opset, probe))
+                                   opset, keep_fp32, probe))
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -103,8 +107,12 @@ def run_export(cfg: ExportConfig) -> dict:
         images = quantize.load_calibration(calibration, input_size)
         calib, held = quantize.split_held_out(images)
         fp32 = proto
-        proto = quantize.to_int8(fp32, calib)
-        meta["quantization"] = {"format": "QDQ static, per-channel weights, MinMax calibration, first and last conv kept fp32",
+        proto = quantize.to_int8(fp32, calib, exclude_first_conv="first" in cfg.keep_fp32,
+                                 exclude_last_conv="last" in cfg.keep_fp32)
+        kept = {"none": "every conv int8", "first": "first conv kept fp32", "last": "last conv kept fp32",
+                "first-last": "first and last conv kept fp32"}[cfg.keep_fp32]
+        meta["quantization"] = {"format": f"QDQ static, per-channel weights, MinMax calibration, {kept}",
+                                "keep_fp32": cfg.keep_fp32,
                                 "calibration_images": int(len(calib)),
                                 **quantize.cosine_report(fp32, proto, held)}
         meta["quantization"]["probe"] = _probe(cfg, fp32, proto)

@@ -37,7 +37,11 @@ def register(sub) -> None:
     c.add_argument("--no-equal-epochs", action="store_true", help="skip the equal-epochs cached arms")
     c.add_argument("--equal-epochs-max-k", type=int, metavar="K",
                    help="equal-epochs arms only up to this K (they cost (K+1)x method 2's steps; None: all)")
-    c.add_argument("--extractor", help="reuse this exported extractor instead of exporting one")
+    c.add_argument("--extractor", help="reuse this exported extractor instead of exporting one (its metadata sets "
+                                       "--weights, --input-size, --layer, --pooling and --precision)")
+    c.add_argument("--precision", choices=["fp32", "int8"], default=d["precision"],
+                   help="run every arm on an fp32 or an int8 extractor (default: %(default)s)")
+    c.add_argument("--calibration", metavar="DIR", help="images to calibrate --precision int8 on")
     c.add_argument("--store", help="reuse (and extend) this feature store")
     c.add_argument("--report-only", action="store_true",
                    help="write report.md from the arms saved so far in -o (an unfinished run), train nothing")
@@ -58,8 +62,8 @@ def run_compare_cmd(args) -> int:
                         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         policy=args.policy, real_epochs=args.real_epochs, logreg=not args.no_logreg,
                         equal_epochs=not args.no_equal_epochs, equal_epochs_max_k=args.equal_epochs_max_k,
-                        extractor=args.extractor, store=args.store,
-                        progress=not args.quiet)
+                        extractor=args.extractor, store=args.store, precision=args.precision,
+                        calibration=args.calibration, progress=not args.quiet)
     results = run_compare(cfg)
     for match, a in results.get("answer", {}).items():
         print(f"{match}: smallest K within the noise of method 2: {a['arm']} ({100 * a['diff']:+.1f} points)")

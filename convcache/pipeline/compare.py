@@ -55,7 +55,9 @@ class CompareConfig:
     logreg: bool = True
     equal_epochs: bool = True
     equal_epochs_max_k: int | None = None  # equal-epochs arms cost (K+1)x method 2's steps: cap K on a small CPU
-    extractor: str | None = None  # reuse an exported extractor
+    extractor: str | None = None  # reuse an exported extractor (its metadata sets weights, size, layer, ...)
+    precision: str = "fp32"  # int8: every arm runs on features of an int8 extractor (calibrated on `calibration`)
+    calibration: str | None = None
     store: str | None = None  # reuse (and extend) a feature store
     augment_seed: int = 0
     progress: bool = True
@@ -69,6 +71,12 @@ class CompareConfig:
             raise ConvcacheError("--epochs and --batch-size must be >= 1, --real-epochs >= 0, --learning-rate > 0")
         if self.real_epochs > self.epochs:
             raise ConvcacheError("--real-epochs cannot exceed --epochs (it checks the first epochs of the replay)")
+        if self.precision not in ("fp32", "int8"):
+            raise ConvcacheError(f"--precision {self.precision!r}: compare runs on fp32 or int8 extractors")
+        if self.precision == "int8" and not (self.calibration or self.extractor):
+            raise ConvcacheError("--precision int8 needs --calibration DIR (images to calibrate the int8 extractor on)")
+        if self.calibration and not Path(self.calibration).is_dir():
+            raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
         self.copies = sorted(set(self.copies))
         self.policy_obj = AugmentPolicy.parse(self.policy)
 
@@ -102,7 +110,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     extractor, export_seconds = _extractor(cfg, out)
-    store = Path(cfg.store) if cfg.store else out / "features.zarr"
+    _adopt_extractor(cfg, extractor)
+    store = Path(cfg.store) if cfg.store else out / ("features.zarr" if cfg.precision == "fp32"
+                                                     else f"features-{cfg.precision}.zarr")  # never mixed
     _extract(cfg, extractor, store)
     cost = _extraction_cost(store)
 
@@ -205,11 +215,31 @@ def _extractor(cfg, out) -> tuple[Path, float]:
         return path, 0.0
     from convcache.export.runner import export_extractor
 
-    path = out / "extractor.onnx"
+    path = out / ("extractor.onnx" if cfg.precision == "fp32" else f"extractor-{cfg.precision}.onnx")
     t = time.perf_counter()
     if not path.is_file():
-        export_extractor(cfg.weights, cfg.input_size, str(path), layer=cfg.layer, pooling=cfg.pooling)
+        export_extractor(cfg.weights, cfg.input_size, str(path), layer=cfg.layer, pooling=cfg.pooling,
+                         precision=cfg.precision, calibration=cfg.calibration)
     return path, time.perf_counter() - t
+
+
+def _adopt_extractor(cfg, path: Path) -> None:
+    """The arms train on this extractor's features and the real TensorFlow run rebuilds its base: take
+    weights, input size, cut, pooling and precision from the extractor's own metadata, never from
+    defaults that may describe another model."""
+    from convcache.artifacts import Extractor
+    from convcache.onnxmeta import load_model
+
+    ext = Extractor.from_proto(load_model(path), str(path))
+    source = ext.metadata.get("weights", {}).get("source", cfg.weights)
+    found = {"weights": source, "input_size": ext.size, "layer": ext.layer, "pooling": ext.pooling,
+             "precision": ext.precision}
+    if found["layer"] == "block5_pool":
+        found["layer"] = cfg.layer if cfg.layer in (None, "block5_pool") else found["layer"]
+    for key, value in found.items():
+        if getattr(cfg, key) != value:
+            log.warning("compare: %s = %r from %s (not %r)", key, value, path, getattr(cfg, key))
+            setattr(cfg, key, value)
 
 
 def _extract(cfg, extractor: Path, store: Path) -> None:
@@ -256,7 +286,7 @@ def _real_reference(cfg, out, results) -> dict:
     tf_loss = np.array([h["train_loss"] for h in m["history"]])
     rp_loss = np.array(replay["train_loss"][: len(tf_loss)])
     epoch_seconds = [h["train_seconds"] + h["eval_seconds"] for h in m["history"]]
-    return {"epochs": len(tf_loss), "tf_train_loss": tf_loss.tolist(), "replay_train_loss": rp_loss.tolist(),
+    return {"extractor_precision": cfg.precision, "epochs": len(tf_loss), "tf_train_loss": tf_loss.tolist(), "replay_train_loss": rp_loss.tolist(),
             "max_rel_diff": float(np.max(np.abs(rp_loss - tf_loss) / np.abs(tf_loss))),
             "seconds_per_epoch": float(np.mean(epoch_seconds)), "epoch_seconds": epoch_seconds,
             "train_seconds_per_epoch": float(np.mean([h["train_seconds"] for h in m["history"]])),

@@ -68,6 +68,10 @@ def write_report(out: Path, results: dict) -> None:
         for e, (a, b) in enumerate(zip(real["tf_train_loss"], real["replay_train_loss"]), 1):
             lines.append(f"| {e} | {a:.6f} | {b:.6f} | {abs(a - b) / abs(a):.2e} |")
         lines += ["", f"End-to-end epoch (train + validation): {real['seconds_per_epoch']:.0f} s on this machine.", ""]
+        if real.get("extractor_precision", "fp32") != "fp32":
+            lines += [f"The arms ran on a {real['extractor_precision']} extractor; TensorFlow runs the fp32 base, so "
+                      "these differences measure the quantisation's effect on training, not the replay's exactness "
+                      "(that is checked on fp32).", ""]
     ans = results.get("answer", {})
     if ans:
         lines += ["## The answer", ""]
