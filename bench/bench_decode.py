@@ -3,10 +3,11 @@ by side in one run (interleaved rounds):
 
 - pillow-draft: what extract does today (`convcache.imaging.decode_image`: Pillow, JPEG draft mode at
   the smallest DCT scale covering the target, EXIF orientation, bilinear resize);
-- simplejpeg: libjpeg-turbo through simplejpeg at the same DCT scale (min_width/min_height), then the
-  same Pillow resize;
-- turbojpeg: libjpeg-turbo's TurboJPEG API through PyTurboJPEG (needs the system libturbojpeg), at the
-  same scale, then the same resize.
+- simplejpeg / turbojpeg (PyTurboJPEG, needs the system libturbojpeg): libjpeg-turbo decoding straight
+  to the smallest scale n/8 covering the target (more scales than Pillow's draft, which only halves),
+  then the same Pillow resize: fewer pixels decoded, different pixels;
+- "... at Pillow's scale": the same libraries decoding at the power-of-two scale draft picks, then the
+  same resize: the pixels of today's path, if the libraries agree.
 Pixels are compared against pillow-draft (max abs difference, share of identical images). Then the
 product's decode path on 1 and 2 thread workers vs 1 and 2 process workers (images per second).
 
@@ -50,17 +51,45 @@ def simplejpeg_decode(data: bytes) -> np.ndarray:
 _TJ = None
 
 
-def turbojpeg_decode(data: bytes) -> np.ndarray:
+def _turbo():
     global _TJ
-    from turbojpeg import TJPF_RGB, TurboJPEG
+    from turbojpeg import TurboJPEG
 
     if _TJ is None:
         _TJ = TurboJPEG()
+    return _TJ
+
+
+def turbojpeg_decode(data: bytes) -> np.ndarray:
+    from turbojpeg import TJPF_RGB
+
+    _turbo()
     w, h = Image.open(io.BytesIO(data)).size  # header only
     # the smallest of libjpeg-turbo's scales (n/8) that still covers SIZE on both sides, as draft picks
     scale = next((f for f in ((1, 8), (1, 4), (3, 8), (1, 2), (5, 8), (3, 4), (7, 8), (1, 1))
                   if -(-w * f[0] // f[1]) >= SIZE and -(-h * f[0] // f[1]) >= SIZE), (1, 1))
     return _resize(_TJ.decode(data, pixel_format=TJPF_RGB, scaling_factor=scale))
+
+
+def pillow_scale(w: int, h: int) -> int:
+    """The reduction Pillow's draft picks: the largest of 8, 4, 2, 1 that keeps both sides >= SIZE."""
+    s = min(w // SIZE, h // SIZE)
+    return next(d for d in (8, 4, 2, 1) if s >= d or d == 1)
+
+
+def simplejpeg_pillow_scale(data: bytes) -> np.ndarray:
+    import simplejpeg
+
+    h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    d = pillow_scale(w, h)
+    return _resize(simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-w // d), min_height=-(-h // d)))
+
+
+def turbojpeg_pillow_scale(data: bytes) -> np.ndarray:
+    from turbojpeg import TJPF_RGB
+
+    w, h = _turbo().decode_header(data)[:2]
+    return _resize(_TJ.decode(data, pixel_format=TJPF_RGB, scaling_factor=(1, pillow_scale(w, h))))
 
 
 def available() -> dict:
@@ -69,11 +98,13 @@ def available() -> dict:
         import simplejpeg  # noqa: F401
 
         out["simplejpeg"] = simplejpeg_decode
+        out["simplejpeg at Pillow's scale"] = simplejpeg_pillow_scale
     except ImportError:
         print("simplejpeg: not installed (pip install simplejpeg)")
     try:
         turbojpeg_decode(_tiny_jpeg())
         out["turbojpeg"] = turbojpeg_decode
+        out["turbojpeg at Pillow's scale"] = turbojpeg_pillow_scale
     except Exception as exc:  # PyTurboJPEG missing, or no system libturbojpeg
         print(f"turbojpeg: unavailable ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
     return out

@@ -52,7 +52,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--stub", type=float, metavar="ROWS_PER_S",
+                   help="instead: the pipeline with inference replaced by a sleep at this rate (no CPU), to show "
+                        "what the pipeline's structure reaches and its CPU time per row outside inference")
     a = p.parse_args()
+    if a.stub:
+        return stub(a)
     tmp = Path(tempfile.mkdtemp())
     data = subset(a.data, a.images, tmp / "data")
     model = Path(a.model) if a.model else tmp / "extractor.onnx"
@@ -103,6 +108,38 @@ def main() -> None:
         n, size = runs[-1][0], runs[-1][2]
         print(f"| full pipeline, {dtype} store | {np.median(rates):.1f} | {ratio:.2f}x | "
               f"{', '.join(f'{x:.1f}' for x in rates)} | {size / 2**20:.1f} MiB | {size / n:,.0f} |")
+
+
+def stub(a) -> None:
+    import resource
+
+    import convcache.extract.runner as runner
+    from convcache.runtime import cpu_model
+
+    tmp = Path(tempfile.mkdtemp())
+    data = subset(a.data, a.images, tmp / "data")
+    model = a.model or str(tmp / "extractor.onnx")
+    if not a.model:
+        export_extractor(a.weights, a.size, model)
+    items, _ = discover(str(data))  # real features of real photos, so the store compresses as it would
+    sample = runner.Extractor(model, "cpu")(np.stack([read_and_decode(i.path, a.size)[1]
+                                                      for i in items[: a.batch_size]]))
+
+    def sleep_instead(self, images):
+        self.calls += 1
+        time.sleep(len(images) / a.stub)
+        return sample[np.arange(len(images)) % len(sample)]
+
+    runner.Extractor.__call__ = sleep_instead
+    for r in range(a.rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        s = run_extract(ExtractConfig(model=model, data=str(data), output=str(tmp / f"stub-{r}.zarr"),
+                                      augment=a.augment, batch_size=a.batch_size, progress=False, workers=a.workers))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        print(f"stubbed inference at {a.stub:g} rows/s ({cpu_model()}): pipeline {s.rows_per_second:.1f} rows/s = "
+              f"{s.rows_per_second / a.stub:.3f} of it; {1000 * cpu / s.rows_written:.2f} CPU ms per row outside "
+              f"inference ({s.rows_written} rows, {a.augment + 1} copies)")
 
 
 if __name__ == "__main__":
