@@ -262,3 +262,40 @@ def test_hostile_clients_get_fast_clear_answers(fused_model):
         assert {r.status_code for r in rs} <= {200, 503}
     finally:
         s.stop()
+
+
+def test_int8_extractor_end_to_end(pooled_extractor, tmp_path):
+    """int8 is a first-class path: an int8 extractor's store, a head on it, the fused model served by the
+    Predictor (and on OpenVINO where installed) gives the head's own answers on the stored features."""
+    import onnx
+
+    from conftest import SIZE, make_dataset
+    from convcache.export.runner import export_extractor
+    from convcache.extract.runner import ExtractConfig, run_extract
+    from convcache.onnxtools import session
+    from convcache.runtime import openvino_version
+    from convcache.store import FeatureStore
+    from convcache.train.fuse import fuse
+    from convcache.train.runner import train_head
+
+    data = make_dataset(tmp_path / "data", splits={"train": 6, "validation": 4})
+    ext = tmp_path / "int8.onnx"
+    export_extractor("random", SIZE, str(ext), layer="block3_pool", pooling="avg", precision="int8",
+                     calibration=str(data / "train"), seed=1)
+    run_extract(ExtractConfig(model=str(ext), data=str(data), output=str(tmp_path / "f.zarr"), progress=False,
+                              device="cpu"))
+    train_head(str(tmp_path / "f.zarr"), "logreg", str(tmp_path / "head"))
+    fuse(str(ext), str(tmp_path / "head"), str(tmp_path / "model.onnx"))
+    fused = onnx.load(str(tmp_path / "model.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in fused.graph.node)
+    store = FeatureStore(tmp_path / "f.zarr")
+    assert store.extractor_metadata()["precision"] == "int8"
+    head = session(onnx.load(str(tmp_path / "head" / "head.onnx")))
+    split = store.load("validation")
+    want = head.run(None, {head.get_inputs()[0].name: split.features.reshape(len(split), -1).astype(np.float32)})[0]
+    paths = [str(p) for p in split.paths]
+    for device in ["cpu"] + (["openvino"] if openvino_version() else []):
+        got = Predictor(tmp_path / "model.onnx", device=device).predict(paths)
+        probs = np.array([[p.probabilities[c] for c in store.classes] for p in got])
+        # OpenVINO's int8 kernels round requantization differently from ONNX Runtime's (2e-3 seen here)
+        np.testing.assert_allclose(probs, want, atol=1e-2 if device == "openvino" else 1e-5)
