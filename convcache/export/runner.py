@@ -35,7 +35,7 @@ class ExportConfig:
     calibration: str | None = None
     seed: int = 0
     opset: int = 17
-    keep_fp32: str = "none"  # int8: convs left in fp32 (first, last, first-last, none)
+    keep_fp32: str = "first-last"  # int8: convs left in fp32 (first, last, first-last, none)
     probe: str | None = None  # labelled images for the int8 probe report (default: --calibration, if labelled)
     probe_limit: int = 1000
 
@@ -86,7 +86,7 @@ def _probe(cfg: ExportConfig, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> d
 
 def export_extractor(weights_source: str, input_size: int, output: str, layer: str | None = None,
                      pooling: str | None = None, precision: str = "fp32", calibration: str | None = None,
-                     seed: int = 0, opset: int = 17, probe: str | None = None, keep_fp32: str = "none") -> dict:
+                     seed: int = 0, opset: int = 17, probe: str | None = None, keep_fp32: str = "first-last") -> dict:
     return run_export(ExportConfig(weights_source, input_size, output, layer, pooling, precision, calibration, seed,
                                    opset, keep_fp32, probe))
 
