@@ -41,8 +41,9 @@ def labelled_images(folder: str, size: int, limit: int) -> tuple[np.ndarray, np.
             labels.append(it.label)
         except ImageError as exc:
             log.warning("probe: skipping %s (%s)", it.path, exc.reason)
-    return np.stack(images).astype(np.float32) if images else np.empty((0, size, size, 3), np.float32), \
-        np.asarray(labels), classes
+    if not images:
+        raise ConvcacheError(f"--probe {folder}: no readable images")
+    return np.stack(images).astype(np.float32), np.asarray(labels), classes
 
 
 def features(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
