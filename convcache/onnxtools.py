@@ -201,24 +201,22 @@ def fold_channel_permutation(proto: onnx.ModelProto) -> bool:
     inits[sub.input[1]].CopyFrom(onnx.numpy_helper.from_array(mean_in, sub.input[1]))
     inits[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array(folded, conv.input[1]))
     sub.input[0] = image
-    # drop the permutation's nodes (everything that only fed the MatMul path) and unused initializers
-    live = {o for n in (sub, transpose, conv) for o in n.output}
-    dead = {id(matmul), id(back), id(flat_in)}
-    stack = [i for n in (matmul, back, flat_in) for i in n.input]
-    while stack:
-        name = stack.pop()
-        n = producer.get(name)
-        if n is not None and id(n) not in dead and all(id(c) in dead for o in n.output for c in consumers.get(o, [])):
-            dead.add(id(n))
-            stack.extend(n.input)
-    keep = [n for n in g.node if id(n) not in dead]
-    del g.node[:]
-    g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | live
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    vi = [v for v in g.value_info if v.name in used or any(v.name in n.output for n in g.node)]
-    del g.value_info[:]
-    g.value_info.extend(vi)
+    _prune(g)  # the permutation's nodes no longer lead to an output
     return True
+
+
+def _prune(g: onnx.GraphProto) -> None:
+    """Drop nodes no graph output depends on, then initializers and value_info nothing uses."""
+    producer = {o: n for n in g.node for o in n.output}
+    needed, stack = set(), [o.name for o in g.output]
+    while stack:
+        n = producer.get(stack.pop())
+        if n is not None and id(n) not in needed:
+            needed.add(id(n))
+            stack.extend(n.input)
+    keep = [n for n in g.node if id(n) in needed]
+    used = {i for n in keep for i in n.input} | {o for n in keep for o in n.output}
+    for field, items in (("node", keep), ("initializer", [t for t in g.initializer if t.name in used]),
+                         ("value_info", [v for v in g.value_info if v.name in used])):
+        del getattr(g, field)[:]
+        getattr(g, field).extend(items)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SCHEDULES = ("replay", "pool")
+# The logistic-regression probe's C grid: train's linear heads and export's int8 probe search the same one.
+LOGREG_CS = (0.0003, 0.003, 0.03, 0.3)
 
 
 def canonical_images(sha256: list[str]) -> tuple[list[str], np.ndarray]:

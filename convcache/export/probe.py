@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 
 from convcache.errors import ConvcacheError, ImageError
+from convcache.protocol import LOGREG_CS
 
 log = logging.getLogger(__name__)
 
-PROBE_CS = (0.0003, 0.003, 0.03, 0.3)  # the project's logreg grid (train's LogRegHead)
 BATCH = 32
 
 
@@ -72,7 +72,7 @@ def probe_accuracy(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, seed:
     correct = {}
     for name, X in (("fp32", fp32), ("int8", int8)):
         pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=500))])
-        search = GridSearchCV(pipe, {"logreg__C": list(PROBE_CS)}, cv=StratifiedKFold(3))
+        search = GridSearchCV(pipe, {"logreg__C": list(LOGREG_CS)}, cv=StratifiedKFold(3))
         correct[name] = cross_val_predict(search, X, labels, cv=outer) == labels
     d = correct["int8"].astype(float) - correct["fp32"]
     n = len(labels)
@@ -82,7 +82,7 @@ def probe_accuracy(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, seed:
             "accuracy_fp32": float(correct["fp32"].mean()), "accuracy_int8": float(correct["int8"].mean()),
             "difference": float(d.mean()), "difference_se": float(d.std(ddof=1) / np.sqrt(n)),
             "discordant": {"fp32_only": only_fp32, "int8_only": only_int8}, "mcnemar_p": float(p),
-            "method": f"standardised logistic regression, C in {list(PROBE_CS)} by inner 3-fold search, "
+            "method": f"standardised logistic regression, C in {list(LOGREG_CS)} by inner 3-fold search, "
                       f"{folds}-fold stratified outer CV (same folds for both), paired over images"}
 
 

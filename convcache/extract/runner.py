@@ -3,6 +3,7 @@ batches on the main thread (ONNX Runtime releases the GIL, so the two overlap), 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import platform
 import time
@@ -203,15 +204,14 @@ def _extract_split(split, items, copies, writer, extractor, pool, cfg, summary, 
     # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
     # touched): a fresh 8 MiB array per batch costs more CPU in page faults than decoding does.
     in_flight = None
-    buffers = [np.empty((cfg.batch_size, extractor.size, extractor.size, 3), np.float32) for _ in range(2)]
-    batches = 0
+    buffers = itertools.cycle([np.empty((cfg.batch_size, extractor.size, extractor.size, 3), np.float32)
+                               for _ in range(2)])
     jobs = ((item, sha, need, extractor.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes,
              cfg.storage_options) for item, sha, need in plan)
     with ThreadPoolExecutor(1, thread_name_prefix="convcache-infer") as infer_pool:
         def infer(rows):
-            nonlocal in_flight, batches
-            batch = buffers[batches % 2][: len(rows)]
-            batches += 1
+            nonlocal in_flight
+            batch = next(buffers)[: len(rows)]
             for i, r in enumerate(rows):
                 batch[i] = r[3]
             job = (rows, infer_pool.submit(extractor, batch))

@@ -227,15 +227,12 @@ def _adopt_extractor(cfg, path: Path) -> None:
     """The arms train on this extractor's features and the real TensorFlow run rebuilds its base: take
     weights, input size, cut, pooling and precision from the extractor's own metadata, never from
     defaults that may describe another model."""
-    from convcache.artifacts import Extractor
-    from convcache.onnxmeta import load_model
+    from convcache.artifacts import KIND_EXTRACTOR, read
 
-    ext = Extractor.from_proto(load_model(path), str(path))
-    source = ext.metadata.get("weights", {}).get("source", cfg.weights)
-    found = {"weights": source, "input_size": ext.size, "layer": ext.layer, "pooling": ext.pooling,
-             "precision": ext.precision}
-    if found["layer"] == "block5_pool":
-        found["layer"] = cfg.layer if cfg.layer in (None, "block5_pool") else found["layer"]
+    ext = read(path, KIND_EXTRACTOR)
+    found = {"weights": ext.metadata.get("weights", {}).get("source", cfg.weights), "input_size": ext.size,
+             "layer": None if ext.layer == "block5_pool" and cfg.layer is None else ext.layer,  # None: the last
+             "pooling": ext.pooling, "precision": ext.precision}
     for key, value in found.items():
         if getattr(cfg, key) != value:
             log.warning("compare: %s = %r from %s (not %r)", key, value, path, getattr(cfg, key))

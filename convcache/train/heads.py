@@ -17,7 +17,7 @@ from convcache.artifacts import FEATURES, PROBABILITIES
 from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx, linear_to_onnx
 
 from convcache.errors import ConvcacheError
-from convcache.protocol import SCHEDULES, initial_head_weights, replay_copy
+from convcache.protocol import LOGREG_CS, SCHEDULES, initial_head_weights, replay_copy
 from convcache.train.loop import batches_of, compile_head_model, evaluate_model, fit_epochs
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     (X_val, y_val) - the select half of validation - or, without them, by stratified 3-fold
     cross-validation on the training data (so the head works in Pipeline, cross_val_score, grid search)."""
 
-    def __init__(self, Cs=(0.0003, 0.003, 0.03, 0.3), max_iter: int = 300, tol: float = 1e-4):
+    def __init__(self, Cs=LOGREG_CS, max_iter: int = 300, tol: float = 1e-4):
         self.Cs = Cs
         self.max_iter = max_iter
         self.tol = tol
@@ -177,7 +177,7 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
     `fit_stream(batches, classes, X_val, y_val)` takes `batches(epoch)`, an iterator of (X, y) blocks;
     `fit(X, y, X_val, y_val)` is the in-memory form (blocks of `block_rows`)."""
 
-    def __init__(self, Cs=(0.0003, 0.003, 0.03, 0.3), epochs: int = 10, block_rows: int = 1024, seed: int = 0,
+    def __init__(self, Cs=LOGREG_CS, epochs: int = 10, block_rows: int = 1024, seed: int = 0,
                  progress: bool = False):
         self.Cs = Cs
         self.epochs = epochs
