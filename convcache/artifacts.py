@@ -62,6 +62,7 @@ class Extractor(Artifact):
     layer: str | None = None
     pooling: str | None = None
     precision: str = "fp32"
+    preprocess: str = "caffe"  # caffe or rescale (extractors written before the choice existed are caffe)
 
     @property
     def n_features(self) -> int:
@@ -79,7 +80,7 @@ class Extractor(Artifact):
                        output_name=meta["output"].get("name", FEATURES), size=int(meta["input"]["size"]),
                        feature_shape=tuple(int(d) for d in meta["output"]["shape"][1:]), opset=_opset(proto),
                        layer=meta.get("layer"), pooling=meta.get("pooling"), precision=meta.get("precision", "fp32"),
-                       metadata=meta)
+                       preprocess=meta.get("preprocess", "caffe"), metadata=meta)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConvcacheError(f"{where}: malformed extractor metadata ({exc.__class__.__name__}: {exc})") from None
 

@@ -14,22 +14,55 @@ def _run(path, images):
     return s.run(["features"], {"images": images})[0]
 
 
-def test_parity_with_keras_at_32px():
+@pytest.mark.parametrize("preprocess", ["caffe", "rescale"])
+def test_parity_with_keras_own_preprocessing_at_32px(preprocess):
+    """Each preprocessing is inside the graph and matches Keras' own: `vgg16.preprocess_input` for caffe,
+    x/255 (ImageDataGenerator(rescale=1./255)) for rescale, both fed to the bare cut base."""
     from convcache.backbone import keras_model, weights
     from convcache.export import onnx_target
 
     base = weights.load_vgg16("random", SIZE, seed=3)
-    model = keras_model.build_extractor(base)
-    proto = onnx_target.keras_to_onnx(model)
+    model = keras_model.build_extractor(base, preprocess=preprocess)
+    proto = onnx_target.keras_to_onnx(model, fold_bgr=preprocess == "caffe")
     onnx.checker.check_model(proto, full_check=True)
     images = onnx_target.sample_images(3, SIZE, seed=5)
-    diff = onnx_target.check_parity(proto, model, images)
-    assert diff <= 1e-4 * np.abs(model.predict(images, verbose=0)).max()
-    # The preprocessing is really inside: a channel swap must change the output.
+    bare = keras_model.cut_base(base)
+    diff = onnx_target.check_parity(proto, bare, images, preprocess)
+    reference = bare.predict(keras_model.keras_preprocess(images, preprocess), verbose=0)
+    assert diff <= 1e-4 * np.abs(reference).max()
     s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     a = s.run(None, {"images": images})[0]
+    # the other preprocessing's reference is far away: the check can tell the two apart
+    other = bare.predict(keras_model.keras_preprocess(images, {"caffe": "rescale", "rescale": "caffe"}[preprocess]),
+                         verbose=0)
+    assert np.abs(a - other).max() > 100 * diff
+    with pytest.raises(ConvcacheError, match="parity failed"):
+        onnx_target.check_parity(proto, bare, images, {"caffe": "rescale", "rescale": "caffe"}[preprocess])
+    # caffe swaps channels (a channel swap changes the output); rescale keeps RGB order, and scales
     b = s.run(None, {"images": images[..., ::-1].copy()})[0]
     assert not np.allclose(a, b)
+
+
+def test_export_cli_preprocess_rescale_is_recorded_and_never_mixed(extractor, tmp_path):
+    from conftest import make_dataset
+
+    out = tmp_path / "rescale.onnx"
+    r = run_cli("export", "--weights", "random", "--input-size", SIZE, "--seed", 1, "--preprocess", "rescale",
+                "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "rescale preprocessing" in r.stdout
+    ext = read(out)
+    assert ext.preprocess == "rescale" and ext.metadata["preprocess"] == "rescale"
+    assert read(extractor).preprocess == "caffe"
+    assert ext.identity != read(extractor).identity  # the preprocessing is part of the identity
+    assert not any(n.op_type == "Sub" for n in onnx.load(out).graph.node[:2])  # no mean subtracted
+    data = make_dataset(tmp_path / "data", splits={"train": 2, "validation": 2})
+    store = tmp_path / "s.zarr"
+    assert run_cli("extract", "--model", extractor, "--data", data, "-o", store, "-q").returncode == 0
+    r = run_cli("extract", "--model", out, "--data", data, "-o", store, "-q")
+    assert r.returncode == 2 and "refusing to mix" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("export", "--weights", "random", "--input-size", SIZE, "--preprocess", "none", "-o", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
 def test_rgb_to_bgr_is_folded_into_the_first_conv():

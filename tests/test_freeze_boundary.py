@@ -54,7 +54,7 @@ def _assert_same(ref, top):
     hist_ref, hist_top = ref["history"], top["selection"]["history"]
     assert len(hist_ref) == len(hist_top) == FROZEN + FINE
     assert [h["phase"] for h in hist_top] == ["frozen"] * FROZEN + ["fine-tune block5"] * FINE
-    for key in ("train_loss", "select_loss"):
+    for key in ("train_loss_mean", "select_loss"):
         np.testing.assert_allclose([h[key] for h in hist_top], [h[key] for h in hist_ref], rtol=1e-4)
     np.testing.assert_allclose(np.array(top["report_proba"]), np.array(ref["report_proba"]), atol=1e-4)
     assert top["selection"]["copies_used"] == ref["selection"]["copies_used"] == list(range(1, FROZEN + FINE + 1))
@@ -119,6 +119,6 @@ def test_reading_the_epoch_in_segments_changes_nothing(boundary, monkeypatch):
     whole = train_head(str(store), "dense", str(root / "seg-whole"), train_top="block5", params=params)
     monkeypatch.setattr(top, "SEGMENT_ROWS", 5)  # batches of 4: segments of 8 rows, several per epoch
     parts = train_head(str(store), "dense", str(root / "seg-parts"), train_top="block5", params=params)
-    np.testing.assert_allclose([h["train_loss"] for h in parts["selection"]["history"]],
-                               [h["train_loss"] for h in whole["selection"]["history"]], rtol=1e-6)
+    np.testing.assert_allclose([h["train_loss_mean"] for h in parts["selection"]["history"]],
+                               [h["train_loss_mean"] for h in whole["selection"]["history"]], rtol=1e-6)
     assert parts["steps"] == whole["steps"] == 2 * -(-50 // 4)  # 10 images x 5 copies (0..4) per epoch

@@ -37,8 +37,8 @@ def _replay(root, store, dropout, tag, copies=EPOCHS, schedule="replay"):
 
 
 def _assert_same(ref, head):
-    ref_loss = np.array([h["train_loss"] for h in ref["history"]])
-    head_loss = np.array([h["train_loss"] for h in head["selection"]["history"]])
+    ref_loss = np.array([h["train_loss_mean"] for h in ref["history"]])
+    head_loss = np.array([h["train_loss_mean"] for h in head["selection"]["history"]])
     assert len(ref_loss) == len(head_loss) == EPOCHS
     np.testing.assert_allclose(head_loss, ref_loss, rtol=1e-4)
     sel_ref = np.array([h["select_loss"] for h in ref["history"]])
@@ -72,8 +72,8 @@ def test_method_1_is_the_reference_without_augmentation(replay_setup):
     ref = _reference(root, data, 0.0, "plain", augment=False)
     for schedule in ("pool", "replay"):
         head = _replay(root, store, 0.0, f"plain-{schedule}", copies=0, schedule=schedule)
-        np.testing.assert_allclose([h["train_loss"] for h in head["selection"]["history"]],
-                                   [h["train_loss"] for h in ref["history"]], rtol=1e-4)
+        np.testing.assert_allclose([h["train_loss_mean"] for h in head["selection"]["history"]],
+                                   [h["train_loss_mean"] for h in ref["history"]], rtol=1e-4)
         np.testing.assert_allclose(np.array(head["report_proba"]), np.array(ref["report_proba"]), atol=1e-4)
 
 

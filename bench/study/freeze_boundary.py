@@ -121,7 +121,7 @@ def _plot(res: dict) -> None:
     a.legend(fontsize=8)
     curve = res["unfrozen"]["curve"]
     b.plot([h["epoch"] for h in curve], [h["select_loss"] for h in curve], "o-", label="select-half loss")
-    b.plot([h["epoch"] for h in curve], [h["train_loss"] for h in curve], "s--", label="train loss")
+    b.plot([h["epoch"] for h in curve], [h["train_loss_mean"] for h in curve], "s--", label="train loss")
     b.set_xlabel("epoch")
     b.set_title("nothing frozen (reference --unfreeze all)")
     b.legend(fontsize=8)
@@ -180,8 +180,8 @@ def doc() -> None:
                     f"{arms['frozen']['seconds_per_epoch']:.0f} | {arms['fine-tuned']['seconds_per_epoch']:.0f} | "
                     f"{compute['frozen'] / 60:.0f} | {compute['fine-tuned'] / 60:.0f} |")
     ref, cached = real(0), fine_tuned(10, 0, 1, 1, tag="-real")
-    lr = [h["train_loss"] for h in ref["history"]]
-    lc = [h["train_loss"] for h in cached["selection"]["history"]]
+    lr = [h["train_loss_mean"] for h in ref["history"]]
+    lc = [h["train_loss_mean"] for h in cached["selection"]["history"]]
     res["real"] = {"reference_train_loss": lr, "cached_train_loss": lc,
                    "max_rel_diff": float(np.max(np.abs(np.array(lc) - np.array(lr)) / np.abs(np.array(lr)))),
                    "reference_seconds_per_epoch": ref["seconds_per_epoch"],
@@ -190,13 +190,13 @@ def doc() -> None:
     f32 = OUT / "arms" / "top-k2-s0-real-float32" / "metrics.json"  # bench/study/extract_boundary.sh float32 check
     if f32.is_file():
         m32 = json.loads(f32.read_text())
-        l32 = [h["train_loss"] for h in m32["selection"]["history"]]
+        l32 = [h["train_loss_mean"] for h in m32["selection"]["history"]]
         res["real"]["float32_cached_train_loss"] = l32
         res["real"]["float32_rel_diff_per_epoch"] = [abs(a - b) / abs(b) for a, b in zip(l32, lr)]
         res["real"]["float32_cached_report"] = m32["report"]["accuracy"]
     un = unfrozen(0)
     res["unfrozen"] = {"seconds_per_epoch": un["seconds_per_epoch"], "peak_rss_mib": un.get("peak_rss_mib"),
-                       "curve": [{k: h.get(k) for k in ("epoch", "train_loss", "select_loss", "select_accuracy",
+                       "curve": [{k: h.get(k) for k in ("epoch", "train_loss_mean", "select_loss", "select_accuracy",
                                                         "report_accuracy", "train_seconds")} for h in un["history"]],
                        "report": un["report"]["accuracy"]}
     (ROOT / "docs" / "results_freeze_boundary.json").write_text(json.dumps(res, indent=1))
@@ -205,7 +205,7 @@ def doc() -> None:
              "95% CI | s/epoch frozen | s/epoch fine-tuned | compute frozen, min | compute fine-tuned, min |\n"
              "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     r, u = res["real"], res["unfrozen"]
-    curve = "\n".join(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['select_loss']:.4f} | "
+    curve = "\n".join(f"| {h['epoch']} | {h['train_loss_mean']:.4f} | {h['select_loss']:.4f} | "
                       f"{100 * h['report_accuracy']:.1f}% | {h['train_seconds']:.0f} |" for h in u["curve"])
     md = f"""## Cache at the freeze boundary: fine-tuning block5 on cached block4 maps (issue 12)
 

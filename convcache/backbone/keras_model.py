@@ -1,4 +1,11 @@
-"""The Keras extractor: pixels in, VGG16's caffe preprocessing inside, a conv feature map out."""
+"""The Keras extractor: pixels in, the chosen preprocessing inside, a conv feature map out.
+
+Two preprocessings, both inside the graph:
+- `caffe`: Keras' `vgg16.preprocess_input` (RGB->BGR, minus the ImageNet BGR mean, no scaling): what the
+  ImageNet weights were trained with;
+- `rescale`: the book's sec. 5.3 (`ImageDataGenerator(rescale=1./255)` before `conv_base.predict`): x / 255,
+  RGB order, no mean. Its features are ~100x smaller than caffe's, and RMSprop 2e-5 was tuned on them.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +15,59 @@ from convcache.errors import ConvcacheError
 from convcache.tfquiet import import_keras
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
-PREPROCESSING = "caffe: RGB->BGR, subtract ImageNet BGR mean (103.939, 116.779, 123.68), no scaling"
+PREPROCESSINGS = {
+    "caffe": "caffe: RGB->BGR, subtract ImageNet BGR mean (103.939, 116.779, 123.68), no scaling",
+    "rescale": "rescale: x / 255, RGB order, no mean (the book's ImageDataGenerator(rescale=1./255))",
+}
+DEFAULT_PREPROCESS = "caffe"
+PREPROCESSING = PREPROCESSINGS[DEFAULT_PREPROCESS]  # the default's description (older callers)
 
 
-def build_extractor(base, layer: str | None = None, pooling: str | None = None):
-    """Cut `base` after `layer` (default: its last), add preprocessing in front and optional pooling."""
+def check_preprocess(preprocess: str) -> str:
+    if preprocess not in PREPROCESSINGS:
+        raise ConvcacheError(f"unknown preprocessing {preprocess!r}; choose {' or '.join(PREPROCESSINGS)}")
+    return preprocess
+
+
+def build_extractor(base, layer: str | None = None, pooling: str | None = None, preprocess: str = DEFAULT_PREPROCESS):
+    """Cut `base` after `layer` (default: its last), add `preprocess` in front and optional pooling."""
     _, keras = import_keras()
+    check_preprocess(preprocess)
+    inputs = keras.Input(shape=base.input_shape[1:], dtype="float32", name="images")
+    x = CaffePreprocess()(inputs) if preprocess == "caffe" else keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    return keras.Model(inputs, _cut(keras, base, x, layer, pooling), name="convcache_extractor")
+
+
+def cut_base(base, layer: str | None = None, pooling: str | None = None):
+    """The base cut at `layer` with optional pooling and *no* preprocessing (takes preprocessed input)."""
+    _, keras = import_keras()
+    inputs = keras.Input(shape=base.input_shape[1:], dtype="float32")
+    return keras.Model(inputs, _cut(keras, base, inputs, layer, pooling))
+
+
+def _cut(keras, base, x, layer, pooling):
     names = [lay.name for lay in base.layers]
     layer = layer or names[-1]
     if layer not in names:
         raise ConvcacheError(f"unknown layer {layer!r}; VGG16's are: {', '.join(names[1:])}")
-    inputs = keras.Input(shape=base.input_shape[1:], dtype="float32", name="images")
-    x = CaffePreprocess()(inputs)
     for lay in base.layers[1 : names.index(layer) + 1]:
         x = lay(x)
     if pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D()(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D()(x)
-    elif pooling is not None:
+        return keras.layers.GlobalAveragePooling2D()(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D()(x)
+    if pooling is not None:
         raise ConvcacheError(f"unknown pooling {pooling!r}; choose avg or max")
-    return keras.Model(inputs, x, name="convcache_extractor")
+    return x
+
+
+def keras_preprocess(images: np.ndarray, preprocess: str) -> np.ndarray:
+    """The same preprocessing as Keras itself applies it, outside any convcache code: the parity reference."""
+    _, keras = import_keras()
+    x = np.array(images, np.float32, copy=True)
+    if check_preprocess(preprocess) == "caffe":
+        return np.asarray(keras.applications.vgg16.preprocess_input(x), np.float32)
+    return x * np.float32(1.0 / 255)  # ImageDataGenerator(rescale=1./255) multiplies by the factor
 
 
 def _caffe_layer_class():

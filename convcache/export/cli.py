@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--layer", metavar="LAYER",
                    help=f"cut the base after this layer: one of {', '.join(LAYERS)} (None: block5_pool)")
     p.add_argument("--pooling", choices=["avg", "max"], help="global pooling to a vector (None: the feature map)")
+    p.add_argument("--preprocess", choices=("caffe", "rescale"), default=d["preprocess"].default,
+                   help="preprocessing inside the graph: caffe (Keras' vgg16.preprocess_input: RGB->BGR minus the "
+                        "ImageNet mean, what the ImageNet weights expect) or rescale (x/255, RGB: the book's sec. 5.3) "
+                        "(default: %(default)s; docs/results.md compares them)")
     p.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default, help="stored precision")
     p.add_argument("--calibration", metavar="DIR", help="images to calibrate --precision int8 on")
     p.add_argument("--keep-fp32", choices=("none", "first", "last", "first-last"), default=d["keep_fp32"].default,
@@ -52,7 +56,7 @@ def run_export(args) -> int:
 
     cfg = ExportConfig(args.weights, args.input_size, args.output, args.layer, args.pooling, args.precision,
                        args.calibration, args.seed, args.opset, args.keep_fp32, args.probe,
-                       args.probe_limit)  # validated here, before TensorFlow starts
+                       args.probe_limit, preprocess=args.preprocess)  # validated here, before TensorFlow starts
     meta = export(cfg)
     extra = ""
     if "quantization" in meta:
@@ -64,7 +68,7 @@ def run_export(args) -> int:
                       f"{pr['accuracy_int8']:.1%}, difference {100 * pr['difference']:+.1f} "
                       f"± {100 * pr['difference_se']:.1f} points (SE)")
     print(f"wrote {args.output}: {meta['weights']['source']} weights, output {meta['output']['shape']}, "
-          f"{meta['precision']}, identity {meta['graph_sha256'][:12]}, parity max abs diff "
+          f"{meta['precision']}, {meta['preprocess']} preprocessing, identity {meta['graph_sha256'][:12]}, parity max abs diff "
           f"{meta['parity_max_abs_diff']:.2g}{extra}")
     return 0
 

@@ -18,12 +18,12 @@ from convcache.artifacts import FEATURES as OUTPUT_NAME, IMAGES as INPUT_NAME  #
 PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
 
 
-def keras_to_onnx(model, opset: int = 17) -> onnx.ModelProto:
-    """The extractor as ONNX, with the RGB->BGR permutation (a Tensordot in the converted graph)
-    folded into block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv."""
+def keras_to_onnx(model, opset: int = 17, fold_bgr: bool = True) -> onnx.ModelProto:
+    """The extractor as ONNX; with caffe preprocessing (`fold_bgr`), the RGB->BGR permutation (a Tensordot
+    in the converted graph) folded into block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv."""
     size = model.input_shape[1]
     proto = onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), OUTPUT_NAME, opset)
-    if not onnxtools.fold_channel_permutation(proto):
+    if fold_bgr and not onnxtools.fold_channel_permutation(proto):
         log.warning("the RGB->BGR permutation was not found in the converted graph; left unfolded")
     return proto
 
@@ -43,9 +43,14 @@ def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def check_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray) -> float:
-    """Run both; fail when ORT strays from Keras. Returns the max abs diff."""
-    reference = np.asarray(keras_model.predict(images, verbose=0))
+def check_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray, preprocess: str | None = None) -> float:
+    """Run both; fail when ORT strays from Keras. Returns the max abs diff. With `preprocess`, `keras_model`
+    takes preprocessed input, and the images go through Keras' own preprocessing for it
+    (`vgg16.preprocess_input` for caffe, x/255 for rescale) rather than through convcache's layers."""
+    from convcache.backbone.keras_model import keras_preprocess
+
+    inputs = images if preprocess is None else keras_preprocess(images, preprocess)
+    reference = np.asarray(keras_model.predict(inputs, verbose=0))
     bound = PARITY_RTOL * float(np.max(np.abs(reference)))
     diff = onnxtools.check_parity(proto, reference, {INPUT_NAME: images}, OUTPUT_NAME, bound, "ONNX/Keras parity failed")
     log.info("parity with Keras: max abs diff %.3g (bound %.3g)", diff, bound)

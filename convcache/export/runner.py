@@ -38,6 +38,7 @@ class ExportConfig:
     keep_fp32: str = "first-last"  # int8: convs left in fp32 (first, last, first-last, none)
     probe: str | None = None  # labelled images for the int8 probe report (default: --calibration, if labelled)
     probe_limit: int = 1000
+    preprocess: str = keras_model.DEFAULT_PREPROCESS  # caffe (Keras' preprocess_input) or rescale (the book's x/255)
 
     def __post_init__(self):
         if self.weights not in weights.NAMED_SOURCES and not Path(self.weights).is_file():
@@ -63,6 +64,7 @@ class ExportConfig:
             raise ConvcacheError(f"--probe {self.probe}: not a directory")
         if self.probe_limit < 12:
             raise ConvcacheError("--probe-limit must be >= 12")
+        keras_model.check_preprocess(self.preprocess)
         if self.seed < 0 or not 13 <= self.opset <= 21:
             raise ConvcacheError("--seed must be >= 0 and --opset between 13 and 21")
 
@@ -86,19 +88,22 @@ def _probe(cfg: ExportConfig, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> d
 
 def export_extractor(weights_source: str, input_size: int, output: str, layer: str | None = None,
                      pooling: str | None = None, precision: str = "fp32", calibration: str | None = None,
-                     seed: int = 0, opset: int = 17, probe: str | None = None, keep_fp32: str = "first-last") -> dict:
+                     seed: int = 0, opset: int = 17, probe: str | None = None, keep_fp32: str = "first-last",
+                     preprocess: str = keras_model.DEFAULT_PREPROCESS) -> dict:
     return run_export(ExportConfig(weights_source, input_size, output, layer, pooling, precision, calibration, seed,
-                                   opset, keep_fp32, probe))
+                                   opset, keep_fp32, probe, preprocess=preprocess))
 
 
 def run_export(cfg: ExportConfig) -> dict:
     weights_source, input_size, output, layer, pooling = cfg.weights, cfg.input_size, cfg.output, cfg.layer, cfg.pooling
     precision, calibration, seed, opset = cfg.precision, cfg.calibration, cfg.seed, cfg.opset
     base = weights.load_vgg16(weights_source, input_size, seed)
-    model = keras_model.build_extractor(base, layer, pooling)
-    proto = onnx_target.keras_to_onnx(model, opset)
+    model = keras_model.build_extractor(base, layer, pooling, cfg.preprocess)
+    proto = onnx_target.keras_to_onnx(model, opset, fold_bgr=cfg.preprocess == "caffe")
     onnx.checker.check_model(proto, full_check=True)
-    diff = onnx_target.check_parity(proto, model, onnx_target.sample_images(4, input_size, seed))
+    # parity against Keras' own preprocessing (vgg16.preprocess_input, or x/255) and the cut base
+    diff = onnx_target.check_parity(proto, keras_model.cut_base(base, layer, pooling),
+                                    onnx_target.sample_images(4, input_size, seed), cfg.preprocess)
 
     meta = {"precision": precision, "parity_max_abs_diff": diff, "opset": opset}
     if precision == "fp16":
@@ -125,7 +130,8 @@ def run_export(cfg: ExportConfig) -> dict:
                     **({"seed": seed} if weights_source == "random" else {})},
         "input": {"name": artifacts.IMAGES, "layout": "NHWC", "dtype": "float32",
                   "size": input_size, "pixels": "RGB, 0-255"},
-        "preprocessing": keras_model.PREPROCESSING,
+        "preprocess": cfg.preprocess,
+        "preprocessing": keras_model.PREPROCESSINGS[cfg.preprocess],
         "output": {"name": artifacts.FEATURES, "shape": out_shape},
         "layer": layer or base.layers[-1].name,
         "pooling": pooling,

@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="equal-epochs arms only up to this K (they cost (K+1)x method 2's steps; None: all)")
     c.add_argument("--extractor", help="reuse this exported extractor instead of exporting one (its metadata sets "
                                        "--weights, --input-size, --layer, --pooling and --precision)")
+    c.add_argument("--preprocess", choices=["caffe", "rescale"], default=d["preprocess"],
+                   help="the extractor's preprocessing, carried to the real TensorFlow run (default: %(default)s; a "
+                        "reused --extractor's own metadata decides)")
     c.add_argument("--precision", choices=["fp32", "int8"], default=d["precision"],
                    help="run every arm on an fp32 or an int8 extractor (default: %(default)s)")
     c.add_argument("--calibration", metavar="DIR", help="images to calibrate --precision int8 on")
@@ -63,7 +66,8 @@ def run_compare_cmd(args) -> int:
                         policy=args.policy, real_epochs=args.real_epochs, logreg=not args.no_logreg,
                         equal_epochs=not args.no_equal_epochs, equal_epochs_max_k=args.equal_epochs_max_k,
                         extractor=args.extractor, store=args.store, precision=args.precision,
-                        calibration=args.calibration, progress=not args.quiet)
+                        calibration=args.calibration, preprocess=args.preprocess,
+                        progress=not args.quiet)
     results = run_compare(cfg)
     for match, a in results.get("answer", {}).items():
         print(f"{match}: smallest K within the noise of method 2: {a['arm']} ({100 * a['diff']:+.1f} points)")

@@ -56,6 +56,7 @@ class CompareConfig:
     equal_epochs: bool = True
     equal_epochs_max_k: int | None = None  # equal-epochs arms cost (K+1)x method 2's steps: cap K on a small CPU
     extractor: str | None = None  # reuse an exported extractor (its metadata sets weights, size, layer, ...)
+    preprocess: str = "caffe"  # the extractor's preprocessing (caffe, or rescale: the book's x/255); carried to the reference
     precision: str = "fp32"  # int8: every arm runs on features of an int8 extractor (calibrated on `calibration`)
     calibration: str | None = None
     store: str | None = None  # reuse (and extend) a feature store
@@ -195,7 +196,7 @@ def _slim(m: dict) -> dict:
             "select_accuracy": m["select"]["accuracy"], "fit_seconds": m["fit_seconds"], "steps": sel.get("steps"),
             "epochs_run": sel.get("epochs_run"), "best_epoch": sel.get("best_epoch"), "C": sel.get("C"),
             "copies_used": sel.get("copies_used"), "report_correct": m["report_correct"],
-            "train_loss": [h["train_loss"] for h in sel.get("history", [])]}
+            "train_loss_mean": [h["train_loss_mean"] for h in sel.get("history", [])]}
 
 
 def _aggregate(runs: list[dict]) -> dict:
@@ -219,7 +220,7 @@ def _extractor(cfg, out) -> tuple[Path, float]:
     t = time.perf_counter()
     if not path.is_file():
         export_extractor(cfg.weights, cfg.input_size, str(path), layer=cfg.layer, pooling=cfg.pooling,
-                         precision=cfg.precision, calibration=cfg.calibration)
+                         precision=cfg.precision, calibration=cfg.calibration, preprocess=cfg.preprocess)
     return path, time.perf_counter() - t
 
 
@@ -232,7 +233,7 @@ def _adopt_extractor(cfg, path: Path) -> None:
     ext = read(path, KIND_EXTRACTOR)
     found = {"weights": ext.metadata.get("weights", {}).get("source", cfg.weights), "input_size": ext.size,
              "layer": None if ext.layer == "block5_pool" and cfg.layer is None else ext.layer,  # None: the last
-             "pooling": ext.pooling, "precision": ext.precision}
+             "pooling": ext.pooling, "precision": ext.precision, "preprocess": ext.preprocess}
     for key, value in found.items():
         if getattr(cfg, key) != value:
             log.warning("compare: %s = %r from %s (not %r)", key, value, path, getattr(cfg, key))
@@ -278,10 +279,11 @@ def _real_reference(cfg, out, results) -> dict:
         m = run_reference(cfg.data, cfg.weights, str(folder), epochs=cfg.real_epochs, use_augment=True,
                           input_size=cfg.input_size, batch_size=cfg.batch_size, seed=cfg.seeds[0],
                           policy=cfg.policy_obj, learning_rate=cfg.learning_rate, layer=cfg.layer,
-                          pooling=cfg.pooling, progress=cfg.progress, augment_seed=cfg.augment_seed)
+                          pooling=cfg.pooling, progress=cfg.progress, augment_seed=cfg.augment_seed,
+                          preprocess=cfg.preprocess)
     replay = next(r for r in results["arms"]["method 2 (replay)"]["runs"] if r["seed"] == cfg.seeds[0])
-    tf_loss = np.array([h["train_loss"] for h in m["history"]])
-    rp_loss = np.array(replay["train_loss"][: len(tf_loss)])
+    tf_loss = np.array([h["train_loss_mean"] for h in m["history"]])
+    rp_loss = np.array(replay["train_loss_mean"][: len(tf_loss)])
     epoch_seconds = [h["train_seconds"] + h["eval_seconds"] for h in m["history"]]
     return {"extractor_precision": cfg.precision, "epochs": len(tf_loss), "tf_train_loss": tf_loss.tolist(), "replay_train_loss": rp_loss.tolist(),
             "max_rel_diff": float(np.max(np.abs(rp_loss - tf_loss) / np.abs(tf_loss))),

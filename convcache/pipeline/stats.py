@@ -33,3 +33,45 @@ def mcnemar_exact(a, b) -> dict:
     n = only_a + only_b
     p = 1.0 if n == 0 else float(binomtest(only_b, n, 0.5).pvalue)
     return {"only_a": only_a, "only_b": only_b, "p": p}
+
+
+def seed_photo_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, margin: float | None = None) -> dict:
+    """Difference b - a of two arms run with the same seeds on the same photos, resampling seeds, then
+    photos (a two-level bootstrap: both sources of variation, the training seed and the test sample).
+
+    `a`, `b`: (seeds, photos) 0/1 correctness, row i of each from seed i (paired by seed and photo).
+    Returns the difference, its 95% percentile interval, a two-sided p, and with `margin` the two
+    one-sided tests of equivalence (TOST): `equivalent` when both p_lower (diff <= -margin) and p_upper
+    (diff >= +margin) are below 0.05, i.e. the 90% interval lies inside (-margin, +margin)."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError("seed_photo_bootstrap needs two equal (seeds, photos) arrays")
+    d = b - a
+    n_seeds, n_photos = d.shape
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        s = rng.integers(0, n_seeds, n_seeds)
+        p = rng.integers(0, n_photos, n_photos)
+        boots[i] = d[np.ix_(s, p)].mean()
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    out = {"diff": float(d.mean()), "ci95": [float(lo), float(hi)],
+           "p": float(min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean()))),
+           "seeds": int(n_seeds), "photos": int(n_photos), "n_boot": int(n_boot)}
+    if margin is not None:
+        lo90, hi90 = np.percentile(boots, [5, 95])
+        p_lower, p_upper = float((boots <= -margin).mean()), float((boots >= margin).mean())
+        out.update({"margin": float(margin), "ci90": [float(lo90), float(hi90)], "p_lower": p_lower,
+                    "p_upper": p_upper, "equivalent": bool(max(p_lower, p_upper) < 0.05),
+                    "noninferior": bool(p_lower < 0.05)})
+    return out
+
+
+def accuracy_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of an accuracy of `correct` out of `n`."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)

@@ -64,6 +64,10 @@ def register(sub) -> None:
     r.add_argument("--layer", help="cut the base after this layer, as export does (None: block5_pool)")
     r.add_argument("--pooling", choices=["avg", "max"], help="global pooling after the cut")
     r.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="RMSprop (the book: 2e-5)")
+    r.add_argument("--preprocess", choices=["caffe", "rescale"], default=d["preprocess"],
+                   help="the extractor's preprocessing, as `export --preprocess` (default: %(default)s)")
+    r.add_argument("--standardize", action="store_true",
+                   help="standardise the features (statistics of the training originals) before the head")
     r.add_argument("--batch-size", type=int, default=d["batch_size"], help="the book: 20")
     r.add_argument("--policy", default=d["policy"], help="augmentation preset or JSON, as for extract")
     r.add_argument("--patience", type=int, help="stop after this many epochs without a lower select-half loss")
@@ -128,7 +132,8 @@ def run_reference_cmd(args) -> int:
     cfg = ReferenceConfig(args.data, args.weights, args.output, args.epochs, not args.no_augment, args.input_size,
                           args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs, args.policy,
                           args.learning_rate, args.layer, args.pooling, args.patience, args.dropout,
-                          progress=not args.quiet, unfreeze=args.unfreeze)  # validated before TensorFlow starts
+                          progress=not args.quiet, unfreeze=args.unfreeze, preprocess=args.preprocess,
+                          standardize=args.standardize)  # validated before TensorFlow starts
     m = cfg.run()
     if not m["cacheable"]:
         print("note: this run trains conv layers, so their outputs change every step: it cannot be replayed from a "

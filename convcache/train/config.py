@@ -34,6 +34,8 @@ class ReferenceConfig:
     dropout: float = 0.5
     progress: bool = True
     unfreeze: str | None = None  # "all": no frozen layer (the consequence of not freezing; not cacheable)
+    preprocess: str = "caffe"  # as the extractor it is compared with: caffe or rescale (the book's x/255)
+    standardize: bool = False  # standardise the features before the head, as DenseHead(standardize=True)
 
     def __post_init__(self):
         if self.weights not in weights.NAMED_SOURCES and not Path(self.weights).is_file():
@@ -50,6 +52,8 @@ class ReferenceConfig:
             raise ConvcacheError("--dropout must be in [0, 1), --learning-rate > 0, --patience >= 1")
         if self.unfreeze not in (None, "all") or (self.unfreeze and self.fine_tune):
             raise ConvcacheError("--unfreeze takes 'all' and excludes --fine-tune")
+        if self.preprocess not in ("caffe", "rescale"):
+            raise ConvcacheError(f"preprocess {self.preprocess!r}: choose caffe or rescale")
         self.policy_obj = AugmentPolicy.parse(self.policy)
 
     def run(self) -> dict:
@@ -58,4 +62,5 @@ class ReferenceConfig:
         return run_reference(self.data, self.weights, self.output, self.epochs, self.augment, self.input_size,
                              self.batch_size, self.seed, self.fine_tune, self.fine_tune_epochs, self.policy_obj,
                              self.learning_rate, self.layer, self.pooling, self.patience, self.dropout,
-                             progress=self.progress, unfreeze=self.unfreeze)
+                             progress=self.progress, unfreeze=self.unfreeze, preprocess=self.preprocess,
+                             standardize=self.standardize)

@@ -264,11 +264,17 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     `steps_per_epoch` (default: one pass over the epoch's rows) lets `pool` match replay's steps.
     The epoch with the lowest loss on (X_val, y_val) - the *select* half of validation - is kept;
     `patience` stops early after that many epochs without improvement.
+    `standardize`: features are standardised by a scaler fit on the training originals (copy 0; every
+    row when there are no copies), the same for every epoch; it is folded into the exported ONNX
+    (the first Dense layer's weights), so the head still takes raw features.
+    `fit(..., X_curve, y_curve)` logs loss and accuracy on another split each epoch (`report_*` in the
+    history): learning curves only, never used to select or stop.
     """
 
     def __init__(self, units: int = 256, dropout: float = 0.5, epochs: int = 30, batch_size: int = 20,
                  learning_rate: float = 2e-5, patience: int | None = None, schedule: str = "pool",
-                 steps_per_epoch: int | None = None, seed: int = 0, progress: bool = False):
+                 steps_per_epoch: int | None = None, seed: int = 0, progress: bool = False,
+                 standardize: bool = False):
         self.units = units
         self.dropout = dropout
         self.epochs = epochs
@@ -279,6 +285,27 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.steps_per_epoch = steps_per_epoch
         self.seed = seed
         self.progress = progress
+        self.standardize = standardize
+
+    def _fit_scaler(self, X, copy) -> None:
+        """mean_/scale_ of the training originals (float64 statistics, float32 applied); scale 1 where a
+        feature is constant, as StandardScaler does."""
+        from sklearn.preprocessing import StandardScaler
+
+        rows = np.flatnonzero(np.asarray(copy) == 0) if copy is not None and (np.asarray(copy) == 0).any() else None
+        scaler = StandardScaler()
+        block = 4096
+        idx = np.arange(len(X)) if rows is None else rows
+        for b in range(0, len(idx), block):
+            scaler.partial_fit(np.asarray(X[idx[b : b + block]], np.float64))
+        self.scaler_mean_ = scaler.mean_.astype(np.float32)
+        self.scaler_scale_ = scaler.scale_.astype(np.float32)
+
+    def _scaled(self, X) -> np.ndarray:
+        X = np.asarray(X, np.float32)
+        if not self.standardize:
+            return X
+        return (X - self.scaler_mean_) / self.scaler_scale_
 
     def _build(self, keras, n_features: int, n_classes: int):
         keras.utils.set_random_seed(self.seed)
@@ -289,7 +316,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         compile_head_model(keras, model, n_classes, self.learning_rate)
         return model
 
-    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None) -> "DenseHead":
+    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None, X_curve=None, y_curve=None) -> "DenseHead":
         from convcache.tfquiet import import_keras
 
         if self.schedule not in SCHEDULES:
@@ -307,15 +334,20 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if X_val is None:  # scikit-learn's fit(X, y): hold out a stratified 10% of the images to select on
             X, y, X_val, y_val, image, copy = _hold_out_images(X, y, image, copy, self.seed)
         plan = _Schedule(self.schedule, image, copy, self.batch_size, self.steps_per_epoch, self.seed)
+        start = time.perf_counter()
+        if self.standardize:
+            self._fit_scaler(X, copy)
         self.model_ = self._build(keras, X.shape[1], n)
-        X_val = np.asarray(X_val, np.float32)
+        X_val = self._scaled(X_val)
+        X_curve = None if X_curve is None else self._scaled(X_curve)
 
         def evaluate():
-            return {"select": evaluate_model(self.model_, X_val, y_val)}
+            return {"select": evaluate_model(self.model_, X_val, y_val),
+                    "report": None if X_curve is None else evaluate_model(self.model_, X_curve, y_curve)}
 
-        start = time.perf_counter()
-        history, selector = fit_epochs(self.model_, self.epochs, lambda e: batches_of(X.__getitem__, y, plan.rows(e),
-                                                                                      self.batch_size),
+        history, selector = fit_epochs(self.model_, self.epochs,
+                                       lambda e: batches_of(lambda idx: self._scaled(X[idx]), y, plan.rows(e),
+                                                            self.batch_size),
                                        evaluate, self.patience, self.progress, f"dense ({self.schedule})",
                                        plan.info)
         return self._finish_fit(history, selector, start)
@@ -325,6 +357,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.history_ = history
         self.epochs_run_ = len(history)
         self.best_epoch_ = selector.best_epoch
+        self.best_select_loss_ = selector.best_loss
         self.steps_run_ = int(sum(h["steps"] for h in history))
         self.copies_used_ = sorted({int(c) for h in history for c in h.get("copies", [])})
         self.seconds_per_epoch_ = self.fit_seconds_ / max(self.epochs_run_, 1)
@@ -339,6 +372,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if self.schedule != "pool":
             raise ConvcacheError("streaming trains the dense head with --schedule pool (replay needs random access "
                                  "to every image's copies)")
+        if self.standardize:
+            raise ConvcacheError("the streamed dense head does not standardise its features; load them (a larger "
+                                 "memory budget) or train without standardisation")
         _, keras = import_keras()
         self.classes_ = np.asarray(classes)
         X_val = np.asarray(X_val, np.float32)
@@ -359,7 +395,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "model_")
-        p = np.asarray(self.model_.predict(np.asarray(X, np.float32), batch_size=256, verbose=0))
+        p = np.asarray(self.model_.predict(self._scaled(X), batch_size=256, verbose=0))
         return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p
 
     def predict(self, X) -> np.ndarray:
@@ -370,6 +406,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return {"schedule": self.schedule, "epochs_run": self.epochs_run_, "best_epoch": self.best_epoch_,
                 "steps": self.steps_run_, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                 "copies_used": self.copies_used_, "seconds_per_epoch": self.seconds_per_epoch_,
+                "standardize": self.standardize, "best_select_loss": self.best_select_loss_,
                 "rule": "lowest select-half loss" + (f", patience {self.patience}" if self.patience else ""),
                 "history": self.history_}
 
@@ -379,7 +416,15 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         _, keras = import_keras()
         inputs = keras.Input((self.n_features_in_,), name=FEATURES)
-        p = self.model_(inputs)
+        model = self.model_
+        if self.standardize:  # fold (x - mean) / scale into the first Dense layer: the head takes raw features
+            model = keras.models.clone_model(self.model_)
+            weights = [np.asarray(w) for w in self.model_.get_weights()]
+            kernel, bias = weights[0].astype(np.float64), weights[1].astype(np.float64)
+            kernel = kernel / self.scaler_scale_.astype(np.float64)[:, None]
+            bias = bias - self.scaler_mean_.astype(np.float64) @ kernel
+            model.set_weights([kernel.astype(np.float32), bias.astype(np.float32), *weights[2:]])
+        p = model(inputs)
         if p.shape[-1] == 1:  # sigmoid -> two-column probabilities, like logreg's
             p = keras.layers.Concatenate()([keras.layers.Lambda(lambda t: 1.0 - t)(p), p])
         return keras_to_onnx(keras.Model(inputs, p), FEATURES, (self.n_features_in_,), PROBABILITIES, opset)

@@ -26,21 +26,29 @@ def fit_epochs(model, epochs: int, batches: Callable[[int], Iterable], evaluate:
                patience: int | None = None, progress: bool = False, desc: str = "train",
                epoch_info: Callable[[int], dict] | None = None) -> tuple[list[dict], EpochSelector]:
     """Train for up to `epochs`; `batches(e)` yields (x, y) for epoch e (0-based); `evaluate()` returns
-    {"select": (loss, acc), "report": (loss, acc) or None}. Restores the selected epoch's weights."""
+    {"select": (loss, acc), "report": (loss, acc) or None}. Restores the selected epoch's weights.
+
+    Each history row has `train_loss_mean` / `train_accuracy_mean`: the means over the epoch's batches,
+    weighted by batch size, as Keras' `fit` reports an epoch (with dropout active, as in training). A
+    `report_*` entry, when present, is for learning curves only: nothing is selected on it."""
     selector = EpochSelector(patience)
     history = []
     bar = tqdm(total=epochs, desc=desc, unit="epoch", disable=not progress, leave=False)
     for e in range(epochs):
         model.reset_metrics()
-        loss = acc = math.nan
-        steps, t0 = 0, time.perf_counter()
+        loss_sum = acc_sum = 0.0
+        steps = seen = 0
+        t0 = time.perf_counter()
         for x, y in batches(e):
-            loss, acc = model.train_on_batch(x, y)
-            steps += 1
+            loss, acc = model.train_on_batch(x, y)  # this batch's values (train_on_batch resets the metrics)
+            loss_sum += float(loss) * len(y)
+            acc_sum += float(acc) * len(y)
+            steps, seen = steps + 1, seen + len(y)
         t1 = time.perf_counter()
         ev = evaluate()
         t2 = time.perf_counter()
-        row = {"epoch": e + 1, "steps": steps, "train_loss": float(loss), "train_accuracy": float(acc),
+        row = {"epoch": e + 1, "steps": steps, "train_loss_mean": loss_sum / seen if seen else math.nan,
+               "train_accuracy_mean": acc_sum / seen if seen else math.nan,
                "select_loss": float(ev["select"][0]), "select_accuracy": float(ev["select"][1]),
                "train_seconds": t1 - t0, "eval_seconds": t2 - t1}
         if ev.get("report") is not None:
@@ -49,7 +57,7 @@ def fit_epochs(model, epochs: int, batches: Callable[[int], Iterable], evaluate:
             row.update(epoch_info(e))
         history.append(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", select_loss=f"{row['select_loss']:.4f}")
+        bar.set_postfix(loss=f"{row['train_loss_mean']:.4f}", select_loss=f"{row['select_loss']:.4f}")
         if selector.update(e + 1, row["select_loss"], model.get_weights):
             break
     bar.close()

@@ -60,13 +60,19 @@ def _decode_split(items, size: int, workers: int = 2, progress: bool = False, de
 
 
 def build_model(keras, base, n_classes: int, layer: str | None = None, pooling: str | None = None,
-                units: int = 256, dropout: float = 0.5, seed: int = 0):
+                units: int = 256, dropout: float = 0.5, seed: int = 0, preprocess: str = "caffe",
+                scaler: tuple | None = None):
     """The export stage's Keras extractor (same cut, pooling, preprocessing), frozen, + the dense head,
-    starting from the protocol's initial head weights (the same as DenseHead's for the same seed)."""
+    starting from the protocol's initial head weights (the same as DenseHead's for the same seed).
+    `scaler` = (mean, scale): the features are standardised before the head, as DenseHead(standardize=True)
+    does on cached features."""
     base.trainable = False
-    extractor = keras_model.build_extractor(base, layer, pooling)
+    extractor = keras_model.build_extractor(base, layer, pooling, preprocess)
     inputs = keras.Input(base.input_shape[1:], dtype="float32", name="images")
     x = keras.layers.Flatten()(extractor(inputs, training=False))
+    if scaler is not None:
+        mean, scale = (np.asarray(v, np.float32) for v in scaler)
+        x = keras.layers.Lambda(lambda t: (t - mean) / scale, name="standardize")(x)
     head = dense_head_layers(keras, n_classes, units, dropout, seed)
     model = keras.Model(inputs, head(x))
     head.set_weights(initial_head_weights(int(x.shape[-1]), units, n_classes, seed))
@@ -78,7 +84,8 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
                   fine_tune_epochs: int = 2, policy: AugmentPolicy | None = None,
                   learning_rate: float = 2e-5, layer: str | None = None, pooling: str | None = None,
                   patience: int | None = None, dropout: float = 0.5, units: int = 256,
-                  progress: bool = True, augment_seed: int | None = None, unfreeze: str | None = None) -> dict:
+                  progress: bool = True, augment_seed: int | None = None, unfreeze: str | None = None,
+                  preprocess: str = "caffe", standardize: bool = False) -> dict:
     """`seed` sets the initial head weights, the batch order and dropout (and --weights random);
     `augment_seed` (default: `seed`) sets the copies, as `extract --seed` does."""
     if fine_tune not in (None, "block5"):
@@ -100,7 +107,8 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
     if splits["validation"] is None:
         raise ConvcacheError(f"--data {data}: the reference selects its best epoch on a validation split; none found")
     base = weights.load_vgg16(weights_source, input_size, seed)
-    model, extractor = build_model(keras, base, len(classes), layer, pooling, units, dropout, seed)
+    scaler = _feature_scaler(keras, base, splits["train"][0], layer, pooling, preprocess) if standardize else None
+    model, extractor = build_model(keras, base, len(classes), layer, pooling, units, dropout, seed, preprocess, scaler)
     initial_weights_sha256 = weights.weights_sha256(base)
     if unfreeze == "all":  # no layer is frozen: nothing is fixed, so nothing can be cached
         base.trainable = True
@@ -170,6 +178,7 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
         "base_weights_changed": weights.weights_sha256(base) != initial_weights_sha256,
         "provenance": {"data": str(data), "weights": weights_source, "weights_sha256": initial_weights_sha256,
                        "input_size": input_size, "layer": layer or "block5_pool", "pooling": pooling,
+                       "preprocess": preprocess, "standardize": standardize,
                        "learning_rate": learning_rate, "batch_size": batch_size,
                        "policy": policy.to_dict() if use_augment else None, "seed": seed,
                        "augment_seed": augment_seed},
@@ -188,6 +197,19 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_metrics(Path(out_dir) / "metrics.json", metrics)
     return metrics
+
+
+def _feature_scaler(keras, base, pixels, layer, pooling, preprocess) -> tuple:
+    """The standardisation DenseHead(standardize=True) fits on cached originals, fit here on the frozen
+    extractor's features of the training originals (un-augmented), as float64 statistics."""
+    from sklearn.preprocessing import StandardScaler
+
+    extractor = keras_model.build_extractor(base, layer, pooling, preprocess)
+    scaler = StandardScaler()
+    for b in range(0, len(pixels), 256):
+        f = np.asarray(extractor.predict(pixels[b : b + 256].astype(np.float32), batch_size=32, verbose=0))
+        scaler.partial_fit(f.reshape(len(f), -1).astype(np.float64))
+    return scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
 
 
 def _evaluate(model, x, y, n):
