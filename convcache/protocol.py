@@ -83,3 +83,22 @@ class EpochSelector:
         if loss < self.best_loss:
             self.best_loss, self.best_epoch, self.best_state = float(loss), epoch, state_fn()
         return self.patience is not None and epoch - self.best_epoch >= self.patience
+
+
+# `convcache fit`'s defaults: the answer of the study at convergence (docs/results.md, "The answer"), picked by
+# the decision rules written before it ran (docs/study_plan.md). Each entry says where it comes from.
+FIT_DEFAULTS = {
+    "weights": "hed",  # the offline weights every study here ran on
+    "input_size": 150,  # the book's sec. 5.3
+    "layer": "block5_pool",  # the book's cut; the study's layer
+    "policy": "book",  # the book's augmentation (Keras 2.0.8 semantics)
+    "head": "dense",  # the book's head; the probe was not better by the plan's rule (docs/results.md)
+    "preprocess": "caffe",  # phase 1's choice (docs/results.md, "Phase 1")
+    "standardize": True,  # phase 1's choice
+    "learning_rate": 2e-4,  # phase 1's choice for the recommended K
+    "copies": 10,  # the answer: the smallest K equivalent to method 2 (docs/results.md)
+    "max_epochs": 150,  # the study's cap; early stopping ends far sooner
+    "patience": 15,  # the study's early stopping on the select-half loss
+    "batch_size": 20,  # the book's
+}
+FIT_DEFAULTS_SOURCE = "docs/results.md (the study at convergence; plan: docs/study_plan.md)"

@@ -71,12 +71,16 @@ def test_fine_tuning_block5_on_cached_maps_equals_end_to_end(boundary, dropout):
 
 
 def test_the_equivalence_can_fail(boundary):
-    """Feeding copy 1 every epoch instead of copies 1..4 drifts from the end-to-end run."""
+    """Feeding copy 1 every epoch instead of copies 1..4 drifts from the end-to-end run: the losses
+    themselves differ from epoch 2 on (epoch 1 sees copy 1 in both)."""
     root, data, store, _ = boundary
     ref = _reference(root, data, 0.0, "shift")
     top = _top(root, store, 0.0, "shift", copies=1)
-    with pytest.raises(AssertionError):
-        _assert_same(ref, top)
+    ref_loss = np.array([h["train_loss_mean"] for h in ref["history"]])
+    top_loss = np.array([h["train_loss_mean"] for h in top["selection"]["history"]])
+    rel = np.abs(top_loss - ref_loss) / np.abs(ref_loss)
+    assert rel[0] < 1e-4
+    assert rel[1:].max() > 1e-3
 
 
 def test_trained_top_fuses_with_the_block4_extractor_and_serves_without_tensorflow(boundary):

@@ -57,13 +57,17 @@ def test_replay_from_cache_equals_end_to_end_reference(replay_setup, dropout):
 
 
 def test_replay_detects_a_shifted_copy(replay_setup):
-    """The test above can fail: a replay that feeds the wrong copies drifts from the reference."""
+    """The test above can fail: a replay that feeds the wrong copies drifts from the reference. The
+    losses themselves are compared (not the copies-used bookkeeping, which would differ by construction)."""
     root, data, store = replay_setup
     ref = _reference(root, data, 0.0, "shift")
     # copies=1 makes replay cycle copy 1 every epoch instead of copies 1, 2, 3
     head = _replay(root, store, 0.0, "shift", copies=1)
-    with pytest.raises(AssertionError):
-        _assert_same(ref, head)
+    ref_loss = np.array([h["train_loss_mean"] for h in ref["history"]])
+    head_loss = np.array([h["train_loss_mean"] for h in head["selection"]["history"]])
+    rel = np.abs(head_loss - ref_loss) / np.abs(ref_loss)
+    assert rel[0] < 1e-4  # epoch 1 sees copy 1 in both: aligned
+    assert rel[1:].max() > 1e-3  # from epoch 2 the copies differ, and so do the losses
 
 
 def test_method_1_is_the_reference_without_augmentation(replay_setup):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import fields
 
 
@@ -52,6 +53,40 @@ def register(sub) -> None:
     c.add_argument("-o", "--output", required=True, help="report folder")
     c.set_defaults(func=run_compare_cmd)
 
+    from convcache.pipeline.fit import FitConfig
+    from convcache.protocol import FIT_DEFAULTS_SOURCE
+
+    fd = {f.name: f.default for f in fields(FitConfig)}
+    src = "the study's answer, docs/results.md"
+    f = sub.add_parser(
+        "fit", help="photos -> a served model, with the study's recommended defaults (export, extract, train, fuse)",
+        description="Export the extractor, extract the originals and K augmented copies, train the recommended "
+                    "head (epoch and early stopping on one half of validation), fuse, and print the accuracy on "
+                    "the other half with its 95% interval. Every stage's artifact stays under -o; a killed run "
+                    f"resumes. The defaults are the answer of the study at convergence ({FIT_DEFAULTS_SOURCE}).")
+    f.add_argument("--data", required=True, help="a folder with train/<class>/ and validation/<class>/ photos")
+    f.add_argument("-o", "--output", required=True, help="output folder (model.onnx, and every stage's artifact)")
+    f.add_argument("--weights", default=fd["weights"], help=f"VGG16 weights ({src})")
+    f.add_argument("--input-size", type=int, default=fd["input_size"], help=f"square input side ({src})")
+    f.add_argument("--preprocess", choices=["caffe", "rescale"], default=fd["preprocess"],
+                   help=f"preprocessing inside the extractor ({src}, phase 1)")
+    f.add_argument("--copies", type=int, default=fd["copies"], metavar="K",
+                   help=f"augmented copies per training photo ({src}: the smallest K equivalent to method 2)")
+    f.add_argument("--policy", default=fd["policy"], help=f"augmentation preset or JSON ({src})")
+    f.add_argument("--head", choices=["dense", "logreg"], default=fd["head"], help=f"head ({src})")
+    f.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=fd["standardize"],
+                   help=f"dense: standardise the features, folded into the model ({src}, phase 1)")
+    f.add_argument("--learning-rate", type=float, default=fd["learning_rate"], help=f"dense: RMSprop ({src}, phase 1)")
+    f.add_argument("--max-epochs", type=int, default=fd["max_epochs"], help=f"dense: at most this many epochs ({src})")
+    f.add_argument("--patience", type=int, default=fd["patience"],
+                   help=f"dense: stop after this many epochs without a lower select-half loss ({src})")
+    f.add_argument("--batch-size", type=int, default=fd["batch_size"], help="dense: batch size (the book's)")
+    f.add_argument("--seed", type=int, default=fd["seed"], help="dense: initial weights, batch order, dropout")
+    f.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default=fd["device"],
+                   help="extraction runtime, as for extract")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=run_fit_cmd)
+
 
 def run_compare_cmd(args) -> int:
     from convcache.pipeline.compare import CompareConfig, report_only, run_compare
@@ -72,4 +107,26 @@ def run_compare_cmd(args) -> int:
     for match, a in results.get("answer", {}).items():
         print(f"{match}: smallest K within the noise of method 2: {a['arm']} ({100 * a['diff']:+.1f} points)")
     print(f"compared {len(results['arms'])} arms -> {args.output}/report.md")
+    return 0
+
+
+def run_fit_cmd(args) -> int:
+    from convcache.pipeline.fit import FitConfig, run_fit
+
+    cfg = FitConfig(data=args.data, output=args.output, weights=args.weights, input_size=args.input_size,
+                    preprocess=args.preprocess, copies=args.copies, policy=args.policy, head=args.head,
+                    standardize=args.standardize, learning_rate=args.learning_rate, max_epochs=args.max_epochs,
+                    patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                    progress=not args.quiet)  # validated before anything heavy starts
+    state = run_fit(cfg)
+    res = state["result"]
+    if "select" in res:
+        s = res["select"]
+        print(f"select half (chose the epoch): {100 * s['accuracy']:.1f}% (n={s['n']})")
+    r = res["report"]
+    print(f"wrote {state['model']}: {state['epochs_run']} epochs, best {state['best_epoch']}")
+    if r["n"] < 200:
+        print(f"warning: the held-out half has only {r['n']} photos: its interval is wide; add validation photos")
+    print(f"held-out accuracy {100 * r['accuracy']:.1f}% (n={r['n']}, 95% CI {100 * r['ci95'][0]:.1f}-"
+          f"{100 * r['ci95'][1]:.1f}%)")
     return 0

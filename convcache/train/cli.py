@@ -31,6 +31,9 @@ def register(sub) -> None:
                         "set it to replay's steps to match gradient steps")
     t.add_argument("--patience", type=int, help="dense: stop after this many epochs without a lower select-half "
                                                 "loss (default: run every epoch, keep the best)")
+    t.add_argument("--standardize", action="store_true",
+                   help="dense: standardise the features (a scaler fit on the training originals, folded into "
+                        "head.onnx); docs/results.md measured it")
     t.add_argument("--dropout", type=float, default=0.5, help="dense: dropout rate (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="dense: initial weights, batch order, dropout (default: 0)")
     t.add_argument("--train-top", choices=["block5"],
@@ -97,7 +100,7 @@ def run_train(args) -> int:
         raise ConvcacheError("--seed must be >= 0, --epochs and --batch-size >= 1")
     params = {"epochs": args.epochs, "seed": args.seed, "schedule": args.schedule, "batch_size": args.batch_size,
               "learning_rate": args.learning_rate, "steps_per_epoch": args.steps_per_epoch,
-              "patience": args.patience, "dropout": args.dropout,
+              "patience": args.patience, "dropout": args.dropout, "standardize": args.standardize,
               "progress": not args.quiet} if args.head == "dense" else {}
     if args.train_top:
         params["fine_tune_epochs"] = args.fine_tune_epochs

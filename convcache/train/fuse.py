@@ -24,6 +24,7 @@ def fuse(extractor_path: str, head_dir: str, output: str) -> dict:
     model = join(extractor_proto, head_proto, ext.output_name, head.input_name, head.output_name)
     meta = {"classes": list(head.classes), "head": head.head,
             "input": ext.metadata["input"], "preprocessing": ext.metadata.get("preprocessing"),
+            "preprocess": ext.preprocess,
             "outputs": {artifacts.PROBABILITIES: [None, len(head.classes)],
                         artifacts.FEATURES: ext.metadata["output"]["shape"]},
             "extractor": {k: ext.metadata.get(k) for k in ("weights", "layer", "pooling", "precision", "versions",
