@@ -197,6 +197,31 @@ def phase2(args) -> None:
                                                  "settings": settings}, indent=1, sort_keys=True) + "\n")
 
 
+def probe(args) -> None:
+    """The comparator: the standardised linear probe (C on the select half) on pooled copies 0..K."""
+    from convcache.train.heads import LogRegHead
+    from convcache.train.metrics import evaluate
+
+    out = Path(args.output)
+    stores = Stores([args.store], max(args.k))
+    prep = next(iter(stores.data))
+    for k in args.k:
+        path = out / "probe" / f"{prep}-k{k}.json"
+        if path.is_file():
+            continue
+        data = stores.get(prep, k)
+        head = LogRegHead().fit(data.train.X, data.train.y, data.select.X, data.select.y)
+        p_rep, p_sel = head.predict_proba(data.report.X), head.predict_proba(data.select.X)
+        res = {"preprocess": prep, "k": k, "C": head.C_, "accuracy_by_C": {str(c): v for c, v in head.scores_.items()},
+               "select": evaluate(p_sel, data.select.y, 2), "report": evaluate(p_rep, data.report.y, 2),
+               "report_correct": (p_rep.argmax(1) == data.report.y).astype(int).tolist(),
+               "select_correct": (p_sel.argmax(1) == data.select.y).astype(int).tolist(),
+               "report_sha256": data.report.sha256, "fit_seconds": head.fit_seconds_, "cpu": cpu_model()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res) + "\n")
+        print(f"probe {prep} K={k}: C={head.C_}, select {res['select']['accuracy']:.3f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -215,6 +240,11 @@ def main() -> None:
     b.add_argument("-q", "--quiet", action="store_true")
     b.add_argument("-o", "--output", required=True)
     b.set_defaults(func=phase2)
+    c = sub.add_parser("probe")
+    c.add_argument("--store", required=True, metavar="PREPROCESS=STORE")
+    c.add_argument("--k", type=int, nargs="+", default=[0, 10])
+    c.add_argument("-o", "--output", required=True)
+    c.set_defaults(func=probe)
     args = p.parse_args()
     args.func(args)
 
