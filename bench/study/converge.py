@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from convcache.runtime import cpu_model  # noqa: E402
 
 # the plan's grids (docs/study_plan.md)
-LR_GRID = [2e-6, 6.3e-6, 2e-5, 6.3e-5, 2e-4, 6.3e-4, 2e-3]  # half-decades; extended while the best is at an edge
+LR_GRID = [2e-6, 2e-5, 2e-4, 2e-3]  # decades, then the half-decades either side of the best; extended past an edge
 MAX_EPOCHS, PATIENCE, BATCH = 150, 15, 20
 PHASE2_K = [0, 1, 2, 5, 10, 30]  # + N (method 2)
 PHASE2_SEEDS = [0, 1, 2, 3, 4]
@@ -134,8 +134,10 @@ def phase1(args) -> None:
                         grid = [float(f"{best / math.sqrt(10):.2g}")]
                     elif best == lrs[-1] and best * math.sqrt(10) <= 1.0:
                         grid = [float(f"{best * math.sqrt(10):.2g}")]
-                    else:
-                        break
+                    else:  # refine: the half-decade points either side of the best
+                        grid = [float(f"{best / math.sqrt(10):.2g}"), float(f"{best * math.sqrt(10):.2g}")]
+                        if all(lr in done for lr in grid):
+                            break
                 cells[f"{prep}|{int(std)}|{k}"] = {
                     "preprocess": prep, "standardize": std, "k": k, "best_lr": best,
                     "best_select_loss": done[best]["best_select_loss"],
