@@ -119,25 +119,18 @@ def phase1(args) -> None:
         epochs = MAX_EPOCHS if k != args.k_largest else min(MAX_EPOCHS, k)  # the largest K: method 2, no recycling
         for prep in preps:
             for std in (False, True):
-                grid, done = list(LR_GRID), {}
-                while True:
-                    for lr in grid:
-                        if lr in done:
-                            continue
+                done = {}
+
+                def at(lr):
+                    lr = float(f"{lr:.2g}")
+                    if lr not in done:
                         run = {"phase": "phase1", "preprocess": prep, "standardize": std, "lr": lr, "k": k,
                                "seed": 0, "epochs": epochs, "patience": PATIENCE}
                         done[lr] = run_one(out, stores, run, args.quiet)
                         _say(done[lr])
-                    best = min(done, key=lambda lr: done[lr]["best_select_loss"])
-                    lrs = sorted(done)
-                    if best == lrs[0] and best / math.sqrt(10) >= 1e-8:  # extend the grid past an edge
-                        grid = [float(f"{best / math.sqrt(10):.2g}")]
-                    elif best == lrs[-1] and best * math.sqrt(10) <= 1.0:
-                        grid = [float(f"{best * math.sqrt(10):.2g}")]
-                    else:  # refine: the half-decade points either side of the best
-                        grid = [float(f"{best / math.sqrt(10):.2g}"), float(f"{best * math.sqrt(10):.2g}")]
-                        if all(lr in done for lr in grid):
-                            break
+                    return done[lr]["best_select_loss"]
+
+                best = lr_search(at)
                 cells[f"{prep}|{int(std)}|{k}"] = {
                     "preprocess": prep, "standardize": std, "k": k, "best_lr": best,
                     "best_select_loss": done[best]["best_select_loss"],
@@ -160,6 +153,21 @@ def phase1(args) -> None:
     for k, s in settings.items():
         print(f"phase 1, K={k}: {s['preprocess']}, standardize={s['standardize']}, lr {s['best_lr']:.1e} "
               f"(select loss {s['best_select_loss']:.4f}, accuracy {s['select_accuracy']:.3f})")
+
+
+def lr_search(loss_at) -> float:
+    """The plan's learning-rate search (amendment 2): start at 2e-4 and the book's 2e-5; walk the decade grid
+    (2e-6 ... 2e-3, extended past its edges) in the direction that lowers the select-half loss until it rises
+    (a unimodal loss in log lr); then the half-decade points either side of the best decade. Returns the best."""
+    hi, lo = LR_GRID[2], LR_GRID[1]
+    step = 1 / 10 if loss_at(lo) < loss_at(hi) else 10
+    best = lo if step < 1 else hi
+    while 1e-8 <= best * step <= 1.0 and loss_at(best * step) < loss_at(best):
+        best = best * step
+    for lr in (best / math.sqrt(10), best * math.sqrt(10)):
+        loss_at(lr)
+    cands = [best, best / math.sqrt(10), best * math.sqrt(10)]
+    return float(f"{min(cands, key=loss_at):.2g}")
 
 
 def setting_for(k: int, settings: dict) -> dict:
