@@ -232,6 +232,38 @@ def probe(args) -> None:
         print(f"probe {prep} K={k}: C={head.C_}, select {res['select']['accuracy']:.3f}", flush=True)
 
 
+def real(args) -> None:
+    """One real TensorFlow method-2 run (end to end, frozen base, on-the-fly augmentation) at method 2's phase-2
+    setting and seed, against the replay's same epochs from the cache."""
+    from convcache.augment import PRESETS
+    from convcache.train.reference import run_reference
+
+    out = Path(args.output)
+    p2 = json.loads((out / "phase2.json").read_text())
+    key = next(k for k in p2["arms"][str(p2["n"])]
+               if json.loads((out / "runs" / f"{k}.json").read_text())["run"]["seed"] == args.seed)
+    replay = json.loads((out / "runs" / f"{key}.json").read_text())
+    r = replay["run"]
+    folder = out / "real" / f"seed{args.seed}-e{args.epochs}"
+    if not (folder / "metrics.json").is_file():
+        run_reference(args.data, "hed", str(folder), epochs=args.epochs, input_size=150, batch_size=BATCH,
+                      seed=args.seed, policy=PRESETS["book"], learning_rate=r["lr"], progress=not args.quiet,
+                      augment_seed=0, preprocess=r["preprocess"], standardize=r["standardize"])
+    m = json.loads((folder / "metrics.json").read_text())
+    res = {"setting": r, "epochs": args.epochs, "cpu": cpu_model()}
+    for key in ("train_loss_mean", "select_loss", "select_accuracy", "report_accuracy"):
+        tf_v = np.array([h[key] for h in m["history"]])
+        rp_v = np.array([h[key] for h in replay["history"][: len(tf_v)]])
+        res[key] = {"tensorflow": tf_v.tolist(), "replay": rp_v.tolist(),
+                    "max_abs_diff": float(np.max(np.abs(tf_v - rp_v))),
+                    "max_rel_diff": float(np.max(np.abs(tf_v - rp_v) / np.maximum(np.abs(tf_v), 1e-12)))}
+    res["epoch_seconds"] = [h["train_seconds"] + h["eval_seconds"] for h in m["history"]]
+    res["train_seconds"] = [h["train_seconds"] for h in m["history"]]
+    (out / "real.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"real TensorFlow method 2 vs replay, {args.epochs} epochs: train loss max rel diff "
+          f"{res['train_loss_mean']['max_rel_diff']:.1e}, select loss {res['select_loss']['max_rel_diff']:.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -255,6 +287,13 @@ def main() -> None:
     c.add_argument("--k", type=int, nargs="+", default=[0, 10])
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(func=probe)
+    d = sub.add_parser("real")
+    d.add_argument("--data", required=True)
+    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.add_argument("-o", "--output", required=True)
+    d.set_defaults(func=real)
     args = p.parse_args()
     args.func(args)
 

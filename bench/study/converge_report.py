@@ -84,7 +84,8 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
         arms[str(k)] = _arm(name, runs[str(k)])
     arms["method 1, steps matched"] = _arm("method 1, steps matched", runs["method 1, steps matched"])
 
-    res = {"n": n, "margin": MARGIN, "phase1": p1["settings"], "arms": arms, "cpu_costs": costs.get("cpu")}
+    res = {"n": n, "margin": MARGIN, "phase1": p1["settings"], "phase1_cells": p1["cells"], "arms": arms,
+           "costs": costs}
     res["method2_minus_method1"] = seed_photo_bootstrap(C["0"], C[str(n)])
     eq = {}
     for k in ks:

@@ -1,4 +1,4 @@
-"""Write docs/results.md (and docs/results.json, docs/img/*.png) from the study's compare runs.
+"""Write docs/results_fixed_budget.md (superseded by the study at convergence, docs/results.md) (and docs/results.json, docs/img/*.png) from the study's compare runs.
 
     .venv/bin/python bench/study/results_doc.py runs/study/block5-report runs/study/block4-report \\
         < bench/study/reading.md
@@ -130,7 +130,8 @@ def main(folders: list[str]) -> None:
              "*report* half (500 photos), which selected nothing. The linear probe picks C on the select half.",
              "- Method 1: the dense head on cached originals (K=0). Method 2: head + frozen base end to end with "
              "augmentation, trained as its exact replay from the cache (epoch e sees copy e; tests/test_replay.py "
-             "proves the equivalence, and one real TensorFlow run checks it on these photos). Cached augmentation "
+             "checks the cache bookkeeping and parity against the project's own training loop; the equivalence holds by "
+             "construction for a frozen base without batch-norm, and one real TensorFlow run checks it on these photos). Cached augmentation "
              "at K: the pooled schedule over copies 0..K, at equal gradient steps with method 2 and at equal epochs.",
              "- Differences: paired bootstrap over the 500 report-half photos of the seed-averaged correctness "
              "(10,000 resamples); 'noise' = the 95% interval contains 0. With 500 photos one point is 5 photos.",
@@ -148,7 +149,7 @@ def main(folders: list[str]) -> None:
     extra = DOCS / "results_freeze_boundary.md"  # issue 12's study (bench/study/freeze_boundary.py doc)
     if extra.is_file():
         page += ["", extra.read_text()]
-    (DOCS / "results.md").write_text("\n".join(page) + "\n")
+    (DOCS / "results_fixed_budget.md").write_text("\n".join(page) + "\n")
 
 
 if __name__ == "__main__":
