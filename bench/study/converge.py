@@ -179,32 +179,58 @@ def setting_for(k: int, settings: dict) -> dict:
 
 
 def phase2(args) -> None:
+    """The arms, in the order the answer needs them (method 1, method 2, then the K between), or `--ks`;
+    `--matched`: method 1 trained for as many epochs as the longest phase-2 run so far, no early stopping.
+    Several processes may run disjoint seeds or arms at once: every run is its own file."""
     out = Path(args.output)
-    p1 = json.loads((out / "phase1.json").read_text())
-    settings = p1["settings"]
-    ks = sorted(set(PHASE2_K + [args.n]))
-    stores = Stores(args.store, args.n)
-    results = {}
-    for k in ks:
-        s = setting_for(k, settings)
-        epochs = min(MAX_EPOCHS, k) if k == args.n else MAX_EPOCHS
-        for seed in args.seeds:
-            run = {"phase": "phase2", "preprocess": s["preprocess"], "standardize": s["standardize"],
-                   "lr": s["best_lr"], "k": k, "seed": seed, "epochs": epochs, "patience": PATIENCE}
-            res = run_one(out, stores, run, args.quiet)
-            _say(res)
-            results.setdefault(str(k), []).append(res["key"])
-    longest = max(json.loads((out / "runs" / f"{key}.json").read_text())["epochs_run"]
-                  for keys in results.values() for key in keys)
-    s = setting_for(0, settings)
-    for seed in args.seeds:  # method 1 trained for as many epochs (= steps) as the longest arm, no early stop
-        run = {"phase": "phase2-matched", "preprocess": s["preprocess"], "standardize": s["standardize"],
-               "lr": s["best_lr"], "k": 0, "seed": seed, "epochs": longest, "patience": None}
-        res = run_one(out, stores, run, args.quiet)
-        _say(res)
-        results.setdefault("method 1, steps matched", []).append(res["key"])
-    (out / "phase2.json").write_text(json.dumps({"n": args.n, "arms": results, "longest_epochs": longest,
-                                                 "settings": settings}, indent=1, sort_keys=True) + "\n")
+    settings = json.loads((out / "phase1.json").read_text())["settings"]
+    order = args.ks or list(dict.fromkeys([0, args.n, 10, 2, 5, 1, 30]))
+    stores = Stores(args.store, max(order) if not args.matched else 0)
+    if args.matched:
+        done = [r for r in _phase2_runs(out, args.n) if r["run"]["phase"] == "phase2"]
+        longest = max(r["epochs_run"] for r in done)
+        s = setting_for(0, settings)
+        for seed in args.seeds:  # method 1 trained for as many epochs (= steps) as the longest arm, no early stop
+            run = {"phase": "phase2-matched", "preprocess": s["preprocess"], "standardize": s["standardize"],
+                   "lr": s["best_lr"], "k": 0, "seed": seed, "epochs": longest, "patience": None}
+            _say(run_one(out, stores, run, args.quiet))
+    else:
+        for k in order:
+            s = setting_for(k, settings)
+            epochs = min(MAX_EPOCHS, k) if k == args.n else MAX_EPOCHS  # method 2: a fresh copy every epoch
+            for seed in args.seeds:
+                run = {"phase": "phase2", "preprocess": s["preprocess"], "standardize": s["standardize"],
+                       "lr": s["best_lr"], "k": k, "seed": seed, "epochs": epochs, "patience": PATIENCE}
+                _say(run_one(out, stores, run, args.quiet))
+    collect_phase2(out, args.n)
+
+
+def _phase2_runs(out: Path, n: int) -> list[dict]:
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    return [r for r in runs if r["run"]["phase"] in ("phase2", "phase2-matched")
+            and (r["run"]["phase"] == "phase2-matched" or r["run"]["k"] <= n)]
+
+
+def collect_phase2(out: Path, n: int) -> dict:
+    """OUT/phase2.json: every finished phase-2 run, by arm (the phase-1 setting each K takes now)."""
+    settings = json.loads((out / "phase1.json").read_text())["settings"]
+    arms = {}
+    for r in _phase2_runs(out, n):
+        q = r["run"]
+        s = setting_for(q["k"], settings)
+        if (q["preprocess"], q["standardize"], q["lr"]) != (s["preprocess"], s["standardize"], s["best_lr"]):
+            continue  # a run at a setting phase 1 no longer picks
+        if q["phase"] == "phase2" and q["k"] == n and q["epochs"] != min(MAX_EPOCHS, n):
+            continue
+        name = "method 1, steps matched" if q["phase"] == "phase2-matched" else str(q["k"])
+        arms.setdefault(name, {})
+        prev = arms[name].get(q["seed"])
+        if prev is None or q["epochs"] > prev[1]:  # matched: the run with the most epochs per seed
+            arms[name][q["seed"]] = (r["key"], q["epochs"])
+    arms = {name: [key for _, (key, _) in sorted(by_seed.items())] for name, by_seed in arms.items()}
+    res = {"n": n, "arms": arms, "settings": settings}
+    (out / "phase2.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    return res
 
 
 def probe(args) -> None:
@@ -279,6 +305,8 @@ def main() -> None:
     b.add_argument("--store", action="append", required=True, metavar="PREPROCESS=STORE")
     b.add_argument("--n", type=int, required=True, help="N: the copies method 2 needs (its arm: replay of 1..N)")
     b.add_argument("--seeds", type=int, nargs="+", default=PHASE2_SEEDS)
+    b.add_argument("--ks", type=int, nargs="+", help="only these K (default: 0, N, 10, 2, 5, 1, 30 in that order)")
+    b.add_argument("--matched", action="store_true", help="method 1 with the longest phase-2 run's epochs")
     b.add_argument("-q", "--quiet", action="store_true")
     b.add_argument("-o", "--output", required=True)
     b.set_defaults(func=phase2)
