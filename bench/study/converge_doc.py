@@ -88,7 +88,7 @@ def tables(r: dict) -> str:
     out.append("| experiments | cached: extraction once + heads, min | end to end (training), min | ratio | "
                "with end-to-end validation, ratio |")
     out.append("|---|---|---|---|---|")
-    for x, v in rv["by_experiments"].items():
+    for x, v in sorted(rv["by_experiments"].items(), key=lambda kv: int(kv[0])):
         out.append(f"| {x} | {v['cached_s'] / 60:.1f} | {v['end_to_end_train_s'] / 60:.1f} | "
                    f"{v['ratio_train_only']:.1f}x | {v['ratio_with_validation']:.1f}x |")
     out.append("")
