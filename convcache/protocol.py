@@ -85,6 +85,48 @@ class EpochSelector:
         return self.patience is not None and epoch - self.best_epoch >= self.patience
 
 
+# The dense head's learning-rate search (docs/study_plan.md, amendment 2): decades from 2e-6 to 2e-3, walked
+# from 2e-4 and the book's 2e-5 in the direction that lowers the select-half loss, then the half-decades
+# either side of the best.
+LR_DECADES = (2e-6, 2e-5, 2e-4, 2e-3)
+
+
+def search_learning_rate(loss_at) -> float:
+    """The learning rate with the lowest `loss_at(lr)` (a select-half loss) by the search above, assuming the
+    loss is unimodal in log(lr) at decade spacing. `loss_at` is called once per distinct lr (2 significant
+    digits) when it memoises; returns the best lr, rounded to 2 significant digits."""
+    cache = {}
+
+    def at(lr):
+        lr = float(f"{lr:.2g}")
+        if lr not in cache:
+            cache[lr] = loss_at(lr)
+        return cache[lr]
+
+    hi, lo = LR_DECADES[2], LR_DECADES[1]
+    step = 1 / 10 if at(lo) < at(hi) else 10
+    best = lo if step < 1 else hi
+    while 1e-8 <= best * step <= 1.0 and at(best * step) < at(best):
+        best = best * step
+    cands = [best, best / math.sqrt(10), best * math.sqrt(10)]
+    return float(f"{min(cands, key=at):.2g}")
+
+
+def parse_learning_rate(text: str):
+    """A command line's learning rate: a positive number, or 'auto' (search_learning_rate on the select half)."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number or 'auto'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number or 'auto'")
+    return value
+
+
 # `convcache fit`'s defaults: the answer of the study at convergence (docs/results.md, "The answer"), picked by
 # the decision rules written before it ran (docs/study_plan.md). Each entry says where it comes from.
 FIT_DEFAULTS = {

@@ -121,3 +121,21 @@ def test_fit_end_to_end_resumes_and_reports_held_out_accuracy(tmp_path):
     assert r.returncode == 2 and "other export settings" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("fit", "--data", data / "train", "-o", tmp_path / "o2", "-q")
     assert r.returncode == 2 and "validation" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_learning_rate_auto_searches_on_the_select_half(pooled_extractor, tmp_path):
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    data = make_dataset(tmp_path / "data", splits={"train": 6, "validation": 4})
+    run_extract(ExtractConfig(model=str(pooled_extractor), data=str(data), output=str(tmp_path / "f.zarr"),
+                              progress=False))
+    r = run_cli("train", "--features", tmp_path / "f.zarr", "--head", "dense", "--learning-rate", "auto", "--epochs",
+                2, "--standardize", "-q", "-o", tmp_path / "h")
+    assert r.returncode == 0, r.stderr
+    sel = json.loads((tmp_path / "h" / "metrics.json").read_text())["selection"]
+    tried = sel["learning_rate_search"]
+    assert {"2e-05", "0.0002"} <= set(tried) and len(tried) >= 4  # two starts, a walk, two refinements
+    assert f"{sel['learning_rate']:.2g}" == min(tried, key=lambda lr: tried[lr]["select_loss"])
+    r = run_cli("train", "--features", tmp_path / "f.zarr", "--head", "logreg", "--learning-rate", "auto", "-o",
+                tmp_path / "h2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -156,18 +156,10 @@ def phase1(args) -> None:
 
 
 def lr_search(loss_at) -> float:
-    """The plan's learning-rate search (amendment 2): start at 2e-4 and the book's 2e-5; walk the decade grid
-    (2e-6 ... 2e-3, extended past its edges) in the direction that lowers the select-half loss until it rises
-    (a unimodal loss in log lr); then the half-decade points either side of the best decade. Returns the best."""
-    hi, lo = LR_GRID[2], LR_GRID[1]
-    step = 1 / 10 if loss_at(lo) < loss_at(hi) else 10
-    best = lo if step < 1 else hi
-    while 1e-8 <= best * step <= 1.0 and loss_at(best * step) < loss_at(best):
-        best = best * step
-    for lr in (best / math.sqrt(10), best * math.sqrt(10)):
-        loss_at(lr)
-    cands = [best, best / math.sqrt(10), best * math.sqrt(10)]
-    return float(f"{min(cands, key=loss_at):.2g}")
+    """The plan's learning-rate search (amendment 2): convcache.protocol.search_learning_rate."""
+    from convcache.protocol import search_learning_rate
+
+    return search_learning_rate(loss_at)
 
 
 def setting_for(k: int, settings: dict) -> dict:

@@ -54,7 +54,7 @@ def register(sub) -> None:
     c.set_defaults(func=run_compare_cmd)
 
     from convcache.pipeline.fit import FitConfig
-    from convcache.protocol import FIT_DEFAULTS_SOURCE
+    from convcache.protocol import FIT_DEFAULTS_SOURCE, parse_learning_rate
 
     fd = {f.name: f.default for f in fields(FitConfig)}
     src = "the study's answer, docs/results.md"
@@ -76,7 +76,8 @@ def register(sub) -> None:
     f.add_argument("--head", choices=["dense", "logreg"], default=fd["head"], help=f"head ({src})")
     f.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=fd["standardize"],
                    help=f"dense: standardise the features, folded into the model ({src}, phase 1)")
-    f.add_argument("--learning-rate", type=float, default=fd["learning_rate"], help=f"dense: RMSprop ({src}, phase 1)")
+    f.add_argument("--learning-rate", type=parse_learning_rate, default=fd["learning_rate"],
+                   help=f"dense: RMSprop ({src}, phase 1), or 'auto': searched on your select half as the study did")
     f.add_argument("--max-epochs", type=int, default=fd["max_epochs"], help=f"dense: at most this many epochs ({src})")
     f.add_argument("--patience", type=int, default=fd["patience"],
                    help=f"dense: stop after this many epochs without a lower select-half loss ({src})")

@@ -34,7 +34,7 @@ class FitConfig:
     policy: str = FIT_DEFAULTS["policy"]
     head: str = FIT_DEFAULTS["head"]
     standardize: bool = FIT_DEFAULTS["standardize"]
-    learning_rate: float = FIT_DEFAULTS["learning_rate"]
+    learning_rate: float | str = FIT_DEFAULTS["learning_rate"]  # or "auto": the protocol's search on the select half
     max_epochs: int = FIT_DEFAULTS["max_epochs"]
     patience: int = FIT_DEFAULTS["patience"]
     batch_size: int = FIT_DEFAULTS["batch_size"]
@@ -49,8 +49,10 @@ class FitConfig:
             raise ConvcacheError(f"head {self.head!r}: choose dense or logreg")
         if self.copies < 0 or self.seed < 0:
             raise ConvcacheError("copies and seed must be >= 0")
-        if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1 or not self.learning_rate > 0:
-            raise ConvcacheError("max_epochs, patience and batch_size must be >= 1, learning_rate > 0")
+        if self.learning_rate != "auto" and not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ConvcacheError(f"learning_rate {self.learning_rate!r}: a positive number or 'auto'")
+        if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise ConvcacheError("max_epochs, patience and batch_size must be >= 1")
         if not Path(self.data).is_dir() or not (Path(self.data) / "train").is_dir() \
                 or not (Path(self.data) / "validation").is_dir():
             raise ConvcacheError(f"{self.data}: fit needs photos in DATA/train/<class>/ and DATA/validation/<class>/ "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from convcache.protocol import parse_learning_rate
+
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="train a head on cached features",
@@ -25,7 +27,9 @@ def register(sub) -> None:
                         "(default: %(default)s)")
     t.add_argument("--epochs", type=int, default=30, help="dense: epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=20, help="dense: batch size (default: %(default)s, the book's)")
-    t.add_argument("--learning-rate", type=float, default=2e-5, help="dense: RMSprop (default: %(default)s)")
+    t.add_argument("--learning-rate", type=parse_learning_rate, default=2e-5,
+                   help="dense: RMSprop, or 'auto': the protocol's search on the select-half loss (decades 2e-6..2e-3, "
+                        "then half-decades around the best; docs/study_plan.md) (default: %(default)s)")
     t.add_argument("--steps-per-epoch", type=int,
                    help="dense: steps per epoch (default: one pass over the epoch's rows); with --schedule pool, "
                         "set it to replay's steps to match gradient steps")
@@ -98,6 +102,8 @@ def run_train(args) -> int:
 
     if args.seed < 0 or args.epochs < 1 or args.batch_size < 1:
         raise ConvcacheError("--seed must be >= 0, --epochs and --batch-size >= 1")
+    if args.learning_rate == "auto" and (args.head != "dense" or args.train_top):
+        raise ConvcacheError("--learning-rate auto searches the dense head's learning rate (--head dense, no --train-top)")
     params = {"epochs": args.epochs, "seed": args.seed, "schedule": args.schedule, "batch_size": args.batch_size,
               "learning_rate": args.learning_rate, "steps_per_epoch": args.steps_per_epoch,
               "patience": args.patience, "dropout": args.dropout, "standardize": args.standardize,

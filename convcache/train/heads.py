@@ -407,6 +407,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 "steps": self.steps_run_, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                 "copies_used": self.copies_used_, "seconds_per_epoch": self.seconds_per_epoch_,
                 "standardize": self.standardize, "best_select_loss": self.best_select_loss_,
+                **({"learning_rate_search": self.learning_rate_search_} if hasattr(self, "learning_rate_search_")
+                   else {}),
                 "rule": "lowest select-half loss" + (f", patience {self.patience}" if self.patience else ""),
                 "history": self.history_}
 

@@ -54,7 +54,11 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
         raise ConvcacheError(f"the {head} head selects its epoch on half of the validation split, and the store has "
                              "none")
     tr, sel = data.train, data.select
-    estimator = _top_head(fs, train_top, params) if train_top else HEADS[head](**(params or {}))
+    if (params or {}).get("learning_rate") == "auto" and (head != "dense" or train_top or streaming):
+        raise ConvcacheError("--learning-rate auto searches the in-memory dense head's learning rate; not with "
+                             "--train-top, streaming or other heads")
+    estimator = _top_head(fs, train_top, params) if train_top else (
+        None if (params or {}).get("learning_rate") == "auto" else HEADS[head](**(params or {})))
     if train_top:
         fs.check("train")  # the digests, block by block, before any epoch reads rows
         estimator.fit(None, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy,
@@ -71,6 +75,8 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
                 yield b.features.reshape(len(b), -1), b.labels
 
         estimator.fit_stream(blocks, np.unique(tr.y), sel.X, sel.y)
+    elif head == "dense" and (params or {}).get("learning_rate") == "auto":
+        estimator = _search_learning_rate(params, tr, sel)
     elif head == "dense":
         estimator.fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
     else:
@@ -115,6 +121,29 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
     metrics["head_onnx"] = str(out / "head.onnx")
     write_metrics(out / "metrics.json", metrics)
     return metrics
+
+
+def _search_learning_rate(params: dict, tr, sel):
+    """The dense head at the learning rate the protocol's search picks on the select-half loss
+    (convcache.protocol.search_learning_rate); every rate tried is kept in the summary."""
+    import time
+
+    from convcache.protocol import search_learning_rate
+
+    fits, start = {}, time.perf_counter()
+
+    def loss_at(lr):
+        est = HEADS["dense"](**{**params, "learning_rate": lr})
+        est.fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
+        fits[lr] = est
+        log.info("learning rate %.2g: select-half loss %.4f (epoch %d)", lr, est.best_select_loss_, est.best_epoch_)
+        return est.best_select_loss_
+
+    best = fits[search_learning_rate(loss_at)]
+    best.learning_rate_search_ = {f"{lr:.2g}": {"select_loss": e.best_select_loss_, "best_epoch": e.best_epoch_,
+                                                "epochs_run": e.epochs_run_} for lr, e in sorted(fits.items())}
+    best.fit_seconds_ = time.perf_counter() - start  # the search is part of the cost
+    return best
 
 
 def _top_head(fs: FeatureStore, top: str, params: dict | None):
