@@ -287,7 +287,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("phase1")
     a.add_argument("--store", action="append", required=True, metavar="PREPROCESS=STORE")
-    a.add_argument("--k", type=int, nargs="+", default=[0, 10])
+    a.add_argument("--k", type=int, nargs="*", default=[0, 10])
     a.add_argument("--k-largest", type=int, help="the largest K (method 2: epochs capped at K, no recycling)")
     a.add_argument("--largest-preprocess", default="caffe")
     a.add_argument("-q", "--quiet", action="store_true")
