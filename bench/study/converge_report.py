@@ -78,24 +78,34 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
     m1, m2 = runs["0"], runs[str(n)]
     shas = {tuple(r["report_sha256"]) for rs in runs.values() for r in rs}
     assert len(shas) == 1, "every run must report on the same photos in the same order"
-    C = {k: np.array([r["report_correct"] for r in rs]) for k, rs in runs.items()}
+    C = {k: {r["run"]["seed"]: r["report_correct"] for r in rs} for k, rs in runs.items()}
+
+    def boot(a: str, b: str, margin=None) -> dict:
+        """b - a over the seeds both arms ran (paired by seed and photo)."""
+        seeds = sorted(set(C[a]) & set(C[b]))
+        out = seed_photo_bootstrap(np.array([C[a][s] for s in seeds]), np.array([C[b][s] for s in seeds]),
+                                   margin=margin)
+        out["paired_seeds"] = seeds
+        return out
 
     arms = {}
     for k in ks:
         name = "method 1 (K=0)" if k == 0 else ("method 2 (K=N=%d)" % n if k == n else f"K={k}")
         arms[str(k)] = _arm(name, runs[str(k)])
-    arms["method 1, steps matched"] = _arm("method 1, steps matched", runs["method 1, steps matched"])
+    if "method 1, steps matched" in runs:
+        arms["method 1, steps matched"] = _arm("method 1, steps matched", runs["method 1, steps matched"])
 
     res = {"n": n, "margin": MARGIN, "phase1": p1["settings"], "phase1_cells": p1["cells"], "arms": arms,
            "costs": costs}
-    res["method2_minus_method1"] = seed_photo_bootstrap(C["0"], C[str(n)])
+    res["method2_minus_method1"] = boot("0", str(n))
     eq = {}
     for k in ks:
         if k != n:
-            eq[str(k)] = seed_photo_bootstrap(C[str(n)], C[str(k)], margin=MARGIN)  # K - method 2
-    eq["method 1, steps matched"] = seed_photo_bootstrap(C[str(n)], C["method 1, steps matched"], margin=MARGIN)
+            eq[str(k)] = boot(str(n), str(k), MARGIN)  # K - method 2
+    if "method 1, steps matched" in C:
+        eq["method 1, steps matched"] = boot(str(n), "method 1, steps matched", MARGIN)
+        res["matched_minus_method1"] = boot("0", "method 1, steps matched")
     res["vs_method2"] = eq
-    res["matched_minus_method1"] = seed_photo_bootstrap(C["0"], C["method 1, steps matched"])
     res["smallest_equivalent_k"] = next((k for k in ks if k != n and eq[str(k)]["equivalent"]), None)
     res["smallest_noninferior_k"] = next((k for k in ks if k != n and eq[str(k)]["noninferior"]), None)
 
@@ -105,7 +115,8 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
         pr = json.loads(path.read_text())
         assert tuple(pr["report_sha256"]) in shas
         probes[f"K={pr['k']}"] = {"C": pr["C"], "report": pr["report"]["accuracy"], "select": pr["select"]["accuracy"],
-                                  "vs_method2_seed_mean": paired_bootstrap(C[str(n)].mean(0), pr["report_correct"]),
+                                  "vs_method2_seed_mean": paired_bootstrap(np.mean(list(C[str(n)].values()), 0),
+                                                                           pr["report_correct"]),
                                   "report_correct": pr["report_correct"]}
     res["probe"] = probes
 
@@ -166,7 +177,7 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
             accs.append(h["select_accuracy"])
         swap[key] = {"select_accuracy_at_report_chosen_epoch": accs, "mean": float(np.mean(accs))}
     d = np.array(swap[str(n)]["select_accuracy_at_report_chosen_epoch"]) - np.array(
-        swap["0"]["select_accuracy_at_report_chosen_epoch"])
+        swap["0"]["select_accuracy_at_report_chosen_epoch"])  # both arms ran seeds 0-4
     swap["method2_minus_method1"] = {"per_seed": d.tolist(), "mean": float(d.mean()),
                                      "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0}
     for k in ks:
