@@ -251,23 +251,25 @@ def probe(args) -> None:
 
 
 def real(args) -> None:
-    """One real TensorFlow method-2 run (end to end, frozen base, on-the-fly augmentation) at method 2's phase-2
-    setting and seed, against the replay's same epochs from the cache."""
+    """One real TensorFlow method-2 run (end to end, frozen base, on-the-fly augmentation) at method 2's phase-1
+    setting and seed, against the replay's same epochs from the cache (waits for that phase-2 run)."""
     from convcache.augment import PRESETS
     from convcache.train.reference import run_reference
 
     out = Path(args.output)
-    p2 = json.loads((out / "phase2.json").read_text())
-    key = next(k for k in p2["arms"][str(p2["n"])]
-               if json.loads((out / "runs" / f"{k}.json").read_text())["run"]["seed"] == args.seed)
-    replay = json.loads((out / "runs" / f"{key}.json").read_text())
-    r = replay["run"]
+    s = json.loads((out / "phase1.json").read_text())["settings"][str(args.n)]
+    r = {"phase": "phase2", "preprocess": s["preprocess"], "standardize": s["standardize"], "lr": s["best_lr"],
+         "k": args.n, "seed": args.seed, "epochs": min(MAX_EPOCHS, args.n), "patience": PATIENCE}
     folder = out / "real" / f"seed{args.seed}-e{args.epochs}"
     if not (folder / "metrics.json").is_file():
         run_reference(args.data, "hed", str(folder), epochs=args.epochs, input_size=150, batch_size=BATCH,
                       seed=args.seed, policy=PRESETS["book"], learning_rate=r["lr"], progress=not args.quiet,
                       augment_seed=0, preprocess=r["preprocess"], standardize=r["standardize"])
     m = json.loads((folder / "metrics.json").read_text())
+    path = out / "runs" / f"{_key(r)}.json"
+    while not path.is_file():  # the replay of the same run, trained by `phase2`
+        time.sleep(10)
+    replay = json.loads(path.read_text())
     res = {"setting": r, "epochs": args.epochs, "cpu": cpu_model()}
     for key in ("train_loss_mean", "select_loss", "select_accuracy", "report_accuracy"):
         tf_v = np.array([h[key] for h in m["history"]])
@@ -311,6 +313,7 @@ def main() -> None:
     d.add_argument("--data", required=True)
     d.add_argument("--epochs", type=int, default=5)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n", type=int, default=30)
     d.add_argument("-q", "--quiet", action="store_true")
     d.add_argument("-o", "--output", required=True)
     d.set_defaults(func=real)
