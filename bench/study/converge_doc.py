@@ -104,6 +104,20 @@ def tables(r: dict) -> str:
     out.append("Phase-1 settings chosen on the report half instead: " + "; ".join(
         f"K={k}: {s['preprocess']}, {'std' if s['standardize'] else 'raw'}, lr {s['lr']:.1e}"
         for k, s in sorted(sw["phase1_settings_chosen_on_report_half"].items(), key=lambda kv: int(kv[0]))) + ".\n")
+    real = r.get("real_method2")
+    if real:
+        out.append(f"### Check: a real TensorFlow method-2 run against its replay ({real['epochs']} epochs, seed "
+                   f"{real['setting']['seed']}, {real['setting']['preprocess']}, "
+                   f"{'standardised' if real['setting']['standardize'] else 'raw'}, lr {real['setting']['lr']:.1e})\n")
+        out.append("| epoch | train loss (epoch mean), TensorFlow | replay | select-half loss, TensorFlow | replay |")
+        out.append("|---|---|---|---|---|")
+        for e, (a, b, c, d) in enumerate(zip(real["train_loss_mean"]["tensorflow"], real["train_loss_mean"]["replay"],
+                                             real["select_loss"]["tensorflow"], real["select_loss"]["replay"]), 1):
+            out.append(f"| {e} | {a:.6f} | {b:.6f} | {c:.6f} | {d:.6f} |")
+        out.append(f"\nLargest relative difference: training loss {real['train_loss_mean']['max_rel_diff']:.1e}, "
+                   f"select-half loss {real['select_loss']['max_rel_diff']:.1e}. End-to-end epoch (train + "
+                   f"validation through the base, under load): {sum(real['epoch_seconds']) / len(real['epoch_seconds']):.0f} s "
+                   f"({real['cpu']}).\n")
     return "\n".join(out)
 
 
