@@ -225,11 +225,25 @@ def main() -> None:
     p.add_argument("--costs", required=True)
     p.add_argument("--real", help="the real TensorFlow method-2 comparison (JSON)")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--raw", help="also write every run (settings, per-epoch history, per-photo correctness) here, "
+                                 "gzipped JSON")
     a = p.parse_args()
     costs = json.loads(Path(a.costs).read_text())
     real = json.loads(Path(a.real).read_text()) if a.real else None
     res = analyse(Path(a.out), costs, real)
     Path(a.output).write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    if a.raw:
+        import gzip
+
+        runs = [json.loads(p.read_text()) for p in sorted((Path(a.out) / "runs").glob("*.json"))]
+        shas = runs[0]["report_sha256"]
+        for r in runs:
+            assert r.pop("report_sha256") == shas
+        probes = [json.loads(p.read_text()) for p in sorted((Path(a.out) / "probe").glob("*.json"))]
+        for r in probes:
+            r.pop("report_sha256", None)
+        with gzip.open(a.raw, "wt") as f:
+            json.dump({"report_sha256": shas, "runs": runs, "probes": probes}, f, separators=(",", ":"))
     print(json.dumps({k: res[k] for k in ("n", "smallest_equivalent_k", "smallest_noninferior_k", "recommended_k")}))
 
 
