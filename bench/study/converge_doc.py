@@ -169,7 +169,10 @@ def answer(r: dict) -> str:
     a1, a2 = r["arms"]["0"], r["arms"][str(n)]
     e1 = r["method2_minus_method1"]
     stopped = sum(e < n for e in a2["epochs_run"])
-    s = [f"**At convergence, on these `hed` weights:** method 2 (end to end with augmentation, a fresh copy every "
+    stopped_all = all(e < n for e in a2["epochs_run"])
+    lead = ("**At convergence, on these `hed` weights:**" if stopped_all else
+            f"**Every arm at its own best setting on these `hed` weights, method 2 capped at N = {n} fresh copies:**")
+    s = [f"{lead} method 2 (end to end with augmentation, a fresh copy every "
          f"epoch, trained as its exact replay from the cache) reaches {pct(a2['report_mean'])}% ± "
          f"{100 * a2['report_sd']:.1f} on the report half (5 seeds), method 1 (the head on cached originals) "
          f"{pct(a1['report_mean'])}% ± {100 * a1['report_sd']:.1f}: method 2 − method 1 = {pts(e1['diff'])} points, "
