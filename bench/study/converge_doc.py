@@ -41,7 +41,7 @@ def tables(r: dict) -> str:
         f"K={k}: {s['preprocess']}, {'standardised' if s['standardize'] else 'raw'}, lr {s['best_lr']:.1e}"
         for k, s in sorted(r["phase1"].items(), key=lambda kv: int(kv[0]))) + ".\n")
 
-    out.append("### Phase 2: every arm at convergence (report half, 5 seeds)\n")
+    out.append("### Phase 2: every arm at its phase-1 setting, to its early stop (report half, 5 seeds; method 2 capped at N epochs)\n")
     out.append("| arm | setting (preprocessing, std, lr) | report-half accuracy %, mean ± sd | best epoch per seed "
                "(epochs run) | − method 2, points [95% CI] | 90% CI | equivalent (TOST ±1.5) | non-inferior |")
     out.append("|---|---|---|---|---|---|---|---|")
