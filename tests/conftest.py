@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CONVCACHE_XLA", "0")  # XLA-compiling every tiny head costs more than training it
 SIZE = 32
 
 
