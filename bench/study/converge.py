@@ -212,8 +212,8 @@ def collect_phase2(out: Path, n: int) -> dict:
         s = setting_for(q["k"], settings)
         if (q["preprocess"], q["standardize"], q["lr"]) != (s["preprocess"], s["standardize"], s["best_lr"]):
             continue  # a run at a setting phase 1 no longer picks
-        if q["phase"] == "phase2" and q["k"] == n and q["epochs"] != min(MAX_EPOCHS, n):
-            continue
+        if q["phase"] == "phase2" and q["epochs"] != (min(MAX_EPOCHS, n) if q["k"] == n else MAX_EPOCHS):
+            continue  # method 2 runs N epochs (a fresh copy each); every other K recycles up to MAX_EPOCHS
         name = "method 1, steps matched" if q["phase"] == "phase2-matched" else str(q["k"])
         arms.setdefault(name, {})
         prev = arms[name].get(q["seed"])
