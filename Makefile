@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench clean check-extras
+.PHONY: install test test-fast lint demo bench clean check-extras
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,8 +13,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the whole suite (see the README for how long it takes)
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the everyday tier: no TensorFlow training, no cluster, no S3 server, no server process (under 2 minutes)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m fast
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(PY) -m convcache.pipeline.demo --out demo-out

@@ -61,7 +61,7 @@ def main() -> None:
         rows.append((f"Keras predict, batch {batch}", k, None))
         for name, proto in variants.items():
             s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-            r = rate(lambda x: s.run(None, {"images": x}), images, batch, a.seconds)
+            r = rate(lambda x, s=s: s.run(None, {"images": x}), images, batch, a.seconds)
             cos = None if name == "fp32" else cosine_report(fp32, proto, held)["cosine_mean"]
             rows.append((f"ORT CPU {name}, batch {batch}", r, cos))
     base = {b: dict((n, r) for n, r, _ in rows)[f"ORT CPU fp32, batch {b}"] for b in (1, 32)}

@@ -20,7 +20,8 @@ import numpy as np
 from convcache.augment import AugmentPolicy, augment
 from convcache.datasets import discover
 from convcache.export.runner import export_extractor
-from convcache.extract.runner import ExtractConfig, Extractor, run_extract
+from convcache.extract.engine import ExtractorSession
+from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.imaging import read_and_decode
 
 
@@ -65,7 +66,7 @@ def main() -> None:
         export_extractor(a.weights, a.size, str(model))
 
     # Bare: the same rows, decoded and augmented beforehand, straight through session.run.
-    extractor = Extractor(str(model), a.device)
+    extractor = ExtractorSession(str(model), a.device)
     items, _ = discover(str(data))
     rows = []
     for item in items:
@@ -113,7 +114,7 @@ def main() -> None:
 def stub(a) -> None:
     import resource
 
-    import convcache.extract.runner as runner
+    import convcache.extract.engine as engine
     from convcache.runtime import cpu_model
 
     tmp = Path(tempfile.mkdtemp())
@@ -122,7 +123,7 @@ def stub(a) -> None:
     if not a.model:
         export_extractor(a.weights, a.size, model)
     items, _ = discover(str(data))  # real features of real photos, so the store compresses as it would
-    sample = runner.Extractor(model, "cpu")(np.stack([read_and_decode(i.path, a.size)[1]
+    sample = engine.ExtractorSession(model, "cpu")(np.stack([read_and_decode(i.path, a.size)[1]
                                                       for i in items[: a.batch_size]]))
 
     def sleep_instead(self, images):
@@ -130,7 +131,7 @@ def stub(a) -> None:
         time.sleep(len(images) / a.stub)
         return sample[np.arange(len(images)) % len(sample)]
 
-    runner.Extractor.__call__ = sleep_instead
+    engine.ExtractorSession.__call__ = sleep_instead
     for r in range(a.rounds):
         before = resource.getrusage(resource.RUSAGE_SELF)
         s = run_extract(ExtractConfig(model=model, data=str(data), output=str(tmp / f"stub-{r}.zarr"),

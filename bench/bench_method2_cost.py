@@ -19,7 +19,7 @@ from convcache.artifacts import read
 from convcache.augment import PRESETS
 from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.runtime import cpu_model
-from convcache.train.reference import run_reference
+from convcache.train.reference import ReferenceConfig, run_reference
 
 
 def main() -> None:
@@ -44,9 +44,9 @@ def main() -> None:
     extract_s = time.perf_counter() - t
     ext = read(a.extractor)  # the same cut and pooling end to end
     # two epochs, the second one timed: the first pays for tracing and XLA-compiling the model
-    m = run_reference(str(manifest), "hed", str(tmp / "ref"), epochs=2, policy=PRESETS["book"], progress=False,
-                      batch_size=20, layer=ext.layer, pooling=ext.pooling, input_size=ext.size,
-                      preprocess=ext.preprocess)
+    m = run_reference(ReferenceConfig(data=str(manifest), weights="hed", output=str(tmp / "ref"), epochs=2,
+                                      policy=PRESETS["book"], progress=False, batch_size=20, layer=ext.layer,
+                                      pooling=ext.pooling, input_size=ext.size, preprocess=ext.preprocess))
     head_epoch = _head_epoch_seconds(ext.n_features)
     h = m["history"][1]
     out = {"cpu": cpu_model(), "extract_rows": s.rows_written, "extract_seconds": extract_s,

@@ -45,10 +45,10 @@ def main() -> None:
     runners = {}
     for precision, path in (("fp32", args.fp32), ("int8", args.int8)):
         s = create_session(path, "cpu")
-        runners[f"ONNX Runtime {precision}"] = (lambda s: lambda x: s.run(["features"], {"images": x}))(s)
+        runners[f"ONNX Runtime {precision}"] = lambda x, s=s: s.run(["features"], {"images": x})
         if openvino_version():
             o = create_session(path, "openvino")
-            runners[f"OpenVINO {precision}"] = (lambda o: lambda x: o.run(["features"], {"images": x}))(o)
+            runners[f"OpenVINO {precision}"] = lambda x, o=o: o.run(["features"], {"images": x})
     from convcache.backbone import keras_model, weights
 
     keras_extractor = keras_model.build_extractor(weights.load_vgg16("hed", args.size))

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_dataset  # noqa: E402
+from conftest import make_dataset
 
-from convcache.export.runner import export_extractor  # noqa: E402
-from convcache.store import FeatureStore  # noqa: E402
+from convcache.export.runner import export_extractor
+from convcache.store import FeatureStore
 
 
 def arrays(path):

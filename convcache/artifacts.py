@@ -26,7 +26,12 @@ from convcache.onnxmeta import get_metadata, graph_sha256, load_model, set_metad
 # tensor names every convcache model uses
 IMAGES, FEATURES, PROBABILITIES = "images", "features", "probabilities"
 STORE_FORMAT = "convcache-features/1"
-STORE_COLUMNS = ("features", "label", "image", "copy", "sha256", "path")
+# A split's columns, in digest order, with their stored dtypes ("features": the extractor's output shape
+# in the run's float32 or float16; "sha256": 32 bytes a row; "path": UTF-8 text). The write side is
+# `convcache.store.create_split`; `convcache.integrity` digests exactly these columns.
+STORE_SCHEMA = {"features": None, "label": "int32", "image": "int64", "copy": "int16", "sha256": "uint8",
+                "path": str}
+STORE_COLUMNS = tuple(STORE_SCHEMA)
 KIND_EXTRACTOR, KIND_HEAD, KIND_FUSED = "extractor", "head", "fused"
 
 
@@ -63,6 +68,9 @@ class Extractor(Artifact):
     pooling: str | None = None
     precision: str = "fp32"
     preprocess: str = "caffe"  # caffe or rescale (extractors written before the choice existed are caffe)
+    weights_source: str | None = None  # hed, imagenet, random or a file
+    weights_sha256: str | None = None
+    weights_seed: int = 0
 
     @property
     def n_features(self) -> int:
@@ -72,15 +80,23 @@ class Extractor(Artifact):
         return n
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Extractor":
+    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Extractor:
         meta = _kind(proto, KIND_EXTRACTOR, where, "run `convcache export` first")
+        return cls.from_metadata(meta, graph_sha256(proto), _opset(proto), where)
+
+    @classmethod
+    def from_metadata(cls, meta: dict, identity: str, opset: int | None = None, where: str = "model") -> Extractor:
+        """From the extractor's metadata as a feature store records it (its `extractor` attribute)."""
         _need(meta, ("input", "output"), where)
         try:
-            return cls(identity=graph_sha256(proto), input_name=meta["input"].get("name", IMAGES),
+            w = meta.get("weights") or {}
+            return cls(identity=identity, input_name=meta["input"].get("name", IMAGES),
                        output_name=meta["output"].get("name", FEATURES), size=int(meta["input"]["size"]),
-                       feature_shape=tuple(int(d) for d in meta["output"]["shape"][1:]), opset=_opset(proto),
+                       feature_shape=tuple(int(d) for d in meta["output"]["shape"][1:]),
+                       opset=int(opset if opset is not None else meta.get("opset", 17)),
                        layer=meta.get("layer"), pooling=meta.get("pooling"), precision=meta.get("precision", "fp32"),
-                       preprocess=meta.get("preprocess", "caffe"), metadata=meta)
+                       preprocess=meta.get("preprocess", "caffe"), weights_source=w.get("source"),
+                       weights_sha256=w.get("sha256"), weights_seed=int(w.get("seed", 0)), metadata=meta)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConvcacheError(f"{where}: malformed extractor metadata ({exc.__class__.__name__}: {exc})") from None
 
@@ -96,7 +112,7 @@ class Head(Artifact):
     extractor_identity: str
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Head":
+    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Head:
         meta = _kind(proto, KIND_HEAD, where, "train one with `convcache train`")
         _need(meta, ("head", "classes", "n_features", "extractor_sha256"), where)
         names = [i.name for i in proto.graph.input]
@@ -118,7 +134,7 @@ class Fused(Artifact):
     outputs: tuple = (PROBABILITIES, FEATURES)
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> "Fused":
+    def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Fused:
         meta = _kind(proto, KIND_FUSED, where, "make one with `convcache fuse`")
         _need(meta, ("classes", "input"), where)
         try:

@@ -68,7 +68,7 @@ class AugmentPolicy:
         return asdict(self)
 
     @classmethod
-    def parse(cls, text: str | dict | None) -> "AugmentPolicy":
+    def parse(cls, text: str | dict | None) -> AugmentPolicy:
         """A preset name (`keras3`, `book`), a JSON object (a string or a file) of overrides, or a dict.
         A `"preset"` key in the JSON picks the base the other keys override (default `keras3`)."""
         if text is None or text == "":
@@ -80,7 +80,8 @@ class AugmentPolicy:
             try:
                 raw = json.loads(Path(text).read_text() if Path(text).is_file() else text)
             except (OSError, ValueError) as exc:
-                raise ConvcacheError(f"--policy: not a preset ({', '.join(PRESETS)}) nor a JSON object: {exc}") from None
+                raise ConvcacheError(f"--policy: not a preset ({', '.join(PRESETS)}) nor a JSON object: "
+                                     f"{exc}") from None
         if not isinstance(raw, dict):
             raise ConvcacheError(f"--policy: expected a preset name or a JSON object, got {type(raw).__name__}")
         raw = dict(raw)

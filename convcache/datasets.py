@@ -139,7 +139,8 @@ def _read_manifest(path) -> list[tuple[str, str, str]]:
     result = []
     for n, row in enumerate(rows, start=2):
         if None in row or any(v is None for v in row.values()):
-            raise ConvcacheError(f"{path}:{n}: expected {len(reader.fieldnames)} fields ({', '.join(reader.fieldnames)})")
+            raise ConvcacheError(f"{path}:{n}: expected {len(reader.fieldnames)} fields "
+                                 f"({', '.join(reader.fieldnames)})")
         p, label = row["path"].strip(), row["label"].strip()
         if not p or not label:
             raise ConvcacheError(f"{path}:{n}: empty {'path' if not p else 'label'}")

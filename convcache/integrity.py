@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convcache.artifacts import STORE_COLUMNS
+from convcache.artifacts import STORE_COLUMNS, STORE_SCHEMA
 
 DIGEST_ARRAYS = ("block_start", "block_sha256")
-_DTYPES = {"label": np.int32, "image": np.int64, "copy": np.int16, "sha256": np.uint8}
 
 
 def block_digest(columns: dict, feature_dtype) -> bytes:
@@ -28,7 +27,7 @@ def block_digest(columns: dict, feature_dtype) -> bytes:
         if name == "path":
             h.update("\0".join(str(p) for p in values).encode("utf-8", "surrogatepass"))
         else:
-            dtype = feature_dtype if name == "features" else _DTYPES[name]
+            dtype = feature_dtype if name == "features" else STORE_SCHEMA[name]
             h.update(np.ascontiguousarray(np.asarray(values).astype(dtype, copy=False)).tobytes())
     return h.digest()
 

@@ -97,13 +97,13 @@ class Location:
         fs.invalidate_cache()
         return fs
 
-    def child(self, name: str) -> "Location":
+    def child(self, name: str) -> Location:
         if self.local:
             return Location(str(Path(self.path) / name), "file", str(Path(self.path) / name))
         path = self.path.rstrip("/") + "/" + name
         return Location(f"{self.protocol}://{path}", self.protocol, path, self.storage_options)
 
-    def sibling(self, suffix: str) -> "Location":
+    def sibling(self, suffix: str) -> Location:
         """This location's name with `suffix` appended (`x.zarr` -> `x.zarr.lock`)."""
         path = self.path.rstrip("/") + suffix
         url = path if self.local else f"{self.protocol}://{path}"

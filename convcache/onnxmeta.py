@@ -16,7 +16,7 @@ PREFIX = "convcache."
 
 def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
     """Store each key as a JSON value under a `convcache.` prefix (replacing older values)."""
-    keep = [p for p in model.metadata_props if not p.key.removeprefix(PREFIX) in meta]
+    keep = [p for p in model.metadata_props if p.key.removeprefix(PREFIX) not in meta]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     for key, value in meta.items():

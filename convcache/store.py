@@ -1,5 +1,6 @@
-"""FeatureStore: the feature store's read side, shared by every stage that reads one (train, compare).
-Typed properties describe the store; only committed rows are ever visible."""
+"""The feature store's schema in one place: its write side (`open_root`, `create_split`, used by extract's
+`SplitWriter`) and its read side, `FeatureStore`, shared by every stage that reads a store (train,
+compare). Typed properties describe the store; only committed rows are ever visible."""
 
 from __future__ import annotations
 
@@ -9,9 +10,59 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from convcache import artifacts
 from convcache.artifacts import STORE_FORMAT as FORMAT
+from convcache.artifacts import STORE_SCHEMA
 from convcache.errors import ConvcacheError
 
+# ---------------------------------------------------------------- the write side of the schema
+
+def open_root(output: str, classes: list[str], storage_options: dict | None = None,
+              provenance: dict | None = None) -> zarr.Group:
+    """The store's root group for writing (created if absent, with `provenance` among its attributes),
+    checked against `classes`."""
+    from convcache.location import resolve
+
+    loc = resolve(output, storage_options, what="-o", write=True)
+    try:
+        if loc.exists() and not loc.child("zarr.json").isfile():
+            raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
+        root = zarr.open_group(store=loc.zarr_store(), mode="a", use_consolidated=False)  # the writer reads the truth
+        fmt = root.attrs.get("format")
+    except ConvcacheError:
+        raise
+    except Exception as exc:  # corrupt zarr.json and friends; credentials or network for a URL
+        raise ConvcacheError(f"-o {output}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
+    if fmt is None:
+        root.attrs.update({"format": FORMAT, "classes": classes, **(provenance or {})})
+    elif fmt != FORMAT:
+        raise ConvcacheError(f"-o {output}: not a convcache feature store")
+    elif list(root.attrs["classes"]) != classes:
+        raise ConvcacheError(f"-o {output}: the store has classes {list(root.attrs['classes'])}, the data has "
+                             f"{classes}; class indices would change. Write to a new store.")
+    return root
+
+
+
+def create_split(root: zarr.Group, split: str, attributes: dict, feature_shape: tuple, dtype: str,
+                 chunk_rows: int) -> zarr.Group:
+    """A new, empty split with every column of `artifacts.STORE_SCHEMA` (features in `dtype`), nothing
+    committed yet. Small columns are chunked at least 1,024 rows deep."""
+    group = root.create_group(split, attributes={**attributes, "committed_rows": 0, "skipped": {}})
+    small = max(chunk_rows, 1024)
+    for name, dt in STORE_SCHEMA.items():
+        if name == "features":
+            group.create_array(name, shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype,
+                               dimension_names=["row", *(f"feature_{i}" for i in range(len(feature_shape)))])
+        elif name == "sha256":
+            group.create_array(name, shape=(0, 32), chunks=(small, 32), dtype=dt,
+                               dimension_names=["row", "sha256_byte"])
+        else:
+            group.create_array(name, shape=(0,), chunks=(small,), dtype=dt, dimension_names=["row"])
+    return group
+
+
+# ---------------------------------------------------------------- the read side
 
 @dataclass
 class SplitData:
@@ -63,6 +114,16 @@ class FeatureStore:
     def extractor_metadata(self, split: str = "train") -> dict:
         return dict(self.attrs(split)["extractor"]["metadata"])
 
+    def extractor(self, split: str = "train") -> artifacts.Extractor:
+        """The contract of the extractor that wrote `split` (from its recorded metadata and identity)."""
+        try:
+            recorded = self.attrs(split)["extractor"]
+            return artifacts.Extractor.from_metadata(dict(recorded["metadata"]), recorded["sha256"],
+                                                     where=f"{self.path} ({split})")
+        except (KeyError, TypeError) as exc:
+            raise ConvcacheError(f"{self.path}: the '{split}' split does not record its extractor "
+                                 f"({exc.__class__.__name__}: {exc})") from None
+
     def feature_shape(self, split: str = "train") -> tuple:
         return tuple(int(d) for d in self._group(split)["features"].shape[1:])
 
@@ -72,7 +133,7 @@ class FeatureStore:
     def copies_available(self, split: str = "train") -> int:
         """The largest copy index committed in `split` (0: originals only)."""
         n = self.rows(split)
-        return int(self._group(split)["copy"][:n].max()) if n else 0  # noqa: E501
+        return int(self._group(split)["copy"][:n].max()) if n else 0
 
     def attrs(self, split: str) -> dict:
         return dict(self._group(split).attrs)

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import zarr
+from conftest import SIZE, make_dataset, run_cli
 from PIL import Image
 
-from conftest import SIZE, make_dataset, run_cli
 from convcache import artifacts
 from convcache.errors import ConvcacheError
 from convcache.extract.runner import ExtractConfig, run_extract

@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SIZE, make_dataset, run_cli
+
 from convcache.onnxtools import session
 from convcache.pipeline.stats import accuracy_interval, seed_photo_bootstrap
 from convcache.train.heads import DenseHead
@@ -60,7 +60,7 @@ def test_training_loss_in_the_history_is_the_epoch_mean():
 def test_replay_with_standardized_features_equals_the_end_to_end_reference(pooled_extractor, tmp_path):
     from convcache.augment import PRESETS
     from convcache.extract.runner import ExtractConfig, run_extract
-    from convcache.train.reference import run_reference
+    from convcache.train.reference import ReferenceConfig, run_reference
     from convcache.train.runner import train_head
 
     data = make_dataset(tmp_path / "data", splits={"train": 5, "validation": 4}, seed=3)
@@ -68,9 +68,9 @@ def test_replay_with_standardized_features_equals_the_end_to_end_reference(poole
     run_extract(ExtractConfig(model=str(pooled_extractor), data=str(data), output=str(store), augment=2, seed=1,
                               policy=PRESETS["book"], progress=False))
     common = {"epochs": 2, "batch_size": 4, "learning_rate": 1e-3, "seed": 1, "dropout": 0.0}
-    ref = run_reference(str(data), "random", str(tmp_path / "ref"), input_size=SIZE, policy=PRESETS["book"],
-                        layer="block3_pool", pooling="avg", progress=False, augment_seed=1, standardize=True,
-                        **common)
+    ref = run_reference(ReferenceConfig(data=str(data), weights="random", output=str(tmp_path / "ref"),
+                                        input_size=SIZE, policy=PRESETS["book"], layer="block3_pool", pooling="avg",
+                                        progress=False, augment_seed=1, standardize=True, **common))
     head = train_head(str(store), "dense", str(tmp_path / "head"), copies=2,
                       params={**common, "schedule": "replay", "standardize": True})
     for key in ("train_loss_mean", "select_loss"):

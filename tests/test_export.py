@@ -2,10 +2,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import SIZE, make_dataset, run_cli
-from convcache.errors import ConvcacheError
+
 from convcache.artifacts import read
+from convcache.errors import ConvcacheError
 from convcache.onnxmeta import get_metadata, graph_sha256, set_metadata
 
 

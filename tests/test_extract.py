@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SIZE, make_dataset, make_image, run_cli
 from PIL import Image
 
-from conftest import SIZE, make_dataset, make_image, run_cli
 from convcache.augment import AugmentPolicy, augment, draw_params
 from convcache.errors import ConvcacheError
 from convcache.extract import FeatureStore
@@ -114,7 +114,7 @@ def test_incremental_add_computes_only_new(extractor, dataset, tmp_path):
     assert s.rows_written == 13
     extract(extractor, dataset, tmp_path / "clean.zarr", augment=2)
     a, b = FeatureStore(tmp_path / "f.zarr").load("train"), FeatureStore(tmp_path / "clean.zarr").load("train")
-    key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
+    key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))
     assert key(a) == key(b)
 
 
@@ -188,7 +188,7 @@ def test_odd_modes_are_converted_not_skipped(tmp_path):
         "cmyk.jpg": img.convert("CMYK"),
         "palette.png": img.convert("P"),
         "alpha.png": img.convert("RGBA"),
-        "sixteen.png": Image.fromarray((np.asarray(img.convert("L"), np.uint16) * 257)),
+        "sixteen.png": Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 257),
     }
     for name, im in cases.items():
         buf = io.BytesIO()

@@ -7,11 +7,11 @@ import hashlib
 
 import numpy as np
 import pytest
-
 from conftest import SIZE, make_dataset, run_cli
+
 from convcache.augment import PRESETS
 from convcache.extract.runner import ExtractConfig, run_extract
-from convcache.train.reference import run_reference
+from convcache.train.reference import ReferenceConfig, run_reference
 from convcache.train.runner import train_head
 
 FROZEN, FINE = 2, 2
@@ -38,9 +38,10 @@ _REFERENCES: dict = {}
 def _reference(root, data, dropout, tag):
     """The end-to-end run for `dropout`, once per module (the tests compare several cached runs to it)."""
     if dropout not in _REFERENCES:
-        _REFERENCES[dropout] = run_reference(str(data), "random", str(root / f"ref-{tag}"), epochs=FROZEN,
-                                             fine_tune="block5", fine_tune_epochs=FINE, input_size=SIZE,
-                                             policy=PRESETS["book"], dropout=dropout, progress=False, **COMMON)
+        _REFERENCES[dropout] = run_reference(ReferenceConfig(
+            data=str(data), weights="random", output=str(root / f"ref-{tag}"), epochs=FROZEN, fine_tune="block5",
+            fine_tune_epochs=FINE, input_size=SIZE, policy=PRESETS["book"], dropout=dropout, progress=False,
+            **COMMON))
     return _REFERENCES[dropout]
 
 

@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import make_dataset, make_image, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_dataset, make_image, run_cli
 from convcache.errors import ConvcacheError, ImageError
 from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.imaging import decode_image
@@ -179,7 +179,7 @@ def test_a_second_writer_fails_at_once_and_nothing_is_lost(extractor, tmp_path):
     clean = tmp_path / "clean.zarr"
     run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(clean), augment=2, progress=False))
     a, b = FeatureStore(store).load("train"), FeatureStore(clean).load("train")
-    key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
+    key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))
     assert key(a) == key(b) and len(a) == 12 * 2 * 3
 
 
@@ -237,7 +237,7 @@ def test_damage_is_named_never_silent_and_repair_recomputes(extractor, tmp_path)
         assert r.returncode == 0, (tag, r.stderr)
         assert run_cli("extract", "--verify", "-o", store).returncode == 0
         a, b = FeatureStore(store).load("train"), FeatureStore(clean).load("train")
-        key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))  # noqa: E731
+        key = lambda d: sorted(zip(d.sha256, d.copy.tolist()))
         assert key(a) == key(b) and len(a) == len(b), tag
 
 

@@ -4,11 +4,11 @@ computation. Same initial weights, batch order and copies -> the same per-epoch 
 
 import numpy as np
 import pytest
-
 from conftest import SIZE, make_dataset
+
 from convcache.augment import PRESETS
 from convcache.extract.runner import ExtractConfig, run_extract
-from convcache.train.reference import run_reference
+from convcache.train.reference import ReferenceConfig, run_reference
 from convcache.train.runner import train_head
 
 EPOCHS = 3
@@ -26,9 +26,10 @@ def replay_setup(pooled_extractor, tmp_path_factory):
 
 
 def _reference(root, data, dropout, tag, augment=True):
-    return run_reference(str(data), "random", str(root / f"ref-{tag}"), use_augment=augment, input_size=SIZE,
-                         policy=PRESETS["book"], layer="block3_pool", pooling="avg", dropout=dropout,
-                         progress=False, **{k: v for k, v in COMMON.items()})
+    return run_reference(ReferenceConfig(data=str(data), weights="random", output=str(root / f"ref-{tag}"),
+                                         augment=augment, input_size=SIZE, policy=PRESETS["book"],
+                                         layer="block3_pool", pooling="avg", dropout=dropout, progress=False,
+                                         **COMMON))
 
 
 def _replay(root, store, dropout, tag, copies=EPOCHS, schedule="replay"):

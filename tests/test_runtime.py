@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SIZE, make_dataset, run_cli
+
 from convcache.runtime import create_session, openvino_version
 
 needs_openvino = pytest.mark.skipif(not openvino_version(), reason="the OpenVINO runtime is not installed "

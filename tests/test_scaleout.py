@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_dataset, run_cli
 
 pytest.importorskip("distributed")
@@ -158,7 +157,7 @@ def test_images_listed_from_s3(bucket, tmp_path):
     local, classes_l, _ = discover_all(str(data))
     remote, classes_r, _ = discover_all(f"s3://{bucket}/imgs/")
     assert classes_l == classes_r == ["cats", "dogs"]
-    rel = lambda items, base: [(i.path.split(base, 1)[1], i.label, i.split) for i in items]  # noqa: E731
+    rel = lambda items, base: [(i.path.split(base, 1)[1], i.label, i.split) for i in items]
     assert rel(remote, "/imgs") == rel(local, str(data))
     # a manifest at a URL, with relative and absolute (URL) paths
     manifest = "path,label,split\ntrain/cats/cats.0.jpg,cats,train\n" \

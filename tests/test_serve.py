@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from convcache.serve import Predictor
 
 
@@ -268,8 +268,8 @@ def test_int8_extractor_end_to_end(pooled_extractor, tmp_path):
     """int8 is a first-class path: an int8 extractor's store, a head on it, the fused model served by the
     Predictor (and on OpenVINO where installed) gives the head's own answers on the stored features."""
     import onnx
-
     from conftest import SIZE, make_dataset
+
     from convcache.export.runner import export_extractor
     from convcache.extract.runner import ExtractConfig, run_extract
     from convcache.onnxtools import session

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import SIZE, make_dataset, run_cli
+
 from convcache.errors import ConvcacheError
-from convcache.store import FeatureStore
 from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.store import FeatureStore
 from convcache.train.data import load_training_data
 from convcache.train.fuse import fuse
 from convcache.train.heads import DenseHead, LogRegHead

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from convcache.runtime import cpu_model  # noqa: E402
+from convcache.runtime import cpu_model
 
 # the plan's grids (docs/study_plan.md)
 LR_GRID = [2e-6, 2e-5, 2e-4, 2e-3]  # decades, then the half-decades either side of the best; extended past an edge
@@ -121,11 +121,12 @@ def phase1(args) -> None:
             for std in (False, True):
                 done = {}
 
-                def at(lr):
+                def at(lr, done=done, cell=(prep, std, k, epochs)):
                     lr = float(f"{lr:.2g}")
                     if lr not in done:
-                        run = {"phase": "phase1", "preprocess": prep, "standardize": std, "lr": lr, "k": k,
-                               "seed": 0, "epochs": epochs, "patience": PATIENCE}
+                        prep_, std_, k_, epochs_ = cell
+                        run = {"phase": "phase1", "preprocess": prep_, "standardize": std_, "lr": lr, "k": k_,
+                               "seed": 0, "epochs": epochs_, "patience": PATIENCE}
                         done[lr] = run_one(out, stores, run, args.quiet)
                         _say(done[lr])
                     return done[lr]["best_select_loss"]
@@ -254,7 +255,7 @@ def real(args) -> None:
     """One real TensorFlow method-2 run (end to end, frozen base, on-the-fly augmentation) at method 2's phase-1
     setting and seed, against the replay's same epochs from the cache (waits for that phase-2 run)."""
     from convcache.augment import PRESETS
-    from convcache.train.reference import run_reference
+    from convcache.train.reference import ReferenceConfig, run_reference
 
     out = Path(args.output)
     s = json.loads((out / "phase1.json").read_text())["settings"][str(args.n)]
@@ -262,9 +263,10 @@ def real(args) -> None:
          "k": args.n, "seed": args.seed, "epochs": min(MAX_EPOCHS, args.n), "patience": PATIENCE}
     folder = out / "real" / f"seed{args.seed}-e{args.epochs}"
     if not (folder / "metrics.json").is_file():
-        run_reference(args.data, "hed", str(folder), epochs=args.epochs, input_size=150, batch_size=BATCH,
-                      seed=args.seed, policy=PRESETS["book"], learning_rate=r["lr"], progress=not args.quiet,
-                      augment_seed=0, preprocess=r["preprocess"], standardize=r["standardize"])
+        run_reference(ReferenceConfig(data=args.data, weights="hed", output=str(folder), epochs=args.epochs,
+                                      input_size=150, batch_size=BATCH, seed=args.seed, policy=PRESETS["book"],
+                                      learning_rate=r["lr"], progress=not args.quiet, augment_seed=0,
+                                      preprocess=r["preprocess"], standardize=r["standardize"]))
     m = json.loads((folder / "metrics.json").read_text())
     path = out / "runs" / f"{_key(r)}.json"
     while not path.is_file():  # the replay of the same run, trained by `phase2`

@@ -26,12 +26,10 @@ def ci(c) -> str:
 
 def tables(r: dict) -> str:
     out = []
-    n = r["n"]
     out.append("### Phase 1: settings (select half, seed 0)\n")
     out.append("| K | preprocessing | standardised | lr tried: select-half loss (best epoch / epochs run) | best lr |")
     out.append("|---|---|---|---|---|")
-    for key, c in sorted(r["phase1_cells"].items(), key=lambda kv: (kv[1]["k"], kv[1]["preprocess"],
-                                                                      kv[1]["standardize"])):
+    for c in sorted(r["phase1_cells"].values(), key=lambda c: (c["k"], c["preprocess"], c["standardize"])):
         tried = "; ".join(f"{float(lr):.1e}: {v['select_loss']:.4f} ({v['best_epoch']}/{v['epochs_run']})"
                           for lr, v in sorted(c["by_lr"].items(), key=lambda kv: float(kv[0])))
         out.append(f"| {c['k']} | {c['preprocess']} | {'yes' if c['standardize'] else 'no'} | {tried} | "

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from convcache.pipeline.stats import paired_bootstrap, seed_photo_bootstrap  # noqa: E402
+from convcache.pipeline.stats import paired_bootstrap, seed_photo_bootstrap
 
 MARGIN = 0.015
 THRESHOLDS = (0.70, 0.75, 0.80)
@@ -75,7 +75,6 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
     n = int(p2["n"])
     runs = {k: _runs(out, keys) for k, keys in p2["arms"].items()}
     ks = sorted(int(k) for k in runs if k.isdigit())
-    m1, m2 = runs["0"], runs[str(n)]
     shas = {tuple(r["report_sha256"]) for rs in runs.values() for r in rs}
     assert len(shas) == 1, "every run must report on the same photos in the same order"
     C = {k: {r["run"]["seed"]: r["report_correct"] for r in rs} for k, rs in runs.items()}
@@ -90,7 +89,7 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
 
     arms = {}
     for k in ks:
-        name = "method 1 (K=0)" if k == 0 else ("method 2 (K=N=%d)" % n if k == n else f"K={k}")
+        name = "method 1 (K=0)" if k == 0 else (f"method 2 (K=N={n})" if k == n else f"K={k}")
         arms[str(k)] = _arm(name, runs[str(k)])
     if "method 1, steps matched" in runs:
         arms["method 1, steps matched"] = _arm("method 1, steps matched", runs["method 1, steps matched"])

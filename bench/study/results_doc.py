@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from convcache.pipeline.report import ordered  # noqa: E402
+from convcache.pipeline.report import ordered
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 LABELS = {"block5_pool": "block5_pool (the book's setting)", "block4_pool": "block4_pool, average-pooled"}

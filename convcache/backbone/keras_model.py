@@ -34,7 +34,8 @@ def build_extractor(base, layer: str | None = None, pooling: str | None = None, 
     _, keras = import_keras()
     check_preprocess(preprocess)
     inputs = keras.Input(shape=base.input_shape[1:], dtype="float32", name="images")
-    x = CaffePreprocess()(inputs) if preprocess == "caffe" else keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    rescale = keras.layers.Rescaling(1.0 / 255, name="rescale")
+    x = CaffePreprocess()(inputs) if preprocess == "caffe" else rescale(inputs)
     return keras.Model(inputs, _cut(keras, base, x, layer, pooling), name="convcache_extractor")
 
 
@@ -84,5 +85,5 @@ def _caffe_layer_class():
     return CaffePreprocess
 
 
-def CaffePreprocess():  # noqa: N802 - a layer factory, named like the layer it builds
+def CaffePreprocess():
     return _caffe_layer_class()()

@@ -36,8 +36,10 @@ def register(sub) -> None:
                         "folders)")
     p.add_argument("--probe-limit", type=int, default=d["probe_limit"].default, metavar="N",
                    help="probe on at most N images (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"].default, help="seed for --weights random and the parity inputs")
-    p.add_argument("--opset", type=int, default=d["opset"].default, help="ONNX opset of the extractor (heads follow it)")
+    p.add_argument("--seed", type=int, default=d["seed"].default,
+                   help="seed for --weights random and the parity inputs")
+    p.add_argument("--opset", type=int, default=d["opset"].default,
+                   help="ONNX opset of the extractor (heads follow it)")
     p.add_argument("-o", "--output", required=True, help="path of the .onnx file to write")
     p.set_defaults(func=run_export)
 
@@ -52,7 +54,8 @@ def register(sub) -> None:
 
 
 def run_export(args) -> int:
-    from convcache.export.runner import ExportConfig, run_export as export
+    from convcache.export.runner import ExportConfig
+    from convcache.export.runner import run_export as export
 
     cfg = ExportConfig(args.weights, args.input_size, args.output, args.layer, args.pooling, args.precision,
                        args.calibration, args.seed, args.opset, args.keep_fp32, args.probe,
@@ -68,7 +71,8 @@ def run_export(args) -> int:
                       f"{pr['accuracy_int8']:.1%}, difference {100 * pr['difference']:+.1f} "
                       f"± {100 * pr['difference_se']:.1f} points (SE)")
     print(f"wrote {args.output}: {meta['weights']['source']} weights, output {meta['output']['shape']}, "
-          f"{meta['precision']}, {meta['preprocess']} preprocessing, identity {meta['graph_sha256'][:12]}, parity max abs diff "
+          f"{meta['precision']}, {meta['preprocess']} preprocessing, identity {meta['graph_sha256'][:12]}, "
+          "parity max abs diff "
           f"{meta['parity_max_abs_diff']:.2g}{extra}")
     return 0
 

@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 
 from convcache import __version__, onnxtools
+from convcache.artifacts import FEATURES as OUTPUT_NAME
+from convcache.artifacts import IMAGES as INPUT_NAME
 from convcache.tfquiet import import_keras
 
 log = logging.getLogger(__name__)
 
-from convcache.artifacts import FEATURES as OUTPUT_NAME, IMAGES as INPUT_NAME  # noqa: E402
 PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
 
 
@@ -52,7 +53,8 @@ def check_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray, prepro
     inputs = images if preprocess is None else keras_preprocess(images, preprocess)
     reference = np.asarray(keras_model.predict(inputs, verbose=0))
     bound = PARITY_RTOL * float(np.max(np.abs(reference)))
-    diff = onnxtools.check_parity(proto, reference, {INPUT_NAME: images}, OUTPUT_NAME, bound, "ONNX/Keras parity failed")
+    diff = onnxtools.check_parity(proto, reference, {INPUT_NAME: images}, OUTPUT_NAME, bound,
+                                  "ONNX/Keras parity failed")
     log.info("parity with Keras: max abs diff %.3g (bound %.3g)", diff, bound)
     return diff
 

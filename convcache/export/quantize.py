@@ -51,8 +51,13 @@ def split_held_out(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def to_int8(proto: onnx.ModelProto, calibration: np.ndarray, per_channel: bool = True,
             exclude_first_conv: bool = True, exclude_last_conv: bool = True,
             method: str = "minmax") -> onnx.ModelProto:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

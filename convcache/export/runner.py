@@ -8,10 +8,10 @@ from pathlib import Path
 
 import onnx
 
-from convcache.errors import ConvcacheError
-from convcache.backbone import keras_model, weights
-from convcache.export import onnx_target, quantize
 from convcache import artifacts
+from convcache.backbone import keras_model, weights
+from convcache.errors import ConvcacheError
+from convcache.export import onnx_target, quantize
 
 log = logging.getLogger(__name__)
 

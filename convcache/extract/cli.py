@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 EXIT_PARTIAL = 3  # finished, but some files were skipped
 
 
@@ -86,7 +85,6 @@ def verify(output: str, storage_options: dict | None = None) -> int:
 
 def run(args) -> int:
     from convcache.errors import ConvcacheError
-
     from convcache.location import parse_storage_options
 
     options = parse_storage_options(args.storage_option)

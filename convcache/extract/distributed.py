@@ -1,5 +1,5 @@
-"""extract on a Dask cluster: the client plans and commits, the workers decode, augment, infer and
-write whole feature chunks.
+"""extract on a Dask cluster: the engine's `DaskExecutor` (convcache.extract.engine has the rest). The
+client plans and commits; the workers decode, augment, infer and write whole feature chunks.
 
 1. The client lists the images and opens the store (its SplitWriter truncates whatever a killed run
    left past `committed_rows`, and knows which (sha256, copy) rows are committed).
@@ -7,8 +7,9 @@ write whole feature chunks.
    usable *before* rows are assigned (a task fills whole chunks; a row cannot go missing later).
 3. The client plans the missing rows in the single-process order (same image indices), grows the
    columns to hold them, and cuts the rows into tasks at chunk boundaries: no two tasks write the
-   same chunk. The model travels once to each worker (scattered bytes); each worker keeps one ONNX
-   Runtime session per model (CUDA where the worker has a GPU, as in the single-process path).
+   same chunk. The model reaches every worker, present and future, in a `WorkerPlugin` that opens one
+   session per worker (CUDA where the worker has a GPU, as in the single-process path): a task depends
+   on no scattered data, so a lost worker loses nothing another worker needs.
 4. Each task writes its feature chunks and returns the block's digest (over every column). The
    client commits blocks strictly in row order, as each contiguous prefix finishes: small columns,
    digest, then `committed_rows`. A lost worker's tasks are rerun by the scheduler (they rewrite the
@@ -21,21 +22,17 @@ import itertools
 import logging
 import os
 import sys
-import time
 from contextlib import contextmanager
-
-import numpy as np
-from tqdm import tqdm
 
 from convcache.datasets import Item
 from convcache.errors import ConvcacheError
-from convcache.imaging import printable_path
+from convcache.extract.engine import Block, BlockFailure, BlockSettings, Planned, run_block
+from convcache.extract.mapper import Hashed
 
 log = logging.getLogger(__name__)
 
 PROBE_BATCH = 64  # files per probe task
 CONSOLIDATE_SECONDS = 5.0  # the client refreshes the consolidated snapshot at most this often (and at the end)
-_SESSIONS: dict = {}  # per worker process: (model identity, device, threads) -> ONNX Runtime session
 
 
 def parse_cluster(spec: str) -> int:
@@ -79,190 +76,119 @@ def probe_files(items: list[Item], size: int, max_pixels: int, max_bytes: int, s
     return [probe_file(item, size, max_pixels, max_bytes, storage_options) for item in items]
 
 
-def _session(model: bytes, contract, device: str, threads: int | None):
-    key = (contract.identity, device, threads)
-    if key not in _SESSIONS:
+class SessionPlugin:
+    """A `WorkerPlugin`: the extractor's bytes, and one inference session per worker opened in `setup`.
+    The scheduler hands it to every worker that joins later, so a replacement worker can run any task."""
+
+    def __init__(self, model: bytes, identity: str, device: str, threads: int | None):
+        self.model, self.device, self.threads = model, device, threads
+        self.name = f"convcache-extractor-{identity[:16]}-{device}-{threads}"
+        self.session = None
+
+    def setup(self, worker) -> None:
         from convcache.runtime import create_session
 
-        _SESSIONS[key] = create_session(model, device, threads)
-    return _SESSIONS[key]
+        self.session = create_session(self.model, self.device, self.threads)
+
+    def teardown(self, worker) -> None:
+        self.session = None
 
 
-def extract_block(model: bytes, spec: dict) -> dict:
-    """Decode, augment and infer rows [start, stop) of one split; write their feature chunks; return
-    the block's digest. Idempotent: a rerun writes the same bytes to the same chunks."""
-    import zarr
+def run_block_task(plugin_name: str, block: Block, settings: BlockSettings):
+    """A task: one block on this worker's session (the plugin's)."""
+    from dask.distributed import get_worker
 
-    from convcache.extract.mapper import decode_copies
-    from convcache.extract.writer import row_columns
-    from convcache.integrity import block_digest
-    from convcache.location import resolve
-
-    t0 = time.perf_counter()
-    contract = spec["contract"]
-    session = _session(model, contract, spec["device"], spec["threads"])
-    rows = spec["rows"]
-    pixels = []
-    i = 0
-    while i < len(rows):  # one decode per image: its copies are consecutive rows
-        j = i
-        while j < len(rows) and rows[j]["sha256"] == rows[i]["sha256"]:
-            j += 1
-        r = rows[i]
-        decoded = decode_copies(Item(r["source"], r["label"], spec["split"]), r["sha256"],
-                                [rows[k]["copy"] for k in range(i, j)], contract.size, spec["policy"], spec["seed"],
-                                spec["max_pixels"], spec["max_bytes"], spec["storage_options"])
-        if decoded.error:  # it decoded when probed: the file changed during the run
-            raise RuntimeError(f"{printable_path(r['source'])}: {decoded.error} (it decoded when the run was planned)")
-        pixels += decoded.images
-        i = j
-    feats, calls = [], 0
-    for b in range(0, len(pixels), spec["batch_size"]):
-        batch = np.stack(pixels[b : b + spec["batch_size"]]).astype(np.float32)
-        feats.append(session.run([contract.output_name], {contract.input_name: batch})[0])
-        calls += 1
-    features = np.concatenate(feats).astype(spec["dtype"])
-    loc = resolve(spec["store"], spec["storage_options"])
-    array = zarr.open_array(store=loc.zarr_store(), path=f"{spec['split']}/features", mode="r+")
-    array[spec["start"] : spec["stop"]] = features
-    digest = block_digest({"features": features, **row_columns(rows)}, features.dtype)
-    return {"start": spec["start"], "stop": spec["stop"], "digest": digest, "calls": calls,
-            "seconds": time.perf_counter() - t0, "provider": session.get_providers()[0],
-            "worker": os.getpid()}
+    return run_block(get_worker().plugins[plugin_name].session, block, settings)
 
 
 # ---------------------------------------------------------------- on the client
 
-def row_blocks(plan, image_index: dict, start: int, rows_per_task: int):
-    """The planned rows as (first row, rows) blocks cut at multiples of rows_per_task (itself a multiple
-    of the chunk size), so every task writes whole chunks except where the split begins or ends
-    mid-chunk. New images get indices in plan order, as in the single-process path."""
-    next_image = max(image_index.values(), default=-1) + 1
-    block, a = [], start
-    end = (start // rows_per_task + 1) * rows_per_task
-    for item, sha, need in plan:
-        if sha not in image_index:
-            image_index[sha] = next_image
-            next_image += 1
-        for c in need:
-            block.append({"source": item.path, "label": item.label, "image": image_index[sha], "copy": c,
-                          "sha256": sha, "path": printable_path(item.path)})
-            if a + len(block) == end:
-                yield a, block
-                block, a, end = [], end, end + rows_per_task
-    if block:
-        yield a, block
+class DaskExecutor:
+    """The engine's executor on a Dask cluster: probes in batches of files, one task per block."""
+
+    def __init__(self, client, model: bytes, contract, device: str, threads: int | None, cfg):
+        from dask.distributed import WorkerPlugin
+
+        self.client, self.cfg, self.size = client, cfg, contract.size
+        self.provider = "dask"
+        plugin = type("ConvcacheSessionPlugin", (SessionPlugin, WorkerPlugin), {})(model, contract.identity, device,
+                                                                               threads)
+        client.register_plugin(plugin, name=plugin.name)
+        self.plugin_name = plugin.name
+        self._decode_errors: dict = {}
+        self.tasks = 0
+
+    def describe(self) -> dict:
+        return {"workers": len(self.client.scheduler_info().get("workers", {})),
+                "scheduler": self.client.scheduler.address, "tasks": self.tasks}
+
+    def block_rows(self, writer) -> int:
+        per = self.cfg.rows_per_task or writer.chunk_rows
+        return max(1, -(-per // writer.chunk_rows)) * writer.chunk_rows
+
+    def reserve(self, writer, rows: int) -> None:
+        """Workers write feature chunks in place: grow every column first (`SplitWriter.reserve`)."""
+        writer.reserve(rows)
+        writer.consolidate_seconds = max(writer.consolidate_seconds, CONSOLIDATE_SECONDS)
+
+    def hash_files(self, items: list[Item], cfg) -> list[Hashed]:
+        """Hash and decode every file on the workers, so that the plan holds only files that decode."""
+        batches = [items[i : i + PROBE_BATCH] for i in range(0, len(items), PROBE_BATCH)]
+        probe = self.client.map(probe_files, batches, size=self.size, max_pixels=cfg.max_pixels,
+                                max_bytes=cfg.max_bytes,
+                                storage_options=cfg.storage_options, pure=False)
+        hashed = [h for part in self.client.gather(probe) for h in part]
+        self._decode_errors = {h.item.path: h.decode_error for h in hashed if h.decode_error}
+        return hashed
+
+    def usable(self, plan: list[Planned], writer, settings: BlockSettings):
+        for p in plan:
+            if p.item.path in self._decode_errors:
+                writer.skip(p.item.path, self._decode_errors[p.item.path])
+            else:
+                yield p
+
+    def run(self, blocks, settings: BlockSettings, writer):
+        """Submit blocks with a bounded number in flight; yield the finished ones in batches (as
+        `as_completed` gathers them). After a failure (past the scheduler's retries) nothing more is
+        submitted: no row past it could commit in this run."""
+        from dask.distributed import as_completed
+
+        workers = self.client.scheduler_info().get("workers", {}).values()
+        window = max(8, 4 * sum(w.get("nthreads", 1) for w in workers))
+        starts = {}
+
+        def submit(n):
+            out = []
+            for block in itertools.islice(blocks, n):
+                fut = self.client.submit(run_block_task, self.plugin_name, block, settings, pure=False, retries=2)
+                starts[fut.key] = block.start
+                out.append(fut)
+            self.tasks += len(out)
+            return out
+
+        running, failed = as_completed(submit(window)), False
+        for batch in running.batches():
+            results = []
+            for fut in batch:
+                try:
+                    results.append(fut.result())
+                except Exception as exc:
+                    results.append(BlockFailure(starts[fut.key], f"{exc}"))
+                    failed = True
+            yield results
+            if not failed:
+                for fut in submit(len(batch)):
+                    running.add(fut)
 
 
-def extract_split_distributed(client, model_future, split, items, copies, writer, contract, cfg, summary,
-                              ignored, rows_per_task: int | None, threads: int | None) -> None:
-    from dask.distributed import as_completed
-
-    from convcache.extract.runner import plan_rows
-    from convcache.extract.writer import row_columns
-    from convcache.runtime import cpu_model
-
-    t_start = time.perf_counter()
-    done, image_index = writer.begin_run(ignored)
-    batches = [items[i : i + PROBE_BATCH] for i in range(0, len(items), PROBE_BATCH)]
-    probe = client.map(probe_files, batches, size=contract.size, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes,
-                       storage_options=cfg.storage_options, pure=False)
-    hashed_all = [h for part in client.gather(probe) for h in part]
-    summary.phases["probe"] = summary.phases.get("probe", 0.0) + time.perf_counter() - t_start
-    plan = plan_rows(hashed_all, copies, done, writer, summary)
-    decode_errors = {h.item.path: h.decode_error for h in hashed_all if h.decode_error}
-    for item, _, _ in plan:
-        if item.path in decode_errors:
-            writer.skip(item.path, decode_errors[item.path])
-    plan = [p for p in plan if p[0].path not in decode_errors]
-    start = writer.committed
-    total = sum(len(need) for _, _, need in plan)
-    writer.reserve(total)
-    writer.consolidate_seconds = max(writer.consolidate_seconds, CONSOLIDATE_SECONDS)
-    per_task = max(1, -(-(rows_per_task or writer.chunk_rows) // writer.chunk_rows)) * writer.chunk_rows
-    common = {"contract": contract, "device": cfg.device, "threads": threads, "split": split,
-              "policy": cfg.policy, "seed": cfg.seed, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-              "storage_options": cfg.storage_options, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-              "store": cfg.output}
-    # blocks are built as they are submitted, and dropped once committed: the client never holds every
-    # row of a large split, only those of the tasks in flight
-    pending_blocks = row_blocks(plan, image_index, start, per_task)
-    in_flight = max(8, 4 * sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()))
-    blocks, n_tasks = {}, 0
-
-    def submit(n):
-        nonlocal n_tasks
-        out = []
-        for a, block in itertools.islice(pending_blocks, n):
-            blocks[a] = block
-            out.append(client.submit(extract_block, model_future, {**common, "start": a, "stop": a + len(block),
-                                                                   "rows": block}, pure=False, retries=2))
-        n_tasks += len(out)
-        return out
-
-    bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or not total)
-    t_tasks = time.perf_counter()
-    finished, failed, providers, task_seconds = {}, [], set(), []
-    running = as_completed(submit(in_flight))
-    for batch in running.batches():  # every task finished since the last commit
-        for fut in batch:
-            try:
-                res = fut.result()
-            except Exception as exc:  # after the scheduler's retries: this block stays uncommitted
-                failed.append(f"{exc}")
-                continue
-            finished[res["start"]] = res
-            providers.add(res["provider"])
-            task_seconds.append(res["seconds"])
-            summary.inference_calls += res["calls"]
-            bar.update(res["stop"] - res["start"])
-        ready, at = [], writer.committed
-        while at in finished:  # the contiguous finished prefix, committed at once, in row order
-            r = finished.pop(at)
-            ready.append((r["start"], r["stop"], row_columns(blocks.pop(r["start"])), r["digest"]))
-            at = r["stop"]
-        if ready:
-            writer.commit_blocks(ready)
-            summary.rows_written += at - ready[0][0]
-        if not failed:  # after a failure nothing past it could commit: let the rest drain
-            for fut in submit(len(batch)):
-                running.add(fut)
-    bar.close()
-    summary.phases["tasks"] = summary.phases.get("tasks", 0.0) + time.perf_counter() - t_tasks
-    writer.commit()
-    summary.skipped.update(writer.skipped)
-    summary.provider = ", ".join(sorted(providers)) or summary.provider
-    if failed:
-        raise ConvcacheError(f"'{split}': {len(failed)} of {n_tasks} tasks failed (first: {failed[0]}); rows "
-                             f"0..{writer.committed - 1} are committed, re-run to extract the rest")
-    written = writer.committed - start
-    if written:
-        workers = client.scheduler_info().get("workers", {})
-        writer.record_run({"rows": written, "seconds": round(time.perf_counter() - t_start, 3),
-                           "provider": summary.provider, "cpu": cpu_model(), "batch_size": cfg.batch_size,
-                           "workers": len(workers), "scheduler": client.scheduler.address, "tasks": n_tasks,
-                           "task_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
-                           "copies": copies, "finished": _now()})
-
-
-def run_distributed(cfg, contract, model_bytes: bytes, items, classes, ignored, summary, guard=None) -> None:
-    from convcache.extract.runner import split_writers
-
+@contextmanager
+def dask_executor(cfg, model: bytes, contract):
+    """A DaskExecutor on the configured cluster (`--scheduler`, or a LocalCluster for `--cluster local:N`)."""
     # local:N shares this machine's cores between N workers; a remote worker uses its own machine
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // parse_cluster(cfg.cluster)) if cfg.cluster else None)
-    t0 = time.perf_counter()
     with dask_client(cfg.scheduler, cfg.cluster) as client:
-        summary.phases["cluster"] = time.perf_counter() - t0
         if cfg.progress:
             print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers, dashboard "
                   f"{client.dashboard_link}", file=sys.stderr)
-        model_future = client.scatter(model_bytes, broadcast=True, hash=False)
-        for split, split_items, copies, writer, ignored_here in split_writers(cfg, contract, items, classes, ignored, guard):
-            extract_split_distributed(client, model_future, split, split_items, copies, writer, contract, cfg,
-                                      summary, ignored_here, cfg.rows_per_task, threads)
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+        yield DaskExecutor(client, model, contract, cfg.device, threads, cfg)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from convcache.augment import AugmentPolicy, augment
-from convcache.errors import ImageError
 from convcache.datasets import Item
+from convcache.errors import ImageError
 from convcache.imaging import DEFAULT_MAX_BYTES, decode_image, read_bytes
 
 

@@ -21,22 +21,12 @@ import zarr
 from convcache.artifacts import STORE_COLUMNS
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
-from convcache.integrity import DIGEST_ARRAYS, block_digest, committed_blocks, create_digest_arrays, verify
+from convcache.integrity import DIGEST_ARRAYS, committed_blocks, create_digest_arrays, verify
+from convcache.store import create_split
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
-
-
-def row_columns(rows: list[dict]) -> dict:
-    """The small columns of a block (everything but features) as stored, from row dicts."""
-    return {
-        "label": np.array([r["label"] for r in rows], np.int32),
-        "image": np.array([r["image"] for r in rows], np.int64),
-        "copy": np.array([r["copy"] for r in rows], np.int16),
-        "sha256": np.stack([np.frombuffer(bytes.fromhex(r["sha256"]), np.uint8) for r in rows]),
-        "path": np.array([r["path"] for r in rows], dtype=object),
-    }
 
 
 class SplitWriter:
@@ -63,7 +53,7 @@ class SplitWriter:
             else:
                 self._check_identity(identity)
         if fresh:
-            self.group = self._create(root, split, identity, provenance, feature_shape, dtype,
+            self.group = create_split(root, split, {**provenance, "identity": identity}, feature_shape, dtype,
                                       chunk_rows or max(1, CHUNK_BYTES // row_bytes))
         self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
         self.chunk_rows = self.arrays["features"].chunks[0]
@@ -77,7 +67,7 @@ class SplitWriter:
         self._drop_uncommitted_blocks()
         self._check_integrity(repair)
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
-        self.buffer: list[dict] = []
+        self._written = self.committed  # rows written on this process, committed or not (write_features)
 
     def _drop_uncommitted_blocks(self) -> None:
         keep = committed_blocks(self.digests["block_start"][:].tolist(), self.committed)
@@ -98,20 +88,6 @@ class SplitWriter:
         self.committed = first  # everything from the first damaged row is recomputed from the images
         self.group.attrs.update({"committed_rows": first})
         self._drop_uncommitted_blocks()
-
-    @staticmethod
-    def _create(root, split, identity, provenance, feature_shape, dtype, chunk_rows):
-        group = root.create_group(split, attributes={**provenance, "identity": identity, "committed_rows": 0,
-                                                     "skipped": {}})
-        feature_dims = [f"feature_{i}" for i in range(len(feature_shape))]
-        group.create_array("features", shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype,
-                           dimension_names=["row", *feature_dims])
-        for name, dt in (("label", "int32"), ("image", "int64"), ("copy", "int16")):
-            group.create_array(name, shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=dt, dimension_names=["row"])
-        group.create_array("sha256", shape=(0, 32), chunks=(max(chunk_rows, 1024), 32), dtype="uint8",
-                           dimension_names=["row", "sha256_byte"])
-        group.create_array("path", shape=(0,), chunks=(max(chunk_rows, 1024),), dtype=str, dimension_names=["row"])
-        return group
 
     def _check_identity(self, identity: dict) -> None:
         stored = self.group.attrs.get("identity")
@@ -142,35 +118,23 @@ class SplitWriter:
             if arr.shape[0] != rows:
                 arr.resize((rows, *arr.shape[1:]))
 
-    def add(self, row: dict) -> None:
-        self.buffer.append(row)
-        end = self.committed + len(self.buffer)
-        if end % self.chunk_rows == 0:  # a chunk boundary: a full, aligned block
-            self.flush()
+    def write_features(self, start: int, features: np.ndarray) -> None:
+        """Write a block's features (rows start..) on this process, growing the arrays to the block's end
+        only: the shape never runs ahead of the data. Its commit follows (`commit_blocks`)."""
+        stop, expected = start + len(features), max(self.committed, self._written)
+        if start != expected:
+            raise ConvcacheError(f"internal: block {start}..{stop - 1} written after row {expected}")
+        self._resize(stop)
+        self.arrays["features"][start:stop] = features
+        self._written = stop
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        start, stop = self.committed, self.committed + len(self.buffer)
-        columns = {"features": np.stack([r["features"] for r in self.buffer]), **row_columns(self.buffer)}
-        self._resize(stop)  # grow to this block only: the shape never runs ahead of the data
-        columns["features"] = columns["features"].astype(self.arrays["features"].dtype)
-        self.arrays["features"][start:stop] = columns["features"]
-        digest = block_digest(columns, columns["features"].dtype)  # the block's digest lands before its commit
-        self.buffer = []
-        self.commit_block(start, stop, {k: v for k, v in columns.items() if k != "features"}, digest)
-
-    # --- the distributed path: workers write whole feature chunks, this writer alone commits ---
+    # --- Dask: workers write whole feature chunks in reserved rows; this writer alone commits ---
 
     def reserve(self, rows: int) -> None:
         """Grow every column to committed + `rows` so that workers can write feature chunks there. Until
         they are committed those rows read as fill values (0) to plain Zarr readers; `committed_rows`
         stays the truth, and a re-run truncates whatever was reserved but not committed."""
         self._resize(self.committed + rows)
-
-    def commit_block(self, start: int, stop: int, columns: dict, digest: bytes) -> None:
-        """Commit rows [start, stop) whose features are already written (see commit_blocks)."""
-        self.commit_blocks([(start, stop, columns, digest)])
 
     def commit_blocks(self, blocks: list[tuple[int, int, dict, bytes]]) -> None:
         """Commit contiguous blocks (start, stop, small columns, digest) whose features a worker already

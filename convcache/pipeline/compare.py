@@ -56,7 +56,8 @@ class CompareConfig:
     equal_epochs: bool = True
     equal_epochs_max_k: int | None = None  # equal-epochs arms cost (K+1)x method 2's steps: cap K on a small CPU
     extractor: str | None = None  # reuse an exported extractor (its metadata sets weights, size, layer, ...)
-    preprocess: str = "caffe"  # the extractor's preprocessing (caffe, or rescale: the book's x/255); carried to the reference
+    # the extractor's preprocessing (caffe, or rescale: the book's x/255); carried to the reference
+    preprocess: str = "caffe"
     precision: str = "fp32"  # int8: every arm runs on features of an int8 extractor (calibrated on `calibration`)
     calibration: str | None = None
     store: str | None = None  # reuse (and extend) a feature store
@@ -175,7 +176,8 @@ def _run_arm(cfg, out, arm, seed, data, store) -> dict:
         params.update(seed=seed, progress=cfg.progress)
     key = hashlib.sha256(json.dumps([arm["head"], arm["k"], {k: v for k, v in params.items() if k != "progress"},
                                      data.extractor_sha256], sort_keys=True).encode()).hexdigest()[:16]
-    folder = out / "arms" / arm["name"].replace(" ", "_").replace("(", "").replace(")", "").replace(",", "") / f"seed{seed}"
+    name = arm["name"].replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+    folder = out / "arms" / name / f"seed{seed}"
     path = folder / "metrics.json"
     if path.is_file():
         m = json.loads(path.read_text())
@@ -192,7 +194,8 @@ def _run_arm(cfg, out, arm, seed, data, store) -> dict:
 
 def _slim(m: dict) -> dict:
     sel = m.get("selection", {})
-    return {"seed": m.get("seed"), "report_accuracy": m["report"]["accuracy"], "report_log_loss": m["report"]["log_loss"],
+    return {"seed": m.get("seed"), "report_accuracy": m["report"]["accuracy"],
+            "report_log_loss": m["report"]["log_loss"],
             "select_accuracy": m["select"]["accuracy"], "fit_seconds": m["fit_seconds"], "steps": sel.get("steps"),
             "epochs_run": sel.get("epochs_run"), "best_epoch": sel.get("best_epoch"), "C": sel.get("C"),
             "copies_used": sel.get("copies_used"), "report_correct": m["report_correct"],
@@ -231,7 +234,7 @@ def _adopt_extractor(cfg, path: Path) -> None:
     from convcache.artifacts import KIND_EXTRACTOR, read
 
     ext = read(path, KIND_EXTRACTOR)
-    found = {"weights": ext.metadata.get("weights", {}).get("source", cfg.weights), "input_size": ext.size,
+    found = {"weights": ext.weights_source or cfg.weights, "input_size": ext.size,
              "layer": None if ext.layer == "block5_pool" and cfg.layer is None else ext.layer,  # None: the last
              "pooling": ext.pooling, "precision": ext.precision, "preprocess": ext.preprocess}
     for key, value in found.items():
@@ -268,7 +271,7 @@ def _extraction_cost(store: Path) -> dict:
 
 def _real_reference(cfg, out, results) -> dict:
     """One real TensorFlow end-to-end run (method 2, frozen base), checked against the replay's epochs."""
-    from convcache.train.reference import run_reference
+    from convcache.train.reference import ReferenceConfig, run_reference
 
     folder = out / "reference" / f"method2-seed{cfg.seeds[0]}-e{cfg.real_epochs}"
     path = folder / "metrics.json"
@@ -276,16 +279,17 @@ def _real_reference(cfg, out, results) -> dict:
         m = json.loads(path.read_text())
     else:
         print(f"compare: real TensorFlow method 2, {cfg.real_epochs} epochs, seed {cfg.seeds[0]}", flush=True)
-        m = run_reference(cfg.data, cfg.weights, str(folder), epochs=cfg.real_epochs, use_augment=True,
-                          input_size=cfg.input_size, batch_size=cfg.batch_size, seed=cfg.seeds[0],
-                          policy=cfg.policy_obj, learning_rate=cfg.learning_rate, layer=cfg.layer,
-                          pooling=cfg.pooling, progress=cfg.progress, augment_seed=cfg.augment_seed,
-                          preprocess=cfg.preprocess)
+        m = run_reference(ReferenceConfig(
+            data=cfg.data, weights=cfg.weights, output=str(folder), epochs=cfg.real_epochs, augment=True,
+            input_size=cfg.input_size, batch_size=cfg.batch_size, seed=cfg.seeds[0], policy=cfg.policy_obj,
+            learning_rate=cfg.learning_rate, layer=cfg.layer, pooling=cfg.pooling, progress=cfg.progress,
+            augment_seed=cfg.augment_seed, preprocess=cfg.preprocess))
     replay = next(r for r in results["arms"]["method 2 (replay)"]["runs"] if r["seed"] == cfg.seeds[0])
     tf_loss = np.array([h["train_loss_mean"] for h in m["history"]])
     rp_loss = np.array(replay["train_loss_mean"][: len(tf_loss)])
     epoch_seconds = [h["train_seconds"] + h["eval_seconds"] for h in m["history"]]
-    return {"extractor_precision": cfg.precision, "epochs": len(tf_loss), "tf_train_loss": tf_loss.tolist(), "replay_train_loss": rp_loss.tolist(),
+    return {"extractor_precision": cfg.precision, "epochs": len(tf_loss), "tf_train_loss": tf_loss.tolist(),
+            "replay_train_loss": rp_loss.tolist(),
             "max_rel_diff": float(np.max(np.abs(rp_loss - tf_loss) / np.abs(tf_loss))),
             "seconds_per_epoch": float(np.mean(epoch_seconds)), "epoch_seconds": epoch_seconds,
             "train_seconds_per_epoch": float(np.mean([h["train_seconds"] for h in m["history"]])),
@@ -329,7 +333,8 @@ def _analyse(results: dict, cfg: CompareConfig) -> None:
         compute[name] = {"extract_seconds": extract_s, "train_seconds": arm["fit_seconds_mean"]}
     if method2_epoch:
         compute["method 2 (end to end)"] = {"extract_seconds": 0.0, "train_seconds": method2_epoch * cfg.epochs,
-                                            "note": f"{cfg.epochs} x the measured end-to-end epoch (train + validation)"}
+                                            "note": f"{cfg.epochs} x the measured end-to-end epoch "
+                                                    "(train + validation)"}
     for c in compute.values():
         c["total"] = {str(e): c["extract_seconds"] + e * c["train_seconds"] for e in (1, 4, 10)}
     results["compute"] = compute

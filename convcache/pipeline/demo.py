@@ -98,7 +98,8 @@ def main(argv=None) -> None:
         _step(f"train {head}", ["train", "--features", str(store), "--head", head, *extra,
                                 "-o", str(out / "heads" / head)])
     _step("compare", ["compare", "--data", str(data), "--weights", a.weights, "--input-size", size,
-                      "--layer", "block4_pool", "--pooling", "avg", "--extractor", str(extractor), "--store", str(store),
+                      "--layer", "block4_pool", "--pooling", "avg", "--extractor", str(extractor),
+                      "--store", str(store),
                       "--copies", "0", "1", "3", "--seeds", "0", "1", "--epochs", "3", "--real-epochs", "2",
                       "--learning-rate", "1e-3", "-o", str(out / "report")])
     _step("fuse", ["fuse", "--extractor", str(extractor), "--head", str(out / "heads" / "logreg"),

@@ -49,7 +49,8 @@ class FitConfig:
             raise ConvcacheError(f"head {self.head!r}: choose dense or logreg")
         if self.copies < 0 or self.seed < 0:
             raise ConvcacheError("copies and seed must be >= 0")
-        if self.learning_rate != "auto" and not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+        positive = isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+        if self.learning_rate != "auto" and not positive:
             raise ConvcacheError(f"learning_rate {self.learning_rate!r}: a positive number or 'auto'")
         if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ConvcacheError("max_epochs, patience and batch_size must be >= 1")

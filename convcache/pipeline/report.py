@@ -22,7 +22,8 @@ def _arm_row(name, arm, results) -> str:
     comp = results["compute"][name]
     spread = f" ± {100 * arm['accuracy_sd']:.1f}" if arm["n_seeds"] > 1 else " (deterministic)"
     test = results["tests"].get(f"{name} vs method 2")
-    vs = "–" if test is None else (f"{100 * test['diff']:+.1f} [{100 * test['ci95'][0]:+.1f}, {100 * test['ci95'][1]:+.1f}]"
+    vs = "–" if test is None else (f"{100 * test['diff']:+.1f} [{100 * test['ci95'][0]:+.1f}, "
+                                   f"{100 * test['ci95'][1]:+.1f}]"
                                   f"{' (noise)' if test['inside_noise'] else ''}")
     return (f"| {name} | {arm['head']} | {arm['k']} | {arm['schedule'] or '–'} | {steps if steps else '–'} | "
             f"{_pct(arm['accuracy_mean'])}{spread} | {_pct(arm['accuracy_min'])}–{_pct(arm['accuracy_max'])} | "
@@ -48,7 +49,8 @@ def write_report(out: Path, results: dict) -> None:
              f"({len(next(iter(arms.values()))['correct_mean'])} images). 'vs method 2': paired bootstrap over "
              "report-half images of the seed-averaged correctness (10,000 resamples); '(noise)': the 95% interval "
              "contains 0.",
-             f"- machine: {results['machine']['cpu']}; extraction {1000 * results['extraction']['train']['seconds_per_row']:.1f} "
+             f"- machine: {results['machine']['cpu']}; extraction "
+             f"{1000 * results['extraction']['train']['seconds_per_row']:.1f} "
              "ms per row (measured by the store's own extract runs)", ""]
     for title, match in (("Equal gradient steps (every dense arm: the same steps as method 2)", "steps"),
                          ("Equal epochs (cached arms: full passes over copies 0..K)", "epochs")):
@@ -63,7 +65,7 @@ def write_report(out: Path, results: dict) -> None:
         lines += [_arm_row(n, a, results) for n, a in probes] + [""]
     real = results.get("real_reference")
     if real:
-        lines += ["## Method 2 in TensorFlow vs its replay from the cache (seed %d)" % cfg["seeds"][0], "",
+        lines += [f"## Method 2 in TensorFlow vs its replay from the cache (seed {cfg['seeds'][0]})", "",
                   "| epoch | TensorFlow train loss | replay train loss | relative diff |", "|---|---|---|---|"]
         for e, (a, b) in enumerate(zip(real["tf_train_loss"], real["replay_train_loss"]), 1):
             lines.append(f"| {e} | {a:.6f} | {b:.6f} | {abs(a - b) / abs(a):.2e} |")
@@ -78,7 +80,8 @@ def write_report(out: Path, results: dict) -> None:
         for match, a in ans.items():
             ratio = a.get("cheaper_by")
             lines.append(f"- {match}: smallest K within the noise of method 2 (or better): **{a['arm']}** "
-                         f"({100 * a['diff']:+.1f} points, 95% CI [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}])"
+                         f"({100 * a['diff']:+.1f} points, 95% CI [{100 * a['ci95'][0]:+.1f}, "
+                         f"{100 * a['ci95'][1]:+.1f}])"
                          + (f"; cheaper than method 2 by {ratio['1']:.1f}x for 1 head experiment, {ratio['4']:.1f}x "
                             f"for 4, {ratio['10']:.1f}x for 10" if ratio else ""))
         lines.append("")
@@ -95,9 +98,11 @@ def _plots(out: Path, results: dict) -> None:
     arms = results["arms"]
     m2 = arms["method 2 (replay)"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pick in (("cached dense, equal steps", lambda n, a: a["head"] == "dense" and a["match"] in ("steps", "both")
+    for label, pick in (("cached dense, equal steps",
+                         lambda n, a: a["head"] == "dense" and a["match"] in ("steps", "both")
                          and a["schedule"] == "pool"),
-                        ("cached dense, equal epochs", lambda n, a: a["head"] == "dense" and a["match"] in ("epochs", "both")
+                        ("cached dense, equal epochs",
+                         lambda n, a: a["head"] == "dense" and a["match"] in ("epochs", "both")
                          and a["schedule"] == "pool"),
                         ("linear probe", lambda n, a: a["head"] == "logreg")):
         pts = sorted((a["k"], 100 * a["accuracy_mean"], 100 * a["accuracy_sd"]) for n, a in arms.items() if pick(n, a))

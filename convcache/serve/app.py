@@ -16,13 +16,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from convcache.errors import ImageError
 from convcache.serve.batcher import MicroBatcher, QueueFull
-from convcache.serve.config import ServeConfig
 from convcache.serve.cache import ResultCache, content_key
+from convcache.serve.config import ServeConfig
 from convcache.serve.predictor import Predictor
 
 log = logging.getLogger(__name__)

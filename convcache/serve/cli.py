@@ -59,11 +59,10 @@ def run_serve(args) -> int:
 
     import uvicorn
 
-    from convcache.serve.app import CONFIG_ENV, create_app
-    from convcache.serve.protocol import ENV as HEADER_TIMEOUT_ENV
-    from convcache.serve.config import ServeConfig
-
     from convcache.errors import ConvcacheError
+    from convcache.serve.app import CONFIG_ENV, create_app
+    from convcache.serve.config import ServeConfig
+    from convcache.serve.protocol import ENV as HEADER_TIMEOUT_ENV
 
     with socket.socket() as probe:  # refuse a busy port before loading anything or printing "serving"
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

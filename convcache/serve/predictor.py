@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from convcache import artifacts
 from convcache.errors import ImageError
 from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_opened, prepare_image, read_and_decode
-from convcache import artifacts
 from convcache.runtime import create_session
 
 
@@ -64,7 +64,8 @@ class Predictor:
 
     def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A batch of uint8 pixels -> (probabilities, flattened features)."""
-        probs, feats = self.session.run(list(self.contract.outputs), {self.contract.input_name: pixels.astype(np.float32)})
+        probs, feats = self.session.run(list(self.contract.outputs),
+                                        {self.contract.input_name: pixels.astype(np.float32)})
         return probs, feats.reshape(len(pixels), -1)
 
     def to_prediction(self, probs: np.ndarray) -> Prediction:

@@ -96,14 +96,14 @@ def _acc(m: dict, split: str) -> str:
 
 
 def run_train(args) -> int:
-    from convcache.train.runner import train_head
-
     from convcache.errors import ConvcacheError
+    from convcache.train.runner import train_head
 
     if args.seed < 0 or args.epochs < 1 or args.batch_size < 1:
         raise ConvcacheError("--seed must be >= 0, --epochs and --batch-size >= 1")
     if args.learning_rate == "auto" and (args.head != "dense" or args.train_top):
-        raise ConvcacheError("--learning-rate auto searches the dense head's learning rate (--head dense, no --train-top)")
+        raise ConvcacheError("--learning-rate auto searches the dense head's learning rate "
+                             "(--head dense, no --train-top)")
     params = {"epochs": args.epochs, "seed": args.seed, "schedule": args.schedule, "batch_size": args.batch_size,
               "learning_rate": args.learning_rate, "steps_per_epoch": args.steps_per_epoch,
               "patience": args.patience, "dropout": args.dropout, "standardize": args.standardize,
@@ -112,9 +112,7 @@ def run_train(args) -> int:
         params["fine_tune_epochs"] = args.fine_tune_epochs
     if args.head != "dense" and args.C:
         params["Cs"] = tuple(args.C)
-    from convcache.location import parse_storage_options
-
-    from convcache.location import parse_bytes
+    from convcache.location import parse_bytes, parse_storage_options
 
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
     m = train_head(args.features, args.head, args.output, args.copies, params,
@@ -129,7 +127,8 @@ def run_train(args) -> int:
     sched = f", {m['schedule']} schedule, {m['epochs']} epochs, {m['steps']} steps" if args.head == "dense" else ""
     if args.train_top:
         sched += f" (block5 trained on cached block4_pool maps, best: {m['selection']['best']['phase']})"
-    print(f"trained {m['head']}{' (streamed from the store)' if m['streaming'] else ''} on {m['rows']['train']} rows (copies 0..{m['copies']}{sched}) in "
+    print(f"trained {m['head']}{' (streamed from the store)' if m['streaming'] else ''} on {m['rows']['train']} "
+          f"rows (copies 0..{m['copies']}{sched}) in "
           f"{m['fit_seconds']:.1f}s: report-half validation {_acc(m, 'report')}, test {_acc(m, 'test')} -> "
           f"{args.output}/head.onnx, metrics.json")
     return 0
@@ -138,12 +137,16 @@ def run_train(args) -> int:
 def run_reference_cmd(args) -> int:
     from convcache.train.config import ReferenceConfig
 
-    cfg = ReferenceConfig(args.data, args.weights, args.output, args.epochs, not args.no_augment, args.input_size,
-                          args.batch_size, args.seed, args.fine_tune, args.fine_tune_epochs, args.policy,
-                          args.learning_rate, args.layer, args.pooling, args.patience, args.dropout,
+    cfg = ReferenceConfig(data=args.data, weights=args.weights, output=args.output, epochs=args.epochs,
+                          augment=not args.no_augment, input_size=args.input_size, batch_size=args.batch_size,
+                          seed=args.seed, fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
+                          policy=args.policy, learning_rate=args.learning_rate, layer=args.layer,
+                          pooling=args.pooling, patience=args.patience, dropout=args.dropout,
                           progress=not args.quiet, unfreeze=args.unfreeze, preprocess=args.preprocess,
                           standardize=args.standardize)  # validated before TensorFlow starts
-    m = cfg.run()
+    from convcache.train.reference import run_reference
+
+    m = run_reference(cfg)
     if not m["cacheable"]:
         print("note: this run trains conv layers, so their outputs change every step: it cannot be replayed from a "
               "feature cache" + (" (only the frozen blocks below block5 could be)" if args.fine_tune else ""))

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from convcache.errors import ConvcacheError
-from convcache.store import FeatureStore
 from convcache.protocol import canonical_images, validation_halves
+from convcache.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class Split:
     sha256: list | None = None
     row: np.ndarray | None = None  # position in the store's split (to read features lazily)
 
-    def take(self, idx) -> "Split":
+    def take(self, idx) -> Split:
         return Split(self.X[idx], self.y[idx], None if self.image is None else self.image[idx],
                      None if self.copy is None else self.copy[idx],
                      None if self.sha256 is None else [self.sha256[i] for i in idx],
@@ -47,7 +47,7 @@ class TrainingData:
     copies_used: int
     extractor_opset: int = 17
 
-    def with_copies(self, k: int) -> "TrainingData":
+    def with_copies(self, k: int) -> TrainingData:
         """The same data restricted to train copies 0..k (k no larger than what was loaded)."""
         from dataclasses import replace
 
@@ -81,7 +81,7 @@ def load_training_data(store_path, copies: int | None = None, storage_options: d
         if len(data) == 0:
             raise ConvcacheError(f"{store_path}: the {name} split is empty")
         _, rank = canonical_images(data.sha256)
-        split = Split(data.features.reshape(len(data), -1).astype(np.float32, copy=False), data.labels,  # noqa: E501
+        split = Split(data.features.reshape(len(data), -1).astype(np.float32, copy=False), data.labels,
                       rank, data.copy.astype(np.int64), data.sha256, data.row)
         # evaluation splits in canonical order (ascending sha256), as the reference holds them
         splits[name] = split if name == "train" else split.take(np.lexsort((split.copy, split.image)))
@@ -90,7 +90,7 @@ def load_training_data(store_path, copies: int | None = None, storage_options: d
     stored = store.copies_available("train")
     if copies is not None and copies > stored:
         log.warning("--copies %d: the store holds copies 0..%d of train; using those", copies, stored)
-    ext = store.extractor_metadata("train")
+    ext = store.extractor("train")
     if len(np.unique(splits["train"].y)) < 2:
         raise ConvcacheError(f"{store_path}: the train split has fewer than two classes")
     select = report = None
@@ -101,9 +101,9 @@ def load_training_data(store_path, copies: int | None = None, storage_options: d
     return TrainingData(
         train=splits["train"], validation=splits["validation"], select=select, report=report, test=splits["test"],
         classes=store.classes, feature_shape=list(store.feature_shape("train")),
-        extractor_sha256=store.extractor_identity("train"), extractor_opset=int(ext.get("opset", 17)),
-        provenance={"store": str(store.path), "extractor": store.extractor_identity("train"),
-                    "extractor_weights": ext.get("weights"), "extractor_layer": ext.get("layer"),
+        extractor_sha256=ext.identity, extractor_opset=ext.opset,
+        provenance={"store": str(store.path), "extractor": ext.identity,
+                    "extractor_weights": ext.metadata.get("weights"), "extractor_layer": ext.layer,
                     "augment": store.augmentation("train"), "copies": available},
         copies_available=stored, copies_used=available,
     )

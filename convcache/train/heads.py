@@ -9,14 +9,12 @@ import time
 
 import numpy as np
 import onnx
-
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
-from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx, linear_to_onnx
-
 from convcache.errors import ConvcacheError
+from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx, linear_to_onnx
 from convcache.protocol import LOGREG_CS, SCHEDULES, initial_head_weights, replay_copy
 from convcache.train.loop import batches_of, compile_head_model, evaluate_model, fit_epochs
 
@@ -89,11 +87,10 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
 
-    def fit(self, X, y, X_val=None, y_val=None) -> "LogRegHead":
+    def fit(self, X, y, X_val=None, y_val=None) -> LogRegHead:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
-
         from sklearn.utils.validation import check_X_y
 
         X, y = check_X_y(X, y, dtype=[np.float32, np.float64])
@@ -121,7 +118,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.selected_by_ = "validation" if Xv is not None else "single C"
         return self._finish(Pipeline([("scale", scaler), ("logreg", model)]), X, start)
 
-    def _fit_cv(self, X, y, start) -> "LogRegHead":
+    def _fit_cv(self, X, y, start) -> LogRegHead:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import GridSearchCV, StratifiedKFold
         from sklearn.pipeline import Pipeline
@@ -138,7 +135,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.selected_by_ = f"{folds}-fold cross-validation on train"
         return self._finish(search.best_estimator_, X, start)
 
-    def _finish(self, pipeline, X, start) -> "LogRegHead":
+    def _finish(self, pipeline, X, start) -> LogRegHead:
         self.pipeline_ = pipeline
         self.n_iter_ = pipeline[-1].n_iter_
         self.classes_ = pipeline.classes_
@@ -155,7 +152,8 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self.classes_[proba.argmax(1)]
 
     def summary(self) -> dict:
-        return {"C": self.C_, "selected_by": self.selected_by_, "accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
+        return {"C": self.C_, "selected_by": self.selected_by_,
+                "accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
 
     def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         """Standard ONNX ops only (the scaler folded into the weights): runs on every runtime."""
@@ -185,7 +183,7 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
         self.seed = seed
         self.progress = progress
 
-    def fit(self, X, y, X_val=None, y_val=None) -> "StreamingLogRegHead":
+    def fit(self, X, y, X_val=None, y_val=None) -> StreamingLogRegHead:
         from sklearn.model_selection import train_test_split
 
         X, y = np.asarray(X), np.asarray(y)
@@ -200,7 +198,7 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
 
         return self.fit_stream(batches, np.unique(y), X_val, y_val)
 
-    def fit_stream(self, batches, classes, X_val, y_val) -> "StreamingLogRegHead":
+    def fit_stream(self, batches, classes, X_val, y_val) -> StreamingLogRegHead:
         from sklearn.linear_model import SGDClassifier
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
@@ -316,7 +314,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         compile_head_model(keras, model, n_classes, self.learning_rate)
         return model
 
-    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None, X_curve=None, y_curve=None) -> "DenseHead":
+    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None, X_curve=None, y_curve=None) -> DenseHead:
         from convcache.tfquiet import import_keras
 
         if self.schedule not in SCHEDULES:
@@ -352,7 +350,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                                        plan.info)
         return self._finish_fit(history, selector, start)
 
-    def _finish_fit(self, history, selector, start) -> "DenseHead":
+    def _finish_fit(self, history, selector, start) -> DenseHead:
         self.fit_seconds_ = time.perf_counter() - start
         self.history_ = history
         self.epochs_run_ = len(history)
@@ -363,7 +361,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.seconds_per_epoch_ = self.fit_seconds_ / max(self.epochs_run_, 1)
         return self
 
-    def fit_stream(self, blocks, classes, X_val, y_val) -> "DenseHead":
+    def fit_stream(self, blocks, classes, X_val, y_val) -> DenseHead:
         """Train from `blocks(epoch)`, an iterator of (X, y) blocks (shuffled by the caller), cut into
         batches of `batch_size`: the pool schedule over a store that is never loaded whole. Replay
         needs every image's copy e at epoch e, i.e. random access across the store, so it is refused."""

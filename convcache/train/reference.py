@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convcache.augment import AugmentPolicy, augment
+from convcache.augment import augment
 from convcache.backbone import keras_model, weights
 from convcache.datasets import discover
 from convcache.errors import ConvcacheError, ImageError
 from convcache.imaging import read_and_decode
 from convcache.protocol import initial_head_weights, replay_copy, validation_halves
+from convcache.tfquiet import import_keras
+from convcache.train.config import ReferenceConfig
 from convcache.train.heads import dense_head_layers
 from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
-from convcache.train.config import ReferenceConfig  # noqa: F401  (re-exported: the stage's config)
 from convcache.train.metrics import evaluate, write_metrics
-from convcache.tfquiet import import_keras
 
 log = logging.getLogger(__name__)
 
@@ -79,81 +79,72 @@ def build_model(keras, base, n_classes: int, layer: str | None = None, pooling: 
     return model, extractor
 
 
-def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30, use_augment: bool = True,
-                  input_size: int = 150, batch_size: int = 20, seed: int = 0, fine_tune: str | None = None,
-                  fine_tune_epochs: int = 2, policy: AugmentPolicy | None = None,
-                  learning_rate: float = 2e-5, layer: str | None = None, pooling: str | None = None,
-                  patience: int | None = None, dropout: float = 0.5, units: int = 256,
-                  progress: bool = True, augment_seed: int | None = None, unfreeze: str | None = None,
-                  preprocess: str = "caffe", standardize: bool = False) -> dict:
-    """`seed` sets the initial head weights, the batch order and dropout (and --weights random);
-    `augment_seed` (default: `seed`) sets the copies, as `extract --seed` does."""
-    if fine_tune not in (None, "block5"):
-        raise ConvcacheError(f"--fine-tune {fine_tune}: only block5 is supported")
-    if unfreeze not in (None, "all") or (unfreeze and fine_tune):
-        raise ConvcacheError("--unfreeze takes 'all' and excludes --fine-tune")
-    if fine_tune and layer not in (None, "block5_pool"):
-        raise ConvcacheError(f"--fine-tune block5 with --layer {layer}: the cut model has no block5 to fine-tune")
-    if epochs < 1 or batch_size < 1:
-        raise ConvcacheError("--epochs and --batch-size must be >= 1")
-    policy = policy or AugmentPolicy()
-    augment_seed = seed if augment_seed is None else augment_seed
+def run_reference(cfg: ReferenceConfig) -> dict:
+    """Method 2 (or fine-tuning) end to end, as `cfg` says (validated when it was built). `cfg.seed` sets
+    the initial head weights, the batch order and dropout (and weights "random"); `cfg.augment_seed` the
+    copies, as `extract --seed` does."""
     _, keras = import_keras()
-    items, classes = discover(data)
-    splits = {s: _decode_split([i for i in items if i.split == s], input_size, progress=progress, desc=f"decode {s}")
+    items, classes = discover(cfg.data)
+    splits = {s: _decode_split([i for i in items if i.split == s], cfg.input_size, progress=cfg.progress,
+                               desc=f"decode {s}")
               for s in ("train", "validation", "test")}
     if splits["train"] is None:
-        raise ConvcacheError(f"--data {data}: no readable training images")
+        raise ConvcacheError(f"--data {cfg.data}: no readable training images")
     if splits["validation"] is None:
-        raise ConvcacheError(f"--data {data}: the reference selects its best epoch on a validation split; none found")
-    base = weights.load_vgg16(weights_source, input_size, seed)
-    scaler = _feature_scaler(keras, base, splits["train"][0], layer, pooling, preprocess) if standardize else None
-    model, extractor = build_model(keras, base, len(classes), layer, pooling, units, dropout, seed, preprocess, scaler)
+        raise ConvcacheError(f"--data {cfg.data}: the reference selects its best epoch on a validation split; "
+                             "none found")
+    base = weights.load_vgg16(cfg.weights, cfg.input_size, cfg.seed)
+    scaler = (_feature_scaler(keras, base, splits["train"][0], cfg.layer, cfg.pooling, cfg.preprocess)
+              if cfg.standardize else None)
+    model, extractor = build_model(keras, base, len(classes), cfg.layer, cfg.pooling, cfg.units, cfg.dropout,
+                                   cfg.seed, cfg.preprocess, scaler)
     initial_weights_sha256 = weights.weights_sha256(base)
-    if unfreeze == "all":  # no layer is frozen: nothing is fixed, so nothing can be cached
+    if cfg.unfreeze == "all":  # no layer is frozen: nothing is fixed, so nothing can be cached
         base.trainable = True
         log.warning("reference --unfreeze all: every conv layer trains; no layer's output is fixed, so this run "
                     "cannot be cached and pays the whole base forward and backward every step")
     n = len(classes)
-    compile_head_model(keras, model, n, learning_rate)
+    compile_head_model(keras, model, n, cfg.learning_rate)
 
     x_train, y_train, shas = splits["train"]
     x_val, y_val, val_shas = splits["validation"]
     sel, rep = validation_halves(val_shas, y_val)
     xs, ys, xr, yr = x_val[sel].astype(np.float32), y_val[sel], x_val[rep].astype(np.float32), y_val[rep]
-    rng = np.random.default_rng(seed)  # the same stream of epoch orders as DenseHead's replay schedule
+    rng = np.random.default_rng(cfg.seed)  # the same stream of epoch orders as DenseHead's replay schedule
 
     def evaluate():
         return {"select": evaluate_model(model, xs, ys, 32), "report": evaluate_model(model, xr, yr, 32)}
 
     def make_batches(offset):
         def batches(e):
-            copy = replay_copy(offset + e, 10**9) if use_augment else 0
+            copy = replay_copy(offset + e, 10**9) if cfg.augment else 0
             order = rng.permutation(len(y_train))
-            steps = math.ceil(len(order) / batch_size)
-            bar = tqdm(total=steps, desc=f"reference epoch {offset + e + 1}", unit="step", disable=not progress,
+            steps = math.ceil(len(order) / cfg.batch_size)
+            bar = tqdm(total=steps, desc=f"reference epoch {offset + e + 1}", unit="step", disable=not cfg.progress,
                        leave=False)
             for b in range(steps):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                yield np.stack([augment(x_train[i], policy, augment_seed, shas[i], copy) for i in idx]).astype(np.float32), y_train[idx]
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                pixels = np.stack([augment(x_train[i], cfg.policy, cfg.augment_seed, shas[i], copy) for i in idx])
+                yield pixels.astype(np.float32), y_train[idx]
                 bar.update(1)
             bar.close()
         return batches
 
     def info_from(offset, phase):
-        return lambda e: {"phase": phase, "copies": [replay_copy(offset + e, 10**9) if use_augment else 0]}
+        return lambda e: {"phase": phase, "copies": [replay_copy(offset + e, 10**9) if cfg.augment else 0]}
 
     start = time.perf_counter()
-    history, selector = fit_epochs(model, epochs, make_batches(0), evaluate, patience, progress,
+    history, selector = fit_epochs(model, cfg.epochs, make_batches(0), evaluate, cfg.patience, cfg.progress,
                                    "reference", info_from(0, "frozen"))
     best = {"phase": "frozen", "epoch": selector.best_epoch, "select_loss": selector.best_loss}
-    if fine_tune:
+    if cfg.fine_tune:
         base.trainable = True
         for conv_layer in base.layers:
             conv_layer.trainable = conv_layer.name.startswith("block5")
-        compile_head_model(keras, model, n, learning_rate / 2)
-        ft_history, ft_selector = fit_epochs(model, fine_tune_epochs, make_batches(len(history)), evaluate,
-                                             patience, progress, "fine-tune", info_from(len(history), "fine-tune block5"))
+        compile_head_model(keras, model, n, cfg.learning_rate / 2)
+        ft_history, ft_selector = fit_epochs(model, cfg.fine_tune_epochs, make_batches(len(history)), evaluate,
+                                             cfg.patience, cfg.progress, "fine-tune",
+                                             info_from(len(history), "fine-tune block5"))
         for h in ft_history:
             h["epoch"] += len(history)
         if ft_selector.best_loss < selector.best_loss:
@@ -165,23 +156,24 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
     total = time.perf_counter() - start
 
     metrics = {
-        "method": "reference", "head": "dense", "augment": use_augment, "epochs": epochs,
-        "fine_tune": fine_tune, "fine_tune_epochs": fine_tune_epochs if fine_tune else 0, "classes": classes,
+        "method": "reference", "head": "dense", "augment": cfg.augment, "epochs": cfg.epochs,
+        "fine_tune": cfg.fine_tune, "fine_tune_epochs": cfg.fine_tune_epochs if cfg.fine_tune else 0,
+        "classes": classes,
         "fit_seconds": total, "seconds_per_epoch": float(np.mean([h["train_seconds"] for h in history])),
-        "selection": {"rule": "lowest select-half loss" + (f", patience {patience}" if patience else ""),
+        "selection": {"rule": "lowest select-half loss" + (f", patience {cfg.patience}" if cfg.patience else ""),
                       "best": best, "epochs_run": len(history), "steps": int(sum(h["steps"] for h in history)),
                       "copies_used": sorted({c for h in history for c in h["copies"]}), "history": history},
         "history": history, "best_epoch": best["epoch"],
         "rows": {"train": int(len(y_train) * len(history)),
                  "select": int(len(ys)), "report": int(len(yr))},
-        "unfreeze": unfreeze, "cacheable": unfreeze is None and not fine_tune,
+        "unfreeze": cfg.unfreeze, "cacheable": cfg.unfreeze is None and not cfg.fine_tune,
         "base_weights_changed": weights.weights_sha256(base) != initial_weights_sha256,
-        "provenance": {"data": str(data), "weights": weights_source, "weights_sha256": initial_weights_sha256,
-                       "input_size": input_size, "layer": layer or "block5_pool", "pooling": pooling,
-                       "preprocess": preprocess, "standardize": standardize,
-                       "learning_rate": learning_rate, "batch_size": batch_size,
-                       "policy": policy.to_dict() if use_augment else None, "seed": seed,
-                       "augment_seed": augment_seed},
+        "provenance": {"data": str(cfg.data), "weights": cfg.weights, "weights_sha256": initial_weights_sha256,
+                       "input_size": cfg.input_size, "layer": cfg.layer or "block5_pool", "pooling": cfg.pooling,
+                       "preprocess": cfg.preprocess, "standardize": cfg.standardize,
+                       "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
+                       "policy": cfg.policy.to_dict() if cfg.augment else None, "seed": cfg.seed,
+                       "augment_seed": cfg.augment_seed},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     metrics["select"] = _evaluate(model, xs, ys, n)
@@ -194,8 +186,8 @@ def run_reference(data: str, weights_source: str, out_dir: str, epochs: int = 30
         x, y, _ = splits["test"]
         metrics["test"] = _evaluate(model, x, y, n)
         metrics["rows"]["test"] = int(len(y))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_metrics(Path(out_dir) / "metrics.json", metrics)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    write_metrics(Path(cfg.output) / "metrics.json", metrics)
     return metrics
 
 

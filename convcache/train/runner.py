@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from convcache.errors import ConvcacheError
 from convcache import artifacts
+from convcache.errors import ConvcacheError
 from convcache.onnxtools import check_parity
 from convcache.store import FeatureStore
 from convcache.train.data import TrainingData, load_training_data
@@ -151,13 +151,12 @@ def _top_head(fs: FeatureStore, top: str, params: dict | None):
     the top starts from the extractor's own weights."""
     from convcache.train.top import TopHead, boundary_of
 
-    meta = fs.extractor_metadata("train")
+    ext = fs.extractor("train")
     boundary = boundary_of(top)
-    if meta.get("layer") != boundary or meta.get("pooling"):
+    if ext.layer != boundary or ext.pooling:
         raise ConvcacheError(f"--train-top {top} trains on cached {boundary} maps; this store holds "
-                             f"{meta.get('layer')}{' ' + meta['pooling'] + '-pooled' if meta.get('pooling') else ''} "
+                             f"{ext.layer}{' ' + ext.pooling + '-pooled' if ext.pooling else ''} "
                              f"features. Export with `--layer {boundary}` (no --pooling) and extract again")
-    w = meta.get("weights") or {}
-    return TopHead(top=top, weights=w.get("source", "hed"), weights_seed=int(w.get("seed", 0)),
-                   weights_sha256=w.get("sha256"), input_size=int(meta["input"]["size"]),
+    return TopHead(top=top, weights=ext.weights_source or "hed", weights_seed=ext.weights_seed,
+                   weights_sha256=ext.weights_sha256, input_size=ext.size,
                    maps_shape=tuple(fs.feature_shape("train")), **(params or {}))

@@ -79,7 +79,7 @@ class TopHead(DenseHead):
         X = np.asarray(X, np.float32)
         return X.reshape(len(X), *self.maps_shape_)
 
-    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None, fetch=None) -> "TopHead":
+    def fit(self, X, y, X_val=None, y_val=None, image=None, copy=None, fetch=None) -> TopHead:
         from convcache.tfquiet import import_keras
 
         if self.schedule not in SCHEDULES:

@@ -1,0 +1,457 @@
+"""The extract engine: one unit of work, one planner, one committer, two executors.
+
+A **block** (`Block`) is rows [start, stop) of one split, each row one (image, copy). Every block lives
+the same life on every executor:
+
+    rows -> decode + augment -> infer -> write its feature chunks -> digest -> commit (in row order)
+
+1. `plan_rows` (where the store is written): hash every file, record what cannot be used (unreadable,
+   the same bytes under two labels) and the duplicates, and list the copies each image still needs.
+2. `cut_blocks`: give the rows of the images that decode their positions and image indices, in plan
+   order, cut at multiples of the block size (whole chunks: no two blocks write the same chunk).
+3. An executor runs the blocks and yields their results (`BlockResult`), in any order:
+   - `LocalExecutor` (here): decoders in threads, inference on one thread (ONNX Runtime releases the
+     GIL), the rows streamed across blocks in batches; a block is written once its last row is in.
+   - `DaskExecutor` (`convcache.extract.distributed`): one task per block (`run_block`); each worker's
+     session comes from a `WorkerPlugin`.
+4. `Committer`: commits the results strictly in row order, as each contiguous prefix completes (small
+   columns, the block digests, then `committed_rows`: `SplitWriter.commit_blocks`).
+
+A file must decode before its rows get positions (a block fills whole chunks, so a row cannot go missing
+later): the local executor decodes in plan order and cuts blocks from what decoded, keeping the pixels
+(one decode per image); Dask workers probe every file first (hash and decode), so the client can plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from convcache import artifacts
+from convcache.augment import AugmentPolicy
+from convcache.datasets import Item
+from convcache.extract.mapper import Hashed, decode_copies, hash_file
+from convcache.imaging import printable_path
+from convcache.integrity import block_digest
+from convcache.onnxmeta import load_model
+from convcache.runtime import create_session
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a split: an image's copy, as stored (`source` is where the image is read from)."""
+
+    source: str
+    label: int
+    image: int
+    copy: int
+    sha256: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Planned:
+    """An image the plan uses, with the copies it still needs (and their pixels, once decoded here)."""
+
+    item: Item
+    sha256: str
+    copies: tuple[int, ...]
+    images: list | None = None
+
+
+@dataclass
+class Block:
+    """The unit of work: rows [start, start + len(rows)) of one split (pixels: one HxWx3 uint8 per row,
+    when they were decoded before the block was cut)."""
+
+    split: str
+    start: int
+    rows: list[Row]
+    pixels: list | None = None
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.rows)
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """What every block of one split needs besides its rows (it travels with each Dask task)."""
+
+    store: str
+    split: str
+    size: int
+    input_name: str
+    output_name: str
+    policy: AugmentPolicy
+    seed: int
+    max_pixels: int
+    max_bytes: int
+    batch_size: int
+    dtype: str
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """A block whose features are written: its digest (over every column) waits for the committer."""
+
+    start: int
+    stop: int
+    digest: bytes
+    calls: int = 0
+    seconds: float = 0.0
+    provider: str = ""
+    worker: int = 0
+
+
+@dataclass(frozen=True)
+class BlockFailure:
+    """A block that failed (after the executor's retries): nothing past it can commit in this run."""
+
+    start: int
+    error: str
+
+
+class ExtractorSession:
+    """An extractor's contract (`artifacts.Extractor`) and an inference session for it, on this process."""
+
+    def __init__(self, path: str, device: str, threads: int | None = None):
+        self.contract = artifacts.Extractor.from_proto(load_model(path), str(path))
+        self.session = create_session(path, device, threads)
+        self.provider = self.session.get_providers()[0]
+        self.calls = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return self.session.run([self.contract.output_name],
+                                {self.contract.input_name: np.asarray(images, dtype=np.float32)})[0]
+
+
+# ---------------------------------------------------------------- plan
+
+def plan_rows(hashed_all: list[Hashed], copies, done: set, writer, summary) -> list[Planned]:
+    """The images to extract, in item order, each with the copies it still needs. Unreadable files and
+    content listed under two labels are recorded as skipped; repeated content is used once."""
+    plan, seen, labels = [], {}, {}
+    for hashed in hashed_all:
+        if not hashed.error:
+            labels.setdefault(hashed.sha256, set()).add(hashed.item.label)
+    for hashed in hashed_all:
+        if hashed.error:
+            writer.skip(hashed.item.path, hashed.error)
+        elif len(labels[hashed.sha256]) > 1:  # the same bytes under two labels: neither label can be trusted
+            writer.skip(hashed.item.path, "the same content is listed under different labels")
+        elif hashed.sha256 in seen:
+            summary.duplicates[printable_path(hashed.item.path)] = printable_path(seen[hashed.sha256])
+        else:
+            seen[hashed.sha256] = hashed.item.path
+            need = tuple(c for c in copies if (hashed.sha256, c) not in done)
+            summary.rows_cached += len(copies) - len(need)
+            if need:
+                plan.append(Planned(hashed.item, hashed.sha256, need))
+    return plan
+
+
+def cut_blocks(split: str, usable: Iterable[Planned], image_index: dict, start: int,
+               block_rows: int) -> Iterator[Block]:
+    """The usable images' rows as blocks cut at multiples of `block_rows` (a multiple of the chunk size),
+    so every block covers whole chunks except where the split begins or ends mid-chunk. New images get
+    indices in plan order. Blocks are cut as they are pulled: nothing holds every row of a large split."""
+    next_image = max(image_index.values(), default=-1) + 1
+    rows, pixels, a = [], [], start
+    end = (start // block_rows + 1) * block_rows
+    for p in usable:
+        if p.sha256 not in image_index:
+            image_index[p.sha256] = next_image
+            next_image += 1
+        for i, c in enumerate(p.copies):
+            rows.append(Row(p.item.path, p.item.label, image_index[p.sha256], c, p.sha256,
+                            printable_path(p.item.path)))
+            pixels.append(p.images[i] if p.images is not None else None)
+            if a + len(rows) == end:
+                yield _block(split, a, rows, pixels)
+                rows, pixels, a, end = [], [], end, end + block_rows
+    if rows:
+        yield _block(split, a, rows, pixels)
+
+
+def _block(split, start, rows, pixels) -> Block:
+    return Block(split, start, rows, pixels if all(p is not None for p in pixels) else None)
+
+
+def row_columns(rows: list[Row]) -> dict:
+    """A block's small columns (everything but features) as stored."""
+    return {
+        "label": np.array([r.label for r in rows], np.int32),
+        "image": np.array([r.image for r in rows], np.int64),
+        "copy": np.array([r.copy for r in rows], np.int16),
+        "sha256": np.stack([np.frombuffer(bytes.fromhex(r.sha256), np.uint8) for r in rows]),
+        "path": np.array([r.path for r in rows], dtype=object),
+    }
+
+
+def digest(rows: list[Row], features: np.ndarray) -> bytes:
+    return block_digest({"features": features, **row_columns(rows)}, features.dtype)
+
+
+# ---------------------------------------------------------------- one block, start to end (a Dask task)
+
+def decode_block(block: Block, s: BlockSettings) -> list:
+    """One HxWx3 uint8 array per row; each image is decoded once (its copies are consecutive rows)."""
+    if block.pixels is not None:
+        return block.pixels
+    rows, pixels, i = block.rows, [], 0
+    while i < len(rows):
+        j = i
+        while j < len(rows) and rows[j].sha256 == rows[i].sha256:
+            j += 1
+        r = rows[i]
+        decoded = decode_copies(Item(r.source, r.label, block.split), r.sha256, [rows[k].copy for k in range(i, j)],
+                                s.size, s.policy, s.seed, s.max_pixels, s.max_bytes, s.storage_options)
+        if decoded.error:  # it decoded when the run was planned: the file changed during the run
+            raise RuntimeError(f"{r.path}: {decoded.error} (it decoded when the run was planned)")
+        pixels += decoded.images
+        i = j
+    return pixels
+
+
+def infer(run, pixels: list, s: BlockSettings) -> tuple[np.ndarray, int]:
+    """Features of `pixels` in batches of `s.batch_size`, in the store's dtype; and the inference calls."""
+    feats = [run(np.stack(pixels[b : b + s.batch_size]).astype(np.float32))
+             for b in range(0, len(pixels), s.batch_size)]
+    return np.concatenate(feats).astype(s.dtype), len(feats)
+
+
+def run_block(session, block: Block, s: BlockSettings) -> BlockResult:
+    """Decode, augment and infer one block, write its feature chunks into the store, return its digest.
+    Idempotent: a rerun writes the same bytes to the same chunks."""
+    import zarr
+
+    from convcache.location import resolve
+
+    t0 = time.perf_counter()
+    features, calls = infer(lambda x: session.run([s.output_name], {s.input_name: x})[0], decode_block(block, s), s)
+    array = zarr.open_array(store=resolve(s.store, s.storage_options).zarr_store(), path=f"{s.split}/features",
+                            mode="r+")
+    array[block.start : block.stop] = features
+    return BlockResult(block.start, block.stop, digest(block.rows, features), calls, time.perf_counter() - t0,
+                       session.get_providers()[0], os.getpid())
+
+
+# ---------------------------------------------------------------- commit
+
+class Committer:
+    """Commits finished blocks strictly in row order, each contiguous finished prefix in one commit.
+    `track` registers the blocks as they are cut (their small columns are written at commit time)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self._rows: dict[int, list[Row]] = {}
+        self._finished: dict[int, BlockResult] = {}
+
+    def track(self, blocks: Iterable[Block]) -> Iterator[Block]:
+        for block in blocks:
+            self._rows[block.start] = block.rows
+            yield block
+
+    def add(self, results: Iterable[BlockResult]) -> int:
+        """Commit what the finished results complete; returns the rows committed now."""
+        for r in results:
+            self._finished[r.start] = r
+        ready, at = [], self.writer.committed
+        while at in self._finished:
+            r = self._finished.pop(at)
+            ready.append((r.start, r.stop, row_columns(self._rows.pop(r.start)), r.digest))
+            at = r.stop
+        if not ready:
+            return 0
+        self.writer.commit_blocks(ready)
+        return at - ready[0][0]
+
+
+# ---------------------------------------------------------------- the local executor
+
+@dataclass
+class _Open:
+    block: Block
+    features: np.ndarray
+    filled: int = 0
+    calls: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class LocalExecutor:
+    """Blocks on this machine: decoding and augmentation in `workers` threads (bounded look-ahead),
+    inference of one batch on its own thread while this one gathers the next batch, blocks written as
+    they complete. Batches span block boundaries, so every call but the last is a full batch."""
+
+    def __init__(self, session: ExtractorSession, workers: int):
+        self.session = session
+        self.provider = session.provider
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="convcache-decode")
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-infer")
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        self._infer_pool.shutdown(cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def describe(self) -> dict:
+        return {"workers": self.workers}
+
+    def block_rows(self, writer) -> int:
+        return writer.chunk_rows
+
+    def reserve(self, writer, rows: int) -> None:
+        """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write_features`)."""
+
+    def hash_files(self, items: list[Item], cfg) -> list[Hashed]:
+        return list(self._pool.map(lambda item: hash_file(item, cfg.max_bytes, cfg.storage_options), items))
+
+    def usable(self, plan: list[Planned], writer, s: BlockSettings) -> Iterator[Planned]:
+        """The planned images that decode, with their copies' pixels, in plan order; the rest are skipped."""
+        jobs = ((p.item, p.sha256, list(p.copies), s.size, s.policy, s.seed, s.max_pixels, s.max_bytes,
+                 s.storage_options) for p in plan)
+        for decoded in _ordered(self._pool, decode_copies, jobs, window=4 * self.workers):
+            if decoded.error:
+                writer.skip(decoded.item.path, decoded.error)
+            else:
+                yield Planned(decoded.item, decoded.sha256, tuple(decoded.copies), decoded.images)
+
+    def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
+        # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
+        # touched): a fresh 8 MiB array per batch costs more CPU in page faults than decoding does.
+        buffers = itertools.cycle([np.empty((s.batch_size, s.size, s.size, 3), np.float32) for _ in range(2)])
+        shape = self.session.contract.feature_shape
+        open_blocks: deque[_Open] = deque()
+        pending: list[tuple[_Open, int, np.ndarray]] = []
+        in_flight = None
+
+        def submit(rows):
+            batch = next(buffers)[: len(rows)]
+            for i, (_, _, px) in enumerate(rows):
+                batch[i] = px
+            return rows, self._infer_pool.submit(self.session, batch)
+
+        def finish(job) -> list[_Open]:
+            """Collect a batch's features into their blocks; the blocks that are now complete."""
+            rows, future = job
+            for (entry, i, _), feat in zip(rows, future.result()):
+                entry.features[i] = feat
+                entry.filled += 1
+            rows[-1][0].calls += 1
+            done = []
+            while open_blocks and open_blocks[0].filled == len(open_blocks[0].block.rows):
+                done.append(open_blocks.popleft())
+            return done
+
+        def written(done: list[_Open]) -> Iterator[list[BlockResult]]:
+            for e in done:  # each block is committed before the next is written: the shape never runs ahead
+                writer.write_features(e.block.start, e.features)
+                yield [BlockResult(e.block.start, e.block.stop, digest(e.block.rows, e.features), e.calls,
+                                   time.perf_counter() - e.t0, self.provider, os.getpid())]
+
+        def flush(rows) -> list[_Open]:  # one batch infers while the one before it is collected
+            nonlocal in_flight
+            job, previous, in_flight = submit(rows), in_flight, None
+            done = finish(previous) if previous is not None else []
+            in_flight = job
+            return done
+
+        for block in blocks:
+            entry = _Open(block, np.empty((len(block.rows), *shape), s.dtype))
+            open_blocks.append(entry)
+            pending += [(entry, i, px) for i, px in enumerate(decode_block(block, s))]
+            while len(pending) >= s.batch_size:
+                done = flush(pending[: s.batch_size])
+                pending = pending[s.batch_size :]
+                yield from written(done)
+        if pending:
+            yield from written(flush(pending))
+        if in_flight is not None:
+            done, in_flight = finish(in_flight), None
+            yield from written(done)
+
+
+def _ordered(pool, fn, jobs, window: int):
+    """pool.map with a bounded look-ahead, so decoded images never pile up in memory."""
+    futures = deque()
+    for job in jobs:
+        futures.append(pool.submit(fn, *job))
+        if len(futures) >= window:
+            yield futures.popleft().result()
+    while futures:
+        yield futures.popleft().result()
+
+
+# ---------------------------------------------------------------- one split, on either executor
+
+def extract_split(executor, split: str, items: list[Item], copies: list[int], writer, cfg, contract,
+                  summary, ignored: dict | None = None) -> None:
+    """Plan, cut, run and commit one split's missing rows on `executor` (local threads or Dask)."""
+    from tqdm import tqdm
+
+    from convcache.errors import ConvcacheError
+    from convcache.runtime import cpu_model
+
+    t_start = time.perf_counter()
+    done, image_index = writer.begin_run(ignored)
+    plan = plan_rows(executor.hash_files(items, cfg), copies, done, writer, summary)
+    summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_start
+    settings = BlockSettings(store=cfg.output, split=split, size=contract.size, input_name=contract.input_name,
+                             output_name=contract.output_name, policy=cfg.policy, seed=cfg.seed,
+                             max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, batch_size=cfg.batch_size,
+                             dtype=cfg.dtype, storage_options=dict(cfg.storage_options))
+    start, total = writer.committed, sum(len(p.copies) for p in plan)
+    executor.reserve(writer, total)
+    committer = Committer(writer)
+    blocks = committer.track(cut_blocks(split, executor.usable(plan, writer, settings), image_index, start,
+                                        executor.block_rows(writer)))
+    bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or not total)
+    failed, providers, task_seconds, n_blocks = [], set(), [], 0
+    t_run = time.perf_counter()
+    for results in executor.run(blocks, settings, writer):
+        ok = [r for r in results if isinstance(r, BlockResult)]
+        failed += [r for r in results if isinstance(r, BlockFailure)]
+        for r in ok:
+            providers.add(r.provider)
+            task_seconds.append(r.seconds)
+            summary.inference_calls += r.calls
+            bar.update(r.stop - r.start)
+        n_blocks += len(results)
+        summary.rows_written += committer.add(ok)
+    bar.close()
+    summary.phases["run"] = summary.phases.get("run", 0.0) + time.perf_counter() - t_run
+    writer.commit()
+    summary.skipped.update(writer.skipped)
+    summary.provider = ", ".join(sorted(providers)) or summary.provider
+    if failed:
+        raise ConvcacheError(f"'{split}': {len(failed)} of {n_blocks} blocks failed (first: {failed[0].error}); rows "
+                             f"0..{writer.committed - 1} are committed, re-run to extract the rest")
+    written = writer.committed - start
+    if written:  # the cost of the cache, for compute accounting (seconds per row on this machine)
+        writer.record_run({"rows": written, "seconds": round(time.perf_counter() - t_start, 3),
+                           "provider": summary.provider, "cpu": cpu_model(), "batch_size": cfg.batch_size,
+                           **executor.describe(), "blocks": n_blocks,
+                           "block_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
+                           "copies": list(copies), "finished": _now()})
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
