@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from convcache import __version__
+from convcache import __version__, info_cli
 from convcache.errors import ConvcacheError
 from convcache.export import cli as export_cli
 from convcache.extract import cli as extract_cli
@@ -24,7 +24,7 @@ from convcache.train import cli as train_cli
 
 # Each stage's cli module registers its parsers and imports its heavy modules (TensorFlow, FastAPI)
 # only inside the command it runs, so `convcache serve` never imports TensorFlow.
-STAGE_CLIS = (export_cli, extract_cli, train_cli, serve_cli, pipeline_cli)
+STAGE_CLIS = (export_cli, extract_cli, train_cli, serve_cli, pipeline_cli, info_cli)
 
 
 class _Stages:
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # force: main() may run more than once in a process (an embedding program, the test suite); the
+    # handler writes to the sys.stderr of this call
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.func(args)
     except ConvcacheError as exc:

@@ -33,14 +33,43 @@ def keras_to_onnx(model, input_name: str, input_shape: tuple, output_name: str, 
     return proto
 
 
+def _probabilities(z: str, k: int, output_name: str, normalization: str, prefix: str) -> tuple[list, list]:
+    """Nodes (and initialisers) from logits `z` with `k` columns to class probabilities: binary (k = 1)
+    [1 - s, s] with s = sigmoid(z), as Keras' sigmoid head and scikit-learn's binary classifiers; else
+    softmax(z) (`normalization="softmax"`) or one-vs-rest sigmoids normalised to sum 1 (`"ovr"`)."""
+    from onnx import numpy_helper
+
+    if k == 1:
+        return ([helper.make_node("Sigmoid", [z], [f"{prefix}_p1"]),
+                 helper.make_node("Sub", [f"{prefix}_one", f"{prefix}_p1"], [f"{prefix}_p0"]),
+                 helper.make_node("Concat", [f"{prefix}_p0", f"{prefix}_p1"], [output_name], axis=1)],
+                [numpy_helper.from_array(np.ones((1, 1), np.float32), f"{prefix}_one")])
+    if normalization == "softmax":
+        return [helper.make_node("Softmax", [z], [output_name], axis=1)], []
+    return ([helper.make_node("Sigmoid", [z], [f"{prefix}_s"]),
+             helper.make_node("ReduceSum", [f"{prefix}_s", f"{prefix}_axis"], [f"{prefix}_sum"], keepdims=1),
+             helper.make_node("Div", [f"{prefix}_s", f"{prefix}_sum"], [output_name])],
+            [numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_axis")])
+
+
+def _model(nodes, inits, name: str, input_name: str, n_in: int, output_name: str, k: int, opset: int):
+    from onnx import TensorProto
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, n_in])],
+                              [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [None, max(2, k)])],
+                              inits)
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="convcache",
+                             ir_version=helper.find_min_ir_version_for(opsets))
+
+
 def linear_to_onnx(scaler, model, input_name: str, output_name: str, opset: int,
                    normalization: str = "softmax") -> onnx.ModelProto:
     """StandardScaler + a linear classifier (coef_, intercept_) -> ONNX in the default domain only
     (MatMul, Add, Sigmoid or Softmax): the scaler is folded into the weights, so the head runs on every
     runtime (OpenVINO and TensorRT have no `ai.onnx.ml` ops). Probabilities as scikit-learn computes
-    them: binary [1 - s, s] with s = sigmoid(z); multi-class softmax(z) (`normalization="softmax"`,
-    LogisticRegression) or one-vs-rest sigmoids normalised to sum 1 (`"ovr"`, SGDClassifier)."""
-    from onnx import TensorProto, numpy_helper
+    them (`_probabilities`: softmax for LogisticRegression, "ovr" for SGDClassifier)."""
+    from onnx import numpy_helper
 
     coef = np.asarray(model.coef_, np.float64)  # (k, n): k = 1 for two classes
     intercept = np.asarray(model.intercept_, np.float64)
@@ -52,26 +81,29 @@ def linear_to_onnx(scaler, model, input_name: str, output_name: str, opset: int,
              numpy_helper.from_array(bias.astype(np.float32), "linear_b")]
     nodes = [helper.make_node("MatMul", [input_name, "linear_W"], ["linear_zw"]),
              helper.make_node("Add", ["linear_zw", "linear_b"], ["linear_z"])]
-    if coef.shape[0] == 1:
-        inits.append(numpy_helper.from_array(np.ones((1, 1), np.float32), "linear_one"))
-        nodes += [helper.make_node("Sigmoid", ["linear_z"], ["linear_p1"]),
-                  helper.make_node("Sub", ["linear_one", "linear_p1"], ["linear_p0"]),
-                  helper.make_node("Concat", ["linear_p0", "linear_p1"], [output_name], axis=1)]
-    elif normalization == "softmax":
-        nodes.append(helper.make_node("Softmax", ["linear_z"], [output_name], axis=1))
-    else:
-        inits.append(numpy_helper.from_array(np.array([1], np.int64), "linear_axis"))
-        nodes += [helper.make_node("Sigmoid", ["linear_z"], ["linear_s"]),
-                  helper.make_node("ReduceSum", ["linear_s", "linear_axis"], ["linear_sum"], keepdims=1),
-                  helper.make_node("Div", ["linear_s", "linear_sum"], [output_name])]
-    k = max(2, coef.shape[0])
-    graph = helper.make_graph(nodes, "convcache_linear_head",
-                              [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, coef.shape[1]])],
-                              [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [None, k])], inits)
-    opsets = [helper.make_opsetid("", opset)]
-    proto = helper.make_model(graph, opset_imports=opsets, producer_name="convcache",
-                              ir_version=helper.find_min_ir_version_for(opsets))
-    return proto
+    tail, tail_inits = _probabilities("linear_z", coef.shape[0], output_name, normalization, "linear")
+    return _model(nodes + tail, inits + tail_inits, "convcache_linear_head", input_name, coef.shape[1],
+                  output_name, coef.shape[0], opset)
+
+
+def dense_to_onnx(hidden: tuple, out: tuple, input_name: str, output_name: str, opset: int) -> onnx.ModelProto:
+    """The book's dense head, inference only (dropout is the identity): relu(x W1 + b1) W2 + b2, then
+    sigmoid (one output unit: two-column probabilities, as Keras' binary head) or softmax. Written with
+    onnx.helper from the trained weights: no TensorFlow converter, default-domain ops only."""
+    from onnx import numpy_helper
+
+    (w1, b1), (w2, b2) = hidden, out
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), name)
+             for v, name in ((w1, "dense_W1"), (b1, "dense_b1"), (w2, "dense_W2"), (b2, "dense_b2"))]
+    nodes = [helper.make_node("MatMul", [input_name, "dense_W1"], ["dense_h0"]),
+             helper.make_node("Add", ["dense_h0", "dense_b1"], ["dense_h1"]),
+             helper.make_node("Relu", ["dense_h1"], ["dense_h"]),
+             helper.make_node("MatMul", ["dense_h", "dense_W2"], ["dense_z0"]),
+             helper.make_node("Add", ["dense_z0", "dense_b2"], ["dense_z"])]
+    k = np.asarray(w2).shape[1]
+    tail, tail_inits = _probabilities("dense_z", k, output_name, "softmax", "dense")
+    return _model(nodes + tail, inits + tail_inits, "convcache_dense_head", input_name, np.asarray(w1).shape[0],
+                  output_name, k, opset)
 
 
 def rename_io(proto: onnx.ModelProto, inputs: dict, outputs: dict) -> None:

@@ -22,8 +22,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SCHEDULES = ("replay", "pool")
+# The book's schedule (Chollet, sec. 5.3): Dense(256) + Dropout(0.5), RMSprop 2e-5, batch 20, 30 epochs; its
+# fine-tuning phase runs at half the rate. Every head, the reference and compare default to these.
+BOOK_UNITS, BOOK_DROPOUT, BOOK_LEARNING_RATE, BOOK_BATCH_SIZE, BOOK_EPOCHS = 256, 0.5, 2e-5, 20, 30
 # The logistic-regression probe's C grid: train's linear heads and export's int8 probe search the same one.
 LOGREG_CS = (0.0003, 0.003, 0.03, 0.3)
+
+
+def logreg_search(folds: int, Cs=LOGREG_CS, max_iter: int = 300, tol: float = 1e-4):
+    """The linear probe's model selection, shared by train's LogRegHead and export's int8 probe:
+    standardised features, logistic regression, C chosen by a stratified `folds`-fold grid search."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=max_iter, tol=tol))])
+    return GridSearchCV(pipe, {"logreg__C": list(Cs)}, cv=StratifiedKFold(folds, shuffle=False))
 
 
 def canonical_images(sha256: list[str]) -> tuple[list[str], np.ndarray]:

@@ -12,11 +12,32 @@ os.environ.setdefault("CONVCACHE_XLA", "0")  # XLA-compiling every tiny head cos
 SIZE = 32
 
 
-def run_cli(*args, env=None, timeout=300):
-    """Run `python -m convcache ...` in a subprocess; return the CompletedProcess."""
+def run_cli(*args, env=None, timeout=300, isolated=False):
+    """Run `convcache ...` and return a CompletedProcess (returncode, stdout, stderr). In this process
+    (`convcache.cli.main`, output captured) unless the test needs a process of its own: an environment
+    (`env`) or `isolated=True` (imports, signals, exit at interpreter level). A fresh interpreter costs
+    seconds of imports per call; most CLI tests check arguments and messages."""
+    if env is None and not isolated:
+        return run_cli_in_process(*args)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "convcache", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+def run_cli_in_process(*args) -> subprocess.CompletedProcess:
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from convcache.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess(["convcache", *argv], code, out.getvalue(), err.getvalue())
 
 
 def make_image(path: Path, seed: int, size: int = 40, kind: int = 0) -> None:
@@ -129,3 +150,49 @@ def dask_cluster():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=logging.ERROR) as cluster:
         yield cluster
+
+
+# ---------------------------------------------------------------- tiers
+# `make test` runs everything; `make test-fast` (-m fast) the everyday tier: what needs no TensorFlow
+# training, no cluster, no S3 server, no server process, and takes seconds. A test is `fast` unless a
+# marker below (or its own) says otherwise: by module, by the fixtures it uses, or by name (measured
+# at several seconds each on a 2-core machine).
+MODULE_MARKS = {"test_scaleout.py": ("dask",), "test_serve.py": ("serve",), "test_replay.py": ("tf",),
+                "test_freeze_boundary.py": ("tf",), "test_export.py": ("tf",)}
+FIXTURE_MARKS = {"bucket": "s3", "s3_endpoint": "s3", "dask_cluster": "dask", "server": "serve"}
+SLOW = {
+    "test_contracts.py": ("test_identity_is_stable_across_exports_and_processes",
+                          "test_heads_are_scikit_learn_estimators", "test_logreg_passes_sklearn_estimator_checks"),
+    "test_extract.py": ("test_resume_after_kill_matches_clean_run",
+                        "test_same_seed_same_features_across_workers_and_batches",
+                        "test_incremental_add_computes_only_new"),
+    "test_augment.py": ("test_keras3_preset_matches_keras_image_data_generator",),
+    "test_hostile.py": ("test_damage_is_named_never_silent_and_repair_recomputes",
+                        "test_a_second_writer_fails_at_once_and_nothing_is_lost",
+                        "test_corrupt_store_metadata_is_one_line", "test_malformed_dds_is_a_skip_not_a_crash",
+                        "test_disk_full_is_one_line_and_keeps_what_was_committed",
+                        "test_predict_reports_every_bad_file_and_goes_on"),
+    "test_converge.py": ("test_fit_end_to_end_resumes_and_reports_held_out_accuracy",
+                         "test_train_learning_rate_auto_searches_on_the_select_half",
+                         "test_replay_with_standardized_features_equals_the_end_to_end_reference",
+                         "test_standardization_is_fit_on_originals_and_folded_into_the_onnx_head",
+                         "test_training_loss_in_the_history_is_the_epoch_mean"),
+    "test_train.py": ("test_empty_split_is_an_error", "test_multiclass_heads_and_onnx_parity",
+                      "test_heads_learn_a_separable_fixture", "test_compare_end_to_end_tiny",
+                      "test_compare_on_an_int8_extractor"),
+}
+TIER_MARKS = ("slow", "tf", "dask", "s3", "serve")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        for mark in MODULE_MARKS.get(module, ()):
+            item.add_marker(mark)
+        for fixture, mark in FIXTURE_MARKS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(mark)
+        if item.originalname in SLOW.get(module, ()):
+            item.add_marker("slow")
+        if not any(item.get_closest_marker(m) for m in TIER_MARKS):
+            item.add_marker("fast")

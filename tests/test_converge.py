@@ -14,7 +14,7 @@ import pytest
 from conftest import SIZE, make_dataset, run_cli
 
 from convcache.onnxtools import session
-from convcache.pipeline.stats import accuracy_interval, seed_photo_bootstrap
+from convcache.stats import accuracy_interval, seed_photo_bootstrap
 from convcache.train.heads import DenseHead
 
 

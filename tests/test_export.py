@@ -23,11 +23,11 @@ def test_parity_with_keras_own_preprocessing_at_32px(preprocess):
 
     base = weights.load_vgg16("random", SIZE, seed=3)
     model = keras_model.build_extractor(base, preprocess=preprocess)
-    proto = onnx_target.keras_to_onnx(model, fold_bgr=preprocess == "caffe")
+    proto = onnx_target.extractor_to_onnx(model, fold_bgr=preprocess == "caffe")
     onnx.checker.check_model(proto, full_check=True)
     images = onnx_target.sample_images(3, SIZE, seed=5)
     bare = keras_model.cut_base(base)
-    diff = onnx_target.check_parity(proto, bare, images, preprocess)
+    diff = onnx_target.check_extractor_parity(proto, bare, images, preprocess)
     reference = bare.predict(keras_model.keras_preprocess(images, preprocess), verbose=0)
     assert diff <= 1e-4 * np.abs(reference).max()
     s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -37,7 +37,7 @@ def test_parity_with_keras_own_preprocessing_at_32px(preprocess):
                          verbose=0)
     assert np.abs(a - other).max() > 100 * diff
     with pytest.raises(ConvcacheError, match="parity failed"):
-        onnx_target.check_parity(proto, bare, images, {"caffe": "rescale", "rescale": "caffe"}[preprocess])
+        onnx_target.check_extractor_parity(proto, bare, images, {"caffe": "rescale", "rescale": "caffe"}[preprocess])
     # caffe swaps channels (a channel swap changes the output); rescale keeps RGB order, and scales
     b = s.run(None, {"images": images[..., ::-1].copy()})[0]
     assert not np.allclose(a, b)
@@ -74,7 +74,7 @@ def test_rgb_to_bgr_is_folded_into_the_first_conv():
     from convcache.export import onnx_target
 
     model = keras_model.build_extractor(weights.load_vgg16("random", SIZE, seed=3), "block1_conv2")
-    proto = onnx_target.keras_to_onnx(model)
+    proto = onnx_target.extractor_to_onnx(model)
     assert [n.op_type for n in proto.graph.node[:3]] == ["Sub", "Transpose", "Conv"]
     assert not any(n.op_type in ("MatMul", "Shape", "Gather") for n in proto.graph.node)
     images = np.zeros((4, SIZE, SIZE, 3), np.float32)
@@ -99,10 +99,10 @@ def test_parity_failure_is_detected():
 
     base = weights.load_vgg16("random", SIZE, seed=3)
     model = keras_model.build_extractor(base)
-    proto = onnx_target.keras_to_onnx(model)
+    proto = onnx_target.extractor_to_onnx(model)
     other = keras_model.build_extractor(weights.load_vgg16("random", SIZE, seed=4))
     with pytest.raises(ConvcacheError, match="parity failed"):
-        onnx_target.check_parity(proto, other, onnx_target.sample_images(2, SIZE))
+        onnx_target.check_extractor_parity(proto, other, onnx_target.sample_images(2, SIZE))
 
 
 def test_dynamic_batch_gives_same_rows(extractor):

@@ -6,10 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.fast
-
 ROOT = Path(__file__).resolve().parents[1] / "convcache"
 STAGES = ("export", "extract", "train", "serve")
 

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from convcache.pipeline.stats import paired_bootstrap, seed_photo_bootstrap
+from convcache.stats import paired_bootstrap, seed_photo_bootstrap
 
 MARGIN = 0.015
 THRESHOLDS = (0.70, 0.75, 0.80)

@@ -151,7 +151,7 @@ def run() -> None:
 
 
 def doc() -> None:
-    from convcache.pipeline.stats import mcnemar_exact, paired_bootstrap
+    from convcache.stats import mcnemar_exact, paired_bootstrap
 
     res = {"protocol": {"frozen_epochs": FROZEN, "fine_tune_epochs": FINE, "copies": KS, "seeds": SEEDS}, "arms": {}}
     rows = []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convcache.pipeline.stats import paired_bootstrap
+from convcache.stats import paired_bootstrap
 
 
 def arms(folder: Path) -> dict:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
 
 
-def keras_to_onnx(model, opset: int = 17, fold_bgr: bool = True) -> onnx.ModelProto:
+def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True) -> onnx.ModelProto:
     """The extractor as ONNX; with caffe preprocessing (`fold_bgr`), the RGB->BGR permutation (a Tensordot
     in the converted graph) folded into block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv."""
     size = model.input_shape[1]
@@ -44,7 +44,8 @@ def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def check_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray, preprocess: str | None = None) -> float:
+def check_extractor_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray,
+                           preprocess: str | None = None) -> float:
     """Run both; fail when ORT strays from Keras. Returns the max abs diff. With `preprocess`, `keras_model`
     takes preprocessed input, and the images go through Keras' own preprocessing for it
     (`vgg16.preprocess_input` for caffe, x/255 for rescale) rather than through convcache's layers."""

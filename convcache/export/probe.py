@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 
 from convcache.errors import ConvcacheError, ImageError
-from convcache.protocol import LOGREG_CS
+from convcache.protocol import LOGREG_CS, logreg_search
+from convcache.stats import mcnemar_exact
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,7 @@ def features(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
 def probe_accuracy(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, seed: int = 0,
                    folds: int = 5) -> dict:
     """Paired cross-validated probe accuracy on the two feature sets."""
-    from scipy.stats import binomtest
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     per_class = np.bincount(labels).min() if len(labels) else 0
     folds = min(folds, int(per_class))
@@ -71,13 +68,11 @@ def probe_accuracy(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, seed:
     outer = StratifiedKFold(folds, shuffle=True, random_state=seed)
     correct = {}
     for name, X in (("fp32", fp32), ("int8", int8)):
-        pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=500))])
-        search = GridSearchCV(pipe, {"logreg__C": list(LOGREG_CS)}, cv=StratifiedKFold(3))
-        correct[name] = cross_val_predict(search, X, labels, cv=outer) == labels
+        correct[name] = cross_val_predict(logreg_search(3, max_iter=500), X, labels, cv=outer) == labels
     d = correct["int8"].astype(float) - correct["fp32"]
     n = len(labels)
-    only_fp32, only_int8 = int(np.sum(d < 0)), int(np.sum(d > 0))
-    p = binomtest(only_int8, only_fp32 + only_int8).pvalue if only_fp32 + only_int8 else 1.0
+    test = mcnemar_exact(correct["fp32"], correct["int8"])
+    only_fp32, only_int8, p = test["only_a"], test["only_b"], test["p"]
     return {"images": n, "classes": int(labels.max()) + 1, "folds": folds, "seed": seed,
             "accuracy_fp32": float(correct["fp32"].mean()), "accuracy_int8": float(correct["int8"].mean()),
             "difference": float(d.mean()), "difference_se": float(d.std(ddof=1) / np.sqrt(n)),

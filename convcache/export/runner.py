@@ -99,10 +99,10 @@ def run_export(cfg: ExportConfig) -> dict:
     precision, calibration, seed, opset = cfg.precision, cfg.calibration, cfg.seed, cfg.opset
     base = weights.load_vgg16(weights_source, input_size, seed)
     model = keras_model.build_extractor(base, layer, pooling, cfg.preprocess)
-    proto = onnx_target.keras_to_onnx(model, opset, fold_bgr=cfg.preprocess == "caffe")
+    proto = onnx_target.extractor_to_onnx(model, opset, fold_bgr=cfg.preprocess == "caffe")
     onnx.checker.check_model(proto, full_check=True)
     # parity against Keras' own preprocessing (vgg16.preprocess_input, or x/255) and the cut base
-    diff = onnx_target.check_parity(proto, keras_model.cut_base(base, layer, pooling),
+    diff = onnx_target.check_extractor_parity(proto, keras_model.cut_base(base, layer, pooling),
                                     onnx_target.sample_images(4, input_size, seed), cfg.preprocess)
 
     meta = {"precision": precision, "parity_max_abs_diff": diff, "opset": opset}

@@ -31,8 +31,8 @@ import numpy as np
 
 from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
-from convcache.pipeline.stats import mcnemar_exact, paired_bootstrap
-from convcache.protocol import steps_per_epoch
+from convcache.protocol import BOOK_BATCH_SIZE, BOOK_EPOCHS, BOOK_LEARNING_RATE, steps_per_epoch
+from convcache.stats import mcnemar_exact, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ class CompareConfig:
     pooling: str | None = None
     copies: list = field(default_factory=lambda: [0, 1, 2, 5, 10, 30])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 30  # the book's schedule: 30 epochs of 100 steps of batch 20, RMSprop 2e-5
-    batch_size: int = 20
-    learning_rate: float = 2e-5
+    epochs: int = BOOK_EPOCHS  # the book's schedule (convcache.protocol)
+    batch_size: int = BOOK_BATCH_SIZE
+    learning_rate: float = BOOK_LEARNING_RATE
     policy: str = "book"
     real_epochs: int = 5  # one real TensorFlow end-to-end run (0: skip)
     logreg: bool = True

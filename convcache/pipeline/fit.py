@@ -66,7 +66,7 @@ def _stage_key(cfg: FitConfig, *names: str) -> str:
 
 def run_fit(cfg: FitConfig) -> dict:
     from convcache.artifacts import KIND_EXTRACTOR, read
-    from convcache.pipeline.stats import accuracy_interval
+    from convcache.stats import accuracy_interval
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

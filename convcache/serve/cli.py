@@ -62,7 +62,7 @@ def run_serve(args) -> int:
     from convcache.errors import ConvcacheError
     from convcache.serve.app import CONFIG_ENV, create_app
     from convcache.serve.config import ServeConfig
-    from convcache.serve.protocol import ENV as HEADER_TIMEOUT_ENV
+    from convcache.serve.http_timeouts import ENV as HEADER_TIMEOUT_ENV
 
     with socket.socket() as probe:  # refuse a busy port before loading anything or printing "serving"
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -75,7 +75,7 @@ def run_serve(args) -> int:
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels)
     common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30,
               "server_header": False, "limit_concurrency": config.max_connections,
-              "timeout_keep_alive": config.keep_alive_s, "http": "convcache.serve.protocol:HeaderTimeoutProtocol"}
+              "timeout_keep_alive": config.keep_alive_s, "http": "convcache.serve.http_timeouts:HeaderTimeoutProtocol"}
     os.environ[HEADER_TIMEOUT_ENV] = str(config.header_timeout_s)
     if args.workers > 1:
         import tempfile

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from convcache.protocol import parse_learning_rate
+from convcache.protocol import BOOK_LEARNING_RATE, parse_learning_rate
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
                         "(default: %(default)s)")
     t.add_argument("--epochs", type=int, default=30, help="dense: epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=20, help="dense: batch size (default: %(default)s, the book's)")
-    t.add_argument("--learning-rate", type=parse_learning_rate, default=2e-5,
+    t.add_argument("--learning-rate", type=parse_learning_rate, default=BOOK_LEARNING_RATE,
                    help="dense: RMSprop, or 'auto': the protocol's search on the select-half loss (decades 2e-6..2e-3, "
                         "then half-decades around the best; docs/study_plan.md) (default: %(default)s)")
     t.add_argument("--steps-per-epoch", type=int,

@@ -9,6 +9,7 @@ from pathlib import Path
 from convcache.augment import AugmentPolicy
 from convcache.backbone import weights
 from convcache.errors import ConvcacheError
+from convcache.protocol import BOOK_BATCH_SIZE, BOOK_DROPOUT, BOOK_EPOCHS, BOOK_LEARNING_RATE, BOOK_UNITS
 
 
 @dataclass
@@ -19,24 +20,24 @@ class ReferenceConfig:
     data: str
     weights: str = "hed"
     output: str = "reference"
-    epochs: int = 30
+    epochs: int = BOOK_EPOCHS
     augment: bool = True
     input_size: int = 150
-    batch_size: int = 20
+    batch_size: int = BOOK_BATCH_SIZE
     seed: int = 0
     fine_tune: str | None = None
     fine_tune_epochs: int = 2
     policy: str | AugmentPolicy = "keras3"
-    learning_rate: float = 2e-5
+    learning_rate: float = BOOK_LEARNING_RATE
     layer: str | None = None
     pooling: str | None = None
     patience: int | None = None
-    dropout: float = 0.5
+    dropout: float = BOOK_DROPOUT
     progress: bool = True
     unfreeze: str | None = None  # "all": no frozen layer (the consequence of not freezing; not cacheable)
     preprocess: str = "caffe"  # as the extractor it is compared with: caffe or rescale (the book's x/255)
     standardize: bool = False  # standardise the features before the head, as DenseHead(standardize=True)
-    units: int = 256
+    units: int = BOOK_UNITS
     augment_seed: int | None = None  # the copies' seed, as `extract --seed` (None: `seed`)
 
     def __post_init__(self):

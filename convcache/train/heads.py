@@ -14,8 +14,19 @@ from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
 from convcache.errors import ConvcacheError
-from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx, linear_to_onnx
-from convcache.protocol import LOGREG_CS, SCHEDULES, initial_head_weights, replay_copy
+from convcache.onnxtools import DEFAULT_OPSET, dense_to_onnx, linear_to_onnx
+from convcache.protocol import (
+    BOOK_BATCH_SIZE,
+    BOOK_DROPOUT,
+    BOOK_EPOCHS,
+    BOOK_LEARNING_RATE,
+    BOOK_UNITS,
+    LOGREG_CS,
+    SCHEDULES,
+    initial_head_weights,
+    logreg_search,
+    replay_copy,
+)
 from convcache.train.loop import batches_of, compile_head_model, evaluate_model, fit_epochs
 
 log = logging.getLogger(__name__)
@@ -37,6 +48,14 @@ def _hold_out_images(X, y, image, copy, seed, fraction: float = 0.1):
     _, new_rank = np.unique(image[keep], return_inverse=True)
     return X[keep], y[keep], X[val_rows], y[val_rows], new_rank, copy[keep]
 
+
+
+def set_params(estimator, params: dict) -> None:
+    """scikit-learn's __init__ contract: store every constructor argument, unchanged, under its own name
+    (`get_params` and `clone` read them back); nothing else happens in __init__."""
+    for name, value in params.items():
+        if name not in ("self", "__class__"):
+            setattr(estimator, name, value)
 
 class _Schedule:
     """Which rows each epoch trains on, in which order (see convcache.protocol)."""
@@ -83,9 +102,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     cross-validation on the training data (so the head works in Pipeline, cross_val_score, grid search)."""
 
     def __init__(self, Cs=LOGREG_CS, max_iter: int = 300, tol: float = 1e-4):
-        self.Cs = Cs
-        self.max_iter = max_iter
-        self.tol = tol
+        set_params(self, locals())
 
     def fit(self, X, y, X_val=None, y_val=None) -> LogRegHead:
         from sklearn.linear_model import LogisticRegression
@@ -119,15 +136,8 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self._finish(Pipeline([("scale", scaler), ("logreg", model)]), X, start)
 
     def _fit_cv(self, X, y, start) -> LogRegHead:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import GridSearchCV, StratifiedKFold
-        from sklearn.pipeline import Pipeline
-        from sklearn.preprocessing import StandardScaler
-
         folds = max(2, min(3, int(np.bincount(np.unique(y, return_inverse=True)[1]).min())))
-        pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=self.max_iter,
-                                                                                   tol=self.tol))])
-        search = GridSearchCV(pipe, {"logreg__C": list(self.Cs)}, cv=StratifiedKFold(folds, shuffle=False))
+        search = logreg_search(folds, self.Cs, self.max_iter, self.tol)
         search.fit(X, y)
         self.scores_ = {float(c): float(sc) for c, sc in zip(search.cv_results_["param_logreg__C"],
                                                               search.cv_results_["mean_test_score"])}
@@ -177,11 +187,7 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
 
     def __init__(self, Cs=LOGREG_CS, epochs: int = 10, block_rows: int = 1024, seed: int = 0,
                  progress: bool = False):
-        self.Cs = Cs
-        self.epochs = epochs
-        self.block_rows = block_rows
-        self.seed = seed
-        self.progress = progress
+        set_params(self, locals())
 
     def fit(self, X, y, X_val=None, y_val=None) -> StreamingLogRegHead:
         from sklearn.model_selection import train_test_split
@@ -269,21 +275,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     history): learning curves only, never used to select or stop.
     """
 
-    def __init__(self, units: int = 256, dropout: float = 0.5, epochs: int = 30, batch_size: int = 20,
-                 learning_rate: float = 2e-5, patience: int | None = None, schedule: str = "pool",
-                 steps_per_epoch: int | None = None, seed: int = 0, progress: bool = False,
-                 standardize: bool = False):
-        self.units = units
-        self.dropout = dropout
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.patience = patience
-        self.schedule = schedule
-        self.steps_per_epoch = steps_per_epoch
-        self.seed = seed
-        self.progress = progress
-        self.standardize = standardize
+    def __init__(self, units: int = BOOK_UNITS, dropout: float = BOOK_DROPOUT, epochs: int = BOOK_EPOCHS,
+                 batch_size: int = BOOK_BATCH_SIZE, learning_rate: float = BOOK_LEARNING_RATE,
+                 patience: int | None = None, schedule: str = "pool", steps_per_epoch: int | None = None,
+                 seed: int = 0, progress: bool = False, standardize: bool = False):
+        set_params(self, locals())
 
     def _fit_scaler(self, X, copy) -> None:
         """mean_/scale_ of the training originals (float64 statistics, float32 applied); scale 1 where a
@@ -411,26 +407,17 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 "history": self.history_}
 
     def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-        from convcache.tfquiet import import_keras
-
+        """features -> probabilities, written from the trained weights (`onnxtools.dense_to_onnx`)."""
         check_is_fitted(self, "model_")
-        _, keras = import_keras()
-        inputs = keras.Input((self.n_features_in_,), name=FEATURES)
-        model = self.model_
+        kernel, bias, w2, b2 = (np.asarray(w, np.float64) for w in self.model_.get_weights())
         if self.standardize:  # fold (x - mean) / scale into the first Dense layer: the head takes raw features
-            model = keras.models.clone_model(self.model_)
-            weights = [np.asarray(w) for w in self.model_.get_weights()]
-            kernel, bias = weights[0].astype(np.float64), weights[1].astype(np.float64)
             kernel = kernel / self.scaler_scale_.astype(np.float64)[:, None]
             bias = bias - self.scaler_mean_.astype(np.float64) @ kernel
-            model.set_weights([kernel.astype(np.float32), bias.astype(np.float32), *weights[2:]])
-        p = model(inputs)
-        if p.shape[-1] == 1:  # sigmoid -> two-column probabilities, like logreg's
-            p = keras.layers.Concatenate()([keras.layers.Lambda(lambda t: 1.0 - t)(p), p])
-        return keras_to_onnx(keras.Model(inputs, p), FEATURES, (self.n_features_in_,), PROBABILITIES, opset)
+        return dense_to_onnx((kernel, bias), (w2, b2), FEATURES, PROBABILITIES, opset)
 
 
-def dense_head_layers(keras, n_classes: int, units: int = 256, dropout: float = 0.5, seed: int = 0):
+def dense_head_layers(keras, n_classes: int, units: int = BOOK_UNITS, dropout: float = BOOK_DROPOUT,
+                      seed: int = 0):
     """The dense head as a Sequential, shared by DenseHead and the end-to-end reference. The dropout
     layer's generator is seeded, so both trainers draw the same masks step by step."""
     return keras.Sequential([

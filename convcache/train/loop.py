@@ -96,3 +96,38 @@ def batches_of(x_fn, y: np.ndarray, order: np.ndarray, batch_size: int):
     for b in range(math.ceil(len(order) / batch_size)):
         idx = order[b * batch_size : (b + 1) * batch_size]
         yield x_fn(idx), y[idx]
+
+
+def fit_frozen_then_fine_tuned(keras, model, n_classes: int, learning_rate: float, epochs: int,
+                               fine_tune_epochs: int, batches: Callable[[int], Callable[[int], Iterable]],
+                               evaluate: Callable[[], dict], patience: int | None, progress: bool,
+                               unfreeze: Callable[[], None], names: tuple[str, str],
+                               epoch_info: Callable[[int, str], Callable[[int], dict]],
+                               on_fine_tuned: Callable[[], None] | None = None) -> tuple[list[dict], dict]:
+    """The book's two phases: `epochs` with the base frozen at `learning_rate`, then (when
+    `fine_tune_epochs`) `unfreeze()` and `fine_tune_epochs` more at half the rate. `batches(offset)` gives
+    the phase's `batches(e)`, whose epochs continue the frozen phase's (the replay schedule's copies go on).
+    Each phase selects its epoch on the select half; the fine-tuned phase is kept only if its best
+    select-half loss is lower, otherwise the frozen phase's best weights are restored. `names`: the two
+    phases' names. Returns the history (epochs numbered across both phases) and the kept epoch."""
+    frozen_name, fine_name = names
+    compile_head_model(keras, model, n_classes, learning_rate)
+    history, selector = fit_epochs(model, epochs, batches(0), evaluate, patience, progress, frozen_name,
+                                   epoch_info(0, "frozen"))
+    best = {"phase": "frozen", "epoch": selector.best_epoch, "select_loss": selector.best_loss}
+    if not fine_tune_epochs:
+        return history, best
+    unfreeze()
+    compile_head_model(keras, model, n_classes, learning_rate / 2)
+    ft, ft_selector = fit_epochs(model, fine_tune_epochs, batches(len(history)), evaluate, patience, progress,
+                                 fine_name, epoch_info(len(history), fine_name))
+    for h in ft:
+        h["epoch"] += len(history)
+    if on_fine_tuned is not None:
+        on_fine_tuned()
+    if ft_selector.best_loss < selector.best_loss:
+        best = {"phase": fine_name, "epoch": len(history) + ft_selector.best_epoch,
+                "select_loss": ft_selector.best_loss}
+    else:
+        model.set_weights(selector.best_state)
+    return history + ft, best

@@ -24,11 +24,11 @@ from convcache.backbone import keras_model, weights
 from convcache.datasets import discover
 from convcache.errors import ConvcacheError, ImageError
 from convcache.imaging import read_and_decode
-from convcache.protocol import initial_head_weights, replay_copy, validation_halves
+from convcache.protocol import BOOK_DROPOUT, BOOK_UNITS, initial_head_weights, replay_copy, validation_halves
 from convcache.tfquiet import import_keras
 from convcache.train.config import ReferenceConfig
 from convcache.train.heads import dense_head_layers
-from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
+from convcache.train.loop import evaluate_model, fit_frozen_then_fine_tuned
 from convcache.train.metrics import evaluate, write_metrics
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _decode_split(items, size: int, workers: int = 2, progress: bool = False, de
 
 
 def build_model(keras, base, n_classes: int, layer: str | None = None, pooling: str | None = None,
-                units: int = 256, dropout: float = 0.5, seed: int = 0, preprocess: str = "caffe",
+                units: int = BOOK_UNITS, dropout: float = BOOK_DROPOUT, seed: int = 0, preprocess: str = "caffe",
                 scaler: tuple | None = None):
     """The export stage's Keras extractor (same cut, pooling, preprocessing), frozen, + the dense head,
     starting from the protocol's initial head weights (the same as DenseHead's for the same seed).
@@ -104,7 +104,6 @@ def run_reference(cfg: ReferenceConfig) -> dict:
         log.warning("reference --unfreeze all: every conv layer trains; no layer's output is fixed, so this run "
                     "cannot be cached and pays the whole base forward and backward every step")
     n = len(classes)
-    compile_head_model(keras, model, n, cfg.learning_rate)
 
     x_train, y_train, shas = splits["train"]
     x_val, y_val, val_shas = splits["validation"]
@@ -133,26 +132,15 @@ def run_reference(cfg: ReferenceConfig) -> dict:
     def info_from(offset, phase):
         return lambda e: {"phase": phase, "copies": [replay_copy(offset + e, 10**9) if cfg.augment else 0]}
 
-    start = time.perf_counter()
-    history, selector = fit_epochs(model, cfg.epochs, make_batches(0), evaluate, cfg.patience, cfg.progress,
-                                   "reference", info_from(0, "frozen"))
-    best = {"phase": "frozen", "epoch": selector.best_epoch, "select_loss": selector.best_loss}
-    if cfg.fine_tune:
+    def unfreeze_block5():
         base.trainable = True
         for conv_layer in base.layers:
             conv_layer.trainable = conv_layer.name.startswith("block5")
-        compile_head_model(keras, model, n, cfg.learning_rate / 2)
-        ft_history, ft_selector = fit_epochs(model, cfg.fine_tune_epochs, make_batches(len(history)), evaluate,
-                                             cfg.patience, cfg.progress, "fine-tune",
-                                             info_from(len(history), "fine-tune block5"))
-        for h in ft_history:
-            h["epoch"] += len(history)
-        if ft_selector.best_loss < selector.best_loss:
-            best = {"phase": "fine-tune block5", "epoch": len(history) + ft_selector.best_epoch,
-                    "select_loss": ft_selector.best_loss}
-        else:
-            model.set_weights(selector.best_state)
-        history += ft_history
+
+    start = time.perf_counter()
+    history, best = fit_frozen_then_fine_tuned(
+        keras, model, n, cfg.learning_rate, cfg.epochs, cfg.fine_tune_epochs if cfg.fine_tune else 0, make_batches,
+        evaluate, cfg.patience, cfg.progress, unfreeze_block5, ("reference", "fine-tune block5"), info_from)
     total = time.perf_counter() - start
 
     metrics = {

@@ -20,9 +20,16 @@ from sklearn.utils.validation import check_is_fitted
 from convcache.artifacts import FEATURES, PROBABILITIES
 from convcache.errors import ConvcacheError
 from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx
-from convcache.protocol import SCHEDULES, initial_head_weights
-from convcache.train.heads import DenseHead, _Schedule, dense_head_layers
-from convcache.train.loop import compile_head_model, evaluate_model, fit_epochs
+from convcache.protocol import (
+    BOOK_BATCH_SIZE,
+    BOOK_DROPOUT,
+    BOOK_LEARNING_RATE,
+    BOOK_UNITS,
+    SCHEDULES,
+    initial_head_weights,
+)
+from convcache.train.heads import DenseHead, _Schedule, dense_head_layers, set_params
+from convcache.train.loop import evaluate_model, fit_frozen_then_fine_tuned
 
 SEGMENT_ROWS = 2048  # rows read from the store at once (an epoch of the shared data's replay: one read)
 # trainable top -> (the cached boundary layer it starts from, its layers in order)
@@ -59,21 +66,15 @@ class TopHead(DenseHead):
     chunk) rather than held in memory. The dense head's parameters keep their meaning; `epochs` is the
     frozen phase."""
 
+    standardize = False  # the top trains on raw maps: not one of its parameters
+
     def __init__(self, top: str = "block5", weights: str = "hed", input_size: int = 150, weights_seed: int = 0,
-                 weights_sha256: str | None = None, maps_shape: tuple | None = None, units: int = 256,
-                 dropout: float = 0.5, epochs: int = 3, fine_tune_epochs: int = 2, batch_size: int = 20,
-                 learning_rate: float = 2e-5, patience: int | None = None, schedule: str = "replay",
-                 steps_per_epoch: int | None = None, seed: int = 0, progress: bool = False):
-        super().__init__(units=units, dropout=dropout, epochs=epochs, batch_size=batch_size,
-                         learning_rate=learning_rate, patience=patience, schedule=schedule,
-                         steps_per_epoch=steps_per_epoch, seed=seed, progress=progress)
-        self.top = top
-        self.weights = weights
-        self.input_size = input_size
-        self.weights_seed = weights_seed
-        self.weights_sha256 = weights_sha256
-        self.maps_shape = maps_shape
-        self.fine_tune_epochs = fine_tune_epochs
+                 weights_sha256: str | None = None, maps_shape: tuple | None = None, units: int = BOOK_UNITS,
+                 dropout: float = BOOK_DROPOUT, epochs: int = 3, fine_tune_epochs: int = 2,
+                 batch_size: int = BOOK_BATCH_SIZE, learning_rate: float = BOOK_LEARNING_RATE,
+                 patience: int | None = None, schedule: str = "replay", steps_per_epoch: int | None = None,
+                 seed: int = 0, progress: bool = False):
+        set_params(self, locals())
 
     def _maps(self, X) -> np.ndarray:
         X = np.asarray(X, np.float32)
@@ -133,27 +134,18 @@ class TopHead(DenseHead):
         def evaluate():
             return {"select": evaluate_model(self.model_, Xv, y_val, 32)}
 
-        start = time.perf_counter()
-        compile_head_model(keras, self.model_, n, self.learning_rate)
-        history, selector = fit_epochs(self.model_, self.epochs, batches(0), evaluate, self.patience, self.progress,
-                                       f"top frozen ({self.schedule})", info(0, "frozen"))
-        best = {"phase": "frozen", "epoch": selector.best_epoch, "select_loss": selector.best_loss}
-        if self.fine_tune_epochs:
+        def unfreeze():
             self.top_model_.trainable = True
-            compile_head_model(keras, self.model_, n, self.learning_rate / 2)
-            ft, ft_selector = fit_epochs(self.model_, self.fine_tune_epochs, batches(len(history)), evaluate,
-                                         self.patience, self.progress, f"fine-tune {self.top}",
-                                         info(len(history), f"fine-tune {self.top}"))
-            for h in ft:
-                h["epoch"] += len(history)
+
+        def top_changed():  # did fine-tuning move block5 (even if the frozen phase's weights are kept)?
             self.top_changed_ = any(not np.array_equal(a, b) for a, b in zip(initial_top,
                                                                                self.top_model_.get_weights()))
-            if ft_selector.best_loss < selector.best_loss:
-                best = {"phase": f"fine-tune {self.top}", "epoch": len(history) + ft_selector.best_epoch,
-                        "select_loss": ft_selector.best_loss}
-            else:
-                self.model_.set_weights(selector.best_state)
-            history += ft
+
+        start = time.perf_counter()
+        history, best = fit_frozen_then_fine_tuned(
+            keras, self.model_, n, self.learning_rate, self.epochs, self.fine_tune_epochs, batches, evaluate,
+            self.patience, self.progress, unfreeze, (f"top frozen ({self.schedule})", f"fine-tune {self.top}"),
+            info, top_changed)
         self.fit_seconds_ = time.perf_counter() - start
         self.history_ = history
         self.best_ = best

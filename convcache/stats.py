@@ -1,4 +1,5 @@
-"""Paired tests for differences between arms evaluated on the same images."""
+"""Paired tests for differences between arms evaluated on the same images (shared: compare and the study
+use them, export's int8 probe uses McNemar's test)."""
 
 from __future__ import annotations
 

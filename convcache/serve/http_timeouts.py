@@ -5,7 +5,7 @@ its request headers slowly or never finishes them (a slowloris): thousands of th
 descriptors. `HeaderTimeoutProtocol` extends uvicorn's own protocol class (httptools when installed,
 else h11): a connection with no request in progress is closed when a request's headers have not
 completed within `CONVCACHE_HEADER_TIMEOUT_S` seconds (default 10) of the connection opening or of
-the previous response ending. Pass it to uvicorn as `http="convcache.serve.protocol:HeaderTimeoutProtocol"`
+the previous response ending. Pass it to uvicorn as `http="convcache.serve.http_timeouts:HeaderTimeoutProtocol"`
 (a module-level class, so that `--workers N` can import it in each worker).
 """
 
