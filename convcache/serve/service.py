@@ -1,0 +1,84 @@
+"""The inference service behind the HTTP routes: one object holding the model, the content-addressed
+cache, the micro-batcher and the admission limits (the app keeps it in `app.state.service`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.concurrency import run_in_threadpool
+
+from convcache.errors import ImageError
+from convcache.serve.batcher import MicroBatcher, QueueFull
+from convcache.serve.cache import ResultCache, content_key
+from convcache.serve.config import ServeConfig
+from convcache.serve.errors import HTTPError, image_status
+from convcache.serve.metrics import Metrics
+from convcache.serve.predictor import Predictor
+
+log = logging.getLogger(__name__)
+OVERLOADED = "overloaded: the inference queue is full, retry later"
+
+
+class InferenceService:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.predictor = Predictor(config.model, config.device, config.max_batch, config.max_pixels)
+        self.metrics = Metrics()
+        self.metrics.model.labels(self.predictor.model_id).set(1)
+        self.cache = ResultCache(config.cache_size)
+        self.batcher = MicroBatcher(self.predictor.run_pixels, config.max_batch, config.max_wait_ms / 1000,
+                                    config.max_queue, on_batch=self.metrics.batch_size.observe)
+        self.decode_slots = asyncio.Semaphore(max(1, config.decode_memory_bytes // config.max_decode_bytes))
+        self.decoding = 0  # images being decoded now (they count against the queue bound)
+        self.ready = False
+
+    @property
+    def model_id(self) -> str:
+        return self.predictor.model_id
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        self.ready = True
+        log.info("serving %s on %s", self.config.model, self.predictor.provider)
+
+    async def stop(self) -> None:
+        self.ready = False  # uvicorn has drained in-flight requests before this point
+        await self.batcher.stop()
+
+    async def infer(self, data: bytes, index: int):
+        """(probabilities, features) of one image and whether the cache answered."""
+        key = content_key(data, self.predictor.sha256)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.metrics.cache_hits.inc()
+            return hit, True
+        self.metrics.cache_misses.inc()
+        # overload is answered before any decoding work: images waiting for inference + being decoded
+        if self.batcher.pending + self.decoding >= self.config.max_queue:
+            raise HTTPError(503, OVERLOADED)
+        self.decoding += 1
+        try:
+            async with self.decode_slots:  # decodes at once are capped by a memory budget
+                pixels = await run_in_threadpool(self.predictor.to_pixels, data)
+        except ImageError as exc:
+            raise HTTPError(image_status(exc.reason), f"image {index}: {exc.reason}") from None
+        finally:
+            self.decoding -= 1
+        try:
+            result = await self.batcher.submit(pixels)
+        except QueueFull:
+            raise HTTPError(503, OVERLOADED) from None
+        self.cache.put(key, result)
+        return result, False
+
+    async def infer_all(self, images: list[bytes]):
+        return await asyncio.gather(*(self.infer(d, i) for i, d in enumerate(images)))
+
+    def model_info(self) -> dict:
+        p = self.predictor
+        ext = p.metadata.get("extractor", {})
+        return {"model": p.model_id, "provider": p.provider, "classes": p.classes, "input_size": p.size,
+                "head": p.metadata.get("head"),
+                "extractor": {k: ext.get(k) for k in ("sha256", "layer", "pooling", "precision")}
+                | {"weights": (ext.get("weights") or {}).get("source")}}
