@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,25 +22,34 @@ from convcache.train.metrics import evaluate, write_metrics
 log = logging.getLogger(__name__)
 
 
-def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None,
-               data: TrainingData | None = None, export: bool = True, storage_options: dict | None = None,
-               memory_budget: int | None = None, train_top: str | None = None) -> dict:
-    """Fit `head` on originals + copies 1..K of the store's train split, select on the select half of
-    validation, report on the report half (and on test when the store has one). `data` reuses a
-    loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx.
-    When the train split's features would not fit `memory_budget` bytes, logreg streams them from the
-    store block by block (StreamingLogRegHead) instead of loading them. `train_top="block5"` fine-tunes
-    block5 + the dense head on a store of cached block4_pool maps (convcache.train.top)."""
+@dataclass
+class TrainPlan:
+    """What `train_head` will do, resolved once from its arguments: the mode, the head's name in the
+    metrics, the data (and the store, for the modes that read it block by block)."""
+
+    mode: str  # top, stream, search, dense, linear
+    head: str
+    data: TrainingData
+    fs: FeatureStore | None
+    copies: int | None
+    params: dict
+    streaming: bool
+    load_seconds: float
+
+
+def plan_training(store: str, head: str, copies: int | None, params: dict | None, data: TrainingData | None,
+                  storage_options: dict | None, memory_budget: int | None, train_top: str | None) -> TrainPlan:
     if head not in HEADS:
         raise ConvcacheError(f"unknown head {head!r}; choose {', '.join(HEADS)}")
-    load_start = time.perf_counter()
-    streaming, fs = head == "logreg-stream", None
+    params = dict(params or {})
+    auto_lr = params.get("learning_rate") == "auto"
+    start, fs, streaming = time.perf_counter(), None, head == "logreg-stream"
     if train_top:
         if head != "dense" or data is not None:
             raise ConvcacheError("--train-top trains the top under the dense head: use --head dense")
         fs = FeatureStore(store, storage_options)
         data = load_training_data(fs, copies, train_features=False)  # maps are read per epoch, chunk by chunk
-    if data is None:
+    elif data is None:
         fs = FeatureStore(store, storage_options)
         need = 2 * fs.nbytes("train", copies)  # the features as float32, and their standardized copy
         if memory_budget is not None and need > memory_budget:
@@ -49,78 +59,118 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
         data = load_training_data(fs, copies, train_features=not streaming)
     elif copies is not None:
         data = data.with_copies(min(copies, data.copies_used))
-    load_seconds = time.perf_counter() - load_start
     if data.select is None and head in ("dense", "logreg-stream"):
         raise ConvcacheError(f"the {head} head selects its epoch on half of the validation split, and the store has "
                              "none")
-    tr, sel = data.train, data.select
-    if (params or {}).get("learning_rate") == "auto" and (head != "dense" or train_top or streaming):
+    if auto_lr and (head != "dense" or train_top or streaming):
         raise ConvcacheError("--learning-rate auto searches the in-memory dense head's learning rate; not with "
                              "--train-top, streaming or other heads")
-    estimator = _top_head(fs, train_top, params) if train_top else (
-        None if (params or {}).get("learning_rate") == "auto" else HEADS[head](**(params or {})))
     if train_top:
-        fs.check("train")  # the digests, block by block, before any epoch reads rows
-        estimator.fit(None, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy,
-                      fetch=lambda rows: fs.take("train", tr.row[rows]))
-        head = f"top-{train_top}"
+        mode, head = "top", f"top-{train_top}"
     elif streaming and fs is not None:
-        seed = estimator.seed
-        if head == "dense":  # logreg verifies every block in its first pass; the dense head has none
-            fs.check("train")
-
-        def blocks(epoch):  # epoch -1: logreg's scaler pass, in stored order, verifying every block's digest
-            for b in fs.iter_blocks("train", max_copy=copies, shuffle=epoch >= 0, seed=seed * 100003 + epoch + 1,
-                                    verify=epoch < 0):
-                yield b.features.reshape(len(b), -1), b.labels
-
-        estimator.fit_stream(blocks, np.unique(tr.y), sel.X, sel.y)
-    elif head == "dense" and (params or {}).get("learning_rate") == "auto":
-        estimator = _search_learning_rate(params, tr, sel)
-    elif head == "dense":
-        estimator.fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
+        mode = "stream"
+    elif auto_lr:
+        mode = "search"
     else:
-        estimator.fit(tr.X, tr.y, sel.X if sel else None, sel.y if sel else None)
+        mode = "dense" if head == "dense" else "linear"
+    params = {**params, "train_top": train_top} if train_top else params
+    return TrainPlan(mode, head, data, fs, copies, params, streaming, time.perf_counter() - start)
 
-    n = len(data.classes)
-    summary = estimator.summary()
+
+def _fit_top(plan: TrainPlan):
+    tr, sel, fs = plan.data.train, plan.data.select, plan.fs
+    params = {k: v for k, v in plan.params.items() if k != "train_top"}
+    estimator = _top_head(fs, plan.params["train_top"], params)
+    fs.check("train")  # the digests, block by block, before any epoch reads rows
+    return estimator.fit(None, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy,
+                         fetch=lambda rows: fs.take("train", tr.row[rows]))
+
+
+def _fit_stream(plan: TrainPlan):
+    tr, sel, fs = plan.data.train, plan.data.select, plan.fs
+    estimator = HEADS[plan.head](**plan.params)
+    if plan.head == "dense":  # logreg verifies every block in its first pass; the dense head has none
+        fs.check("train")
+
+    def blocks(epoch):  # epoch -1: logreg's scaler pass, in stored order, verifying every block's digest
+        for b in fs.iter_blocks("train", max_copy=plan.copies, shuffle=epoch >= 0,
+                                seed=estimator.seed * 100003 + epoch + 1, verify=epoch < 0):
+            yield b.features.reshape(len(b), -1), b.labels
+
+    estimator.fit_stream(blocks, np.unique(tr.y), sel.X, sel.y)
+    return estimator
+
+
+def _fit_dense(plan: TrainPlan):
+    tr, sel = plan.data.train, plan.data.select
+    return HEADS["dense"](**plan.params).fit(tr.X, tr.y, sel.X, sel.y, image=tr.image, copy=tr.copy)
+
+
+def _fit_linear(plan: TrainPlan):
+    tr, sel = plan.data.train, plan.data.select
+    return HEADS[plan.head](**plan.params).fit(tr.X, tr.y, sel.X if sel else None, sel.y if sel else None)
+
+
+FIT = {"top": _fit_top, "stream": _fit_stream, "search": lambda plan: _search_learning_rate(
+    plan.params, plan.data.train, plan.data.select), "dense": _fit_dense, "linear": _fit_linear}
+
+
+def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None,
+               data: TrainingData | None = None, export: bool = True, storage_options: dict | None = None,
+               memory_budget: int | None = None, train_top: str | None = None) -> dict:
+    """Fit `head` on originals + copies 1..K of the store's train split, select on the select half of
+    validation, report on the report half (and on test when the store has one). `data` reuses a
+    loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx.
+    When the train split's features would not fit `memory_budget` bytes, logreg streams them from the
+    store block by block (StreamingLogRegHead) instead of loading them. `train_top="block5"` fine-tunes
+    block5 + the dense head on a store of cached block4_pool maps (convcache.train.top)."""
+    plan = plan_training(store, head, copies, params, data, storage_options, memory_budget, train_top)
+    estimator = FIT[plan.mode](plan)
+    metrics = _metrics(plan, estimator, memory_budget)
+    if export:
+        _export(plan, estimator, Path(out_dir), metrics)
+    write_metrics(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def _metrics(plan: TrainPlan, estimator, memory_budget: int | None) -> dict:
+    data, summary = plan.data, estimator.summary()
     metrics = {
-        "method": "cached", "head": head, "streaming": streaming, "memory_budget": memory_budget,
-        "copies": data.copies_used, "copies_requested": copies,
+        "method": "cached", "head": plan.head, "streaming": plan.streaming, "memory_budget": memory_budget,
+        "copies": data.copies_used, "copies_requested": plan.copies,
         "copies_available": data.copies_available, "schedule": summary.get("schedule"),
         "epochs": summary.get("epochs_run"), "steps": summary.get("steps"),
-        "classes": data.classes, "fit_seconds": estimator.fit_seconds_, "load_seconds": load_seconds,
-        "rows": {"train": int(len(tr.y))}, "selection": summary,
+        "classes": data.classes, "fit_seconds": estimator.fit_seconds_, "load_seconds": plan.load_seconds,
+        "rows": {"train": int(len(data.train.y))}, "selection": summary,
         "provenance": data.provenance, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for name, split in (("select", data.select), ("report", data.report), ("test", data.test)):
         if split is not None:
             proba = estimator.predict_proba(split.X)
-            metrics[name] = evaluate(proba, split.y, n)
+            metrics[name] = evaluate(proba, split.y, len(data.classes))
             metrics["rows"][name] = int(len(split.y))
             if name == "report":
                 metrics["report_correct"] = (proba.argmax(1) == split.y).astype(int).tolist()
                 metrics["report_proba"] = proba.astype(float).tolist()
                 metrics["report_sha256"] = split.sha256
+    return metrics
 
-    if not export:
-        write_metrics(Path(out_dir) / "metrics.json", metrics)
-        return metrics
+
+def _export(plan: TrainPlan, estimator, out: Path, metrics: dict) -> None:
+    """head.onnx: checked, at parity with the estimator, with the head's contract in its metadata."""
+    data = plan.data
     proto = estimator.to_onnx(opset=data.extractor_opset)  # the extractor's opset: fusion joins one opset
     onnx.checker.check_model(proto, full_check=True)
     check = (data.report or data.select or data.train).X[:64]
-    if train_top:  # the top takes the boundary maps themselves
+    if plan.mode == "top":  # the top takes the boundary maps themselves
         check = check.reshape(len(check), *data.feature_shape)
     metrics["onnx_max_abs_diff"] = check_parity(proto, estimator.predict_proba(check), {artifacts.FEATURES: check},
                                                 artifacts.PROBABILITIES, 1e-4, "the ONNX head")
     artifacts.write_metadata(proto, artifacts.KIND_HEAD, {
-        "head": head, "classes": data.classes, "n_features": int(np.prod(data.feature_shape)),
+        "head": plan.head, "classes": data.classes, "n_features": int(np.prod(data.feature_shape)),
         "feature_shape": data.feature_shape, "extractor_sha256": data.extractor_sha256, "provenance": data.provenance})
-    out = Path(out_dir)
     artifacts.save_model(proto, out / "head.onnx")  # never leaves a half-written head under the real name
     metrics["head_onnx"] = str(out / "head.onnx")
-    write_metrics(out / "metrics.json", metrics)
-    return metrics
 
 
 def _search_learning_rate(params: dict, tr, sel):
