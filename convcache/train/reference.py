@@ -84,6 +84,30 @@ def run_reference(cfg: ReferenceConfig) -> dict:
     the initial head weights, the batch order and dropout (and weights "random"); `cfg.augment_seed` the
     copies, as `extract --seed` does."""
     _, keras = import_keras()
+    splits, classes = _load_splits(cfg)
+    base = weights.load_vgg16(cfg.weights, cfg.input_size, cfg.seed)
+    scaler = (_feature_scaler(keras, base, splits["train"][0], cfg.layer, cfg.pooling, cfg.preprocess)
+              if cfg.standardize else None)
+    model, _ = build_model(keras, base, len(classes), cfg.layer, cfg.pooling, cfg.units, cfg.dropout, cfg.seed,
+                           cfg.preprocess, scaler)
+    initial_weights_sha256 = weights.weights_sha256(base)
+    if cfg.unfreeze == "all":  # no layer is frozen: nothing is fixed, so nothing can be cached
+        base.trainable = True
+        log.warning("reference --unfreeze all: every conv layer trains; no layer's output is fixed, so this run "
+                    "cannot be cached and pays the whole base forward and backward every step")
+    halves = _halves(splits["validation"])
+    start = time.perf_counter()
+    history, best = _train(keras, cfg, model, base, splits["train"], halves, len(classes))
+    metrics = _metrics(cfg, classes, history, best, time.perf_counter() - start, len(splits["train"][1]), halves)
+    metrics["base_weights_changed"] = weights.weights_sha256(base) != initial_weights_sha256
+    metrics["provenance"]["weights_sha256"] = initial_weights_sha256
+    _evaluate_splits(model, metrics, halves, splits["test"], len(classes))
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    write_metrics(Path(cfg.output) / "metrics.json", metrics)
+    return metrics
+
+
+def _load_splits(cfg: ReferenceConfig) -> tuple[dict, list[str]]:
     items, classes = discover(cfg.data)
     splits = {s: _decode_split([i for i in items if i.split == s], cfg.input_size, progress=cfg.progress,
                                desc=f"decode {s}")
@@ -93,22 +117,22 @@ def run_reference(cfg: ReferenceConfig) -> dict:
     if splits["validation"] is None:
         raise ConvcacheError(f"--data {cfg.data}: the reference selects its best epoch on a validation split; "
                              "none found")
-    base = weights.load_vgg16(cfg.weights, cfg.input_size, cfg.seed)
-    scaler = (_feature_scaler(keras, base, splits["train"][0], cfg.layer, cfg.pooling, cfg.preprocess)
-              if cfg.standardize else None)
-    model, extractor = build_model(keras, base, len(classes), cfg.layer, cfg.pooling, cfg.units, cfg.dropout,
-                                   cfg.seed, cfg.preprocess, scaler)
-    initial_weights_sha256 = weights.weights_sha256(base)
-    if cfg.unfreeze == "all":  # no layer is frozen: nothing is fixed, so nothing can be cached
-        base.trainable = True
-        log.warning("reference --unfreeze all: every conv layer trains; no layer's output is fixed, so this run "
-                    "cannot be cached and pays the whole base forward and backward every step")
-    n = len(classes)
+    return splits, classes
 
-    x_train, y_train, shas = splits["train"]
-    x_val, y_val, val_shas = splits["validation"]
+
+def _halves(validation) -> dict:
+    """The select and report halves of validation (convcache.protocol.validation_halves), as float32."""
+    x_val, y_val, val_shas = validation
     sel, rep = validation_halves(val_shas, y_val)
-    xs, ys, xr, yr = x_val[sel].astype(np.float32), y_val[sel], x_val[rep].astype(np.float32), y_val[rep]
+    return {"select": (x_val[sel].astype(np.float32), y_val[sel]),
+            "report": (x_val[rep].astype(np.float32), y_val[rep]), "report_sha256": [val_shas[i] for i in rep]}
+
+
+def _train(keras, cfg: ReferenceConfig, model, base, train, halves: dict, n_classes: int):
+    """The frozen phase (and block5's fine-tuning), each epoch's batches augmented on the fly: epoch e
+    sees copy e + 1 of every image, in the order DenseHead's replay schedule draws from the same seed."""
+    x_train, y_train, shas = train
+    (xs, ys), (xr, yr) = halves["select"], halves["report"]
     rng = np.random.default_rng(cfg.seed)  # the same stream of epoch orders as DenseHead's replay schedule
 
     def evaluate():
@@ -137,46 +161,46 @@ def run_reference(cfg: ReferenceConfig) -> dict:
         for conv_layer in base.layers:
             conv_layer.trainable = conv_layer.name.startswith("block5")
 
-    start = time.perf_counter()
-    history, best = fit_frozen_then_fine_tuned(
-        keras, model, n, cfg.learning_rate, cfg.epochs, cfg.fine_tune_epochs if cfg.fine_tune else 0, make_batches,
-        evaluate, cfg.patience, cfg.progress, unfreeze_block5, ("reference", "fine-tune block5"), info_from)
-    total = time.perf_counter() - start
+    return fit_frozen_then_fine_tuned(
+        keras, model, n_classes, cfg.learning_rate, cfg.epochs, cfg.fine_tune_epochs if cfg.fine_tune else 0,
+        make_batches, evaluate, cfg.patience, cfg.progress, unfreeze_block5, ("reference", "fine-tune block5"),
+        info_from)
 
-    metrics = {
+
+def _metrics(cfg: ReferenceConfig, classes, history, best, seconds: float, n_train: int, halves: dict) -> dict:
+    return {
         "method": "reference", "head": "dense", "augment": cfg.augment, "epochs": cfg.epochs,
         "fine_tune": cfg.fine_tune, "fine_tune_epochs": cfg.fine_tune_epochs if cfg.fine_tune else 0,
         "classes": classes,
-        "fit_seconds": total, "seconds_per_epoch": float(np.mean([h["train_seconds"] for h in history])),
+        "fit_seconds": seconds, "seconds_per_epoch": float(np.mean([h["train_seconds"] for h in history])),
         "selection": {"rule": "lowest select-half loss" + (f", patience {cfg.patience}" if cfg.patience else ""),
                       "best": best, "epochs_run": len(history), "steps": int(sum(h["steps"] for h in history)),
                       "copies_used": sorted({c for h in history for c in h["copies"]}), "history": history},
         "history": history, "best_epoch": best["epoch"],
-        "rows": {"train": int(len(y_train) * len(history)),
-                 "select": int(len(ys)), "report": int(len(yr))},
+        "rows": {"train": int(n_train * len(history)), "select": int(len(halves["select"][1])),
+                 "report": int(len(halves["report"][1]))},
         "unfreeze": cfg.unfreeze, "cacheable": cfg.unfreeze is None and not cfg.fine_tune,
-        "base_weights_changed": weights.weights_sha256(base) != initial_weights_sha256,
-        "provenance": {"data": str(cfg.data), "weights": cfg.weights, "weights_sha256": initial_weights_sha256,
-                       "input_size": cfg.input_size, "layer": cfg.layer or "block5_pool", "pooling": cfg.pooling,
-                       "preprocess": cfg.preprocess, "standardize": cfg.standardize,
-                       "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
-                       "policy": cfg.policy.to_dict() if cfg.augment else None, "seed": cfg.seed,
-                       "augment_seed": cfg.augment_seed},
+        "provenance": {"data": str(cfg.data), "weights": cfg.weights, "input_size": cfg.input_size,
+                       "layer": cfg.layer or "block5_pool", "pooling": cfg.pooling, "preprocess": cfg.preprocess,
+                       "standardize": cfg.standardize, "learning_rate": cfg.learning_rate,
+                       "batch_size": cfg.batch_size, "policy": cfg.policy.to_dict() if cfg.augment else None,
+                       "seed": cfg.seed, "augment_seed": cfg.augment_seed},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    metrics["select"] = _evaluate(model, xs, ys, n)
-    metrics["report"] = _evaluate(model, xr, yr, n)
+
+
+def _evaluate_splits(model, metrics: dict, halves: dict, test, n_classes: int) -> None:
+    (xs, ys), (xr, yr) = halves["select"], halves["report"]
+    metrics["select"] = _evaluate(model, xs, ys, n_classes)
+    metrics["report"] = _evaluate(model, xr, yr, n_classes)
     proba = _proba(model, xr)
     metrics["report_correct"] = (proba.argmax(1) == yr).astype(int).tolist()
     metrics["report_proba"] = proba.astype(float).tolist()
-    metrics["report_sha256"] = [val_shas[i] for i in rep]
-    if splits["test"] is not None:
-        x, y, _ = splits["test"]
-        metrics["test"] = _evaluate(model, x, y, n)
+    metrics["report_sha256"] = halves["report_sha256"]
+    if test is not None:
+        x, y, _ = test
+        metrics["test"] = _evaluate(model, x, y, n_classes)
         metrics["rows"]["test"] = int(len(y))
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    write_metrics(Path(cfg.output) / "metrics.json", metrics)
-    return metrics
 
 
 def _feature_scaler(keras, base, pixels, layer, pooling, preprocess) -> tuple:
