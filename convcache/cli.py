@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from convcache import __version__, info_cli
+from convcache import __version__, bench_cli, info_cli
 from convcache.errors import ConvcacheError
 from convcache.export import cli as export_cli
 from convcache.extract import cli as extract_cli
@@ -24,7 +24,7 @@ from convcache.train import cli as train_cli
 
 # Each stage's cli module registers its parsers and imports its heavy modules (TensorFlow, FastAPI)
 # only inside the command it runs, so `convcache serve` never imports TensorFlow.
-STAGE_CLIS = (export_cli, extract_cli, train_cli, serve_cli, pipeline_cli, info_cli)
+STAGE_CLIS = (export_cli, extract_cli, train_cli, serve_cli, pipeline_cli, info_cli, bench_cli)
 
 
 class _Stages:

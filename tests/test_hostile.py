@@ -291,7 +291,7 @@ def test_disk_full_is_one_line_and_keeps_what_was_committed(extractor, tmp_path)
 
 
 def test_a_split_created_only_in_part_is_created_again(extractor, tmp_path):
-    """A kill between creating a split's group and its arrays (found by bench/stress_faults.py)."""
+    """A kill between creating a split's group and its arrays (found by the kill -9 stress run)."""
     import shutil
 
     data = make_dataset(tmp_path / "d", splits={"train": 2, "validation": 2})

@@ -1,7 +1,7 @@
 """The HTTP service under load on loopback (an asyncio httpx client), against the bare Predictor
 rate on the same images, in one run; cache-hit latency; RSS over 10,000 requests with 10% bad input.
 
-    .venv/bin/python bench/bench_serve.py --model runs/model.onnx --data ../shared/data/cats_and_dogs_small
+    .venv/bin/convcache bench serve --model runs/model.onnx --data ../shared/data/cats_and_dogs_small
 """
 
 from __future__ import annotations
@@ -88,14 +88,15 @@ def bad_inputs() -> list[bytes]:
             b"DDS " + bytes(hdr) + bytes(256)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="convcache bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/model.onnx")
     p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--soak", type=int, default=10_000)
     p.add_argument("--soak-clients", type=int, default=32)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     files = sorted((Path(a.data) / "validation").rglob("*.jpg"))[:: 1000 // a.images][: a.images]
     bodies = [f.read_bytes() for f in files]
 
@@ -115,7 +116,8 @@ def main() -> None:
         for c in (1, 4, 16):
             n = max(2 * len(bodies), 8 * c) if c > 1 else len(bodies)
             rate, lat, codes = asyncio.run(load(server.url, bodies, c, n))
-            print(f"| {c} | {n} | {rate:.1f} | {rate / bare:.2f}x | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} | {codes} |")
+            print(f"| {c} | {n} | {rate:.1f} | {rate / bare:.2f}x | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} "
+                  f"| {codes} |")
     finally:
         server.stop()
 
@@ -131,7 +133,8 @@ def main() -> None:
         seq = [mixed[i] for i in order]
         rss = [("start", server.rss_mib())]
         done, codes_total, lats = 0, {}, []
-        for chunk in (1000, 4000, a.soak - 5000):
+        parts = (1000, 4000, a.soak - 5000) if a.soak > 5000 else (a.soak // 3, a.soak // 3, a.soak - 2 * (a.soak // 3))
+        for chunk in parts:
             _, lat, codes = asyncio.run(load(server.url, seq[done : done + chunk], a.soak_clients, chunk))
             lats += list(lat)
             done += chunk

@@ -2,7 +2,7 @@
 ONNX Runtime fp32 and int8, OpenVINO fp32 and int8, at batch 1 and 32 (interleaved rounds).
 
     .venv/bin/convcache export --weights hed --precision int8 --calibration CALIB_DIR -o runs/rt/block5-int8.onnx
-    .venv/bin/python bench/bench_runtime.py --fp32 runs/study/block5.onnx --int8 runs/rt/block5-int8.onnx
+    .venv/bin/convcache bench runtime --fp32 runs/study/block5.onnx --int8 runs/rt/block5-int8.onnx
 
 `--pipeline-images N` adds the full pipeline (`convcache extract`: list, hash, read, decode, infer, write a
 float32 store; originals only) per ONNX runtime and precision on N training photos, each run into a fresh
@@ -32,8 +32,9 @@ def rate(fn, x, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="convcache bench runtime", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fp32", required=True)
     p.add_argument("--int8", required=True)
     p.add_argument("--size", type=int, default=150)
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--pipeline-images", type=int, default=0, metavar="N")
     p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     runners = {}
     for precision, path in (("fp32", args.fp32), ("int8", args.int8)):
         s = create_session(path, "cpu")
@@ -75,8 +76,7 @@ def pipeline(args, table: dict, runners: dict) -> None:
     import tempfile
     from pathlib import Path
 
-    from bench_extract import subset
-
+    from convcache.benchmarks.extract import subset
     from convcache.extract.runner import ExtractConfig, run_extract
 
     tmp = Path(tempfile.mkdtemp())

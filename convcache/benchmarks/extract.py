@@ -1,8 +1,8 @@
 """The whole extract pipeline (decode, augment, infer, write) against bare ORT inference on
 pre-decoded arrays, in one run on the same images; and the store's size for float32 and float16.
 
-    .venv/bin/python bench/bench_extract.py --data ../shared/data/cats_and_dogs_small --images 300 --augment 2
-    .venv/bin/python bench/bench_extract.py --model runs/rt/block5-int8.onnx --device cpu --dtypes float32
+    .venv/bin/convcache bench extract --data ../shared/data/cats_and_dogs_small --images 300 --augment 2
+    .venv/bin/convcache bench extract --model runs/rt/block5-int8.onnx --device cpu --dtypes float32
 
 `--model` measures an exported extractor (an int8 one, say) instead of exporting `--weights`; `--device`
 is the runtime of both the bare and the pipeline rate.
@@ -40,8 +40,9 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="convcache bench extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--augment", type=int, default=2)
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--stub", type=float, metavar="ROWS_PER_S",
                    help="instead: the pipeline with inference replaced by a sleep at this rate (no CPU), to show "
                         "what the pipeline's structure reaches and its CPU time per row outside inference")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.stub:
         return stub(a)
     tmp = Path(tempfile.mkdtemp())

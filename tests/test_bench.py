@@ -1,0 +1,43 @@
+"""`convcache bench`: each benchmark runs end to end on tiny fixtures and prints its table (a smoke test:
+the numbers themselves belong in docs/benchmarks.md, measured on real photos)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SIZE, make_dataset, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_extract_prints_the_pipeline_against_bare_inference(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 4})
+    r = run_cli("bench", "extract", "--data", data, "--images", 8, "--augment", 1, "--model", pooled_extractor,
+                "--size", SIZE, "--dtypes", "float32", "--rounds", 1, "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
+    assert "| bare inference on pre-decoded arrays |" in r.stdout and "| full pipeline, float32 store |" in r.stdout
+
+
+def test_bench_runtime_reports_every_runtime(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 4})
+    r = run_cli("bench", "runtime", "--fp32", pooled_extractor, "--int8", pooled_extractor, "--size", SIZE,
+                "--seconds", 0.2, "--rounds", 1, "--pipeline-images", 4, "--data", data)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert {"ONNX Runtime fp32", "ONNX Runtime int8", "Keras predict fp32"} <= set(rep["img_per_s"])
+    assert rep["img_per_s"]["ONNX Runtime fp32"]["pipeline"] > 0
+
+
+def test_bench_serve_loads_the_service_and_soaks_it(fused_model, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"validation": 2})
+    r = run_cli("bench", "serve", "--model", fused_model, "--data", data, "--images", 2, "--soak", 30,
+                "--soak-clients", 4)
+    assert r.returncode == 0, r.stderr
+    soak = next(line for line in r.stdout.splitlines() if line.startswith("soak:"))
+    assert "| clients | requests |" in r.stdout and "soak: 30 requests" in soak and "500:" not in soak
+
+
+def test_bench_names_an_unknown_benchmark():
+    r = run_cli("bench", "nope")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
