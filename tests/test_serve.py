@@ -1,3 +1,4 @@
+import asyncio
 import io
 import signal
 import socket
@@ -52,6 +53,37 @@ class Server:
             self.proc.wait(30)
 
 
+class InProcess:
+    """The app in this process through `httpx.ASGITransport` (no socket, no server process), with the
+    service started and stopped as the lifespan would: for tests of answers, not of the transport."""
+
+    def __init__(self, fused_model, **config):
+        from convcache.serve.app import ServeConfig, create_app
+
+        self.app = create_app(ServeConfig(model=str(fused_model), **config))
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.app.state.service.start())
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://asgi")
+
+    def get(self, path, **kwargs):
+        return self.loop.run_until_complete(self.client.get(path, **kwargs))
+
+    def post(self, path, **kwargs):
+        return self.loop.run_until_complete(self.client.post(path, **kwargs))
+
+    def close(self):
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.run_until_complete(self.app.state.service.stop())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def api(fused_model):
+    s = InProcess(fused_model, max_body_bytes=1 << 20, max_pixels=1_000_000, max_wait_ms=10)
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="module")
 def server(fused_model):
     s = Server(fused_model, "--max-body-mb", 1, "--max-pixels", 1_000_000, "--max-wait-ms", 10)
@@ -59,11 +91,11 @@ def server(fused_model):
     s.stop()
 
 
-def test_predictions_equal_predictor(server, fused_model):
+def test_predictions_equal_predictor(api, fused_model):
     predictor = Predictor(fused_model)
     images = [jpeg(i) for i in range(3)]
     expected = predictor.predict(images)
-    r = httpx.post(server.url + "/v1/predict", files=[("images", (f"{i}.jpg", b, "image/jpeg"))
+    r = api.post("/v1/predict", files=[("images", (f"{i}.jpg", b, "image/jpeg"))
                                                       for i, b in enumerate(images)])
     assert r.status_code == 200
     got = r.json()["predictions"]
@@ -71,9 +103,9 @@ def test_predictions_equal_predictor(server, fused_model):
     for p, e in zip(got, expected):
         for c in predictor.classes:
             assert p["probabilities"][c] == pytest.approx(e.probabilities[c], abs=1e-5)
-    raw = httpx.post(server.url + "/v1/predict", content=images[0], headers={"content-type": "image/jpeg"})
+    raw = api.post("/v1/predict", content=images[0], headers={"content-type": "image/jpeg"})
     assert raw.json()["predictions"][0]["class"] == expected[0].label
-    feats = httpx.post(server.url + "/v1/features", content=images[1]).json()["features"][0]["features"]
+    feats = api.post("/v1/features", content=images[1]).json()["features"][0]["features"]
     np.testing.assert_allclose(feats, predictor.features(images[1])[0], atol=1e-4)
 
 
@@ -97,26 +129,26 @@ def test_predictor_inputs_agree(fused_model, tmp_path):
     (jpeg(1)[:120], 422),
     (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, 415),  # a JPEG marker, then garbage
 ])
-def test_bad_images(server, body, status):
-    r = httpx.post(server.url + "/v1/predict", content=body)
+def test_bad_images(api, body, status):
+    r = api.post("/v1/predict", content=body)
     assert r.status_code == status and "error" in r.json()
 
 
-def test_limits(server):
+def test_limits(api):
     big = io.BytesIO()
     Image.new("RGB", (1200, 1200)).save(big, "PNG")  # small file, 1.44 M pixels > the 1 M limit
-    r = httpx.post(server.url + "/v1/predict", content=big.getvalue())
+    r = api.post("/v1/predict", content=big.getvalue())
     assert r.status_code == 422 and "too many pixels" in r.json()["error"]
-    r = httpx.post(server.url + "/v1/predict", content=b"x" * (2 << 20))
+    r = api.post("/v1/predict", content=b"x" * (2 << 20))
     assert r.status_code == 413
     body = b'--XyZ\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file here\r\n--XyZ--\r\n'
-    r = httpx.post(server.url + "/v1/predict", content=body,
+    r = api.post("/v1/predict", content=body,
                    headers={"content-type": "multipart/form-data; boundary=XyZ"})
     assert r.status_code == 422 and "no files" in r.json()["error"]
-    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
-    meta = httpx.get(server.url + "/v1/model").json()
+    assert api.get("/healthz").json() == {"status": "ok"}
+    meta = api.get("/v1/model").json()
     assert meta["model"] and meta["classes"] == ["cats", "dogs"] and meta["input_size"] > 0
-    assert httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/predict"]
+    assert api.get("/openapi.json").json()["paths"]["/v1/predict"]
 
 
 def test_concurrent_load_and_cache_metrics(server):
@@ -177,8 +209,8 @@ def test_serve_rejects_a_non_fused_model(pooled_extractor):
     assert r.returncode == 2 and "not a fused convcache model" in r.stderr
 
 
-def test_openapi_documents_the_upload_and_a_typed_answer(server, fused_model):
-    spec = httpx.get(server.url + "/openapi.json").json()
+def test_openapi_documents_the_upload_and_a_typed_answer(api, fused_model):
+    spec = api.get("/openapi.json").json()
     op = spec["paths"]["/v1/predict"]["post"]
     upload = op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["image"]
     assert upload["items"]["format"] == "binary" and op["requestBody"]["required"]
@@ -189,12 +221,12 @@ def test_openapi_documents_the_upload_and_a_typed_answer(server, fused_model):
     assert {"class", "probabilities", "cached"} <= set(pred)
     assert op["responses"]["415"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
     # the documented answer is what the service answers, and its model id is the model's identity
-    r = httpx.post(server.url + "/v1/predict", files={"image": ("a.jpg", jpeg(1), "image/jpeg")})
+    r = api.post("/v1/predict", files={"image": ("a.jpg", jpeg(1), "image/jpeg")})
     from convcache.artifacts import read
 
     identity = read(fused_model).identity
     assert r.status_code == 200 and r.json()["model"] == identity and identity.startswith(spec["info"]["version"])
-    info = httpx.get(server.url + "/v1/model").json()
+    info = api.get("/v1/model").json()
     assert info["model"] == identity and "/" not in json_dumps(info.get("extractor"))  # no local paths
     assert "config" not in info and "metadata" not in info
 
@@ -205,15 +237,15 @@ def json_dumps(v):
     return json.dumps(v)
 
 
-def test_one_error_shape_and_route_template_labels(server):
+def test_one_error_shape_and_route_template_labels(api):
     for method, path, status in (("get", "/wp-login.php", 404), ("get", "/v1/predict", 405),
                                  ("post", "/v1/predict", 415)):
-        r = getattr(httpx, method)(server.url + path, **({"content": b"junk"} if method == "post" else {}))
+        r = getattr(api, method)(path, **({"content": b"junk"} if method == "post" else {}))
         assert r.status_code == status and set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
-    text = httpx.get(server.url + "/metrics").text
+    text = api.get("/metrics").text
     assert "/wp-login.php" not in text and 'endpoint="<unmatched>"' in text
     assert 'endpoint="/v1/predict"' in text
-    model_id = httpx.get(server.url + "/v1/model").json()["model"]
+    model_id = api.get("/v1/model").json()["model"]
     assert f'convcache_model_info{{model="{model_id}"}} 1.0' in text  # the one model id, in metrics too
 
 
