@@ -98,3 +98,19 @@ def test_stages_meet_only_through_artifacts():
             if len(tparts) > 1 and tparts[1] != parts[1] and (tparts[1] in STAGES or tparts[1] in ("cli", "pipeline")):
                 bad.append(f"{module} -> {target}")
     assert not bad, "\n".join(sorted(bad))
+
+
+def test_the_readme_layout_names_every_module_and_package():
+    readme = (ROOT.parent / "README.md").read_text()
+    block = readme[readme.index("## Layout") :].split("```")[1]
+    top = [p.name for p in ROOT.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    packages = [p.name + "/" for p in ROOT.iterdir() if (p / "__init__.py").is_file()]
+    missing = [n for n in top + packages if n not in block]
+    for package in packages:  # each subpackage's modules are named on its line(s)
+        start = block.index(package)
+        nxt = min((block.index(p, start + 1) for p in packages if p != package and block.find(p, start + 1) > 0),
+                  default=len(block))
+        text = block[start:nxt]
+        missing += [f"{package}{m.stem}" for m in (ROOT / package).glob("*.py")
+                    if m.stem != "__init__" and m.stem not in text]
+    assert not missing, f"README layout misses: {', '.join(sorted(missing))}"
