@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 EXIT_PARTIAL = 3  # finished, but some files were skipped
 
 
@@ -101,7 +103,11 @@ def run(args) -> int:
                         repair=args.repair, storage_options=options, scheduler=args.scheduler,
                         cluster=args.cluster, rows_per_task=args.rows_per_task, threads=args.threads,
                         progress=not args.no_progress)
-    s = run_extract(cfg)
+    try:
+        s = run_extract(cfg)
+    except KeyboardInterrupt:
+        print(f"\n{_committed(args.output, options)}; the same command resumes from there", file=sys.stderr)
+        raise
     print(f"extracted {s.rows_written} rows ({s.rows_cached} cached, {s.inference_calls} inference calls) from "
           f"{s.images} files in {s.seconds:.1f}s, {s.rows_per_second:.1f} rows/s on {s.provider}; "
           f"{len(s.skipped)} skipped, {len(s.duplicates)} duplicates -> {args.output}")
@@ -110,3 +116,14 @@ def run(args) -> int:
     for path, first in sorted(s.duplicates.items()):
         print(f"  duplicate {path}: same content as {first}, used once")
     return EXIT_PARTIAL if s.skipped else 0
+
+
+def _committed(output: str, options: dict) -> str:
+    """What an interrupted run kept: committed rows per split."""
+    from convcache.store import FeatureStore
+
+    try:
+        fs = FeatureStore(output, options)
+        return "interrupted: " + ", ".join(f"{fs.rows(s)} rows committed in '{s}'" for s in fs.splits)
+    except Exception:  # nothing committed yet (no store), or unreadable
+        return "interrupted before any row was committed"

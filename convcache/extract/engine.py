@@ -43,6 +43,8 @@ from convcache.integrity import block_digest
 from convcache.onnxmeta import load_model
 from convcache.runtime import create_session
 
+COMMIT_ROWS = 64  # the local executor commits at least this often (a Dask task still fills whole chunks)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -314,7 +316,9 @@ class LocalExecutor:
         return {"workers": self.workers}
 
     def block_rows(self, writer) -> int:
-        return writer.chunk_rows
+        """A commit at least every COMMIT_ROWS rows whatever the chunk size (an interrupt keeps what was
+        done): this process writes its blocks one after another, so a block may cover part of a chunk."""
+        return min(writer.chunk_rows, COMMIT_ROWS)
 
     def reserve(self, writer, rows: int) -> None:
         """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write_features`)."""
