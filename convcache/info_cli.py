@@ -1,5 +1,6 @@
-"""`convcache info`: describe any ONNX file (identity, tensors, convcache metadata), or the inference
-runtimes this machine has. Not a stage: it reads every kind of artifact."""
+"""`convcache info`: describe any ONNX file (identity, tensors, convcache metadata), a feature store
+(splits, rows, copies, extractor, policy, skipped files, integrity), or the inference runtimes this
+machine has. Not a stage: it reads every kind of artifact."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import json
 
 
 def register(sub) -> None:
-    i = sub.add_parser("info", help="describe any ONNX file: inputs, outputs, opsets, identity, convcache metadata; "
-                                    "--runtime: the inference runtimes this machine has")
-    i.add_argument("model", nargs="?", help="an .onnx file")
+    i = sub.add_parser("info", help="describe an ONNX file (inputs, outputs, opsets, identity, convcache metadata) "
+                                    "or a feature store (splits, rows, copies, extractor, policy, skipped files, "
+                                    "integrity); --runtime: the inference runtimes this machine has")
+    i.add_argument("model", nargs="?", help="an .onnx file or a feature store (.zarr directory or URL)")
     i.add_argument("--runtime", action="store_true",
                    help="report the active ONNX Runtime build and its providers, OpenVINO, and what --device auto "
                         "picks (exit 2 if the installed runtimes conflict)")
@@ -36,7 +38,9 @@ def run_info(args) -> int:
                 print(f"{'PROBLEM':>26}: {problem}")
         return 2 if rep["problems"] else 0
     if not args.model:
-        raise ConvcacheError("info needs a model (or --runtime)")
+        raise ConvcacheError("info needs a model or a store (or --runtime)")
+    if _is_store(args.model):
+        return _store_info(args.model, args.json)
     info = describe(args.model)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -54,3 +58,58 @@ def run_info(args) -> int:
         value = meta[key]
         print(f"{key:>20}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     return 0
+
+
+def _is_store(path: str) -> bool:
+    from convcache.location import resolve
+
+    try:
+        loc = resolve(path, None, what="info")
+        return loc.child("zarr.json").isfile()
+    except Exception:  # not a path or URL we can look into: let `describe` say what is wrong
+        return False
+
+
+def describe_store(path: str) -> dict:
+    """A store's contents and health: per split its rows, copies, feature shape and dtype, the extractor
+    (identity, layer, preprocessing), the augmentation, the skipped files with reasons, and the result
+    of recomputing every block digest."""
+    from convcache.store import FeatureStore
+
+    fs = FeatureStore(path)
+    splits = {}
+    for split in fs.splits:
+        attrs, ext = fs.attrs(split), fs.extractor(split)
+        damage, note = fs.verify(split)
+        runs = attrs.get("runs", [])
+        splits[split] = {
+            "rows": fs.rows(split), "copies": fs.copies_available(split),
+            "feature_shape": list(fs.feature_shape(split)), "dtype": fs.dtype(split),
+            "extractor": {"identity": ext.identity, "layer": ext.layer, "pooling": ext.pooling,
+                          "preprocess": ext.preprocess, "precision": ext.precision, "size": ext.size,
+                          "weights": ext.weights_source},
+            "augment": attrs.get("augment"), "skipped": dict(attrs.get("skipped", {})),
+            "integrity": "intact" if not damage and not note else (note or "; ".join(str(d) for d in damage)),
+            "extract_runs": len(runs), "rows_per_second": [round(r["rows"] / r["seconds"], 1) for r in runs
+                                                            if r.get("seconds")]}
+    return {"store": str(fs.path), "format": fs.root.attrs.get("format"), "classes": fs.classes, "splits": splits}
+
+
+def _store_info(path: str, as_json: bool) -> int:
+    info = describe_store(path)
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(f"{'store':>16}: {info['store']} ({info['format']})")
+        print(f"{'classes':>16}: {', '.join(info['classes'])}")
+        for split, s in info["splits"].items():
+            e, a = s["extractor"], s["augment"] or {}
+            print(f"{split:>16}: {s['rows']} rows, copies 0..{s['copies']}, features {s['feature_shape']} "
+                  f"{s['dtype']}, integrity: {s['integrity']}")
+            print(f"{'':>16}  extractor {e['identity'][:12]} ({e['weights']}, {e['layer']}"
+                  f"{', ' + e['pooling'] if e['pooling'] else ''}, {e['preprocess']}, {e['precision']}, "
+                  f"{e['size']}px); augment seed {a.get('seed')}, policy {json.dumps(a.get('policy'))}")
+            for file, reason in sorted(s["skipped"].items()):
+                print(f"{'':>16}  skipped {file}: {reason}")
+    damaged = [n for n, s in info["splits"].items() if s["integrity"] != "intact"]
+    return 1 if damaged else 0

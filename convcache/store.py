@@ -127,6 +127,10 @@ class FeatureStore:
     def feature_shape(self, split: str = "train") -> tuple:
         return tuple(int(d) for d in self._group(split)["features"].shape[1:])
 
+    def dtype(self, split: str = "train") -> str:
+        """The stored features' dtype (float32 or float16)."""
+        return str(self._group(split)["features"].dtype)
+
     def augmentation(self, split: str = "train") -> dict:
         return dict(self.attrs(split)["augment"])
 

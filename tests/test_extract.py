@@ -258,3 +258,25 @@ def test_dask_view_matches_numpy(extractor, dataset, tmp_path):
     eager = store.load("train")
     np.testing.assert_array_equal(lazy["features"].compute(), eager.features)
     np.testing.assert_array_equal(lazy["copy"].compute(), eager.copy)
+
+
+def test_info_describes_a_store_and_its_integrity(extractor, tmp_path):
+    import json
+
+    data = make_dataset(tmp_path / "d", splits={"train": 3, "validation": 2})
+    (data / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
+    store = tmp_path / "f.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), augment=2, progress=False))
+    r = run_cli("info", store, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    train = info["splits"]["train"]
+    assert info["classes"] == ["cats", "dogs"] and train["rows"] == 6 * 3 and train["copies"] == 2
+    assert train["integrity"] == "intact" and train["extractor"]["layer"] == "block5_pool"
+    assert train["augment"]["seed"] == 0 and any("broken.jpg" in f for f in train["skipped"])
+    text = run_cli("info", store).stdout
+    assert "train: 18 rows, copies 0..2" in text and "skipped" in text and "broken.jpg" in text
+    chunk = next(p for p in (store / "train" / "features" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-8] + bytes(8))  # a damaged chunk: info says so and exits 1
+    r = run_cli("info", store)
+    assert r.returncode == 1 and "integrity: rows" in r.stdout
