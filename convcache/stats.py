@@ -76,3 +76,21 @@ def accuracy_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return float(centre - half), float(centre + half)
+
+
+SMALL_HALF = 200  # below this many photos an accuracy's 95% interval is wider than about +-7 points
+
+
+def accuracy_summary(accuracy: float, n: int) -> str:
+    """`84.2% (n=500, 95% CI 80.8-87.2%)`: an accuracy with its sample size and Wilson interval."""
+    lo, hi = accuracy_interval(round(accuracy * n), n)
+    return f"{100 * accuracy:.1f}% (n={n}, 95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+
+
+def small_half_warning(name: str, n: int) -> str | None:
+    """A warning line when an evaluation half is too small for its accuracy to mean much."""
+    if n >= SMALL_HALF:
+        return None
+    lo, hi = accuracy_interval(n // 2, n)
+    return (f"warning: the {name} has only {n} images: an accuracy near 50% is uncertain by about "
+            f"+-{100 * (hi - lo) / 2:.0f} points; add validation images")

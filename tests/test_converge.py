@@ -108,7 +108,7 @@ def test_fit_end_to_end_resumes_and_reports_held_out_accuracy(tmp_path):
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("held-out accuracy ") and "(n=4, 95% CI " in last
-    assert "warning: the held-out half has only 4 photos" in r.stdout
+    assert "warning: the held-out half has only 4 images" in r.stdout
     fused = read(out / "model.onnx")
     assert fused.kind == "fused" and fused.metadata["preprocess"] == "caffe"
     state = json.loads((out / "fit.json").read_text())

@@ -210,3 +210,15 @@ def test_fused_model_uses_only_the_default_onnx_domain(fused_model):
     proto = onnx.load(str(fused_model))
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
     assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+
+
+def test_train_prints_both_halves_with_n_and_an_interval_and_warns_when_small(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 6, "validation": 4})
+    run_extract(ExtractConfig(model=str(pooled_extractor), data=str(data), output=str(tmp_path / "f.zarr"),
+                              progress=False))
+    r = run_cli("train", "--features", tmp_path / "f.zarr", "--head", "logreg", "-o", tmp_path / "h")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("select half (chose the epoch/C) ") and "; report half " in line
+    assert line.count("(n=4, 95% CI ") == 2
+    assert "warning: the report half has only 4 images" in r.stderr

@@ -121,14 +121,16 @@ def run_fit_cmd(args) -> int:
                     patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
                     progress=not args.quiet)  # validated before anything heavy starts
     state = run_fit(cfg)
+    from convcache.stats import accuracy_summary, small_half_warning
+
     res = state["result"]
     if "select" in res:
         s = res["select"]
-        print(f"select half (chose the epoch): {100 * s['accuracy']:.1f}% (n={s['n']})")
+        print(f"select half (chose the epoch): {accuracy_summary(s['accuracy'], s['n'])}")
     r = res["report"]
     print(f"wrote {state['model']}: {state['epochs_run']} epochs, best {state['best_epoch']}")
-    if r["n"] < 200:
-        print(f"warning: the held-out half has only {r['n']} photos: its interval is wide; add validation photos")
-    print(f"held-out accuracy {100 * r['accuracy']:.1f}% (n={r['n']}, 95% CI {100 * r['ci95'][0]:.1f}-"
-          f"{100 * r['ci95'][1]:.1f}%)")
+    warning = small_half_warning("held-out half", r["n"])
+    if warning:
+        print(warning)
+    print(f"held-out accuracy {accuracy_summary(r['accuracy'], r['n'])}")
     return 0

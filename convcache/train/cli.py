@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from convcache.protocol import BOOK_LEARNING_RATE, parse_learning_rate
 
 
@@ -92,7 +94,22 @@ def register(sub) -> None:
 
 
 def _acc(m: dict, split: str) -> str:
-    return f"{100 * m[split]['accuracy']:.1f}%" if split in m else "n/a"
+    from convcache.stats import accuracy_summary
+
+    return accuracy_summary(m[split]["accuracy"], int(m["rows"][split])) if split in m else "n/a"
+
+
+def _halves(m: dict) -> str:
+    """Both validation halves with n and a 95% interval (and test when there is one); warnings for small
+    halves go to stderr."""
+    from convcache.stats import small_half_warning
+
+    for split, name in (("select", "select half"), ("report", "report half")):
+        warning = small_half_warning(name, int(m["rows"][split])) if split in m else None
+        if warning:
+            print(warning, file=sys.stderr)
+    parts = [f"select half (chose the epoch/C) {_acc(m, 'select')}", f"report half {_acc(m, 'report')}"]
+    return "; ".join(parts + ([f"test {_acc(m, 'test')}"] if "test" in m else []))
 
 
 def run_train(args) -> int:
@@ -129,8 +146,8 @@ def run_train(args) -> int:
         sched += f" (block5 trained on cached block4_pool maps, best: {m['selection']['best']['phase']})"
     print(f"trained {m['head']}{' (streamed from the store)' if m['streaming'] else ''} on {m['rows']['train']} "
           f"rows (copies 0..{m['copies']}{sched}) in "
-          f"{m['fit_seconds']:.1f}s: report-half validation {_acc(m, 'report')}, test {_acc(m, 'test')} -> "
-          f"{args.output}/head.onnx, metrics.json")
+          f"{m['fit_seconds']:.1f}s -> {args.output}/head.onnx, metrics.json")
+    print(_halves(m))
     return 0
 
 
@@ -151,8 +168,8 @@ def run_reference_cmd(args) -> int:
         print("note: this run trains conv layers, so their outputs change every step: it cannot be replayed from a "
               "feature cache" + (" (only the frozen blocks below block5 could be)" if args.fine_tune else ""))
     print(f"reference ({'no ' if args.no_augment else ''}augmentation, {len(m['history'])} epochs, best "
-          f"{m['best_epoch']}) in {m['fit_seconds']:.0f}s: report-half validation {_acc(m, 'report')}, "
-          f"test {_acc(m, 'test')} -> {args.output}")
+          f"{m['best_epoch']}) in {m['fit_seconds']:.0f}s -> {args.output}")
+    print(_halves(m))
     return 0
 
 
