@@ -81,8 +81,8 @@ class Extractor(Artifact):
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Extractor:
-        meta = _kind(proto, KIND_EXTRACTOR, where, "run `convcache export` first")
-        return cls.from_metadata(meta, graph_sha256(proto), _opset(proto), where)
+        meta, identity = _kind(proto, KIND_EXTRACTOR, where, "run `convcache export` first")
+        return cls.from_metadata(meta, identity, _opset(proto), where)
 
     @classmethod
     def from_metadata(cls, meta: dict, identity: str, opset: int | None = None, where: str = "model") -> Extractor:
@@ -113,13 +113,17 @@ class Head(Artifact):
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Head:
-        meta = _kind(proto, KIND_HEAD, where, "train one with `convcache train`")
+        meta, identity = _kind(proto, KIND_HEAD, where, "train one with `convcache train`")
         _need(meta, ("head", "classes", "n_features", "extractor_sha256"), where)
         names = [i.name for i in proto.graph.input]
         outs = [o.name for o in proto.graph.output]
         if FEATURES not in names or PROBABILITIES not in outs:
             raise ConvcacheError(f"{where}: a head must map '{FEATURES}' to '{PROBABILITIES}' (has {names} -> {outs})")
-        return cls(identity=graph_sha256(proto), head=meta["head"], classes=tuple(meta["classes"]),
+        if not isinstance(meta["classes"], list) or len(set(map(str, meta["classes"]))) != len(meta["classes"]) \
+                or len(meta["classes"]) < 2:
+            raise ConvcacheError(f"{where}: metadata classes must be a list of at least 2 distinct names")
+        _check_classes(proto, tuple(meta["classes"]), where)
+        return cls(identity=identity, head=meta["head"], classes=tuple(meta["classes"]),
                    n_features=int(meta["n_features"]), extractor_identity=meta["extractor_sha256"], opset=_opset(proto),
                    input_name=FEATURES, output_name=PROBABILITIES, metadata=meta)
 
@@ -135,7 +139,7 @@ class Fused(Artifact):
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Fused:
-        meta = _kind(proto, KIND_FUSED, where, "make one with `convcache fuse`")
+        meta, identity = _kind(proto, KIND_FUSED, where, "make one with `convcache fuse`")
         _need(meta, ("classes", "input"), where)
         try:
             size = int(meta["input"]["size"])
@@ -146,10 +150,11 @@ class Fused(Artifact):
         if graph_size and all(graph_size) and graph_size != [size, size]:
             raise ConvcacheError(f"{where}: metadata says input {size}x{size}, the graph takes "
                                  f"{graph_size[0]}x{graph_size[1]}")
-        classes = tuple(meta["classes"])
+        classes = tuple(meta["classes"]) if isinstance(meta["classes"], list) else ()
         if not classes or len(set(classes)) != len(classes):
-            raise ConvcacheError(f"{where}: metadata classes must be distinct and non-empty, got {list(classes)}")
-        return cls(identity=graph_sha256(proto), classes=classes, size=size, input_name=IMAGES,
+            raise ConvcacheError(f"{where}: metadata classes must be distinct and non-empty, got {meta['classes']!r}")
+        _check_classes(proto, classes, where)
+        return cls(identity=identity, classes=classes, size=size, input_name=IMAGES,
                    output_name=PROBABILITIES, opset=_opset(proto), metadata=meta)
 
 
@@ -159,7 +164,9 @@ ARTIFACTS = {a.kind: a for a in (Extractor, Head, Fused)}
 _NOUN = {KIND_EXTRACTOR: "a convcache extractor", KIND_HEAD: "a convcache head", KIND_FUSED: "a fused convcache model"}
 
 
-def _kind(proto, kind: str, where: str, hint: str) -> dict:
+def _kind(proto, kind: str, where: str, hint: str) -> tuple[dict, str]:
+    """The artifact's metadata and its identity, recomputed from the graph and checked against the one
+    recorded when it was written: a model whose weights or wiring changed since is refused."""
     try:
         meta = get_metadata(proto)
     except ValueError as exc:
@@ -168,7 +175,22 @@ def _kind(proto, kind: str, where: str, hint: str) -> dict:
         found = meta.get("kind")
         raise ConvcacheError(f"{where} is not {_NOUN[kind]}" + (f" (it is {_NOUN.get(found, repr(found))})" if found
                                                                   else "") + f"; {hint}")
-    return meta
+    identity = graph_sha256(proto)
+    recorded = meta.get("graph_sha256")
+    if recorded is not None and recorded != identity:
+        raise ConvcacheError(f"{where}: the graph's identity {identity[:12]} is not the one recorded when it was "
+                             f"written ({str(recorded)[:12]}): its weights or wiring changed since; refusing it")
+    return meta, identity
+
+
+def _check_classes(proto: onnx.ModelProto, classes: tuple, where: str) -> None:
+    """The probabilities output has one column per class (when the graph states its width)."""
+    out = next((o for o in proto.graph.output if o.name == PROBABILITIES), None)
+    dims = out.type.tensor_type.shape.dim if out is not None else []
+    width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
+    if width is not None and width != len(classes):
+        raise ConvcacheError(f"{where}: its metadata lists {len(classes)} classes ({', '.join(map(str, classes))}) "
+                             f"for {width} output probabilities")
 
 
 def read(path: str | os.PathLike, kind: str | None = None):

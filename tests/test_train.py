@@ -222,3 +222,38 @@ def test_train_prints_both_halves_with_n_and_an_interval_and_warns_when_small(po
     assert line.startswith("select half (chose the epoch/C) ") and "; report half " in line
     assert line.count("(n=4, 95% CI ") == 2
     assert "warning: the report half has only 4 images" in r.stderr
+
+
+def test_a_changed_head_or_fused_model_is_refused(pooled_extractor, fused_model, tmp_path):
+    """A head whose weights were negated after it was written, or whose metadata lists more classes than
+    it has outputs, does not fuse; a fused model with changed weights does not load (issue 19, item 8)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from convcache.errors import ConvcacheError
+    from convcache.onnxmeta import get_metadata, set_metadata
+    from convcache.serve import Predictor
+    from convcache.train.fuse import fuse
+
+    head_dir = fused_model.parent / "head"
+    fuse(str(pooled_extractor), str(head_dir), str(tmp_path / "ok.onnx"))  # the untouched head fuses
+
+    def negated(src, dst):
+        proto = onnx.load(str(src))
+        init = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+        init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+        onnx.save(proto, str(dst))
+
+    negated(head_dir / "head.onnx", tmp_path / "negated.onnx")
+    with pytest.raises(ConvcacheError, match="identity .* is not the one recorded"):
+        fuse(str(pooled_extractor), str(tmp_path / "negated.onnx"), str(tmp_path / "x.onnx"))
+    proto = onnx.load(str(head_dir / "head.onnx"))
+    set_metadata(proto, {**get_metadata(proto), "classes": ["cats", "dogs", "birds"]})
+    onnx.save(proto, str(tmp_path / "three.onnx"))
+    with pytest.raises(ConvcacheError, match="3 classes .* for 2 output probabilities"):
+        fuse(str(pooled_extractor), str(tmp_path / "three.onnx"), str(tmp_path / "x.onnx"))
+    negated(fused_model, tmp_path / "fused-negated.onnx")
+    with pytest.raises(ConvcacheError, match="is not the one recorded"):
+        Predictor(tmp_path / "fused-negated.onnx")
+    r = run_cli("predict", "--model", tmp_path / "fused-negated.onnx", tmp_path / "negated.onnx")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
