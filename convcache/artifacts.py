@@ -35,6 +35,14 @@ STORE_COLUMNS = tuple(STORE_SCHEMA)
 KIND_EXTRACTOR, KIND_HEAD, KIND_FUSED = "extractor", "head", "fused"
 
 
+def committed_rows(attrs, where: str) -> int:
+    """A split's `committed_rows` attribute (absent: 0), refused in one line unless it is a row count."""
+    value = attrs.get("committed_rows", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConvcacheError(f"{where}: committed_rows is {value!r}, not a row count: the store is damaged")
+    return value
+
+
 def _need(meta: dict, keys: tuple, where: str) -> None:
     missing = [k for k in keys if k not in meta]
     if missing:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convcache.artifacts import STORE_COLUMNS, STORE_SCHEMA
+from convcache.artifacts import STORE_COLUMNS, STORE_SCHEMA, committed_rows
 
 DIGEST_ARRAYS = ("block_start", "block_sha256")
 
@@ -67,7 +67,7 @@ def create_digest_arrays(group, covered_from: int) -> dict:
 
 def verify(group) -> tuple[list[Damage], str | None]:
     """(damaged row ranges, a note when the split predates digests). Reads every committed row once."""
-    committed = int(group.attrs.get("committed_rows", 0))
+    committed = committed_rows(group.attrs, f"'{group.basename}'")
     if any(name not in group for name in DIGEST_ARRAYS):
         return [], "written before block digests; not verifiable"
     damage: list[Damage] = []

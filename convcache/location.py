@@ -56,7 +56,7 @@ def parse_bytes(text: str, what: str = "size") -> int:
         value = float(m.group(1)) * _UNITS[unit] if m else None
     except (KeyError, ValueError):
         value = None
-    if value is None or value <= 0:
+    if value is None or not 0 < value < 2**63:  # 1e400GB is inf: no int, and no machine has it
         raise ConvcacheError(f"{what} {text}: expected a size such as 4GB, 512MiB or 1000000")
     return int(value)
 

@@ -104,15 +104,23 @@ class FeatureStore:
     def splits(self) -> list[str]:
         return sorted(self.root.group_keys())
 
+    def __str__(self) -> str:
+        return str(self.path)
+
     @property
     def classes(self) -> list[str]:
-        return list(self.root.attrs["classes"])
+        classes = self.root.attrs.get("classes")
+        if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes)
+                or len(set(classes)) != len(classes)):
+            raise ConvcacheError(f"{self.path}: the store's classes attribute is {classes!r}, not a list of at "
+                                 "least 2 distinct names: the store is damaged")
+        return list(classes)
 
     def extractor_identity(self, split: str = "train") -> str:
-        return self.attrs(split)["extractor"]["sha256"]
+        return self.extractor(split).identity
 
     def extractor_metadata(self, split: str = "train") -> dict:
-        return dict(self.attrs(split)["extractor"]["metadata"])
+        return dict(self.extractor(split).metadata)
 
     def extractor(self, split: str = "train") -> artifacts.Extractor:
         """The contract of the extractor that wrote `split` (from its recorded metadata and identity)."""
@@ -143,7 +151,7 @@ class FeatureStore:
         return dict(self._group(split).attrs)
 
     def rows(self, split: str) -> int:
-        return int(self._group(split).attrs["committed_rows"])
+        return artifacts.committed_rows(self._group(split).attrs, f"{self.path} ('{split}')")
 
     def _group(self, split: str):
         if split not in self.root:

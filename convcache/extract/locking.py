@@ -88,11 +88,18 @@ class Lease:
     def _read(self) -> dict | None:
         try:
             self.fs.invalidate_cache()
-            return json.loads(self.fs.cat_file(self.loc.path))
+            record = json.loads(self.fs.cat_file(self.loc.path))
         except FileNotFoundError:
             return None
         except ValueError:  # unreadable content: treat as expired
             return {"expires": 0}
+        if not isinstance(record, dict):  # [], "x", null: not a lease anyone holds
+            return {"expires": 0}
+        try:
+            record["expires"] = float(record.get("expires", 0))
+        except (TypeError, ValueError):  # {"expires": "soon"}
+            record["expires"] = 0.0
+        return record
 
     def acquire(self) -> None:
         for _ in range(3):

@@ -145,7 +145,7 @@ def split_writers(cfg: ExtractConfig, contract, items, classes, ignored, guard=N
     for split in sorted({i.split for i in items}):
         copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
         writer = SplitWriter(root, split, identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows,
-                             repair=cfg.repair, guard=guard)
+                             repair=cfg.repair, guard=guard, name=cfg.output)
         if is_url(cfg.output):  # each refresh is a GET per array and a PUT: at most every few seconds
             writer.consolidate_seconds = REMOTE_CONSOLIDATE_SECONDS
         yield split, [i for i in items if i.split == split], copies, writer, {p: r for p, sp, r in ignored

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import zarr
 
-from convcache.artifacts import STORE_COLUMNS
+from convcache.artifacts import STORE_COLUMNS, committed_rows
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
 from convcache.integrity import DIGEST_ARRAYS, committed_blocks, create_digest_arrays, verify
@@ -31,8 +31,9 @@ CHUNK_BYTES = 4 << 20
 
 class SplitWriter:
     def __init__(self, root: zarr.Group, split: str, identity: dict, provenance: dict, feature_shape: tuple,
-                 dtype: str, chunk_rows: int | None = None, repair: bool = False, guard=None):
+                 dtype: str, chunk_rows: int | None = None, repair: bool = False, guard=None, name: str = "the store"):
         self.split = split
+        where = f"{name} ('{split}')"  # for messages: the store's path and the split
         self.guard = guard  # called before every commit: raises if this writer lost its lease
         self.consolidate_seconds = 0.0  # see commit()
         self._consolidated = 0.0
@@ -42,7 +43,7 @@ class SplitWriter:
             # the writer reads the truth, never the (possibly older) consolidated copy of it
             self.group = zarr.open_group(root.store, path=split, mode="r+", use_consolidated=False)
             missing = [name for name in STORE_COLUMNS if name not in self.group]
-            if missing and (repair or not int(self.group.attrs.get("committed_rows", 0))):
+            if missing and (repair or not committed_rows(self.group.attrs, where)):
                 # a run killed while creating the split: nothing was committed, so start it again
                 log.info("'%s' was created only in part (missing %s); creating it again", split, ", ".join(missing))
                 del root[split]
@@ -57,7 +58,7 @@ class SplitWriter:
                                       chunk_rows or max(1, CHUNK_BYTES // row_bytes))
         self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
         self.chunk_rows = self.arrays["features"].chunks[0]
-        self.committed = int(self.group.attrs["committed_rows"])
+        self.committed = committed_rows(self.group.attrs, where)
         self.skipped = dict(self.group.attrs.get("skipped", {}))
         # one handle per array: a fresh group[name] could come from the (older) consolidated metadata
         if any(name not in self.group for name in DIGEST_ARRAYS):  # a store from before block digests
