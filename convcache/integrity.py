@@ -6,11 +6,19 @@ two small arrays of the split's group, `block_start` and `block_sha256`, written
 so a commit covers them. `verify` recomputes every digest and checks that the blocks tile the
 committed rows exactly: a deleted or altered chunk, an edited `committed_rows` or a lost digest is
 named with the rows it affects, instead of training as zero rows or extracting duplicates.
+
+What gives the rows their meaning is sealed too: each commit writes `seal`, in the same attribute
+update as `committed_rows`, a SHA-256 over the split's schema (its identity attribute: extractor,
+policy, seed, dtype and classes; the arrays' dtypes and the feature shape), the committed row count and
+the chain of committed block digests. An edited class list, a feature `data_type` changed in the array
+metadata (same bytes, same block digests) or `committed_rows` lowered to a block boundary no longer
+matches the seal, and `verify` says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +73,36 @@ def create_digest_arrays(group, covered_from: int) -> dict:
     return arrays
 
 
+def schema_bytes(group) -> bytes:
+    """What determines the meaning of a split's rows, canonically serialised (see the module's docstring)."""
+    arrays = {name: group[name] for name in STORE_COLUMNS}
+    return json.dumps({"identity": group.attrs.get("identity"),
+                       "features": [str(arrays["features"].dtype), list(arrays["features"].shape[1:])],
+                       "columns": {n: str(a.dtype) for n, a in arrays.items() if n != "features"}},
+                      sort_keys=True, default=str).encode()
+
+
+def chain_next(chain: bytes, digest: bytes) -> bytes:
+    """The block-digest chain after one more committed block (it starts at 32 zero bytes)."""
+    return hashlib.sha256(chain + bytes(digest)).digest()
+
+
+CHAIN_START = bytes(32)
+
+
+def seal(schema: bytes, committed: int, chain: bytes) -> str:
+    return hashlib.sha256(schema + f"|{committed}|".encode() + chain).hexdigest()
+
+
+def split_seal(group, committed: int) -> str:
+    """The seal the split's current metadata and digests give for `committed` rows."""
+    starts = group["block_start"][:].tolist()
+    chain = CHAIN_START
+    for digest in group["block_sha256"][: committed_blocks(starts, committed)]:
+        chain = chain_next(chain, digest)
+    return seal(schema_bytes(group), committed, chain)
+
+
 def verify(group) -> tuple[list[Damage], str | None]:
     """(damaged row ranges, a note when the split predates digests). Reads every committed row once."""
     committed = committed_rows(group.attrs, f"'{group.basename}'")
@@ -101,4 +139,8 @@ def verify(group) -> tuple[list[Damage], str | None]:
             damage.append(Damage(start, stop, reason))
     if expected < committed and not short:
         damage.append(Damage(expected, committed, "rows with no block digest (committed_rows edited?)"))
+    stored = group.attrs.get("seal")
+    if stored is not None and not short and stored != split_seal(group, committed):
+        damage.append(Damage(0, max(committed, 1), "the split's metadata no longer matches its seal (classes, "
+                                                   "dtype, shape, extractor, policy or committed_rows edited)"))
     return damage, None

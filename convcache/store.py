@@ -34,7 +34,7 @@ def open_root(output: str, classes: list[str], storage_options: dict | None = No
     except Exception as exc:  # corrupt zarr.json and friends; credentials or network for a URL
         raise ConvcacheError(f"-o {output}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
     if fmt is None:
-        root.attrs.update({"format": FORMAT, "classes": classes, **(provenance or {})})
+        root.update_attributes({"format": FORMAT, "classes": classes, **(provenance or {})})
     elif fmt != FORMAT:
         raise ConvcacheError(f"-o {output}: not a convcache feature store")
     elif list(root.attrs["classes"]) != classes:
@@ -160,9 +160,15 @@ class FeatureStore:
 
     def verify(self, split: str) -> tuple[list, str | None]:
         """(damaged row ranges, a note if the split predates block digests); see convcache.integrity."""
-        from convcache.integrity import verify
+        from convcache.integrity import Damage, verify
 
-        return verify(self._group(split))
+        group = self._group(split)
+        damage, note = verify(group)
+        recorded = (group.attrs.get("identity") or {}).get("classes")
+        if recorded is not None and recorded != self.classes:
+            damage.append(Damage(0, max(self.rows(split), 1), f"the store's classes {self.classes} are not the "
+                                 f"{recorded} its rows were labelled with"))
+        return damage, note
 
     def check(self, split: str) -> None:
         """Raise a one-line error naming the damaged rows, if any."""

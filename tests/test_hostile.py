@@ -263,6 +263,8 @@ def test_a_store_from_before_block_digests_is_extended(extractor, tmp_path):
     for split in ("train", "validation"):  # make it look like a store written before digests existed
         for name in ("block_start", "block_sha256"):
             shutil.rmtree(store / split / name)
+        group = zarr.open_group(str(store / split), mode="a", use_consolidated=False)
+        group.attrs.pop("seal")  # (seals came after digests)
     zarr.consolidate_metadata(str(store))
     s = run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), augment=1,
                                   progress=False))
@@ -367,3 +369,33 @@ def test_an_impossible_memory_budget_is_one_line(tmp_path):
     r = run_cli("train", "--features", tmp_path / "none.zarr", "--memory-budget", "1e400GB", "-o", tmp_path / "h")
     assert r.returncode == 2 and "--memory-budget 1e400GB: expected a size" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit", ["classes", "data_type", "committed_rows", "identity"])
+def test_what_gives_rows_their_meaning_is_sealed(extractor, tmp_path, edit):
+    """Edits that keep every block digest valid (issue 19, item 5): the root's classes swapped, the
+    features' data_type changed in the array metadata (same bytes), committed_rows lowered to a block
+    boundary, the split's recorded identity edited. --verify, train and extract all refuse the store."""
+    import zarr
+
+    data = make_dataset(tmp_path / "d", splits={"train": 4, "validation": 2})
+    store = tmp_path / "f.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), augment=1, chunk_rows=4,
+                              progress=False))
+    root = zarr.open_group(str(store), mode="a", use_consolidated=False)
+    if edit == "classes":
+        root.attrs["classes"] = ["dogs", "cats"]
+    elif edit == "committed_rows":
+        root["train"].attrs["committed_rows"] = 8  # a block boundary: every remaining block digest is valid
+    elif edit == "identity":
+        root["train"].attrs["identity"] = {**root["train"].attrs["identity"], "seed": 7}
+    else:
+        meta = store / "train" / "features" / "zarr.json"
+        meta.write_text(meta.read_text().replace('"float32"', '"int32"'))
+    zarr.consolidate_metadata(str(store))
+    r = run_cli("extract", "--verify", "-o", store)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    r = run_cli("train", "--features", store, "--head", "logreg", "-o", tmp_path / "h")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("extract", "--model", extractor, "--data", data, "--augment", 1, "-o", store, "-q")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

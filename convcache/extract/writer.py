@@ -21,7 +21,16 @@ import zarr
 from convcache.artifacts import STORE_COLUMNS, committed_rows
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
-from convcache.integrity import DIGEST_ARRAYS, committed_blocks, create_digest_arrays, verify
+from convcache.integrity import (
+    CHAIN_START,
+    DIGEST_ARRAYS,
+    chain_next,
+    committed_blocks,
+    create_digest_arrays,
+    schema_bytes,
+    seal,
+    verify,
+)
 from convcache.store import create_split
 
 log = logging.getLogger(__name__)
@@ -65,9 +74,13 @@ class SplitWriter:
             self.digests = create_digest_arrays(self.group, self.committed)
         else:
             self.digests = {name: self.group[name] for name in DIGEST_ARRAYS}
+        self._check_integrity(repair)  # before anything is dropped: a damaged split is left as it is
         self._drop_uncommitted_blocks()
-        self._check_integrity(repair)
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
+        self._schema = schema_bytes(self.group)
+        self._chain = CHAIN_START
+        for digest in self.digests["block_sha256"][:]:
+            self._chain = chain_next(self._chain, digest)
         self._written = self.committed  # rows written on this process, committed or not (write_features)
 
     def _drop_uncommitted_blocks(self) -> None:
@@ -87,8 +100,11 @@ class SplitWriter:
         first = min(d.start for d in damage)
         log.warning("repair: '%s' keeps rows 0..%d and recomputes the rest (%s)", self.split, first - 1, where)
         self.committed = first  # everything from the first damaged row is recomputed from the images
-        self.group.attrs.update({"committed_rows": first})
         self._drop_uncommitted_blocks()
+        chain = CHAIN_START
+        for digest in self.digests["block_sha256"][:]:
+            chain = chain_next(chain, digest)
+        self.group.update_attributes({"committed_rows": first, "seal": seal(schema_bytes(self.group), first, chain)})
 
     def _check_identity(self, identity: dict) -> None:
         stored = self.group.attrs.get("identity")
@@ -156,6 +172,8 @@ class SplitWriter:
             arr = self.digests[name]
             arr.resize((n_blocks + len(blocks), *arr.shape[1:]))
             arr[n_blocks:] = value
+        for _, _, _, digest in blocks:
+            self._chain = chain_next(self._chain, digest)
         self.commit(stop, final=False)
 
     def commit(self, rows: int | None = None, final: bool = True) -> None:
@@ -165,7 +183,8 @@ class SplitWriter:
         if self.guard:
             self.guard()
         self.committed = self.committed if rows is None else rows
-        self.group.attrs.update({"committed_rows": self.committed, "skipped": self.skipped})
+        self.group.update_attributes({"committed_rows": self.committed, "skipped": self.skipped,
+                                 "seal": seal(self._schema, self.committed, self._chain)})
         now = time.monotonic()
         if rows is None or final or now - self._consolidated >= self.consolidate_seconds:
             self._consolidate()
@@ -181,7 +200,7 @@ class SplitWriter:
 
     def record_run(self, run: dict) -> None:
         """Append a finished run's cost (rows, seconds, where) to the split's `runs` attribute."""
-        self.group.attrs.update({"runs": [*self.group.attrs.get("runs", []), run]})
+        self.group.update_attributes({"runs": [*self.group.attrs.get("runs", []), run]})
         self._consolidate()  # readers of the consolidated metadata (FeatureStore, xarray) see it too
 
     def skip(self, path: str, reason: str) -> None:
