@@ -27,6 +27,17 @@ from convcache.train import cli as train_cli
 STAGE_CLIS = (export_cli, extract_cli, train_cli, serve_cli, pipeline_cli, info_cli, bench_cli)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, but only real ones: never "(default: None)", never twice."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.default is False \
+                or "%(default)" in text or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Stages:
     """`add_subparsers()` whose parsers show defaults in --help and accept -v after the stage name."""
 
@@ -34,7 +45,7 @@ class _Stages:
         self.sub, self.common = sub, common
 
     def add_parser(self, name, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("parents", [self.common])
         return self.sub.add_parser(name, **kwargs)
 

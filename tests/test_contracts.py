@@ -220,3 +220,19 @@ def test_predictor_gives_the_same_pixels_for_every_input_kind(fused_model, tmp_p
     photo.save(png, exif=exif)
     oriented = ImageOps.exif_transpose(Image.open(png))
     np.testing.assert_array_equal(p.to_pixels(np.asarray(oriented)), p.to_pixels(png))
+
+
+def test_help_states_real_defaults_once_and_fuse_is_described():
+    import re
+
+    from conftest import run_cli
+
+    for stage in ("export", "extract", "train", "reference", "fuse", "predict", "serve", "compare", "fit", "info"):
+        r = run_cli(stage, "--help")
+        text = " ".join(r.stdout.split())  # help lines are wrapped
+        assert r.returncode == 0 and "(default: None)" not in text, stage
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), stage
+    fuse = run_cli("fuse", "--help").stdout
+    assert "Join an extractor" in fuse and "the fused .onnx to write" in fuse
+    r = run_cli("train", "--features", "x.zarr", "--bogus-flag")
+    assert r.returncode == 2 and r.stderr.startswith("usage: convcache train")

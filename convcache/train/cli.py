@@ -86,10 +86,14 @@ def register(sub) -> None:
     r.add_argument("-o", "--output", required=True, help="output folder for metrics.json")
     r.set_defaults(func=run_reference_cmd)
 
-    f = sub.add_parser("fuse", help="extractor + head -> one production ONNX model")
-    f.add_argument("--extractor", required=True)
+    f = sub.add_parser("fuse", help="extractor + head -> one production ONNX model",
+                       description="Join an extractor (`convcache export`) and a head trained on its features "
+                                   "(`convcache train`) into one ONNX graph: pixels -> class probabilities and "
+                                   "the features, served by `predict` and `serve` without TensorFlow. Refused "
+                                   "when the head was trained on another extractor's features.")
+    f.add_argument("--extractor", required=True, help="the extractor .onnx the head's store was extracted with")
     f.add_argument("--head", required=True, help="a head folder from `convcache train` (or its head.onnx)")
-    f.add_argument("-o", "--output", required=True)
+    f.add_argument("-o", "--output", required=True, help="the fused .onnx to write")
     f.set_defaults(func=run_fuse)
 
 
