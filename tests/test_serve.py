@@ -331,3 +331,33 @@ def test_int8_extractor_end_to_end(pooled_extractor, tmp_path):
         probs = np.array([[p.probabilities[c] for c in store.classes] for p in got])
         # OpenVINO's int8 kernels round requantization differently from ONNX Runtime's (2e-3 seen here)
         np.testing.assert_allclose(probs, want, atol=1e-2 if device == "openvino" else 1e-5)
+
+
+def test_docs_are_served_offline_with_their_own_routes(api):
+    page = api.get("/docs")
+    assert page.status_code == 200 and "cdn." not in page.text and "/docs-assets/swagger-ui-bundle.js" in page.text
+    redoc = api.get("/redoc")
+    assert redoc.status_code == 200 and "cdn." not in redoc.text and "fonts.googleapis" not in redoc.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
+        assert api.get(f"/docs-assets/{asset}").status_code == 200
+    spec = api.get("/openapi.json").json()
+    assert "/v1/predict" in spec["paths"] and "/docs" not in spec["paths"]
+    metrics_doc = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics_doc) == ["text/plain"]
+    text = api.get("/metrics").text
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert f'endpoint="{path}"' in text, path
+
+
+def test_docs_render_in_a_headless_browser_without_network(server):
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    # the page may fetch only from the service itself: any other host is refused
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--dump-dom",
+                        server.url + "/docs"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert "/v1/predict" in r.stdout and "swagger-ui" in r.stdout

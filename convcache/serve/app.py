@@ -3,7 +3,7 @@ that turn every bad input into a 4xx/503 JSON answer, and Prometheus metrics.
 
 The pieces: `service.InferenceService` (model, cache, batcher, admission limits), `routes` (thin
 handlers), `body` (reading an upload under the limits), `errors` (one error body), `metrics`
-(Prometheus), `schemas` (typed answers). `create_app` wires them."""
+(Prometheus), `schemas` (typed answers), `docs` (/docs and /redoc, offline). `create_app` wires them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from convcache.serve.config import ServeConfig
+from convcache.serve.docs import install_docs
 from convcache.serve.errors import install_error_handlers
 from convcache.serve.metrics import ObserveMiddleware
 from convcache.serve.routes import router
@@ -32,13 +33,15 @@ def create_app(config: ServeConfig) -> FastAPI:
         await service.stop()
 
     p = service.predictor
-    app = FastAPI(title="convcache", version=p.model_id[:12], lifespan=lifespan,
+    app = FastAPI(title="convcache", version=p.model_id[:12], lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description=f"Image classification with a fused convcache model (model id {p.model_id}): "
                               f'classes {p.classes}. Every error answers `{{"error": "..."}}`.')
     app.state.service = service
     app.add_middleware(ObserveMiddleware, metrics=service.metrics)
     install_error_handlers(app)
     app.include_router(router)
+    install_docs(app)
     return app
 
 

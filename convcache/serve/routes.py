@@ -58,7 +58,8 @@ async def readyz(request: Request):
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (text exposition format)",
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def prometheus(request: Request):
     registry = exposition_registry(_service(request).metrics.registry)
     return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
