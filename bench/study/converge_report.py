@@ -97,6 +97,10 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
     res = {"n": n, "margin": MARGIN, "phase1": p1["settings"], "phase1_cells": p1["cells"], "arms": arms,
            "costs": costs}
     res["method2_minus_method1"] = boot("0", str(n))
+    # amendment 3: method 2 is converged when fewer than 3 of its seeds keep an epoch in the last 15 of N
+    late = [e for e in arms[str(n)]["best_epochs"] if e > n - 15]
+    res["method2_convergence"] = {"best_epochs": arms[str(n)]["best_epochs"], "epochs_run": arms[str(n)]["epochs_run"],
+                                  "seeds_best_in_last_15": len(late), "converged": len(late) < 3}
     eq = {}
     for k in ks:
         if k != n:
