@@ -257,3 +257,12 @@ def test_a_changed_head_or_fused_model_is_refused(pooled_extractor, fused_model,
         Predictor(tmp_path / "fused-negated.onnx")
     r = run_cli("predict", "--model", tmp_path / "fused-negated.onnx", tmp_path / "negated.onnx")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_too_many_copies_warns_once(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 4, "validation": 4})
+    run_extract(ExtractConfig(model=str(pooled_extractor), data=str(data), output=str(tmp_path / "f.zarr"),
+                              augment=1, progress=False))
+    r = run_cli("train", "--features", tmp_path / "f.zarr", "--head", "logreg", "--copies", 9, "-o", tmp_path / "h")
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("--copies 9") == 1 and "copies 0..1" in r.stderr

@@ -139,9 +139,7 @@ def run_train(args) -> int:
     m = train_head(args.features, args.head, args.output, args.copies, params,
                    storage_options=parse_storage_options(args.storage_option), memory_budget=budget,
                    train_top=args.train_top)
-    if args.copies is not None and args.copies > m["copies_available"]:
-        print(f"warning: --copies {args.copies}, but the store holds copies 0..{m['copies_available']}; "
-              f"used {m['copies']}")
+    # --copies beyond the store's copies: train's data loading has warned (once) and used what there is
     if args.head == "dense" and args.schedule == "replay" and 0 < m["copies"] < m["epochs"]:
         print(f"note: replay over {m['copies']} copies for {m['epochs']} epochs repeats copies; method 2 would see "
               f"{m['epochs']} distinct copies (extract --augment {m['epochs']})")
