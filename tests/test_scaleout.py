@@ -383,3 +383,38 @@ def test_a_writer_that_lost_its_lease_stops_before_committing(bucket):
     with writer_lock(f"s3://{bucket}/x.zarr") as guard:  # an expired lease is taken over
         guard()
         assert json.loads(fs.cat_file(f"{bucket}/x.zarr.lock"))["pid"] == os.getpid()
+
+
+def test_workers_without_the_storage_environment_stop_before_anything_is_created(extractor, bucket, dask_cluster,
+                                                                                   tmp_path):
+    """Issue 19, item 9: workers that lack the client's credentials would turn every image into a skipped
+    file. One real read on a worker first: one line naming the environment, and no store, no lease."""
+    import os
+
+    import s3fs
+    from dask.distributed import Client
+
+    from convcache.errors import ConvcacheError
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    data = make_dataset(tmp_path / "data", splits={"train": 2, "validation": 1})
+    _upload(data, f"{bucket}/imgs")
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+    def forget():
+        import s3fs as worker_s3fs
+
+        worker_s3fs.S3FileSystem.clear_instance_cache()
+        return {k: os.environ.pop(k, None) for k in keys}
+
+    with Client(dask_cluster.scheduler_address) as client:
+        saved = client.run(forget)
+        try:
+            with pytest.raises(ConvcacheError, match="the Dask workers cannot read .* AWS_ACCESS_KEY_ID"):
+                run_extract(ExtractConfig(model=str(extractor), data=f"s3://{bucket}/imgs/",
+                                          output=f"s3://{bucket}/f.zarr", scheduler=dask_cluster.scheduler_address,
+                                          progress=False))
+        finally:
+            client.run(lambda: os.environ.update({k: v for k, v in next(iter(saved.values())).items() if v}))
+    fs = s3fs.S3FileSystem()
+    assert not fs.exists(f"{bucket}/f.zarr") and not fs.exists(f"{bucket}/f.zarr.lock")

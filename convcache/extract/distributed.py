@@ -118,6 +118,22 @@ class DaskExecutor:
         self._decode_errors: dict = {}
         self.tasks = 0
 
+    def preflight(self, items: list[Item], cfg) -> None:
+        """Before anything is created: one real read of the first image on a worker. When this process can
+        read it and the worker cannot, the workers lack this process's storage environment (credentials,
+        endpoint): every image would become a skipped file. Stop with one line instead."""
+        from convcache.extract.mapper import hash_file
+
+        if not items:
+            return
+        here = hash_file(items[0], cfg.max_bytes, cfg.storage_options)
+        there = self.client.submit(hash_file, items[0], cfg.max_bytes, cfg.storage_options, pure=False).result()
+        if here.error is None and there.error is not None:
+            raise ConvcacheError(f"the Dask workers cannot read {items[0].path} ({there.error}), which this process "
+                                 "reads: give the workers the storage environment (credentials such as "
+                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or --storage-option) "
+                                 "that this process has. Nothing was created or changed.")
+
     def describe(self) -> dict:
         return {"workers": len(self.client.scheduler_info().get("workers", {})),
                 "scheduler": self.client.scheduler.address, "tasks": self.tasks}

@@ -315,6 +315,9 @@ class LocalExecutor:
     def describe(self) -> dict:
         return {"workers": self.workers}
 
+    def preflight(self, items: list[Item], cfg) -> None:
+        """Nothing to check: this process reads the images itself."""
+
     def block_rows(self, writer) -> int:
         """A commit at least every COMMIT_ROWS rows whatever the chunk size (an interrupt keeps what was
         done): this process writes its blocks one after another, so a block may cover part of a chunk."""

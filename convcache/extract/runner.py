@@ -105,26 +105,26 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         session = ExtractorSession(cfg.model, cfg.device, cfg.threads)
         contract = session.contract
     items, classes, ignored = discover_all(cfg.data, cfg.storage_options)
-    with writer_lock(cfg.output, cfg.storage_options) as guard:
-        try:
-            if distributed:
-                from convcache.extract.distributed import dask_executor
+    if distributed:
+        from convcache.extract.distributed import dask_executor
 
-                executor = dask_executor(cfg, proto.SerializeToString(), contract)
-            else:
-                executor = LocalExecutor(session, cfg.workers)
-            t0 = time.perf_counter()
-            with executor as ex:
-                summary = ExtractSummary(provider=ex.provider, images=len(items), phases={"start": 0.0})
-                summary.phases["start"] = time.perf_counter() - t0
+        executor = dask_executor(cfg, proto.SerializeToString(), contract)
+    else:
+        executor = LocalExecutor(session, cfg.workers)
+    t0 = time.perf_counter()
+    with executor as ex:
+        summary = ExtractSummary(provider=ex.provider, images=len(items), phases={"start": time.perf_counter() - t0})
+        ex.preflight(items, cfg)  # before the lease and the store: a failure here creates nothing
+        with writer_lock(cfg.output, cfg.storage_options) as guard:
+            try:
                 for split, split_items, copies, writer, ignored_here in split_writers(cfg, contract, items, classes,
                                                                                       ignored, guard):
                     extract_split(ex, split, split_items, copies, writer, cfg, contract, summary, ignored_here)
-            summary.seconds = time.perf_counter() - start
-            return summary
-        except OSError as exc:  # disk full, read-only file system, ...: what was committed stays
-            raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is kept, "
-                                 "re-run to resume once that is fixed") from None
+            except OSError as exc:  # disk full, read-only file system, ...: what was committed stays
+                raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is "
+                                     "kept, re-run to resume once that is fixed") from None
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 def store_identity(cfg: ExtractConfig, contract, classes) -> tuple[dict, dict]:
