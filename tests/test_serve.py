@@ -361,3 +361,30 @@ def test_docs_render_in_a_headless_browser_without_network(server):
                         server.url + "/docs"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-500:]
     assert "/v1/predict" in r.stdout and "swagger-ui" in r.stdout
+
+
+def test_triton_repository_config_parses_with_tritons_schema_and_matches_the_graph(fused_model, tmp_path):
+    """Nothing here can run Triton: the check is Triton's own schema (model_config_pb2) and the graph."""
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    from convcache.artifacts import describe, read
+
+    r = run_cli("triton", "--model", fused_model, "-o", tmp_path / "repo", "--name", "cats_dogs",
+                "--device", "cpu", "gpu")
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "repo" / "cats_dogs"
+    assert (folder / "1" / "model.onnx").read_bytes() == fused_model.read_bytes()
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    graph = describe(fused_model)
+    assert config.name == "cats_dogs" and config.backend == "onnxruntime" and config.max_batch_size == 32
+    types = {v: k for k, v in model_config_pb2.DataType.items()}
+    for declared, actual in ((config.input, graph["inputs"]), (config.output, graph["outputs"])):
+        assert [(t.name, list(t.dims)) for t in declared] == [(a["name"], a["shape"][1:]) for a in actual]
+        assert all(types[t.data_type] == "TYPE_FP32" for t in declared)
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
+    kinds = {model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group}
+    assert kinds == {"KIND_CPU", "KIND_GPU"}
+    assert config.parameters["convcache_model_id"].string_value == read(fused_model).identity
+    bad = run_cli("triton", "--model", fused_model, "-o", tmp_path / "repo", "--name", "no/slash")
+    assert bad.returncode == 2 and "--name" in bad.stderr

@@ -37,6 +37,23 @@ def register(sub) -> None:
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=run_serve)
 
+    t = sub.add_parser("triton", help="a Triton Inference Server model repository for a fused model",
+                       description="Writes DIR/<name>/1/model.onnx and DIR/<name>/config.pbtxt (the onnxruntime "
+                                   "backend; tensor names, datatypes and dims read from the graph; dynamic "
+                                   "batching; one instance group per device). Serve it with "
+                                   "`tritonserver --model-repository DIR`.")
+    t.add_argument("--model", required=True, help="fused .onnx from `convcache fuse`")
+    t.add_argument("-o", "--output", required=True, help="the model repository folder (created if absent)")
+    t.add_argument("--name", help="the model's name in Triton (default: the file's stem)")
+    t.add_argument("--max-batch", type=int, default=32, help="Triton's max_batch_size")
+    t.add_argument("--preferred-batch", type=int, nargs="+", default=[8, 32], help="dynamic batching's sizes")
+    t.add_argument("--max-queue-delay-us", type=int, default=5000, help="dynamic batching's queue delay")
+    t.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime")
+    t.add_argument("--device", choices=["cpu", "gpu"], nargs="+", default=["cpu"],
+                   help="one instance group per device kind")
+    t.add_argument("--instances", type=int, default=1, help="model instances per group")
+    t.set_defaults(func=run_triton)
+
 
 def run_predict(args) -> int:
     from convcache.errors import ImageError
@@ -88,4 +105,15 @@ def run_serve(args) -> int:
         app = create_app(config)  # load errors surface here, before the port opens
         print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr, flush=True)
         uvicorn.run(app, **common)
+    return 0
+
+
+def run_triton(args) -> int:
+    from convcache.serve.triton import write_repository
+
+    folder = write_repository(args.model, args.output, args.name, max_batch=args.max_batch,
+                              preferred=tuple(args.preferred_batch), delay_us=args.max_queue_delay_us,
+                              backend=args.backend, devices=tuple(args.device), instances=args.instances)
+    print(f"wrote {folder}/1/model.onnx and {folder}/config.pbtxt; serve with: "
+          f"tritonserver --model-repository {args.output}")
     return 0
