@@ -388,3 +388,49 @@ def test_triton_repository_config_parses_with_tritons_schema_and_matches_the_gra
     assert config.parameters["convcache_model_id"].string_value == read(fused_model).identity
     bad = run_cli("triton", "--model", fused_model, "-o", tmp_path / "repo", "--name", "no/slash")
     assert bad.returncode == 2 and "--name" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def oip_server(fused_model):
+    s = Server(fused_model, "--name", "cats_dogs", "--max-wait-ms", 10)
+    yield s
+    s.stop()
+
+
+def test_open_inference_protocol_with_the_real_tritonclient(oip_server, fused_model):
+    """Issue 21, item 1: tritonclient[http] against the service: health, metadata, and inference with JSON
+    and binary tensors, FP32 and UINT8 pixels and BYTES image files, equal to Predictor within 1e-5."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    from tritonclient.utils import InferenceServerException
+
+    predictor = Predictor(fused_model)
+    client = httpclient.InferenceServerClient(url=oip_server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("cats_dogs")
+    meta = client.get_model_metadata("cats_dogs")
+    size = predictor.size
+    assert meta["inputs"][0] == {"name": "images", "datatype": "FP32", "shape": [-1, size, size, 3]}
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "features"]
+    files = [jpeg(500 + i) for i in range(3)]
+    pixels = np.stack([predictor.to_pixels(f) for f in files])
+    expected = np.stack([predictor.run_pixels(p[None])[0][0] for p in pixels])
+    for binary in (True, False):
+        for dtype, datatype in ((np.float32, "FP32"), (np.uint8, "UINT8")):
+            inp = httpclient.InferInput("images", list(pixels.shape), datatype)
+            inp.set_data_from_numpy(pixels.astype(dtype), binary_data=binary)
+            outs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+                    httpclient.InferRequestedOutput("features", binary_data=binary)]
+            res = client.infer("cats_dogs", [inp], outputs=outs)
+            np.testing.assert_allclose(res.as_numpy("probabilities"), expected, atol=1e-5)
+            assert res.as_numpy("features").shape[0] == 3
+    encoded = httpclient.InferInput("images", [len(files)], "BYTES")
+    encoded.set_data_from_numpy(np.array(files, dtype=np.object_), binary_data=True)
+    res = client.infer("cats_dogs", [encoded])
+    np.testing.assert_allclose(res.as_numpy("probabilities"), expected, atol=1e-5)
+    bad = httpclient.InferInput("images", [1, size + 1, size, 3], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, size + 1, size, 3), np.float32))
+    with pytest.raises(InferenceServerException, match=r"expected \[N, "):
+        client.infer("cats_dogs", [bad])
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_metadata("nope")
+    text = httpx.get(oip_server.url + "/metrics").text
+    assert 'endpoint="/v2/models/{name}/infer"' in text  # the same metrics as /v1, by route template

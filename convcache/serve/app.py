@@ -17,6 +17,7 @@ from convcache.serve.config import ServeConfig
 from convcache.serve.docs import install_docs
 from convcache.serve.errors import install_error_handlers
 from convcache.serve.metrics import ObserveMiddleware
+from convcache.serve.oip import router as oip_router
 from convcache.serve.routes import router
 from convcache.serve.service import InferenceService
 
@@ -41,6 +42,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.add_middleware(ObserveMiddleware, metrics=service.metrics)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(oip_router)
     install_docs(app)
     return app
 

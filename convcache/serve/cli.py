@@ -22,7 +22,9 @@ def register(sub) -> None:
 
     s = sub.add_parser("serve", help="HTTP service for a fused model (FastAPI + uvicorn)",
                        description="Endpoints: POST /v1/predict, POST /v1/features, GET /v1/model, /healthz, "
-                                   "/readyz, /metrics (Prometheus), /docs (OpenAPI).")
+                                   "/readyz, /metrics (Prometheus), /docs and /redoc (OpenAPI, offline); the Open "
+                                   "Inference Protocol (KServe v2 REST, tritonclient): /v2, /v2/health/{live,ready}, "
+                                   "/v2/models/NAME[/ready], POST /v2/models/NAME/infer.")
     s.add_argument("--model", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -34,6 +36,8 @@ def register(sub) -> None:
     s.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
     s.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="decoded size limit (422 above)")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    s.add_argument("--name", help="the model's name on the Open Inference Protocol (/v2/models/NAME; default: "
+                                  "the file's stem)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=run_serve)
 
@@ -89,7 +93,8 @@ def run_serve(args) -> int:
             raise ConvcacheError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_queue=args.max_queue, cache_size=args.cache_size,
-                         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels)
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
+                         name=args.name)
     common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30,
               "server_header": False, "limit_concurrency": config.max_connections,
               "timeout_keep_alive": config.keep_alive_s, "http": "convcache.serve.http_timeouts:HeaderTimeoutProtocol"}

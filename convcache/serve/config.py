@@ -22,3 +22,4 @@ class ServeConfig:
     max_connections: int = 512  # uvicorn's limit_concurrency: more get 503 at once
     keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this
     header_timeout_s: float = 10.0  # request headers must be complete within this (slowloris)
+    name: str | None = None  # the model's name on the Open Inference Protocol (default: the file's stem)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
+import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from convcache.errors import ImageError
@@ -32,6 +34,8 @@ class InferenceService:
         self.decode_slots = asyncio.Semaphore(max(1, config.decode_memory_bytes // config.max_decode_bytes))
         self.decoding = 0  # images being decoded now (they count against the queue bound)
         self.ready = False
+        self.name = config.name or Path(config.model).stem  # the model's name on the Open Inference Protocol
+        self.n_features = int(np.prod(self.predictor.contract.metadata["outputs"]["features"][1:]))
 
     @property
     def model_id(self) -> str:
@@ -47,8 +51,30 @@ class InferenceService:
         await self.batcher.stop()
 
     async def infer(self, data: bytes, index: int):
-        """(probabilities, features) of one image and whether the cache answered."""
-        key = content_key(data, self.predictor.sha256)
+        """(probabilities, features) of one encoded image and whether the cache answered."""
+
+        async def decode():
+            self.decoding += 1
+            try:
+                async with self.decode_slots:  # decodes at once are capped by a memory budget
+                    return await run_in_threadpool(self.predictor.to_pixels, data)
+            except ImageError as exc:
+                raise HTTPError(image_status(exc.reason), f"image {index}: {exc.reason}") from None
+            finally:
+                self.decoding -= 1
+
+        return await self._cached(content_key(data, self.predictor.sha256), decode)
+
+    async def infer_pixels(self, pixels, index: int):
+        """The same for one image already at the model's size (HxWx3, uint8 or float32 0-255): the Open
+        Inference Protocol's tensor input. Cached by the pixels' bytes and dtype."""
+        async def ready():
+            return pixels
+
+        key = content_key(str(pixels.dtype).encode() + pixels.tobytes(), self.predictor.sha256)
+        return await self._cached(key, ready)
+
+    async def _cached(self, key: str, pixels):
         hit = self.cache.get(key)
         if hit is not None:
             self.metrics.cache_hits.inc()
@@ -57,16 +83,8 @@ class InferenceService:
         # overload is answered before any decoding work: images waiting for inference + being decoded
         if self.batcher.pending + self.decoding >= self.config.max_queue:
             raise HTTPError(503, OVERLOADED)
-        self.decoding += 1
         try:
-            async with self.decode_slots:  # decodes at once are capped by a memory budget
-                pixels = await run_in_threadpool(self.predictor.to_pixels, data)
-        except ImageError as exc:
-            raise HTTPError(image_status(exc.reason), f"image {index}: {exc.reason}") from None
-        finally:
-            self.decoding -= 1
-        try:
-            result = await self.batcher.submit(pixels)
+            result = await self.batcher.submit(await pixels())
         except QueueFull:
             raise HTTPError(503, OVERLOADED) from None
         self.cache.put(key, result)
