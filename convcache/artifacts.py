@@ -237,14 +237,26 @@ def describe(path: str | os.PathLike) -> dict:
         out = []
         for v in values:
             t = v.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            # a converter's generated names (tf2onnx's unk__160) say nothing: show an unknown size as null
+            dims = [d.dim_value if d.HasField("dim_value") else
+                    (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None)
+                    for d in t.shape.dim]
             out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
                         if t.elem_type else None, "shape": dims})
         return out
 
     inits = {i.name for i in proto.graph.initializer}
-    return {"inputs": io([i for i in proto.graph.input if i.name not in inits]), "outputs": io(proto.graph.output),
+    meta = get_metadata(proto)
+    outputs = io(proto.graph.output)
+    recorded = (meta.get("outputs") or {}) if meta.get("kind") == KIND_FUSED else \
+        ({meta["output"].get("name", FEATURES): meta["output"].get("shape")} if isinstance(meta.get("output"), dict)
+         else {})
+    for out in outputs:  # the shape convcache recorded, where the graph leaves a size unknown
+        shape = recorded.get(out["name"])
+        if isinstance(shape, list) and len(shape) == len(out["shape"]):
+            out["shape"] = [g if g is not None else s for g, s in zip(out["shape"], shape)]
+    return {"inputs": io([i for i in proto.graph.input if i.name not in inits]), "outputs": outputs,
             "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
             "ir_version": proto.ir_version, "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
             "nodes": len(proto.graph.node), "identity": graph_sha256(load_model(path)),
-            "convcache": get_metadata(proto)}
+            "convcache": meta}

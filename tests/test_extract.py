@@ -267,6 +267,8 @@ def test_info_describes_a_store_and_its_integrity(extractor, tmp_path):
     (data / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
     store = tmp_path / "f.zarr"
     run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), augment=2, progress=False))
+    model = run_cli("info", extractor).stdout
+    assert "unk__" not in model and "features float32 [None, 1, 1, 512]" in model  # sizes, not converter names
     r = run_cli("info", store, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
