@@ -64,7 +64,7 @@ def test_ctrl_c_keeps_committed_rows_says_so_and_the_same_command_resumes(pooled
     committed every few dozen, so an interrupt keeps them, says how many, and the same command resumes."""
     import signal
 
-    data = make_dataset(tmp_path / "d", splits={"train": 20, "validation": 4})
+    data = make_dataset(tmp_path / "d", splits={"train": 60, "validation": 4})  # 480 train rows: many commits
     cmd = [sys.executable, "-m", "convcache", "extract", "--model", str(pooled_extractor), "--data", str(data),
            "--augment", "3", "--batch-size", "2", "--workers", "1", "-o"]
     subprocess.run([*cmd, str(tmp_path / "clean.zarr"), "--quiet"], check=True, capture_output=True)
@@ -72,7 +72,7 @@ def test_ctrl_c_keeps_committed_rows_says_so_and_the_same_command_resumes(pooled
     proc = subprocess.Popen([*cmd, str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     meta, committed, deadline = store / "train" / "zarr.json", 0, time.time() + 120
     while committed == 0 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.005)
         try:
             committed = json.loads(meta.read_text())["attributes"]["committed_rows"]
         except (OSError, ValueError, KeyError):
@@ -81,7 +81,7 @@ def test_ctrl_c_keeps_committed_rows_says_so_and_the_same_command_resumes(pooled
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     kept = FeatureStore(store).rows("train")
-    assert proc.returncode == 130 and 0 < kept < 80, (proc.returncode, kept, err[-300:])
+    assert proc.returncode == 130 and 0 < kept < 480, (proc.returncode, kept, err[-300:])
     assert f"\ninterrupted: {kept} rows committed in 'train'" in err and "the same command resumes" in err
     subprocess.run([*cmd, str(store), "--quiet"], check=True, capture_output=True)
     assert _same(store, tmp_path / "clean.zarr")
