@@ -71,7 +71,7 @@ def register(sub) -> None:
     f.add_argument("--preprocess", choices=["caffe", "rescale"], default=fd["preprocess"],
                    help=f"preprocessing inside the extractor ({src}, phase 1)")
     f.add_argument("--copies", type=int, default=fd["copies"], metavar="K",
-                   help=f"augmented copies per training photo ({src}: its decision rule; 30 = method 2 replayed "
+                   help=f"augmented copies per training photo ({src}: its decision rule; N = 60 = method 2 replayed "
                         "from the cache)")
     f.add_argument("--policy", default=fd["policy"], help=f"augmentation preset or JSON ({src})")
     f.add_argument("--head", choices=["dense", "logreg"], default=fd["head"], help=f"head ({src})")
