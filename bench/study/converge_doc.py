@@ -61,8 +61,10 @@ def tables(r: dict) -> str:
     if r.get("probe"):
         out.append("Linear probe (comparator; standardised logistic regression, C on the select half, pooled copies "
                    "0..K, one deterministic run): " + "; ".join(
-                       f"{k}: {pct(p['report'])}% (C={p['C']}), vs method 2's seed mean {pts(p['vs_method2_seed_mean']['diff'])} "
-                       f"{ci(p['vs_method2_seed_mean']['ci95'])}" for k, p in sorted(r["probe"].items())) + ".\n")
+                       f"{k}: {pct(p['report'])}% (C={p['C']}, select half {pct(p['select'])}%), vs method 2 "
+                       f"{pts(p['vs_method2_seeds_photos']['diff'])} {ci(p['vs_method2_seeds_photos']['ci95'])} "
+                       f"(seeds then photos; {ci(p['vs_method2_seed_mean']['ci95'])} against its seed mean)"
+                       for k, p in sorted(r["probe"].items())) + ".\n")
 
     out.append("### Cost to reach 70, 75 and 80% (seed-mean report-half accuracy after each epoch)\n")
     out.append("| arm | 70% | 75% | 80% |")
@@ -195,6 +197,14 @@ def answer(r: dict) -> str:
              f"{c['recommended_compute_s'] / 60:.0f} min of this CPU against {c['method2_end_to_end_s'] / 60:.0f} min "
              f"for method 2 end to end: {c['ratio']:.1f}x less for one experiment and {c['ratio_4_experiments']:.1f}x "
              f"for four (per-unit costs measured back to back in one run, {r['costs'].get('cpu', '?')}).")
+    pk = r.get("probe_becomes_default")
+    if pk is not None:
+        pr = r["probe"][f"K={pk}"]
+        t = pr["vs_method2_seeds_photos"]
+        s.append(f"The comparator beat every arm: the standardised linear probe on the originals and {pk} pooled "
+                 f"copies reaches {pct(pr['report'])}% on the report half, {pts(t['diff'])} points over method 2, "
+                 f"95% CI {ci(t['ci95'])} (method 2's seeds, then photos, resampled; {ci(pr['vs_method2_seed_mean']['ci95'])} "
+                 f"against its seed mean). By the plan's rule it becomes `convcache fit`'s default head.")
     if not conv["converged"]:
         s.append(f"Caveat: method 2 was capped at N = {n} fresh copies, and {conv['seeds_best_in_last_15']} of "
                  f"{len(a2['epochs_run'])} seeds kept an epoch in the last 15 (best epochs "

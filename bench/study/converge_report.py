@@ -117,11 +117,20 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
     for path in sorted((out / "probe").glob("*.json")) if (out / "probe").is_dir() else []:
         pr = json.loads(path.read_text())
         assert tuple(pr["report_sha256"]) in shas
-        probes[f"K={pr['k']}"] = {"C": pr["C"], "report": pr["report"]["accuracy"], "select": pr["select"]["accuracy"],
-                                  "vs_method2_seed_mean": paired_bootstrap(np.mean(list(C[str(n)].values()), 0),
-                                                                           pr["report_correct"]),
+        m2 = np.array([C[str(n)][s] for s in sorted(C[str(n)])])
+        probes[f"K={pr['k']}"] = {"k": pr["k"], "C": pr["C"], "report": pr["report"]["accuracy"],
+                                  "select": pr["select"]["accuracy"],
+                                  "vs_method2_seed_mean": paired_bootstrap(m2.mean(0), pr["report_correct"]),
+                                  # the probe is deterministic: method 2's seeds resampled, then photos
+                                  "vs_method2_seeds_photos": seed_photo_bootstrap(
+                                      m2, np.tile(np.array(pr["report_correct"]), (len(m2), 1))),
                                   "report_correct": pr["report_correct"]}
     res["probe"] = probes
+    # the plan's rule: the probe becomes fit's default head only if it beats the recommended dense arm on the
+    # report half with a 95% interval excluding 0 (both intervals above are asked to)
+    winners = [p for p in probes.values() if p["vs_method2_seed_mean"]["ci95"][0] > 0
+               and p["vs_method2_seeds_photos"]["ci95"][0] > 0]
+    res["probe_becomes_default"] = max(winners, key=lambda p: p["report"])["k"] if winners else None
 
     # cost to reach 70/75/80% (seed-mean report-half accuracy after each epoch, against compute)
     curves, reach = {}, {}

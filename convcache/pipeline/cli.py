@@ -71,8 +71,8 @@ def register(sub) -> None:
     f.add_argument("--preprocess", choices=["caffe", "rescale"], default=fd["preprocess"],
                    help=f"preprocessing inside the extractor ({src}, phase 1)")
     f.add_argument("--copies", type=int, default=fd["copies"], metavar="K",
-                   help=f"augmented copies per training photo ({src}: its decision rule; N = 60 = method 2 replayed "
-                        "from the cache)")
+                   help=f"augmented copies per training photo ({src}: 10 for the default linear head; with --head "
+                        "dense the rule's arm is 60 = method 2 replayed from the cache)")
     f.add_argument("--policy", default=fd["policy"], help=f"augmentation preset or JSON ({src})")
     f.add_argument("--head", choices=["dense", "logreg"], default=fd["head"], help=f"head ({src})")
     f.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=fd["standardize"],
@@ -128,7 +128,9 @@ def run_fit_cmd(args) -> int:
         s = res["select"]
         print(f"select half (chose the epoch): {accuracy_summary(s['accuracy'], s['n'])}")
     r = res["report"]
-    print(f"wrote {state['model']}: {state['epochs_run']} epochs, best {state['best_epoch']}")
+    trained = (f"{state['epochs_run']} epochs, best {state['best_epoch']}" if state.get("epochs_run") else
+               f"{cfg.head} head")
+    print(f"wrote {state['model']}: {trained}")
     warning = small_half_warning("held-out half", r["n"])
     if warning:
         print(warning)

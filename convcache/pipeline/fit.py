@@ -2,8 +2,9 @@
 
     OUT/extractor.onnx  (export: hed VGG16 at block5_pool, the recommended preprocessing)
     OUT/features.zarr   (extract: originals + K copies, the book's augmentation)
-    OUT/head/           (train: the dense head on the replay schedule, the recommended settings, epochs and
-                         early stopping on the select half of validation)
+    OUT/head/           (train: the recommended head, chosen on the select half of validation: the
+                         standardised linear probe on pooled copies 0..K (C), or with --head dense the
+                         dense head on the replay schedule (epochs and early stopping))
     OUT/model.onnx      (fuse: pixels -> probabilities, for `predict` and `serve`)
     OUT/fit.json        (the settings, each stage's result, the held-out accuracy)
 
