@@ -112,6 +112,18 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
     res["smallest_equivalent_k"] = next((k for k in ks if k != n and eq[str(k)]["equivalent"]), None)
     res["smallest_noninferior_k"] = next((k for k in ks if k != n and eq[str(k)]["noninferior"]), None)
 
+    # post hoc, not pre-registered: method 2 at lr 2e-5 (bench/study/sensitivity.py)
+    sens = sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda r: r["run"]["seed"])
+    sens = [r for r in sens if r["run"]["phase"] == "phase2-sensitivity"]
+    if sens:
+        S = np.array([r["report_correct"] for r in sens])
+        seeds = [r["run"]["seed"] for r in sens]
+        res["sensitivity_method2_lr2e-5"] = {
+            **_arm("method 2 at lr 2e-5 (post hoc)", sens),
+            "minus_method1": seed_photo_bootstrap(np.array([C["0"][s] for s in seeds]), S),
+            "minus_method2_chosen": seed_photo_bootstrap(np.array([C[str(n)][s] for s in seeds]), S),
+            "seeds_best_in_last_15": sum(r["best_epoch"] > n - 15 for r in sens)}
+
     # the linear probe comparator
     probes = {}
     for path in sorted((out / "probe").glob("*.json")) if (out / "probe").is_dir() else []:

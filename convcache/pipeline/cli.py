@@ -126,7 +126,7 @@ def run_fit_cmd(args) -> int:
     res = state["result"]
     if "select" in res:
         s = res["select"]
-        print(f"select half (chose the epoch): {accuracy_summary(s['accuracy'], s['n'])}")
+        print(f"select half (chose the head's settings): {accuracy_summary(s['accuracy'], s['n'])}")
     r = res["report"]
     trained = (f"{state['epochs_run']} epochs, best {state['best_epoch']}" if state.get("epochs_run") else
                f"{cfg.head} head")

@@ -4,7 +4,7 @@ set -e
 cd "$(dirname "$0")/../../.."
 .venv/bin/python bench/study/converge_doc.py docs/results_converge.json --img docs/img > /tmp/converge_generated.md 2>/dev/null
 {
-echo "# Results: every arm at its own best, method 2 at 30 fresh copies (issue 18)"
+echo "# Results: every arm at its own best, method 2 at 60 fresh copies (issue 18)"
 echo
 echo "<!-- the first paragraph and the tables are generated: bench/study/converge_doc.py docs/results_converge.json; plan: docs/study_plan.md (committed before any result) -->"
 echo
