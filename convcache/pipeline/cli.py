@@ -54,7 +54,7 @@ def register(sub) -> None:
     c.set_defaults(func=run_compare_cmd)
 
     from convcache.pipeline.fit import FitConfig
-    from convcache.protocol import FIT_DEFAULTS_SOURCE, parse_learning_rate
+    from convcache.protocol import FIT_DEFAULTS, FIT_DEFAULTS_SOURCE, parse_learning_rate
 
     fd = {f.name: f.default for f in fields(FitConfig)}
     src = "the study's answer, docs/results.md"
@@ -70,9 +70,10 @@ def register(sub) -> None:
     f.add_argument("--input-size", type=int, default=fd["input_size"], help=f"square input side ({src})")
     f.add_argument("--preprocess", choices=["caffe", "rescale"], default=fd["preprocess"],
                    help=f"preprocessing inside the extractor ({src}, phase 1)")
-    f.add_argument("--copies", type=int, default=fd["copies"], metavar="K",
-                   help=f"augmented copies per training photo ({src}: 10 for the default linear head; with --head "
-                        "dense the rule's arm is 60 = method 2 replayed from the cache)")
+    k = FIT_DEFAULTS["copies"]
+    f.add_argument("--copies", type=int, default=None, metavar="K",
+                   help=f"augmented copies per training photo (default: {k['logreg']} for the linear head, "
+                        f"{k['dense']} for --head dense = method 2 replayed from the cache; {src})")
     f.add_argument("--policy", default=fd["policy"], help=f"augmentation preset or JSON ({src})")
     f.add_argument("--head", choices=["dense", "logreg"], default=fd["head"], help=f"head ({src})")
     f.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=fd["standardize"],

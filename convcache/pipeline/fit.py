@@ -31,7 +31,7 @@ class FitConfig:
     weights: str = FIT_DEFAULTS["weights"]
     input_size: int = FIT_DEFAULTS["input_size"]
     preprocess: str = FIT_DEFAULTS["preprocess"]
-    copies: int = FIT_DEFAULTS["copies"]
+    copies: int | None = None  # None: the head's (FIT_DEFAULTS["copies"])
     policy: str = FIT_DEFAULTS["policy"]
     head: str = FIT_DEFAULTS["head"]
     standardize: bool = FIT_DEFAULTS["standardize"]
@@ -48,6 +48,8 @@ class FitConfig:
             raise ConvcacheError(f"preprocess {self.preprocess!r}: choose caffe or rescale")
         if self.head not in ("dense", "logreg"):
             raise ConvcacheError(f"head {self.head!r}: choose dense or logreg")
+        if self.copies is None:
+            self.copies = FIT_DEFAULTS["copies"][self.head]
         if self.copies < 0 or self.seed < 0:
             raise ConvcacheError("copies and seed must be >= 0")
         positive = isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
