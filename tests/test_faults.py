@@ -69,7 +69,10 @@ def test_ctrl_c_keeps_committed_rows_says_so_and_the_same_command_resumes(pooled
            "--augment", "3", "--batch-size", "2", "--workers", "1", "-o"]
     subprocess.run([*cmd, str(tmp_path / "clean.zarr"), "--quiet"], check=True, capture_output=True)
     store = tmp_path / "f.zarr"
-    proc = subprocess.Popen([*cmd, str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a terminal's Ctrl-C: SIGINT at its default disposition in the child (a job started in the background of a
+    # non-interactive shell, as CI may run this suite, inherits SIGINT ignored, and Python keeps it ignored)
+    proc = subprocess.Popen([*cmd, str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     meta, committed, deadline = store / "train" / "zarr.json", 0, time.time() + 120
     while committed == 0 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
