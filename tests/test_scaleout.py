@@ -418,3 +418,12 @@ def test_workers_without_the_storage_environment_stop_before_anything_is_created
             client.run(lambda: os.environ.update({k: v for k, v in next(iter(saved.values())).items() if v}))
     fs = s3fs.S3FileSystem()
     assert not fs.exists(f"{bucket}/f.zarr") and not fs.exists(f"{bucket}/f.zarr.lock")
+
+
+def test_quiet_distributed_extract_prints_no_dask_info_lines(extractor, tmp_path):
+    """Issue 21, item 8: Dask logs its start-up at INFO; without -v a run prints only its result line."""
+    data = make_dataset(tmp_path / "data", splits={"train": 2, "validation": 1})
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "f.zarr", "--cluster", "local:2",
+                "-q", isolated=True)
+    assert r.returncode == 0, r.stderr
+    assert "INFO" not in r.stderr and "INFO" not in r.stdout and r.stdout.startswith("extracted ")

@@ -52,6 +52,8 @@ def dask_client(scheduler: str | None, cluster: str | None, threads: int | None 
         raise ConvcacheError("distributed extraction needs dask.distributed: pip install 'convcache[dist]'") from None
     if scheduler and cluster:
         raise ConvcacheError("--scheduler and --cluster are exclusive: connect to a cluster or start a local one")
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # dask logs its start-up at INFO: shown with -v only
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     if cluster:
         n = parse_cluster(cluster)
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
