@@ -1,4 +1,4 @@
-"""`convcache bench runtime|extract|serve ARGS...`: see `convcache bench <name> --help`."""
+"""`convcache bench runtime|extract|serve|scale ARGS...`: see `convcache bench <name> --help`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import importlib
 
 BENCHES = {"runtime": "the extractor on every runtime (Keras, ONNX Runtime, OpenVINO; fp32, int8)",
            "extract": "the whole extract pipeline against bare inference on the same images",
-           "serve": "the HTTP service under load against the bare Predictor; cache hits; a soak with bad input"}
+           "serve": "the HTTP service under load against the bare Predictor; cache hits; a soak with bad input",
+           "scale": "every stage but the model at N = 10k..1M generated photos: seconds, rows/s, peak RSS, metadata"}
 
 
 def register(sub) -> None:

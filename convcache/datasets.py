@@ -5,19 +5,22 @@ from __future__ import annotations
 import csv
 import os
 import stat
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from convcache.errors import ConvcacheError
 
 SPLITS = ("train", "validation", "test")
+RACY_SECONDS = 2.0  # a file modified this recently gets no stat key (see convcache.extract.statcache)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     path: str
     label: int
     split: str
+    stat: str | None = field(default=None, compare=False)  # the stat key from the listing (extract.statcache)
 
 
 def discover(data: str, storage_options: dict | None = None) -> tuple[list[Item], list[str]]:
@@ -26,17 +29,28 @@ def discover(data: str, storage_options: dict | None = None) -> tuple[list[Item]
     return items, classes
 
 
-def discover_all(data: str, storage_options: dict | None = None
+def discover_all(data: str, storage_options: dict | None = None, progress: bool = False
                  ) -> tuple[list[Item], list[str], list[tuple[str, str, str]]]:
     """Items, class names, and the entries of class folders that cannot be images, each as
     (path, split, reason): directories, FIFOs, devices, sockets, broken links and symlink loops.
     `data` may be a URL (s3://bucket/prefix/ or a manifest at a URL): it is listed through fsspec and
-    every item's path is a full URL."""
+    every item's path is a full URL. Each listed file carries its stat key (`Item.stat`), from the same
+    stat or listing entry that vetted it. `progress` shows a bar of the files listed."""
+    from tqdm import tqdm
+
     from convcache.location import resolve
 
     loc = resolve(data, storage_options, what="--data")
-    if not loc.local:
-        return _discover_remote(loc)
+    bar = tqdm(desc="list", unit="file", disable=not progress, mininterval=0.5)
+    try:
+        if not loc.local:
+            return _discover_remote(loc, bar)
+        return _discover_local(data, loc, bar)
+    finally:
+        bar.close()
+
+
+def _discover_local(data, loc, bar):
     src = Path(loc.path)
     ignored: list[tuple[str, str, str]] = []
     if not src.exists():
@@ -51,27 +65,31 @@ def discover_all(data: str, storage_options: dict | None = None
         pairs = []
         for split, root in folders:
             for cls in _class_dirs(root):
-                for f in sorted(cls.iterdir()):
-                    if f.name.startswith("."):
-                        continue
-                    reason = _not_a_file(f)
-                    if reason:
-                        ignored.append((str(f), split, reason))
-                    else:
-                        pairs.append((str(f), cls.name, split))
+                with os.scandir(cls) as entries:  # streamed; the one sort is _items' canonical order
+                    for f in entries:
+                        if f.name.startswith("."):
+                            continue
+                        path = os.path.join(cls, f.name)
+                        reason, st = _not_a_file(path)
+                        if reason:
+                            ignored.append((path, split, reason))
+                        else:
+                            pairs.append((path, cls.name, split, local_key(st, time.time_ns())))
+                        bar.update()
     return _items(data, pairs, ignored)
 
 
 def _items(data, pairs, ignored):
     if not pairs:
         raise ConvcacheError(f"--data {data}: no images found (expected split/class folders, class folders or a CSV)")
-    classes = sorted({label for _, label, _ in pairs})
+    classes = sorted({p[1] for p in pairs})
     index = {c: i for i, c in enumerate(classes)}
-    items = sorted((Item(p, index[label], split) for p, label, split in pairs), key=lambda i: (i.split, i.path))
+    items = [Item(p[0], index[p[1]], p[2], p[3] if len(p) > 3 else None) for p in pairs]
+    items.sort(key=lambda i: (i.split, i.path))
     return items, classes, ignored
 
 
-def _discover_remote(loc):
+def _discover_remote(loc, bar):
     """The same layouts as on disk, listed through fsspec (a bucket has prefixes, not folders)."""
     fs = loc.fresh_fs()
     base = loc.path.rstrip("/")
@@ -96,20 +114,39 @@ def _discover_remote(loc):
             for e in sorted(fs.ls(cls, detail=True), key=lambda e: e["name"]):
                 name = e["name"].rstrip("/").rsplit("/", 1)[-1]
                 if e["type"] == "file" and not name.startswith("."):
-                    pairs.append((f"{loc.protocol}://{e['name']}", cls.rsplit("/", 1)[-1], split))
+                    pairs.append((f"{loc.protocol}://{e['name']}", cls.rsplit("/", 1)[-1], split, remote_key(e)))
+                    bar.update()
     return _items(loc.url, pairs, [])
 
 
-def _not_a_file(path: Path) -> str | None:
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:  # ELOOP for symlink loops, ENOENT for broken links
-        return f"unreadable: {exc.strerror or exc}"
-    if stat.S_ISREG(mode):
+def local_key(st: os.stat_result, now_ns: int | None = None) -> str | None:
+    """A file's stat key from `os.stat`, or None when it is too recent to trust (see convcache.extract.statcache)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    if st.st_mtime_ns >= now_ns - int(RACY_SECONDS * 1e9):
         return None
-    if stat.S_ISDIR(mode):
-        return "a directory, not an image file"
-    return "not a regular file (a FIFO, device or socket)"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def remote_key(entry: dict) -> str | None:
+    """A listed object's stat key: size, ETag (or another content tag) and version; None without a tag."""
+    tag = next((entry[k] for k in ("ETag", "etag", "md5Hash", "md5", "crc32c") if entry.get(k)), None)
+    if tag is None:
+        return None
+    version = entry.get("VersionId") or entry.get("version_id") or entry.get("generation") or ""
+    return f"{entry.get('size')}:{str(tag).strip(chr(34))}:{version}"
+
+
+def _not_a_file(path) -> tuple[str | None, os.stat_result | None]:
+    """(why the entry cannot be an image, or None; its stat)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:  # ELOOP for symlink loops, ENOENT for broken links
+        return f"unreadable: {exc.strerror or exc}", None
+    if stat.S_ISREG(st.st_mode):
+        return None, st
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not an image file", st
+    return "not a regular file (a FIFO, device or socket)", st
 
 
 def _class_dirs(root: Path) -> list[Path]:

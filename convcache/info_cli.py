@@ -81,14 +81,14 @@ def describe_store(path: str) -> dict:
     for split in fs.splits:
         attrs, ext = fs.attrs(split), fs.extractor(split)
         damage, note = fs.verify(split)
-        runs = attrs.get("runs", [])
+        runs = fs.runs(split)
         splits[split] = {
             "rows": fs.rows(split), "copies": fs.copies_available(split),
             "feature_shape": list(fs.feature_shape(split)), "dtype": fs.dtype(split),
             "extractor": {"identity": ext.identity, "layer": ext.layer, "pooling": ext.pooling,
                           "preprocess": ext.preprocess, "precision": ext.precision, "size": ext.size,
                           "weights": ext.weights_source},
-            "augment": attrs.get("augment"), "skipped": dict(attrs.get("skipped", {})),
+            "augment": attrs.get("augment"), "skipped": fs.skipped(split),
             "integrity": "intact" if not damage and not note else (note or "; ".join(str(d) for d in damage)),
             "extract_runs": len(runs), "rows_per_second": [round(r["rows"] / r["seconds"], 1) for r in runs
                                                             if r.get("seconds")]}

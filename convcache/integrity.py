@@ -13,6 +13,12 @@ policy, seed, dtype and classes; the arrays' dtypes and the feature shape), the 
 the chain of committed block digests. An edited class list, a feature `data_type` changed in the array
 metadata (same bytes, same block digests) or `committed_rows` lowered to a block boundary no longer
 matches the seal, and `verify` says so.
+
+A third small array, `block_keys_sha256`, digests each block's small columns only (everything but the
+features). A writer decides what is missing from those columns, so it checks them all when it opens a
+split (`verify(..., contents="keys")`: a few bytes a row, whatever the feature size) and the last block
+in full; the full check of every feature chunk is `--verify`'s, and every reader's for the rows it reads.
+Reads go by spans of whole chunks (`spans`): a chunk is read once, however many blocks it holds.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import numpy as np
 from convcache.artifacts import STORE_COLUMNS, STORE_SCHEMA, committed_rows
 
 DIGEST_ARRAYS = ("block_start", "block_sha256")
+KEYS_ARRAY = "block_keys_sha256"  # optional: stores written before it are checked in full by a writer
+KEY_COLUMNS = tuple(n for n in STORE_COLUMNS if n != "features")
 
 
 def block_digest(columns: dict, feature_dtype) -> bytes:
@@ -38,6 +46,40 @@ def block_digest(columns: dict, feature_dtype) -> bytes:
             dtype = feature_dtype if name == "features" else STORE_SCHEMA[name]
             h.update(np.ascontiguousarray(np.asarray(values).astype(dtype, copy=False)).tobytes())
     return h.digest()
+
+
+def keys_digest(columns: dict) -> bytes:
+    """SHA-256 over a block's small columns (all but the features), as `block_digest` serialises them."""
+    h = hashlib.sha256()
+    for name in KEY_COLUMNS:
+        values = columns[name]
+        if name == "path":
+            h.update("\0".join(str(p) for p in values).encode("utf-8", "surrogatepass"))
+        else:
+            h.update(np.ascontiguousarray(np.asarray(values).astype(STORE_SCHEMA[name], copy=False)).tobytes())
+    return h.digest()
+
+
+def span_rows(group) -> int:
+    """Rows a read span covers at least: the deepest chunk of any column, so no chunk is read twice."""
+    return max(group[name].chunks[0] for name in STORE_COLUMNS)
+
+
+def spans(bounds: list[tuple[int, int]], rows: int) -> list[list[int]]:
+    """Consecutive block indices grouped into spans that end where a block ends on a multiple of `rows`
+    (a chunk boundary of every column, so no chunk is read by two spans), or at 2 x `rows` rows where
+    the blocks do not line up with the chunks."""
+    out, current, first = [], [], 0
+    for i, (a, b) in enumerate(bounds):
+        if not current:
+            first = a
+        current.append(i)
+        if b % rows == 0 or b - first >= 2 * rows:
+            out.append(current)
+            current = []
+    if current:
+        out.append(current)
+    return out
 
 
 @dataclass
@@ -69,8 +111,15 @@ def create_digest_arrays(group, covered_from: int) -> dict:
                                                 dimension_names=["block"]),
               "block_sha256": group.create_array("block_sha256", shape=(0, 32), chunks=(4096, 32), dtype="uint8",
                                                  dimension_names=["block", "digest_byte"])}
+    if covered_from == 0:  # keys digests cover every block or none: a split that gains them later has none
+        arrays[KEYS_ARRAY] = create_keys_array(group)
     group.attrs["digests_from"] = int(covered_from)
     return arrays
+
+
+def create_keys_array(group):
+    return group.create_array(KEYS_ARRAY, shape=(0, 32), chunks=(4096, 32), dtype="uint8",
+                              dimension_names=["block", "digest_byte"])
 
 
 def schema_bytes(group) -> bytes:
@@ -103,8 +152,12 @@ def split_seal(group, committed: int) -> str:
     return seal(schema_bytes(group), committed, chain)
 
 
-def verify(group) -> tuple[list[Damage], str | None]:
-    """(damaged row ranges, a note when the split predates digests). Reads every committed row once."""
+def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[list[Damage], str | None]:
+    """(damaged row ranges, a note when the split predates digests). The structure (shapes, block tiling,
+    the seal) is always checked; then `contents`: "all" recomputes every block digest, reading every
+    committed row once (with `max_copy`: only the blocks holding a copy <= max_copy); "keys" checks the
+    small columns against the keys digests and the last block in full (a writer's check, see the module
+    docstring; "all" where the split has no keys digests); "none" reads no rows."""
     committed = committed_rows(group.attrs, f"'{group.basename}'")
     if any(name not in group for name in DIGEST_ARRAYS):
         return [], "written before block digests; not verifiable"
@@ -121,26 +174,66 @@ def verify(group) -> tuple[list[Damage], str | None]:
     digests = group["block_sha256"][:]
     covered_from = int(group.attrs.get("digests_from", 0))
     starts_ok = starts[: committed_blocks(starts, committed)]
-    expected = covered_from
+    bounds, expected = [], covered_from
     for i, start in enumerate(starts_ok):
         stop = starts_ok[i + 1] if i + 1 < len(starts_ok) else committed
         if start != expected:
             damage.append(Damage(expected, max(start, expected + 1), "rows with no block digest"))
         expected = stop
-        if stop > min(shapes.values()):
-            continue  # already reported as short
-        try:
-            cols = {name: group[name][start:stop] for name in STORE_COLUMNS}
-            ok = block_digest(cols, group["features"].dtype) == bytes(digests[i])
-            reason = "contents differ from the block digest (a chunk was altered or deleted)"
-        except Exception as exc:  # an unreadable (corrupt) chunk
-            ok, reason = False, f"unreadable chunk ({exc.__class__.__name__}: {exc})"
-        if not ok:
-            damage.append(Damage(start, stop, reason))
+        bounds.append((start, stop))
     if expected < committed and not short:
         damage.append(Damage(expected, committed, "rows with no block digest (committed_rows edited?)"))
     stored = group.attrs.get("seal")
     if stored is not None and not short and stored != split_seal(group, committed):
         damage.append(Damage(0, max(committed, 1), "the split's metadata no longer matches its seal (classes, "
                                                    "dtype, shape, extractor, policy or committed_rows edited)"))
+    keys = group[KEYS_ARRAY][: len(bounds)] if KEYS_ARRAY in group else None
+    if contents == "keys" and (keys is None or len(keys) < len(bounds)):
+        contents = "all"
+    if contents == "none" or not bounds:
+        return damage, None
+    limit = min(shapes.values())
+    checkable = [i for i, (a, b) in enumerate(bounds) if b <= limit]  # the rest: already reported as short
+    if max_copy is not None and contents == "all":
+        copy = group["copy"][:limit]
+        checkable = [i for i in checkable if (copy[bounds[i][0] : bounds[i][1]] <= max_copy).any()]
+    damage += _check_blocks(group, bounds, checkable, digests, keys if contents == "keys" else None)
+    if contents == "keys" and checkable and checkable[-1] == len(bounds) - 1:  # the last block, in full
+        damage += _check_blocks(group, bounds, checkable[-1:], digests, None)
     return damage, None
+
+
+def _check_blocks(group, bounds, indices, digests, keys) -> list[Damage]:
+    """Recompute the digests of blocks `indices` (by the keys digests when `keys` is given), reading by spans."""
+    damage = []
+    columns = KEY_COLUMNS if keys is not None else STORE_COLUMNS
+    dtype = group["features"].dtype
+    reason = "contents differ from the block digest (a chunk was altered or deleted)"
+    for span in _index_spans(bounds, indices, span_rows(group)):
+        a, b = bounds[span[0]][0], bounds[span[-1]][1]
+        try:
+            cols = {name: group[name][a:b] for name in columns}
+        except Exception as exc:  # an unreadable (corrupt) chunk
+            damage += [Damage(*bounds[i], f"unreadable chunk ({exc.__class__.__name__}: {exc})") for i in span]
+            continue
+        for i in span:
+            lo, hi = bounds[i][0] - a, bounds[i][1] - a
+            part = {name: v[lo:hi] for name, v in cols.items()}
+            ok = (keys_digest(part) == bytes(keys[i])) if keys is not None else \
+                (block_digest(part, dtype) == bytes(digests[i]))
+            if not ok:
+                damage.append(Damage(*bounds[i], reason))
+    return damage
+
+
+def _index_spans(bounds, indices, rows: int) -> list[list[int]]:
+    """`indices` (sorted block indices) grouped into runs of consecutive blocks of at least `rows` rows."""
+    out, run = [], []
+    for i in indices:
+        if run and i != run[-1] + 1:
+            out += [[run[j] for j in s] for s in spans([bounds[k] for k in run], rows)]
+            run = []
+        run.append(i)
+    if run:
+        out += [[run[j] for j in s] for s in spans([bounds[k] for k in run], rows)]
+    return out

@@ -48,7 +48,7 @@ def create_split(root: zarr.Group, split: str, attributes: dict, feature_shape: 
                  chunk_rows: int) -> zarr.Group:
     """A new, empty split with every column of `artifacts.STORE_SCHEMA` (features in `dtype`), nothing
     committed yet. Small columns are chunked at least 1,024 rows deep."""
-    group = root.create_group(split, attributes={**attributes, "committed_rows": 0, "skipped": {}})
+    group = root.create_group(split, attributes={**attributes, "committed_rows": 0})
     small = max(chunk_rows, 1024)
     for name, dt in STORE_SCHEMA.items():
         if name == "features":
@@ -60,6 +60,60 @@ def create_split(root: zarr.Group, split: str, attributes: dict, feature_shape: 
         else:
             group.create_array(name, shape=(0,), chunks=(small,), dtype=dt, dimension_names=["row"])
     return group
+
+
+# A split's run log, kept out of its attributes (which every commit rewrites): the files the last run
+# skipped, with reasons, and one JSON record per finished run. Each is written once per run, never per
+# commit. Stores written before keep them as the `skipped` and `runs` attributes, which are still read.
+SKIPPED_ARRAYS = ("skipped_path", "skipped_reason")
+RUN_LOG = "run_log"
+
+
+def write_skipped(group: zarr.Group, skipped: dict) -> None:
+    """Replace the split's skipped-file list (path -> reason) with `skipped`."""
+    paths = sorted(skipped)
+    for name, values in zip(SKIPPED_ARRAYS, (paths, [skipped[p] for p in paths])):
+        arr = group[name] if name in group else group.create_array(name, shape=(0,), chunks=(65536,), dtype=str,
+                                                                    dimension_names=["skipped"])
+        arr.resize((len(values),))
+        if values:
+            arr[:] = np.array(values, dtype=object)
+    if "skipped" in group.attrs:  # a store from before: its attribute is superseded
+        group.update_attributes({"skipped": {}})
+
+
+def read_skipped(group) -> dict:
+    if all(name in group for name in SKIPPED_ARRAYS):
+        paths, reasons = (group[name][:] for name in SKIPPED_ARRAYS)
+        if len(paths) == len(reasons):
+            return {str(p): str(r) for p, r in zip(paths, reasons)}
+    skipped = group.attrs.get("skipped") or {}
+    return dict(skipped) if isinstance(skipped, dict) else {}
+
+
+def append_run(group: zarr.Group, run: dict) -> None:
+    import json
+
+    arr = group[RUN_LOG] if RUN_LOG in group else group.create_array(RUN_LOG, shape=(0,), chunks=(1024,), dtype=str,
+                                                                     dimension_names=["run"])
+    n = arr.shape[0]
+    arr.resize((n + 1,))
+    arr[n:] = np.array([json.dumps(run, sort_keys=True)], dtype=object)
+
+
+def read_runs(group) -> list[dict]:
+    import json
+
+    runs = list(group.attrs.get("runs") or [])  # a store from before the run log
+    if RUN_LOG in group:
+        runs += [json.loads(str(r)) for r in group[RUN_LOG][:]]
+    return runs
+
+
+def _damage(start: int, stop: int, reason: str):
+    from convcache.integrity import Damage
+
+    return Damage(start, stop, reason)
 
 
 # ---------------------------------------------------------------- the read side
@@ -150,6 +204,14 @@ class FeatureStore:
     def attrs(self, split: str) -> dict:
         return dict(self._group(split).attrs)
 
+    def skipped(self, split: str) -> dict:
+        """The files the split's last extract run skipped: path -> reason."""
+        return read_skipped(self._group(split))
+
+    def runs(self, split: str) -> list[dict]:
+        """One record per finished extract run on the split (rows, seconds, provider, cpu, ...)."""
+        return read_runs(self._group(split))
+
     def rows(self, split: str) -> int:
         return artifacts.committed_rows(self._group(split).attrs, f"{self.path} ('{split}')")
 
@@ -158,21 +220,24 @@ class FeatureStore:
             raise ConvcacheError(f"{self.path}: no '{split}' split (has: {', '.join(self.splits) or 'none'})")
         return self.root[split]
 
-    def verify(self, split: str) -> tuple[list, str | None]:
+    def verify(self, split: str, contents: str = "all", max_copy: int | None = None) -> tuple[list, str | None]:
         """(damaged row ranges, a note if the split predates block digests); see convcache.integrity."""
         from convcache.integrity import Damage, verify
 
         group = self._group(split)
-        damage, note = verify(group)
+        damage, note = verify(group, contents, max_copy)
         recorded = (group.attrs.get("identity") or {}).get("classes")
         if recorded is not None and recorded != self.classes:
             damage.append(Damage(0, max(self.rows(split), 1), f"the store's classes {self.classes} are not the "
                                  f"{recorded} its rows were labelled with"))
         return damage, note
 
-    def check(self, split: str) -> None:
-        """Raise a one-line error naming the damaged rows, if any."""
-        damage, _ = self.verify(split)
+    def check(self, split: str, contents: str = "all", max_copy: int | None = None) -> None:
+        """Raise a one-line error naming the damaged rows, if any (`max_copy`: only the blocks that hold
+        rows of copies <= max_copy are read)."""
+        self._raise(split, self.verify(split, contents, max_copy)[0])
+
+    def _raise(self, split: str, damage: list) -> None:
         if damage:
             where = "; ".join(str(d) for d in damage[:3]) + (f"; and {len(damage) - 3} more" if len(damage) > 3 else "")
             raise ConvcacheError(f"{self.path}: the '{split}' split is damaged ({where}); run `convcache extract "
@@ -180,24 +245,85 @@ class FeatureStore:
 
     def load(self, split: str, max_copy: int | None = None, with_features: bool = True,
              verify: bool = True) -> SplitData:
-        """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order. With
-        `verify`, every block's digest is checked first: damage is an error, never silent zero rows."""
+        """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order. Only the
+        chunks that hold those rows are read, each once, and memory is the answer plus one span. With
+        `verify`, the split's structure and seal are checked, and each block read is checked against its
+        digest: damage is an error, never silent zero rows."""
         if verify:
-            self.check(split)
+            self.check(split, contents="none")
         group, n = self._group(split), self.rows(split)
         copy = group["copy"][:n]
-        keep = np.ones(n, bool) if max_copy is None else copy <= max_copy
-        idx = np.flatnonzero(keep)
-        features = group["features"][:n][idx] if with_features else np.empty((len(idx), 0))
+        idx = np.arange(n) if max_copy is None else np.flatnonzero(copy <= max_copy)
+        shape = self.feature_shape(split)
+        features = np.empty((len(idx), *shape), group["features"].dtype) if with_features else \
+            np.empty((len(idx), 0))
+        cols = {name: [] for name in ("label", "image", "sha256", "path")}
+        at = 0
+        for _, part, keep in self._spans(split, idx, verify, with_features):
+            if with_features:
+                features[at : at + len(keep)] = part["features"][keep - part["features_offset"]]
+            for name in cols:
+                cols[name].append(part[name][keep])
+            at += len(keep)
+        cat = {name: (np.concatenate(v) if v else np.empty((0, 32) if name == "sha256" else 0,
+                                                              np.uint8 if name == "sha256" else object))
+               for name, v in cols.items()}
         return SplitData(
             features=features,
-            labels=group["label"][:n][idx],
-            image=group["image"][:n][idx],
+            labels=cat["label"].astype(np.int32) if len(idx) else np.empty(0, np.int32),
+            image=cat["image"].astype(np.int64) if len(idx) else np.empty(0, np.int64),
             copy=copy[idx],
-            sha256=[bytes(r).hex() for r in group["sha256"][:n][idx]],
-            paths=[str(p) for p in group["path"][:n][idx]],
+            sha256=[bytes(r).hex() for r in cat["sha256"]],
+            paths=[str(p) for p in cat["path"]],
             row=idx,
         )
+
+    def _spans(self, split: str, idx: np.ndarray, verify: bool, with_features: bool, order=None):
+        """For sorted row positions `idx`: (span start, the span's columns, positions of `idx` in the span),
+        span by span. A span is whole committed blocks covering whole chunks, read once; only spans holding
+        a wanted row are read; with `verify`, each of their blocks is checked against its digest (the
+        blocks that overlap no wanted row are not read). `order`: the spans' order (default: stored)."""
+        from convcache.integrity import block_digest, span_rows, spans
+
+        group = self._group(split)
+        names = [*(("features",) if with_features or verify else ()), "label", "image", "copy", "sha256", "path"]
+        arrays = {name: group[name] for name in names}
+        blocks = self.blocks(split)
+        bounds = [(a, b) for a, b, _ in blocks]
+        groups = spans(bounds, span_rows(group)) if bounds else []
+        firsts = np.array([bounds[g[0]][0] for g in groups], np.int64)
+        lasts = np.array([bounds[g[-1]][1] for g in groups], np.int64)
+        lo, hi = np.searchsorted(idx, firsts), np.searchsorted(idx, lasts)
+        for k in (order if order is not None else range(len(groups))):
+            if lo[k] == hi[k]:
+                continue  # no wanted row here: never read
+            a, b = int(firsts[k]), int(lasts[k])
+            keep = idx[lo[k] : hi[k]] - a
+            # the span's blocks that hold a wanted row: only their feature chunks are read
+            wanted = [i for i in groups[k] if np.searchsorted(keep, bounds[i][0] - a) <
+                      np.searchsorted(keep, bounds[i][1] - a)]
+            fa, fb = bounds[wanted[0]][0], bounds[wanted[-1]][1]
+            try:
+                part = {name: arr[fa:fb] if name == "features" else arr[a:b] for name, arr in arrays.items()}
+            except Exception as exc:
+                if not verify:
+                    raise
+                self._raise(split, [_damage(a, b, f"unreadable chunk ({exc.__class__.__name__}: {exc})")])
+            if verify:
+                dtype = arrays["features"].dtype
+                for i in wanted:
+                    start, stop, digest = blocks[i]
+                    if digest is None:
+                        continue
+                    cols = {name: v[start - (fa if name == "features" else a) : stop - (fa if name == "features"
+                                                                                         else a)]
+                            for name, v in part.items()}
+                    if block_digest(cols, dtype) != digest:
+                        self._raise(split, [_damage(start, stop, "contents differ from the block digest (a chunk "
+                                                                 "was altered or deleted)")])
+            if "features" in part:  # aligned with the small columns: row r of the span is features[r - offset]
+                part["features_offset"] = fa - a
+            yield a, part, keep
 
     def take(self, split: str, rows) -> np.ndarray:
         """Features of committed `rows` (positions in the split, any order, repeats allowed), read chunk by
@@ -230,37 +356,28 @@ class FeatureStore:
 
     def iter_blocks(self, split: str, max_copy: int | None = None, shuffle: bool = False, seed: int = 0,
                     verify: bool = True, with_features: bool = True):
-        """Committed rows of `split`, one block at a time (never the whole split in memory), as SplitData.
-        Each block is checked against its digest as it is read (damage is an error naming its rows).
-        With `shuffle`, blocks come in a seeded random order and rows are shuffled within each block."""
-        from convcache.integrity import block_digest
-
-        group = self._group(split)
-        arrays = {name: group[name] for name in ("features", "label", "image", "copy", "sha256", "path")}
-        if not with_features:
-            arrays.pop("features")
-            verify = False
-        blocks = self.blocks(split)
+        """Committed rows of `split` (copies <= max_copy), one span of whole chunks at a time (never the
+        whole split in memory), as SplitData. Each block read is checked against its digest (damage is an
+        error naming its rows); spans with no wanted row are not read. With `shuffle`, spans come in a
+        seeded random order and rows are shuffled within each span."""
+        group, n = self._group(split), self.rows(split)
+        copy = group["copy"][:n]
+        idx = np.arange(n) if max_copy is None else np.flatnonzero(copy <= max_copy)
         rng = np.random.default_rng(seed)
-        order = rng.permutation(len(blocks)) if shuffle else range(len(blocks))
-        for b in order:
-            start, stop, digest = blocks[b]
-            if max_copy is not None and not verify and not (arrays["copy"][start:stop] <= max_copy).any():
-                continue  # nothing of this block is wanted: its features are never read
-            cols = {name: arr[start:stop] for name, arr in arrays.items()}
-            if verify and digest is not None and block_digest(cols, arrays["features"].dtype) != digest:
-                raise ConvcacheError(f"{self.path}: the '{split}' split is damaged (rows {start}..{stop - 1}: "
-                                     "contents differ from the block digest); run `convcache extract --repair`")
-            keep = np.ones(stop - start, bool) if max_copy is None else cols["copy"] <= max_copy
-            idx = np.flatnonzero(keep)
+        order = None
+        if shuffle:
+            from convcache.integrity import span_rows, spans
+
+            order = rng.permutation(len(spans([(a, b) for a, b, _ in self.blocks(split)], span_rows(group))))
+        for a, part, keep in self._spans(split, idx, verify and with_features, with_features, order):
             if shuffle:
-                idx = rng.permutation(idx)
-            if not len(idx):
-                continue
+                keep = rng.permutation(keep)
             yield SplitData(
-                features=cols["features"][idx] if with_features else np.empty((len(idx), 0)),
-                labels=cols["label"][idx], image=cols["image"][idx], copy=cols["copy"][idx],
-                sha256=[bytes(r).hex() for r in cols["sha256"][idx]], paths=[str(p) for p in cols["path"][idx]])
+                features=part["features"][keep - part["features_offset"]] if with_features else
+                np.empty((len(keep), 0)),
+                labels=part["label"][keep], image=part["image"][keep], copy=part["copy"][keep],
+                sha256=[bytes(r).hex() for r in part["sha256"][keep]], paths=[str(p) for p in part["path"][keep]],
+                row=keep + a)
 
     def nbytes(self, split: str, max_copy: int | None = None, dtype=np.float32) -> int:
         """Bytes the features of `split` (copies <= max_copy) take in memory as `dtype`."""

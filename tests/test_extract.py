@@ -174,7 +174,7 @@ def test_bad_files_are_skipped_with_reasons(extractor, dataset, tmp_path):
     assert "corrupt.jpg" in reasons
     assert "too many pixels" in reasons["huge.png"]
     assert len(reasons) == 5 and s.rows_written == 20
-    assert len(FeatureStore(tmp_path / "f.zarr").attrs("train")["skipped"]) == 5
+    assert len(FeatureStore(tmp_path / "f.zarr").skipped("train")) == 5
     r = run_cli("extract", "--model", extractor, "--data", dataset, "-o", tmp_path / "g.zarr", "--max-pixels",
                 1_000_000, "--no-progress")
     assert r.returncode == 3 and "skipped" in r.stdout and "Traceback" not in r.stderr

@@ -50,7 +50,7 @@ def test_extract_on_openvino_records_the_runtime(extractor, tmp_path):
     s = run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(tmp_path / "f.zarr"),
                                   device="openvino", progress=False))
     assert s.provider == "OpenVINO-CPU"
-    assert FeatureStore(tmp_path / "f.zarr").attrs("train")["runs"][-1]["provider"] == "OpenVINO-CPU"
+    assert FeatureStore(tmp_path / "f.zarr").runs("train")[-1]["provider"] == "OpenVINO-CPU"
 
 
 def test_openvino_missing_is_one_clear_line(extractor, tmp_path):

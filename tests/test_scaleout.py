@@ -67,7 +67,7 @@ def test_distributed_equals_single_process(extractor, dask_cluster, tmp_path):
     from convcache.store import FeatureStore
 
     store = FeatureStore(tmp_path / "dist.zarr")
-    run = store.attrs("train")["runs"][-1]
+    run = store.runs("train")[-1]
     assert run["tasks"] >= 10 and run["workers"] == 2 and run["scheduler"] == dask_cluster.scheduler_address
     assert store.verify("train") == ([], None)
     # a second run computes nothing

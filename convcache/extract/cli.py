@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 EXIT_PARTIAL = 3  # finished, but some files were skipped
+SHOW = 50  # skipped and duplicate files listed at the end of a run (all: `convcache info STORE`)
 
 
 def register(sub) -> None:
@@ -45,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--max-bytes", type=int, default=d["max_bytes"],
                    help="skip files larger than this, before reading them (FIFOs and devices are always skipped)")
     p.add_argument("--chunk-rows", type=int, help="rows per Zarr chunk (None: about 4 MiB chunks)")
+    p.add_argument("--rehash", action="store_true",
+                   help="read and hash every file, trusting no cached hash (the stat cache, which lets a re-run "
+                        "skip reading files whose size, mtime, ctime and inode, or ETag, are unchanged, is "
+                        "written afresh)")
     g = p.add_argument_group("distributed (Dask)")
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="run decode + augment + inference on this Dask cluster (tcp://HOST:8786); the store and "
@@ -102,7 +107,7 @@ def run(args) -> int:
                         max_pixels=args.max_pixels, chunk_rows=args.chunk_rows, max_bytes=args.max_bytes,
                         repair=args.repair, storage_options=options, scheduler=args.scheduler,
                         cluster=args.cluster, rows_per_task=args.rows_per_task, threads=args.threads,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, rehash=args.rehash)
     try:
         s = run_extract(cfg)
     except KeyboardInterrupt:
@@ -111,10 +116,13 @@ def run(args) -> int:
     print(f"extracted {s.rows_written} rows ({s.rows_cached} cached, {s.inference_calls} inference calls) from "
           f"{s.images} files in {s.seconds:.1f}s, {s.rows_per_second:.1f} rows/s on {s.provider}; "
           f"{len(s.skipped)} skipped, {len(s.duplicates)} duplicates -> {args.output}")
-    for path, reason in sorted(s.skipped.items()):
-        print(f"  skipped {path}: {reason}")
-    for path, first in sorted(s.duplicates.items()):
-        print(f"  duplicate {path}: same content as {first}, used once")
+    print(f"  files: {s.files_hashed} read and hashed, {s.files_from_stat_cache} unchanged (stat cache, not read)")
+    for kind, entries in (("skipped", s.skipped), ("duplicate", s.duplicates)):
+        lines = sorted(entries.items())
+        for path, what in lines[:SHOW]:
+            print(f"  {kind} {path}: " + (what if kind == "skipped" else f"same content as {what}, used once"))
+        if len(lines) > SHOW:
+            print(f"  ... and {len(lines) - SHOW} more {kind} files (all of them: convcache info {args.output})")
     return EXIT_PARTIAL if s.skipped else 0
 
 

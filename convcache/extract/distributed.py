@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 from convcache.datasets import Item
 from convcache.errors import ConvcacheError
-from convcache.extract.engine import Block, BlockFailure, BlockSettings, Planned, run_block
+from convcache.extract.engine import Block, BlockFailure, BlockSettings, Planned, copy_major, run_block
 from convcache.extract.mapper import Hashed
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class DaskExecutor:
         client.register_plugin(plugin, name=plugin.name)
         self.plugin_name = plugin.name
         self._decode_errors: dict = {}
+        self._probed: set = set()
         self.tasks = 0
 
     def preflight(self, items: list[Item], cfg) -> None:
@@ -149,22 +150,41 @@ class DaskExecutor:
         writer.reserve(rows)
         writer.consolidate_seconds = max(writer.consolidate_seconds, CONSOLIDATE_SECONDS)
 
-    def hash_files(self, items: list[Item], cfg) -> list[Hashed]:
+    def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
         """Hash and decode every file on the workers, so that the plan holds only files that decode."""
-        batches = [items[i : i + PROBE_BATCH] for i in range(0, len(items), PROBE_BATCH)]
-        probe = self.client.map(probe_files, batches, size=self.size, max_pixels=cfg.max_pixels,
-                                max_bytes=cfg.max_bytes,
-                                storage_options=cfg.storage_options, pure=False)
-        hashed = [h for part in self.client.gather(probe) for h in part]
+        hashed = self._probe(items, cfg, bar)
+        self._probed = {h.item.path for h in hashed}
         self._decode_errors = {h.item.path: h.decode_error for h in hashed if h.decode_error}
         return hashed
 
+    def _probe(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
+        from dask.distributed import as_completed
+
+        batches = [items[i : i + PROBE_BATCH] for i in range(0, len(items), PROBE_BATCH)]
+        probe = self.client.map(probe_files, batches, size=self.size, max_pixels=cfg.max_pixels,
+                                max_bytes=cfg.max_bytes, storage_options=cfg.storage_options, pure=False)
+        if bar is not None:
+            sizes = {fut.key: len(batch) for fut, batch in zip(probe, batches)}
+            for fut in as_completed(probe):
+                bar.update(sizes[fut.key])
+        return [h for part in self.client.gather(probe) for h in part]
+
     def usable(self, plan: list[Planned], writer, settings: BlockSettings):
-        for p in plan:
+        """The planned (image, copy) rows, copy by copy, of the files that decode. Files hashed from the
+        stat cache were not probed: they are probed (decoded on the workers) now, before any is planned."""
+        unprobed = [p.item for p in plan if p.item.path not in getattr(self, "_probed", set())]
+        if unprobed:
+            for h in self._probe(unprobed, self.cfg):
+                if h.error or h.decode_error:
+                    self._decode_errors[h.item.path] = h.error or h.decode_error
+        reported = set()
+        for p, c in copy_major(plan):
             if p.item.path in self._decode_errors:
-                writer.skip(p.item.path, self._decode_errors[p.item.path])
+                if p.item.path not in reported:
+                    writer.skip(p.item.path, self._decode_errors[p.item.path])
+                    reported.add(p.item.path)
             else:
-                yield p
+                yield Planned(p.item, p.sha256, (c,))
 
     def run(self, blocks, settings: BlockSettings, writer):
         """Submit blocks with a bounded number in flight; yield the finished ones in batches (as

@@ -5,10 +5,13 @@ the same life on every executor:
 
     rows -> decode + augment -> infer -> write its feature chunks -> digest -> commit (in row order)
 
-1. `plan_rows` (where the store is written): hash every file, record what cannot be used (unreadable,
-   the same bytes under two labels) and the duplicates, and list the copies each image still needs.
-2. `cut_blocks`: give the rows of the images that decode their positions and image indices, in plan
-   order, cut at multiples of the block size (whole chunks: no two blocks write the same chunk).
+1. `plan_rows` (where the store is written): hash every file (a file whose stat key matches the split's
+   stat cache is not read: `convcache.extract.statcache`), record what cannot be used (unreadable, the
+   same bytes under two labels) and the duplicates, and list the copies each image still needs.
+2. `cut_blocks`: give the rows of the images that decode their positions and image indices, **copy by
+   copy** (every image's copy 0 in plan order, then every copy 1, ...: "copies 0..K" is a contiguous
+   range of each run's rows, so reading them reads only their chunks), cut at multiples of the block size
+   (whole chunks: no two blocks write the same chunk).
 3. An executor runs the blocks and yields their results (`BlockResult`), in any order:
    - `LocalExecutor` (here): decoders in threads, inference on one thread (ONNX Runtime releases the
      GIL), the rows streamed across blocks in batches; a block is written once its last row is in.
@@ -18,8 +21,9 @@ the same life on every executor:
    columns, the block digests, then `committed_rows`: `SplitWriter.commit_blocks`).
 
 A file must decode before its rows get positions (a block fills whole chunks, so a row cannot go missing
-later): the local executor decodes in plan order and cuts blocks from what decoded, keeping the pixels
-(one decode per image); Dask workers probe every file first (hash and decode), so the client can plan.
+later): the local executor decodes in row order and cuts blocks from what decoded, keeping the pixels
+(an image is decoded once per copy it needs: the price of the copy-major layout); Dask workers probe every
+file first (hash and decode), so the client can plan.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ import numpy as np
 from convcache import artifacts
 from convcache.augment import AugmentPolicy
 from convcache.datasets import Item
+from convcache.extract import statcache
 from convcache.extract.mapper import Hashed, decode_copies, hash_file
 from convcache.imaging import printable_path
 from convcache.integrity import block_digest
 from convcache.onnxmeta import load_model
 from convcache.runtime import create_session
 
-COMMIT_ROWS = 64  # the local executor commits at least this often (a Dask task still fills whole chunks)
+COMMIT_SECONDS = 1.0  # the local executor commits at least this often (a Dask task still fills whole chunks)
 
 
 @dataclass(frozen=True)
@@ -162,14 +167,25 @@ def plan_rows(hashed_all: list[Hashed], copies, done: set, writer, summary) -> l
     return plan
 
 
+def copy_major(plan: list[Planned]) -> Iterator[tuple[Planned, int]]:
+    """(image, copy) in row order: every planned image's lowest copy in plan order, then the next copy..."""
+    for c in sorted({c for p in plan for c in p.copies}):
+        for p in plan:
+            if c in p.copies:
+                yield p, c
+
+
 def cut_blocks(split: str, usable: Iterable[Planned], image_index: dict, start: int,
-               block_rows: int) -> Iterator[Block]:
+               block_rows: int, max_seconds: float | None = None) -> Iterator[Block]:
     """The usable images' rows as blocks cut at multiples of `block_rows` (a multiple of the chunk size),
-    so every block covers whole chunks except where the split begins or ends mid-chunk. New images get
-    indices in plan order. Blocks are cut as they are pulled: nothing holds every row of a large split."""
+    so every block covers whole chunks except where the split begins or ends mid-chunk, or where a block
+    has been filling for `max_seconds` (the local executor's bound on the work an interrupt can lose: the
+    next block ends at the same boundary). New images get indices in plan order. Blocks are cut as they
+    are pulled: nothing holds every row of a large split."""
     next_image = max(image_index.values(), default=-1) + 1
     rows, pixels, a = [], [], start
     end = (start // block_rows + 1) * block_rows
+    began = time.monotonic()
     for p in usable:
         if p.sha256 not in image_index:
             image_index[p.sha256] = next_image
@@ -181,6 +197,11 @@ def cut_blocks(split: str, usable: Iterable[Planned], image_index: dict, start: 
             if a + len(rows) == end:
                 yield _block(split, a, rows, pixels)
                 rows, pixels, a, end = [], [], end, end + block_rows
+                began = time.monotonic()
+            elif max_seconds is not None and time.monotonic() - began >= max_seconds:
+                yield _block(split, a, rows, pixels)
+                rows, pixels, a = [], [], a + len(rows)
+                began = time.monotonic()
     if rows:
         yield _block(split, a, rows, pixels)
 
@@ -318,23 +339,38 @@ class LocalExecutor:
     def preflight(self, items: list[Item], cfg) -> None:
         """Nothing to check: this process reads the images itself."""
 
+    block_seconds = COMMIT_SECONDS
+
     def block_rows(self, writer) -> int:
-        """A commit at least every COMMIT_ROWS rows whatever the chunk size (an interrupt keeps what was
-        done): this process writes its blocks one after another, so a block may cover part of a chunk."""
-        return min(writer.chunk_rows, COMMIT_ROWS)
+        """Whole chunks, cut sooner when a block has been filling for `block_seconds` (an interrupt keeps
+        what was done, whatever the chunk size): this process writes its blocks one after another, so a
+        block may cover part of a chunk; a chunk is rewritten at most about once a second, not once per
+        few rows."""
+        return writer.chunk_rows
 
     def reserve(self, writer, rows: int) -> None:
         """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write_features`)."""
 
-    def hash_files(self, items: list[Item], cfg) -> list[Hashed]:
-        return list(self._pool.map(lambda item: hash_file(item, cfg.max_bytes, cfg.storage_options), items))
+    def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
+        jobs = ((item, cfg.max_bytes, cfg.storage_options) for item in items)
+        out = []
+        for hashed in _ordered(self._pool, hash_file, jobs, window=16 * self.workers):
+            out.append(hashed)
+            if bar is not None:
+                bar.update()
+        return out
 
     def usable(self, plan: list[Planned], writer, s: BlockSettings) -> Iterator[Planned]:
-        """The planned images that decode, with their copies' pixels, in plan order; the rest are skipped."""
-        jobs = ((p.item, p.sha256, list(p.copies), s.size, s.policy, s.seed, s.max_pixels, s.max_bytes,
-                 s.storage_options) for p in plan)
+        """Each planned (image, copy) that decodes, with its pixels, copy by copy (`copy_major`); an image
+        that does not decode is skipped (and not tried again for its other copies)."""
+        failed: set = set()
+        jobs = ((p.item, p.sha256, [c], s.size, s.policy, s.seed, s.max_pixels, s.max_bytes, s.storage_options)
+                for p, c in copy_major(plan) if p.item.path not in failed)
         for decoded in _ordered(self._pool, decode_copies, jobs, window=4 * self.workers):
+            if decoded.item.path in failed:
+                continue
             if decoded.error:
+                failed.add(decoded.item.path)
                 writer.skip(decoded.item.path, decoded.error)
             else:
                 yield Planned(decoded.item, decoded.sha256, tuple(decoded.copies), decoded.images)
@@ -417,8 +453,12 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
 
     t_start = time.perf_counter()
     done, image_index = writer.begin_run(ignored)
-    plan = plan_rows(executor.hash_files(items, cfg), copies, done, writer, summary)
-    summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_start
+    hashed = hash_with_cache(executor, items, writer, cfg, summary)
+    t_plan = time.perf_counter()
+    summary.phases["hash"] = summary.phases.get("hash", 0.0) + t_plan - t_start
+    plan = plan_rows(hashed, copies, done, writer, summary)
+    del hashed
+    summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
     settings = BlockSettings(store=cfg.output, split=split, size=contract.size, input_name=contract.input_name,
                              output_name=contract.output_name, policy=cfg.policy, seed=cfg.seed,
                              max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, batch_size=cfg.batch_size,
@@ -427,7 +467,7 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
     executor.reserve(writer, total)
     committer = Committer(writer)
     blocks = committer.track(cut_blocks(split, executor.usable(plan, writer, settings), image_index, start,
-                                        executor.block_rows(writer)))
+                                        executor.block_rows(writer), getattr(executor, "block_seconds", None)))
     bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or not total)
     failed, providers, task_seconds, n_blocks = [], set(), [], 0
     t_run = time.perf_counter()
@@ -456,6 +496,36 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
                            **executor.describe(), "blocks": n_blocks,
                            "block_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
                            "copies": list(copies), "finished": _now()})
+
+
+def hash_with_cache(executor, items: list[Item], writer, cfg, summary) -> list[Hashed]:
+    """Every item's hash, in item order: from the split's stat cache where the file's stat key matches
+    (nothing is read), from the executor otherwise. The cache is then replaced by this listing's entries
+    (a deleted file's entry goes), before any row is extracted, so an interrupted run keeps its hashing."""
+    from tqdm import tqdm
+
+    cache = {} if getattr(cfg, "rehash", False) else statcache.load(writer.group)
+    keys = [statcache.stat_key(item) for item in items]
+    known: dict[int, Hashed] = {}
+    todo = []
+    for i, (item, key) in enumerate(zip(items, keys)):
+        hit = cache.get(item.path) if key is not None else None
+        if hit is not None and hit[0] == key:
+            known[i] = Hashed(item, hit[1])
+        else:
+            todo.append(i)
+    n_cached = len(cache)
+    del cache
+    bar = tqdm(total=len(todo), desc=f"hash {writer.split}", unit="file", disable=not cfg.progress or not todo)
+    fresh = iter(executor.hash_files([items[i] for i in todo], cfg, bar))
+    bar.close()
+    summary.files_hashed += len(todo)
+    summary.files_from_stat_cache += len(known)
+    hashed = [known[i] if i in known else next(fresh) for i in range(len(items))]
+    entries = {h.item.path: (key, h.sha256) for h, key in zip(hashed, keys) if key is not None and h.sha256}
+    if todo or len(entries) != n_cached:  # an unchanged listing, all from the cache: nothing to write
+        statcache.save(writer.group, entries)
+    return hashed
 
 
 def _now() -> str:

@@ -51,6 +51,7 @@ class ExtractConfig:
     cluster: str | None = None  # local:N: start a Dask LocalCluster of N worker processes
     rows_per_task: int | None = None  # distributed: rows per task, rounded up to whole chunks (None: one chunk)
     threads: int | None = None  # ONNX Runtime threads per session (None: its default; 1 per local:N worker)
+    rehash: bool = False  # read and hash every file, ignoring the stat cache (which is written afresh)
 
     def __post_init__(self):
         if isinstance(self.policy, (str, dict)):
@@ -88,7 +89,9 @@ class ExtractSummary:
     duplicates: dict = field(default_factory=dict)
     seconds: float = 0.0
     provider: str = ""
-    phases: dict = field(default_factory=dict)  # seconds to start the executor (a cluster), plan, run blocks
+    phases: dict = field(default_factory=dict)  # seconds to list, start the executor, hash, plan, run blocks
+    files_hashed: int = 0  # files read to hash them
+    files_from_stat_cache: int = 0  # files whose hash came from the stat cache (not read)
 
     @property
     def rows_per_second(self) -> float:
@@ -104,7 +107,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     else:
         session = ExtractorSession(cfg.model, cfg.device, cfg.threads)
         contract = session.contract
-    items, classes, ignored = discover_all(cfg.data, cfg.storage_options)
+    t_list = time.perf_counter()
+    items, classes, ignored = discover_all(cfg.data, cfg.storage_options, progress=cfg.progress)
+    listed = time.perf_counter() - t_list
     if distributed:
         from convcache.extract.distributed import dask_executor
 
@@ -113,7 +118,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         executor = LocalExecutor(session, cfg.workers)
     t0 = time.perf_counter()
     with executor as ex:
-        summary = ExtractSummary(provider=ex.provider, images=len(items), phases={"start": time.perf_counter() - t0})
+        summary = ExtractSummary(provider=ex.provider, images=len(items),
+                                 phases={"list": listed, "start": time.perf_counter() - t0})
         ex.preflight(items, cfg)  # before the lease and the store: a failure here creates nothing
         with writer_lock(cfg.output, cfg.storage_options) as guard:
             try:

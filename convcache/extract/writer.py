@@ -24,14 +24,16 @@ from convcache.imaging import printable_path
 from convcache.integrity import (
     CHAIN_START,
     DIGEST_ARRAYS,
+    KEYS_ARRAY,
     chain_next,
     committed_blocks,
     create_digest_arrays,
+    keys_digest,
     schema_bytes,
     seal,
     verify,
 )
-from convcache.store import create_split
+from convcache.store import append_run, create_split, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,12 @@ class SplitWriter:
         self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
         self.chunk_rows = self.arrays["features"].chunks[0]
         self.committed = committed_rows(self.group.attrs, where)
-        self.skipped = dict(self.group.attrs.get("skipped", {}))
+        self.skipped: dict = {}  # this run's (written at its end: see commit)
         # one handle per array: a fresh group[name] could come from the (older) consolidated metadata
         if any(name not in self.group for name in DIGEST_ARRAYS):  # a store from before block digests
             self.digests = create_digest_arrays(self.group, self.committed)
         else:
-            self.digests = {name: self.group[name] for name in DIGEST_ARRAYS}
+            self.digests = {name: self.group[name] for name in (*DIGEST_ARRAYS, KEYS_ARRAY) if name in self.group}
         self._check_integrity(repair)  # before anything is dropped: a damaged split is left as it is
         self._drop_uncommitted_blocks()
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
@@ -90,7 +92,9 @@ class SplitWriter:
                 arr.resize((keep, *arr.shape[1:]))
 
     def _check_integrity(self, repair: bool) -> None:
-        damage, _ = verify(self.group)
+        """What this writer reads to decide (the small columns, by their keys digests), the structure and
+        seal, and the last block in full; with `repair`, every block (see convcache.integrity)."""
+        damage, _ = verify(self.group, contents="all" if repair else "keys")
         if not damage:
             return
         where = "; ".join(str(d) for d in damage[:3]) + (f"; and {len(damage) - 3} more" if len(damage) > 3 else "")
@@ -167,8 +171,11 @@ class SplitWriter:
             values = [c[name] for _, _, c, _ in blocks]
             self.arrays[name][first:stop] = np.concatenate(values) if len(values) > 1 else values[0]
         n_blocks = self.digests["block_start"].shape[0]
-        for name, value in (("block_start", np.array([a for a, _, _, _ in blocks], np.int64)),
-                            ("block_sha256", np.stack([np.frombuffer(d, np.uint8) for _, _, _, d in blocks]))):
+        values = {"block_start": np.array([a for a, _, _, _ in blocks], np.int64),
+                  "block_sha256": np.stack([np.frombuffer(d, np.uint8) for _, _, _, d in blocks])}
+        if KEYS_ARRAY in self.digests:
+            values[KEYS_ARRAY] = np.stack([np.frombuffer(keys_digest(c), np.uint8) for _, _, c, _ in blocks])
+        for name, value in values.items():
             arr = self.digests[name]
             arr.resize((n_blocks + len(blocks), *arr.shape[1:]))
             arr[n_blocks:] = value
@@ -177,14 +184,18 @@ class SplitWriter:
         self.commit(stop, final=False)
 
     def commit(self, rows: int | None = None, final: bool = True) -> None:
-        """Move `committed_rows`. The consolidated metadata (a snapshot for xarray-style readers) is
-        refreshed on every commit, or with `consolidate_seconds` set, at most that often and on a final
-        commit: a plain reader then sees an older commit, still a consistent one."""
+        """Move `committed_rows`: what a commit writes is O(block), whatever the split's size (the
+        attributes hold no list that grows with the data). The run's skipped files are written on the
+        final commit (`rows` None), in arrays of their own. The consolidated metadata (a snapshot for
+        xarray-style readers) is refreshed on every commit, or with `consolidate_seconds` set, at most
+        that often and on a final commit: a plain reader then sees an older commit, still a consistent one."""
         if self.guard:
             self.guard()
         self.committed = self.committed if rows is None else rows
-        self.group.update_attributes({"committed_rows": self.committed, "skipped": self.skipped,
-                                 "seal": seal(self._schema, self.committed, self._chain)})
+        if rows is None:
+            write_skipped(self.group, self.skipped)
+        self.group.update_attributes({"committed_rows": self.committed,
+                                      "seal": seal(self._schema, self.committed, self._chain)})
         now = time.monotonic()
         if rows is None or final or now - self._consolidated >= self.consolidate_seconds:
             self._consolidate()
@@ -199,8 +210,8 @@ class SplitWriter:
             zarr.consolidate_metadata(self.group.store)
 
     def record_run(self, run: dict) -> None:
-        """Append a finished run's cost (rows, seconds, where) to the split's `runs` attribute."""
-        self.group.update_attributes({"runs": [*self.group.attrs.get("runs", []), run]})
+        """Append a finished run's cost (rows, seconds, where) to the split's run log (`store.append_run`)."""
+        append_run(self.group, run)
         self._consolidate()  # readers of the consolidated metadata (FeatureStore, xarray) see it too
 
     def skip(self, path: str, reason: str) -> None:

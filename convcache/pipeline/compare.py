@@ -259,7 +259,7 @@ def _extraction_cost(store: Path) -> dict:
     fs = FeatureStore(store)
     out = {}
     for split in fs.splits:
-        runs = fs.attrs(split).get("runs", [])
+        runs = fs.runs(split)
         rows, secs = sum(r["rows"] for r in runs), sum(r["seconds"] for r in runs)
         out[split] = {"rows_measured": rows, "seconds_measured": secs,
                       "seconds_per_row": secs / rows if rows else None,
