@@ -37,26 +37,24 @@ KEY_COLUMNS = tuple(n for n in STORE_COLUMNS if n != "features")
 
 
 def block_digest(columns: dict, feature_dtype) -> bytes:
+    """SHA-256 over a block's columns, in `STORE_COLUMNS` order, as stored."""
+    return _digest(columns, STORE_COLUMNS, feature_dtype)
+
+
+def keys_digest(columns: dict) -> bytes:
+    """SHA-256 over a block's small columns (all but the features), serialised as `block_digest` does."""
+    return _digest(columns, KEY_COLUMNS, None)
+
+
+def _digest(columns: dict, names: tuple, feature_dtype) -> bytes:
     h = hashlib.sha256()
-    for name in STORE_COLUMNS:
+    for name in names:
         values = columns[name]
         if name == "path":
             h.update("\0".join(str(p) for p in values).encode("utf-8", "surrogatepass"))
         else:
             dtype = feature_dtype if name == "features" else STORE_SCHEMA[name]
             h.update(np.ascontiguousarray(np.asarray(values).astype(dtype, copy=False)).tobytes())
-    return h.digest()
-
-
-def keys_digest(columns: dict) -> bytes:
-    """SHA-256 over a block's small columns (all but the features), as `block_digest` serialises them."""
-    h = hashlib.sha256()
-    for name in KEY_COLUMNS:
-        values = columns[name]
-        if name == "path":
-            h.update("\0".join(str(p) for p in values).encode("utf-8", "surrogatepass"))
-        else:
-            h.update(np.ascontiguousarray(np.asarray(values).astype(STORE_SCHEMA[name], copy=False)).tobytes())
     return h.digest()
 
 
