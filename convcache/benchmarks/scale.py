@@ -136,9 +136,8 @@ def child(stage: str, args: list[str]) -> dict:
 
 def run_stage(stage: str, args: list, code: str | None = None, quiet: bool = True) -> dict:
     """`child(stage, args)` in a fresh interpreter: its result, wall seconds and peak RSS (MiB)."""
-    env = dict(os.environ)
-    if code:
-        env["PYTHONPATH"] = str(Path(code).resolve())
+    env = dict(os.environ)  # the stage runs this checkout's convcache, or --code's
+    env["PYTHONPATH"] = str(Path(code).resolve() if code else Path(__file__).resolve().parents[2])
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"convcache-scale-{os.getpid()}.json"
     cmd = [sys.executable, __file__, "_child", str(out), stage, *map(str, args)]
     t0 = time.perf_counter()
