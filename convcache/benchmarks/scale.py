@@ -98,8 +98,8 @@ def child(stage: str, args: list[str]) -> dict:
         from convcache.extract.runner import ExtractConfig, run_extract
 
         model, data, store = args[:3]
-        s = run_extract(ExtractConfig(model=model, data=data, output=store, progress=False, batch_size=64,
-                                      rehash="--rehash" in args))
+        extra = {"rehash": True} if "--rehash" in args else {}  # (an older checkout has no such option)
+        s = run_extract(ExtractConfig(model=model, data=data, output=store, progress=False, batch_size=64, **extra))
         return {"rows_written": s.rows_written, "rows_cached": s.rows_cached, "images": s.images,
                 "skipped": len(s.skipped), "phases": {k: round(v, 2) for k, v in s.phases.items()},
                 "files_hashed": getattr(s, "files_hashed", None),
