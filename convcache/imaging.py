@@ -4,14 +4,24 @@ The way: Pillow opens the bytes; JPEGs decode in draft mode at the smallest DCT 
 still covers the target size; EXIF orientation is applied; 16-bit images are scaled to 8 bits;
 alpha is composited over white; every mode ends as RGB; the image is resized (squashed, as
 Keras' `load_img` does) to size x size with bilinear filtering. Output: uint8 HxWx3 RGB.
+
+Memory: every intermediate is counted (`decode_cost`), not just the decoded frame: Pillow keeps RGB,
+LA and the like at 4 bytes a pixel, and orientation, conversion to RGBA, the white background, the
+composite and the conversion to RGB each make a copy. An image over `REDUCE_ABOVE` pixels is first
+reduced (a box filter, one strip at a time, each strip converted to a mode that can be reduced), so
+those copies are made at about 2 Mpx, whatever the file holds; smaller images decode as they always
+have (the same pixels). `MemoryBudget` holds a process's decodes at once under a byte budget.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
+import threading
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,10 +32,71 @@ DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard (PIL's own default i
 DEFAULT_MAX_BYTES = 64 << 20  # a file larger than this is refused before it is read
 DEFAULT_MAX_DECODE_BYTES = 256 << 20  # decoded size (pixels x bytes per pixel of the mode) allowed per image
 _CHUNK_ROWS = 256  # high-bit-depth images are converted to 8 bits this many rows at a time
-# bytes per pixel of each PIL mode once decoded (what the decoder allocates)
-_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
-               "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2,
-               "I;16N": 2}
+# bytes per pixel of each PIL mode once decoded, as Pillow stores it (RGB, LA, YCbCr, ... use 4)
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+REDUCE_ABOVE = 2_000_000  # pixels: larger images are reduced before orientation, conversion and compositing
+_TAIL_BYTES = 20  # bytes a pixel the steps after decoding may hold at once (5 copies at 4 bytes)
+_FIXED_BYTES = 4 << 20  # the decoder's own buffers, the resized output and the array handed back
+_STRIP_BYTES = 8 << 20  # a reduced image's strips: at most about this much each, converted
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def mode_bytes(mode: str) -> int:
+    return _MODE_BYTES.get(mode, 4)
+
+
+def reduce_factor(w: int, h: int) -> int:
+    return math.ceil(math.sqrt(w * h / REDUCE_ABOVE)) if w * h > REDUCE_ABOVE else 1
+
+
+def decode_cost(w: int, h: int, mode: str) -> int:
+    """Bytes decoding a w x h frame of `mode` holds at its peak, every intermediate counted (an upper
+    bound, checked against measured peaks in the tests)."""
+    px = w * h
+    if px <= REDUCE_ABOVE:  # decoded frame + orientation copy + RGBA, background, composite, RGB
+        return px * mode_bytes(mode) + px * _TAIL_BYTES + _FIXED_BYTES
+    f = reduce_factor(w, h)
+    small = math.ceil(w / f) * math.ceil(h / f)
+    return px * mode_bytes(mode) + 2 * _STRIP_BYTES + small * (4 + _TAIL_BYTES) + _FIXED_BYTES
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give large freed buffers back to the system at once, so that a budget of decodes at once
+    bounds the process's peak RSS: big allocations always mmap'ed (glibc otherwise raises its mmap threshold
+    after the first free and keeps such buffers in per-thread arenas), and 2 malloc arenas. Measured with 16
+    decode threads under a 256 MiB budget: peak +614 MiB before, +166 MiB after. False where not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20) and libc.mallopt(-8, 2))  # M_MMAP_THRESHOLD, M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
+class MemoryBudget:
+    """Decodes at once held under `limit` bytes (threads wait for room; one decode larger than the whole
+    budget waits until it is alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int):
+        n = min(n, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.held + n <= self.limit)
+            self.held += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= n
+                self._cond.notify_all()
 
 
 def printable_path(path) -> str:
@@ -63,7 +134,7 @@ def read_bytes(path, max_bytes: int = DEFAULT_MAX_BYTES, storage_options: dict |
     return data
 
 def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> np.ndarray:
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES, budget: MemoryBudget | None = None) -> np.ndarray:
     """Bytes -> model pixels. Every failure, whatever the decoder raises, is an ImageError."""
     if not data:
         raise ImageError("empty file")
@@ -74,7 +145,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"too many pixels: {w}x{h} > {max_pixels}")
-            return decode_opened(img, size, max_decode_bytes)
+            return decode_opened(img, size, max_decode_bytes, budget)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -89,18 +160,63 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(f"undecodable image ({exc.__class__.__name__}: {exc})") from None
 
 
-def decode_opened(img: Image.Image, size: int, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> np.ndarray:
+def decode_opened(img: Image.Image, size: int, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+                  budget: MemoryBudget | None = None) -> np.ndarray:
     """An opened PIL image -> model pixels, the way a file is decoded: JPEGs not yet loaded decode in
-    draft mode at the smallest DCT scale covering `size`; EXIF orientation is applied. The decoded
-    size (pixels x bytes per pixel of the mode, after draft) is checked before decoding."""
+    draft mode at the smallest DCT scale covering `size`; EXIF orientation is applied. What decoding
+    will hold at its peak (`decode_cost`) is checked before decoding, and held in `budget` meanwhile."""
     if img.format == "JPEG" and getattr(img, "tile", None):  # tiles pending: not decoded yet
         img.draft("RGB", (size, size))
     w, h = img.size
-    need = w * h * _MODE_BYTES.get(img.mode, 4)  # the first frame only is decoded
+    need = decode_cost(w, h, img.mode)  # the first frame only is decoded
     if need > max_decode_bytes:
-        raise ImageError(f"decoding needs ~{need >> 20} MiB ({w}x{h} {img.mode}) > {max_decode_bytes >> 20} MiB")
-    img.load()
-    return prepare_image(ImageOps.exif_transpose(img), size)
+        raise ImageError(f"decoding needs ~{need >> 20} MiB ({w}x{h} {img.mode}, every intermediate counted) > "
+                         f"{max_decode_bytes >> 20} MiB")
+    with budget.hold(need) if budget is not None else _nothing():
+        img.load()
+        if w * h <= REDUCE_ABOVE:
+            return prepare_image(ImageOps.exif_transpose(img), size)
+        orientation = img.getexif().get(0x0112)
+        small = _reduce(img, reduce_factor(w, h))
+        if orientation in _TRANSPOSE:
+            small = small.transpose(_TRANSPOSE[orientation])
+        return prepare_image(small, size)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+    """`img` reduced by `factor` (Pillow's box `reduce`), one strip of rows at a time: each strip is
+    converted to a mode that can be reduced (palette -> RGB/RGBA, 16-bit -> 8-bit with the whole image's
+    peak, LA -> RGBA, CMYK -> RGB) just before it is reduced, so no full-size copy is ever made."""
+    w, h = img.size
+    mode = img.mode
+    if mode == "P":
+        target = "RGBA" if "transparency" in img.info else "RGB"
+    elif mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        target = "RGBA"
+    elif mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+        target = "L"
+    else:
+        target = "RGB"
+    peak = None
+    if mode == "I" or mode.startswith("I;16"):
+        peak = 65535.0 if img.getextrema()[1] > 255 else 255.0
+    out = Image.new(target, (math.ceil(w / factor), math.ceil(h / factor)))
+    rows = factor * max(1, _STRIP_BYTES // (w * 4 * factor))
+    for y in range(0, h, rows):
+        strip = img.crop((0, y, w, min(h, y + rows)))
+        if peak is not None:
+            strip = _to_8bit(strip, peak)
+        elif mode == "F":
+            strip = Image.fromarray(np.clip(np.asarray(strip), 0, 255).astype(np.uint8), "L")
+        elif strip.mode != target:
+            strip = strip.convert(target)
+        out.paste(strip.reduce(factor), (0, y // factor))
+    return out
 
 
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:
@@ -109,15 +225,18 @@ def prepare_image(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _to_8bit(img: Image.Image, peak: float) -> Image.Image:
+    """A 16/32-bit integer image as L, scaled by `peak` (65535 when the image's values pass 255, else 255)."""
+    arr = np.asarray(img)
+    out = np.empty(arr.shape, np.uint8)
+    for r in range(0, arr.shape[0], _CHUNK_ROWS):  # float64 per slab: same rounding, bounded memory
+        out[r : r + _CHUNK_ROWS] = np.clip(arr[r : r + _CHUNK_ROWS] / peak * 255.0 + 0.5, 0, 255)
+    return Image.fromarray(out, "L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img)
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        out = np.empty(arr.shape, np.uint8)
-        for r in range(0, arr.shape[0], _CHUNK_ROWS):  # float64 per slab: same rounding, bounded memory
-            out[r : r + _CHUNK_ROWS] = np.clip(arr[r : r + _CHUNK_ROWS] / peak * 255.0 + 0.5, 0, 255)
-        del arr
-        img = Image.fromarray(out, "L")
+        img = _to_8bit(img, 65535.0 if img.getextrema()[1] > 255 else 255.0)
     if img.mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":

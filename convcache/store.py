@@ -224,13 +224,31 @@ class FeatureStore:
         """(damaged row ranges, a note if the split predates block digests); see convcache.integrity."""
         from convcache.integrity import Damage, verify
 
-        group = self._group(split)
+        self._group(split)  # named in the (consolidated) listing
+        try:  # the split's own metadata, not the snapshot: plain Zarr readers see these shapes
+            group = zarr.open_group(store=self.location.zarr_store(read_only=True), path=split, mode="r",
+                                    use_consolidated=False)
+        except Exception as exc:
+            return [Damage(0, max(self.rows(split), 1), f"the split's own metadata ({split}/zarr.json) is missing or "
+                                                        f"unreadable ({exc.__class__.__name__})")], None
         damage, note = verify(group, contents, max_copy)
+        fence, root_fence = group.attrs.get("writer_fence"), self._root_fence()
+        if isinstance(fence, int) and isinstance(root_fence, int) and root_fence < fence:
+            damage.append(Damage(0, max(self.rows(split), 1), f"the store's root metadata was last written by a "
+                                 f"writer that had lost its lease (fencing token {root_fence} < {fence}): its "
+                                 "consolidated snapshot may be older than the split; run extract again to refresh it"))
         recorded = (group.attrs.get("identity") or {}).get("classes")
         if recorded is not None and recorded != self.classes:
             damage.append(Damage(0, max(self.rows(split), 1), f"the store's classes {self.classes} are not the "
                                  f"{recorded} its rows were labelled with"))
         return damage, note
+
+    def _root_fence(self):
+        try:
+            root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r", use_consolidated=False)
+            return root.attrs.get("writer_fence")
+        except Exception:
+            return None
 
     def check(self, split: str, contents: str = "all", max_copy: int | None = None) -> None:
         """Raise a one-line error naming the damaged rows, if any (`max_copy`: only the blocks that hold

@@ -405,3 +405,28 @@ def test_what_gives_rows_their_meaning_is_sealed(extractor, tmp_path, edit):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("extract", "--model", extractor, "--data", data, "--augment", 1, "-o", store, "-q")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_split_without_its_own_metadata_is_reported_and_repaired(extractor, tmp_path):
+    """Issue 19 item 6: a deleted train/zarr.json (its arrays still there, the consolidated snapshot still
+    naming it) is damage for --verify, a one-line refusal for extract (not ContainsArrayError), and
+    --repair rebuilds the split; arrays shrunk behind the snapshot's back are found from their own metadata."""
+    import zarr
+
+    data = make_dataset(tmp_path / "d", splits={"train": 3, "validation": 1})
+    store = tmp_path / "f.zarr"
+    cmd = ("extract", "--model", extractor, "--data", data, "-o", store, "--chunk-rows", 2, "--quiet")
+    assert run_cli(*cmd).returncode == 0
+    (store / "train" / "zarr.json").unlink()
+    r = run_cli("extract", "--verify", "-o", store)
+    assert r.returncode == 2 and "train/zarr.json" in r.stdout, r.stdout
+    r = run_cli(*cmd)
+    assert r.returncode == 2 and "train/zarr.json" in r.stderr and "--repair" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert run_cli(*cmd, "--repair").returncode == 0
+    assert run_cli("extract", "--verify", "-o", store).returncode == 0 and FeatureStore(store).rows("train") == 6
+
+    arr = zarr.open_array(str(store), path="train/features", mode="r+", use_consolidated=False)
+    arr.resize((4, *arr.shape[1:]))  # what a writer that lost its lease did: the snapshot still says 6
+    r = run_cli("extract", "--verify", "-o", store)
+    assert r.returncode == 2 and "hold fewer rows" in r.stdout, r.stdout

@@ -427,3 +427,75 @@ def test_quiet_distributed_extract_prints_no_dask_info_lines(extractor, tmp_path
                 "-q", isolated=True)
     assert r.returncode == 0, r.stderr
     assert "INFO" not in r.stderr and "INFO" not in r.stdout and r.stdout.startswith("extracted ")
+
+
+def test_a_renewal_never_overwrites_another_writers_lease(bucket):
+    """The renewal is a conditional PUT on the ETag this writer last wrote: even when its read raced
+    another writer's takeover (simulated: the read says "ours"), the PUT is refused and the lease is lost."""
+    import s3fs
+
+    from convcache.extract.locking import Lease
+    from convcache.location import resolve
+
+    lease = Lease(resolve(f"s3://{bucket}/x.zarr").sibling(".lock"), "x", 30)
+    lease.acquire()
+    try:
+        assert lease.etag and lease.renew_once() and not lease.lost  # its own object: renewed
+        fs = s3fs.S3FileSystem()
+        other = json.dumps({"owner": "other", "host": "elsewhere", "pid": 1, "expires": time.time() + 100})
+        fs.pipe_file(f"{bucket}/x.zarr.lock", other.encode())
+        lease._read = lambda: {"owner": lease.owner, "expires": time.time() + 10}  # the race
+        assert not lease.renew_once() and "conditional renewal was refused" in lease.lost
+        fs.invalidate_cache()
+        assert json.loads(fs.cat_file(f"{bucket}/x.zarr.lock"))["owner"] == "other"  # untouched
+    finally:
+        lease._stop.set()
+
+
+def test_a_writer_stopped_past_its_lease_damages_nothing(extractor, bucket, tmp_path):
+    """Issue 19's reproduction on S3: writer A is SIGSTOPped past its lease, writer B takes the store over and
+    finishes (rc 0), then A is SIGCONTed. A stops at its next mutation (its own clock says the lease is a term
+    old), changes nothing, and the store verifies intact against the arrays' own metadata."""
+    import s3fs
+    import zarr
+
+    data = make_dataset(tmp_path / "data", splits={"train": 5})
+    store = f"s3://{bucket}/s.zarr"
+    args = ["extract", "--model", extractor, "--data", data, "-o", store, "--augment", 11, "--chunk-rows", 4, "-q"]
+    a = subprocess.Popen([sys.executable, "-m", "convcache", *map(str, args)], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "CONVCACHE_LEASE_SECONDS": "3"})
+    fs = s3fs.S3FileSystem()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and a.poll() is None:
+            fs.invalidate_cache()
+            try:
+                if json.loads(fs.cat_file(f"{bucket}/s.zarr/train/zarr.json"))["attributes"]["committed_rows"] > 0:
+                    break
+            except (FileNotFoundError, KeyError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert a.poll() is None, "A finished before it could be stopped"
+        os.kill(a.pid, signal.SIGSTOP)
+        time.sleep(4.5)  # past A's 3 s lease
+        b = run_cli(*args)
+        assert b.returncode == 0, b.stderr
+        os.kill(a.pid, signal.SIGCONT)
+        code, err = a.wait(timeout=60), a.stderr.read()
+        assert code == 2 and "lost the writer lease" in err and "Traceback" not in err, err
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+    r = run_cli("extract", "--verify", "-o", store)
+    if r.returncode:  # A was stopped inside a consolidation, which it finished on SIGCONT: its older token
+        assert "fencing token 1 < 2" in r.stdout, r.stdout  # shows, and the next run refreshes the root
+        assert run_cli(*args).returncode == 0
+        assert run_cli("extract", "--verify", "-o", store).returncode == 0
+    fs.invalidate_cache()
+    group = zarr.open_group(f"s3://{bucket}/s.zarr", path="train", mode="r", use_consolidated=False)
+    rows = group.attrs["committed_rows"]
+    assert rows == len(list(Path(data).rglob("*.jpg"))) * 12
+    assert all(group[n].shape[0] == rows for n in ("features", "label", "copy", "sha256"))
+    root_fence = zarr.open_group(f"s3://{bucket}/s.zarr", mode="r", use_consolidated=False).attrs["writer_fence"]
+    assert group.attrs["writer_fence"] == root_fence >= 2

@@ -6,15 +6,21 @@ never leaves a stale lock.
 
 On object storage there is no lock that dies with its holder, so the writer takes a *lease*: the
 object `<store>.lock`, created only if absent (a conditional PUT, `If-None-Match: *` on S3), holding
-its owner and an expiry. The holder renews it every third of its term; before every commit the writer
-checks that the lease is still its own (a writer paused past its term, whose lease another writer has
-taken, stops before committing anything more). A killed writer's lease is taken over once it has
-expired, or at once by a writer on the same host when the holder's process is gone. Backends without
-exclusive creation get no lease, with a warning (see the README for what that means).
+its owner and an expiry. The holder renews it every third of its term, conditionally (`If-Match` on the
+ETag it last wrote, where the storage supports it), so a renewal can never overwrite another writer's
+lease. Before every mutation of the store (each block's resize and chunk writes, each commit) the writer
+checks that the lease is still its own: its own clock first (a writer whose last renewal is a term old,
+as one that was SIGSTOPped past its lease, has lost it, whatever the object says), then the object.
+Each writer also takes a **fencing token**, one above the store's `writer_fence` (kept in the root's
+attributes), writes it there, and puts it in every commit; before committing it checks that no writer
+with a higher token has started since. A killed writer's lease is taken over once it has expired, or at
+once by a writer on the same host when the holder's process is gone. Backends without exclusive creation
+get no lease, with a warning (see the README for what that means).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,24 +35,25 @@ from convcache.errors import ConvcacheError
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 60.0
+LEASE_SECONDS = float(os.environ.get("CONVCACHE_LEASE_SECONDS", "60"))  # (the environment: tests only)
 
 
 @contextmanager
 def writer_lock(output: str, storage_options: dict | None = None, lease_seconds: float = LEASE_SECONDS):
-    """Hold the store's writer lock (local) or lease (object storage) for the block; yields a guard
-    to call before each commit (it raises if the lease was lost)."""
+    """Hold the store's writer lock (local) or lease (object storage) for the block; yields a guard to
+    call before each mutation (it raises if the lease was lost), whose `fence(root)` takes the fencing
+    token once the store's root is open, and whose `token` every commit records."""
     from convcache.location import resolve
 
     loc = resolve(output, storage_options, what="-o", write=True)
     if loc.local:
         with _flock(Path(loc.path.rstrip("/") + ".lock"), output):
-            yield lambda: None
+            yield _NoGuard()
         return
     lease = Lease(loc.sibling(".lock"), output, lease_seconds)
     lease.acquire()
     try:
-        yield lease.check
+        yield lease
     finally:
         lease.release()
 
@@ -71,6 +78,18 @@ def _flock(lock_path: Path, output: str):
         os.close(fd)  # releases the lock
 
 
+class _NoGuard:
+    """A local store's flock dies with its holder: nothing to check before a mutation, no fencing token."""
+
+    token = None
+
+    def __call__(self) -> None:
+        pass
+
+    def fence(self, root) -> None:
+        pass
+
+
 class Lease:
     def __init__(self, loc, output: str, seconds: float):
         self.loc, self.output, self.seconds = loc, output, float(seconds)
@@ -78,6 +97,10 @@ class Lease:
         self.fs = loc.fs
         self.held = False
         self.lost: str | None = None
+        self.etag: str | None = None  # of the lease object as this writer last wrote it
+        self.renewed = time.monotonic()  # this writer's own clock: when the lease was last known to be ours
+        self.token: int | None = None  # the fencing token (see fence)
+        self._root = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -101,10 +124,20 @@ class Lease:
             record["expires"] = 0.0
         return record
 
+    def _etag(self, response=None) -> str | None:
+        tag = response.get("ETag") if isinstance(response, dict) else None
+        if tag is None:
+            try:
+                tag = self.fs.info(self.loc.path).get("ETag")
+            except Exception:  # a backend without ETags: renewals are then read-compare-write
+                tag = None
+        return tag
+
     def acquire(self) -> None:
         for _ in range(3):
             try:
-                self.fs.pipe_file(self.loc.path, self._record(), mode="create")
+                self.etag = self._etag(self.fs.pipe_file(self.loc.path, self._record(), mode="create"))
+                self.renewed = time.monotonic()
                 break
             except FileExistsError:
                 held = self._read()
@@ -132,25 +165,66 @@ class Lease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
-            try:
-                held = self._read()
-                if held is None or held.get("owner") != self.owner:
-                    self.lost = "another writer took it over" if held else "it was removed"
-                    return
-                self.fs.pipe_file(self.loc.path, self._record())
-            except Exception as exc:  # a network hiccup: try again next period, check() decides
-                log.warning("could not renew the writer lease (%s)", exc)
+        while not self._stop.wait(self.seconds / 3) and self.renew_once():
+            pass
 
-    def check(self) -> None:
-        """Before a commit: is the lease still ours and unexpired?"""
+    def renew_once(self) -> bool:
+        """One renewal; False once the lease is lost (this writer stalled past its term, or the object is no
+        longer the one it wrote: the conditional PUT is refused rather than overwrite another's lease)."""
+        try:
+            if time.monotonic() - self.renewed >= self.seconds:  # stalled past the term (SIGSTOP, ...)
+                self.lost = "it expired (this writer stalled longer than the lease)"
+                return False
+            held = self._read()
+            if held is None or held.get("owner") != self.owner:
+                self.lost = "another writer took it over" if held else "it was removed"
+                return False
+            started = time.monotonic()
+            if self.etag:  # only if it is still the object this writer wrote
+                out = self.fs.pipe_file(self.loc.path, self._record(), IfMatch=self.etag)
+            else:
+                out = self.fs.pipe_file(self.loc.path, self._record())
+            self.etag, self.renewed = self._etag(out), started
+        except OSError as exc:
+            # s3fs: a failed If-Match is OSError(EINVAL, "...PreconditionFailed..."); others may differ
+            if isinstance(exc, (FileExistsError, PermissionError, FileNotFoundError)) or exc.errno == errno.EINVAL \
+                    or "precondition" in str(exc).lower():
+                self.lost = "another writer took it over (a conditional renewal was refused)"
+                return False
+            log.warning("could not renew the writer lease (%s)", exc)
+        except Exception as exc:  # a network hiccup: try again next period; check() decides
+            log.warning("could not renew the writer lease (%s)", exc)
+        return True
+
+    def fence(self, root) -> None:
+        """Take the store's next fencing token (`writer_fence` in the root's attributes) and record it there;
+        every commit carries it (`SplitWriter`), and `check` refuses once a higher one is recorded."""
         if not self.held:
             return
+        self.check()
+        self._root = root
+        self.token = int(_fence_of(root) or 0) + 1
+        root.update_attributes({"writer_fence": self.token})
+
+    def __call__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Before a mutation: is the lease still ours and unexpired, by this writer's clock and by the object,
+        and has no writer with a higher fencing token started since?"""
+        if not self.held:
+            return
+        if self.lost is None and time.monotonic() - self.renewed >= self.seconds:
+            self.lost = "it expired (this writer stalled longer than the lease)"
         held = self._read() if self.lost is None else None
         if self.lost is None and (held is None or held.get("owner") != self.owner):
             self.lost = "another writer took it over" if held else "it was removed"
         if self.lost is None and held.get("expires", 0) < time.time():
             self.lost = "it expired (this writer stalled longer than the lease)"
+        if self.lost is None and self._root is not None and self.token is not None:
+            newer = _fence_of(self._root, fresh=True)
+            if newer is not None and newer > self.token:
+                self.lost = f"a writer with a higher fencing token ({newer} > {self.token}) has started since"
         if self.lost:
             raise ConvcacheError(f"-o {self.output}: lost the writer lease ({self.lost}); stopped before committing "
                                  "more. Committed rows are kept; re-run to resume")
@@ -166,6 +240,25 @@ class Lease:
                     self.fs.rm_file(self.loc.path)
             except Exception as exc:  # it will expire on its own
                 log.warning("could not release the writer lease (%s); it expires in %.0f s", exc, self.seconds)
+
+
+def _fence_of(root, fresh: bool = False) -> int | None:
+    """The highest fencing token the store records: the root's `writer_fence` and every split's (a writer that
+    lost its lease inside a consolidation can still rewrite the root with its older token), read again from
+    storage with `fresh`."""
+    import zarr
+
+    if fresh:
+        root = zarr.open_group(root.store, mode="r", use_consolidated=False)
+    values = [root.attrs.get("writer_fence")]
+    for name in root.group_keys():
+        try:
+            values.append(zarr.open_group(root.store, path=name, mode="r", use_consolidated=False)
+                          .attrs.get("writer_fence"))
+        except Exception:  # a split without its own metadata: --verify reports it
+            pass
+    tokens = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return max(tokens) if tokens else None
 
 
 def _stale(held: dict) -> bool:

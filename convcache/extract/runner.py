@@ -147,6 +147,8 @@ def split_writers(cfg: ExtractConfig, contract, items, classes, ignored, guard=N
     """For each split of the data, in order: (split, its items, the copies it gets, its SplitWriter,
     the entries discovery ignored in it)."""
     root = open_root(cfg.output, classes, cfg.storage_options, {"created": _now(), "versions": _versions()})
+    if guard is not None and hasattr(guard, "fence"):
+        guard.fence(root)  # the fencing token every commit of this run carries
     identity, provenance = store_identity(cfg, contract, classes)
     for split in sorted({i.split for i in items}):
         copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]

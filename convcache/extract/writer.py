@@ -45,10 +45,12 @@ class SplitWriter:
                  dtype: str, chunk_rows: int | None = None, repair: bool = False, guard=None, name: str = "the store"):
         self.split = split
         where = f"{name} ('{split}')"  # for messages: the store's path and the split
-        self.guard = guard  # called before every commit: raises if this writer lost its lease
+        self.guard = guard  # called before every mutation: raises if this writer lost its lease
         self.consolidate_seconds = 0.0  # see commit()
         self._consolidated = 0.0
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+        if guard:
+            guard()
         fresh = split not in root
         if not fresh:
             # the writer reads the truth, never the (possibly older) consolidated copy of it
@@ -65,8 +67,19 @@ class SplitWriter:
             else:
                 self._check_identity(identity)
         if fresh:
-            self.group = create_split(root, split, {**provenance, "identity": identity}, feature_shape, dtype,
-                                      chunk_rows or max(1, CHUNK_BYTES // row_bytes))
+            args = (root, split, {**provenance, "identity": identity}, feature_shape, dtype,
+                    chunk_rows or max(1, CHUNK_BYTES // row_bytes))
+            try:
+                self.group = create_split(*args)
+            except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
+                # its arrays are there but the split's own zarr.json is gone: not a split anyone can read
+                if not repair:
+                    raise ConvcacheError(f"{where}: the split's own metadata ({split}/zarr.json) is missing while "
+                                         "its arrays remain: the store is damaged; run extract again with --repair "
+                                         "to rebuild the split from the images") from None
+                log.warning("repair: '%s' lost its metadata; rebuilding it from the images", split)
+                zarr.core.sync.sync(root.store.delete_dir(split))
+                self.group = create_split(*args)
         self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
         self.chunk_rows = self.arrays["features"].chunks[0]
         self.committed = committed_rows(self.group.attrs, where)
@@ -145,6 +158,8 @@ class SplitWriter:
         stop, expected = start + len(features), max(self.committed, self._written)
         if start != expected:
             raise ConvcacheError(f"internal: block {start}..{stop - 1} written after row {expected}")
+        if self.guard:  # before every mutation: a writer that lost its lease never resizes or writes
+            self.guard()
         self._resize(stop)
         self.arrays["features"][start:stop] = features
         self._written = stop
@@ -155,12 +170,16 @@ class SplitWriter:
         """Grow every column to committed + `rows` so that workers can write feature chunks there. Until
         they are committed those rows read as fill values (0) to plain Zarr readers; `committed_rows`
         stays the truth, and a re-run truncates whatever was reserved but not committed."""
+        if self.guard:
+            self.guard()
         self._resize(self.committed + rows)
 
     def commit_blocks(self, blocks: list[tuple[int, int, dict, bytes]]) -> None:
         """Commit contiguous blocks (start, stop, small columns, digest) whose features a worker already
         wrote, in one commit: the small columns (planned on the client), each block's digest (computed
         by the worker over every column), then `committed_rows`. Blocks commit strictly in row order."""
+        if self.guard:
+            self.guard()
         start = self.committed
         for a, b, _, _ in blocks:
             if a != start:
@@ -194,8 +213,9 @@ class SplitWriter:
         self.committed = self.committed if rows is None else rows
         if rows is None:
             write_skipped(self.group, self.skipped)
+        fence = {"writer_fence": self.guard.token} if getattr(self.guard, "token", None) is not None else {}
         self.group.update_attributes({"committed_rows": self.committed,
-                                      "seal": seal(self._schema, self.committed, self._chain)})
+                                      "seal": seal(self._schema, self.committed, self._chain), **fence})
         now = time.monotonic()
         if rows is None or final or now - self._consolidated >= self.consolidate_seconds:
             self._consolidate()

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from convcache.serve.config import ServeConfig
 from convcache.serve.docs import install_docs
 from convcache.serve.errors import install_error_handlers
-from convcache.serve.metrics import ObserveMiddleware
+from convcache.serve.metrics import AdmissionMiddleware, ObserveMiddleware
 from convcache.serve.oip import router as oip_router
 from convcache.serve.routes import router
 from convcache.serve.service import InferenceService
@@ -39,7 +39,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                   description=f"Image classification with a fused convcache model (model id {p.model_id}): "
                               f'classes {p.classes}. Every error answers `{{"error": "..."}}`.')
     app.state.service = service
-    app.add_middleware(ObserveMiddleware, metrics=service.metrics)
+    app.add_middleware(AdmissionMiddleware, service=service)
+    app.add_middleware(ObserveMiddleware, metrics=service.metrics)  # added last: outermost, sees every answer
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_router)

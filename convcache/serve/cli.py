@@ -10,7 +10,7 @@ import sys
 def register(sub) -> None:
     from dataclasses import fields
 
-    from convcache.serve.config import ServeConfig
+    from convcache.serve.config import HEALTH_RESERVE, ServeConfig
 
     d = {f.name: f.default for f in fields(ServeConfig)}
     p = sub.add_parser("predict", help="classify images with a fused model (one JSON line per image)")
@@ -36,6 +36,27 @@ def register(sub) -> None:
     s.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
     s.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="decoded size limit (422 above)")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    g = s.add_argument_group("limits against hostile clients")
+    g.add_argument("--max-connections", type=int, default=d["max_connections"],
+                   help="requests in flight (503 past it); health probes and /metrics keep "
+                        f"{HEALTH_RESERVE} connections of their own")
+    g.add_argument("--body-timeout", type=float, default=d["body_timeout_s"], metavar="S",
+                   help="each chunk of a request body must arrive within this (408)")
+    g.add_argument("--body-min-rate", type=float, default=d["body_min_rate"], metavar="BYTES_PER_S",
+                   help="a body must average at least this once the grace period is over (408; 0: off)")
+    g.add_argument("--body-grace", type=float, default=d["body_grace_s"], metavar="S",
+                   help="seconds before the minimum body rate applies")
+    g.add_argument("--body-deadline", type=float, default=d["body_deadline_s"], metavar="S",
+                   help="a whole body must be in within this (408)")
+    g.add_argument("--body-memory", default="512MiB",
+                   help="bytes all request bodies may hold at once (503 + Retry-After past it)")
+    g.add_argument("--decode-memory", default="1GiB",
+                   help="memory all image decodes may use at once, every intermediate counted (decodes wait "
+                        "for room; one image may use at most 256 MiB)")
+    g.add_argument("--max-header-bytes", type=int, default=d["max_header_bytes"],
+                   help="request line + headers (431 past it)")
+    g.add_argument("--max-header-fields", type=int, default=d["max_header_fields"],
+                   help="request header lines (431 past it)")
     s.add_argument("--name", help="the model's name on the Open Inference Protocol (/v2/models/NAME; default: "
                                   "the file's stem)")
     s.add_argument("--log-level", default="warning")
@@ -81,8 +102,10 @@ def run_serve(args) -> int:
     import uvicorn
 
     from convcache.errors import ConvcacheError
+    from convcache.location import parse_bytes
     from convcache.serve.app import CONFIG_ENV, create_app
-    from convcache.serve.config import ServeConfig
+    from convcache.serve.config import HEALTH_RESERVE, ServeConfig
+    from convcache.serve.http_timeouts import BYTES_ENV, FIELDS_ENV
     from convcache.serve.http_timeouts import ENV as HEADER_TIMEOUT_ENV
 
     with socket.socket() as probe:  # refuse a busy port before loading anything or printing "serving"
@@ -94,11 +117,21 @@ def run_serve(args) -> int:
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_queue=args.max_queue, cache_size=args.cache_size,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
-                         name=args.name)
+                         name=args.name, max_connections=args.max_connections, body_timeout_s=args.body_timeout,
+                         body_min_rate=args.body_min_rate, body_grace_s=args.body_grace,
+                         body_deadline_s=args.body_deadline,
+                         body_memory_bytes=parse_bytes(args.body_memory, "--body-memory"),
+                         decode_memory_bytes=parse_bytes(args.decode_memory, "--decode-memory"),
+                         max_header_bytes=args.max_header_bytes, max_header_fields=args.max_header_fields)
+    if min(config.max_connections, config.max_header_bytes, config.max_header_fields) < 1 or min(
+            config.body_timeout_s, config.body_deadline_s) <= 0 or config.body_min_rate < 0 or config.body_grace_s < 0:
+        raise ConvcacheError("serve: the limits must be positive")
     common = {"host": args.host, "port": args.port, "log_level": args.log_level, "timeout_graceful_shutdown": 30,
-              "server_header": False, "limit_concurrency": config.max_connections,
-              "timeout_keep_alive": config.keep_alive_s, "http": "convcache.serve.http_timeouts:HeaderTimeoutProtocol"}
+              "server_header": False, "limit_concurrency": config.max_connections + HEALTH_RESERVE,
+              "timeout_keep_alive": config.keep_alive_s, "http": "convcache.serve.http_timeouts:HeaderTimeoutProtocol",
+              "h11_max_incomplete_event_size": config.max_header_bytes}
     os.environ[HEADER_TIMEOUT_ENV] = str(config.header_timeout_s)
+    os.environ[BYTES_ENV], os.environ[FIELDS_ENV] = str(config.max_header_bytes), str(config.max_header_fields)
     if args.workers > 1:
         import tempfile
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+HEALTH_RESERVE = 64  # connections beyond max_connections that only health probes and /metrics may use
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
 
 @dataclass
 class ServeConfig:
@@ -17,9 +20,15 @@ class ServeConfig:
     max_pixels: int = 40_000_000
     max_files: int = 64
     max_decode_bytes: int = 256 << 20  # per image (see convcache.imaging)
-    decode_memory_bytes: int = 1 << 30  # decodes at once: this budget // max_decode_bytes
+    decode_memory_bytes: int = 1 << 30  # all decodes at once, every intermediate counted (imaging.MemoryBudget)
     body_timeout_s: float = 10.0  # each chunk of a request body must arrive within this
-    max_connections: int = 512  # uvicorn's limit_concurrency: more get 503 at once
+    body_min_rate: float = 240.0  # bytes/s a body must average once body_grace_s is over (408 below)
+    body_grace_s: float = 5.0
+    body_deadline_s: float = 60.0  # a whole body must be in within this (408)
+    body_memory_bytes: int = 512 << 20  # bytes all request bodies hold at once (503 + Retry-After past it)
+    max_connections: int = 512  # requests in flight (503 past it); health probes have HEALTH_RESERVE more
     keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this
     header_timeout_s: float = 10.0  # request headers must be complete within this (slowloris)
+    max_header_bytes: int = 32 << 10  # request line + headers (431 past it; nginx: 4 x 8 KiB, h11: 16 KiB)
+    max_header_fields: int = 100  # header lines (431 past it; Apache's LimitRequestFields)
     name: str | None = None  # the model's name on the Open Inference Protocol (default: the file's stem)

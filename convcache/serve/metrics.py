@@ -56,6 +56,36 @@ class ObserveMiddleware:
                 self.metrics.errors.labels(str(status[0])).inc()
 
 
+class AdmissionMiddleware:
+    """Requests in flight are bounded by `max_connections` (503 + Retry-After past it), except health
+    probes and /metrics (`PROBE_PATHS`), which stay answerable while every request slot is taken; uvicorn's
+    own connection limit leaves them `HEALTH_RESERVE` connections. A request's share of the global body
+    budget is released when it is answered."""
+
+    def __init__(self, app, service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        from convcache.serve.config import PROBE_PATHS
+
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            return await self.app(scope, receive, send)
+        s = self.service
+        if s.in_flight >= s.config.max_connections:
+            body = b'{"error":"busy: every request slot is taken; retry later"}'
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        s.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            s.in_flight -= 1
+            s.bodies.release(scope)
+
+
 def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
     """With several workers (PROMETHEUS_MULTIPROC_DIR set by `convcache serve --workers N`), one
     exposition aggregated across the worker processes; otherwise this process's registry."""

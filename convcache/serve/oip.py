@@ -141,7 +141,7 @@ def _images(tensor: dict, binary: bytes, offset: int, size: int) -> tuple[list, 
 async def infer(request: Request, name: str, version: str = VERSION):
     s = _model(request, name)
     c = s.config
-    body = await read_body(request, c.max_body_bytes, c.body_timeout_s)
+    body = await read_body(request, s.body_limits, s.bodies)
     req, binary = _split(body, request.headers.get(HEADER))
     images, offset = [], 0
     for tensor in req["inputs"]:

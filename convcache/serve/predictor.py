@@ -11,7 +11,7 @@ from PIL import Image
 
 from convcache import artifacts
 from convcache.errors import ImageError
-from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_opened, prepare_image, read_and_decode
+from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_opened, prepare_image, read_bytes
 from convcache.runtime import create_session
 
 
@@ -44,15 +44,16 @@ class Predictor:
         self.session = create_session(str(model), device, threads)
         self.provider = self.session.get_providers()[0]
 
-    def to_pixels(self, image) -> np.ndarray:
-        """One input -> uint8 size x size x 3; raises ImageError for unusable input."""
+    def to_pixels(self, image, budget=None) -> np.ndarray:
+        """One input -> uint8 size x size x 3; raises ImageError for unusable input. `budget` (an
+        `imaging.MemoryBudget`) holds the decode's memory, every intermediate counted."""
         if isinstance(image, (str, Path)):
-            return read_and_decode(image, self.size, self.max_pixels)[1]
+            return decode_image(read_bytes(image), self.size, self.max_pixels, budget=budget)
         if isinstance(image, (bytes, bytearray, memoryview)):
-            return decode_image(bytes(image), self.size, self.max_pixels)
+            return decode_image(bytes(image), self.size, self.max_pixels, budget=budget)
         if isinstance(image, Image.Image):  # decoded as a file would be (draft if not loaded yet, EXIF)
             try:
-                return decode_opened(image, self.size)
+                return decode_opened(image, self.size, budget=budget)
             except (OSError, ValueError, SyntaxError) as exc:
                 raise ImageError(f"corrupt or truncated image: {exc}") from None
         if isinstance(image, np.ndarray):

@@ -21,7 +21,7 @@ def _service(request: Request) -> InferenceService:
 async def _results(request: Request):
     service = _service(request)
     c = service.config
-    images = await read_images(request, c.max_body_bytes, c.body_timeout_s, c.max_files)
+    images = await read_images(request, service.body_limits, c.max_files, service.bodies)
     return service, await service.infer_all(images)
 
 

@@ -11,7 +11,9 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from convcache.errors import ImageError
+from convcache.imaging import MemoryBudget, return_freed_memory
 from convcache.serve.batcher import MicroBatcher, QueueFull
+from convcache.serve.body import BodyBudget, BodyLimits
 from convcache.serve.cache import ResultCache, content_key
 from convcache.serve.config import ServeConfig
 from convcache.serve.errors import HTTPError, image_status
@@ -31,7 +33,12 @@ class InferenceService:
         self.cache = ResultCache(config.cache_size)
         self.batcher = MicroBatcher(self.predictor.run_pixels, config.max_batch, config.max_wait_ms / 1000,
                                     config.max_queue, on_batch=self.metrics.batch_size.observe)
-        self.decode_slots = asyncio.Semaphore(max(1, config.decode_memory_bytes // config.max_decode_bytes))
+        self.decode_memory = MemoryBudget(config.decode_memory_bytes)  # every intermediate counted
+        return_freed_memory()  # so that the budget bounds the peak RSS (see convcache.imaging)
+        self.body_limits = BodyLimits(config.max_body_bytes, config.body_timeout_s, config.body_min_rate,
+                                      config.body_grace_s, config.body_deadline_s)
+        self.bodies = BodyBudget(config.body_memory_bytes)
+        self.in_flight = 0  # requests being answered, health probes aside (AdmissionMiddleware)
         self.decoding = 0  # images being decoded now (they count against the queue bound)
         self.ready = False
         self.name = config.name or Path(config.model).stem  # the model's name on the Open Inference Protocol
@@ -55,9 +62,8 @@ class InferenceService:
 
         async def decode():
             self.decoding += 1
-            try:
-                async with self.decode_slots:  # decodes at once are capped by a memory budget
-                    return await run_in_threadpool(self.predictor.to_pixels, data)
+            try:  # decodes at once are held under a memory budget (a decode thread waits for room)
+                return await run_in_threadpool(self.predictor.to_pixels, data, self.decode_memory)
             except ImageError as exc:
                 raise HTTPError(image_status(exc.reason), f"image {index}: {exc.reason}") from None
             finally:
