@@ -115,24 +115,29 @@ def _answer(c, first: bytes = b"") -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def _slow_post(port, path, declared, every, results, i, stop):
-    """A client that declares a body and sends it a byte at a time; what the server answered."""
+def _trickle(port, declared: int, every: float, piece: bytes, limit: float = 30) -> tuple[bytes, float]:
+    """POST a body that declares `declared` bytes and sends `piece` every `every` s until the server answers:
+    (the answer, seconds until it came)."""
     with socket.create_connection(("127.0.0.1", port)) as c:
-        c.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n".encode())
+        c.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n".encode())
         c.settimeout(every)
         t0, answer = time.time(), b""
-        while not stop.is_set() and time.time() - t0 < 30:
+        while time.time() - t0 < limit:
             try:
                 answer = c.recv(4096)
                 c.settimeout(5)
-                answer = _answer(c, answer)
-                break
+                return _answer(c, answer), time.time() - t0
             except TimeoutError:
                 try:
-                    c.sendall(b"x")
+                    c.sendall(piece)
                 except OSError:
                     break
-        results[i] = (answer.decode(errors="replace"), time.time() - t0)
+        return answer, time.time() - t0
+
+
+def _slow_post(port, results, i):
+    answer, seconds = _trickle(port, 1000, 0.2, b"x")  # 5 B/s
+    results[i] = (answer.decode(errors="replace"), seconds)
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +154,8 @@ def test_slow_bodies_are_cut_and_health_answers_while_every_slot_is_taken(guarde
     (503 + Retry-After), health probes still answer, and each slow body is cut (408) soon after the grace
     period, not when its 10 s per-chunk timeout would have."""
     s = guarded
-    results, stop = {}, threading.Event()
-    threads = [threading.Thread(target=_slow_post, args=(s.port, "/v1/predict", 1000, 0.2, results, i, stop))
-               for i in range(3)]
+    results = {}
+    threads = [threading.Thread(target=_slow_post, args=(s.port, results, i)) for i in range(3)]
     for t in threads:
         t.start()
     time.sleep(0.5)
@@ -163,7 +167,6 @@ def test_slow_bodies_are_cut_and_health_answers_while_every_slot_is_taken(guarde
     finally:
         for t in threads:
             t.join(30)
-        stop.set()
     for answer, seconds in results.values():
         assert answer.startswith("HTTP/1.1 408") and "slower than 2000 B/s" in answer and seconds < 4, (answer,
                                                                                                       seconds)
@@ -172,19 +175,8 @@ def test_slow_bodies_are_cut_and_health_answers_while_every_slot_is_taken(guarde
 
 def test_a_body_that_keeps_the_rate_still_meets_the_deadline(guarded):
     """Fast enough for the rate (3 KB/s > 2 KB/s), but never finishing: cut at the whole-body deadline."""
-    with socket.create_connection(("127.0.0.1", guarded.port)) as c:
-        c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
-        c.settimeout(0.1)
-        t0, answer = time.time(), b""
-        while time.time() - t0 < 20:
-            try:
-                answer = c.recv(4096)
-                c.settimeout(5)
-                answer = _answer(c, answer)
-                break
-            except TimeoutError:
-                c.sendall(b"x" * 300)
-    assert answer.startswith(b"HTTP/1.1 408") and b"within 6s" in answer and 5 < time.time() - t0 < 9
+    answer, seconds = _trickle(guarded.port, 900000, 0.1, b"x" * 300, limit=20)
+    assert answer.startswith(b"HTTP/1.1 408") and b"within 6s" in answer and 5 < seconds < 9
 
 
 def test_bodies_in_flight_share_one_memory_budget(guarded):
