@@ -63,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     stages = _Stages(sub, common)
     for module in STAGE_CLIS:
         module.register(stages)
+    parser.set_defaults(_stages=sub.choices)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # a mistyped flag: the stage's own usage, not the top-level one
+        args._stages[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     # force: main() may run more than once in a process (an embedding program, the test suite); the
     # handler writes to the sys.stderr of this call

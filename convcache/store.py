@@ -120,16 +120,26 @@ def _damage(start: int, stop: int, reason: str):
 
 @dataclass
 class SplitData:
+    """Rows of a split, by the store's own column names (`artifacts.STORE_SCHEMA`)."""
+
     features: np.ndarray
-    labels: np.ndarray
+    label: np.ndarray
     image: np.ndarray
     copy: np.ndarray
     sha256: list[str]
-    paths: list[str]
-    row: np.ndarray | None = None  # each row's position in the split (load only)
+    path: list[str]
+    row: np.ndarray | None = None  # each row's position in the split
+
+    @property
+    def labels(self) -> np.ndarray:  # the names before they followed the store's columns
+        return self.label
+
+    @property
+    def paths(self) -> list[str]:
+        return self.path
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.label)
 
 
 class FeatureStore:
@@ -288,11 +298,11 @@ class FeatureStore:
                for name, v in cols.items()}
         return SplitData(
             features=features,
-            labels=cat["label"].astype(np.int32) if len(idx) else np.empty(0, np.int32),
+            label=cat["label"].astype(np.int32) if len(idx) else np.empty(0, np.int32),
             image=cat["image"].astype(np.int64) if len(idx) else np.empty(0, np.int64),
             copy=copy[idx],
             sha256=[bytes(r).hex() for r in cat["sha256"]],
-            paths=[str(p) for p in cat["path"]],
+            path=[str(p) for p in cat["path"]],
             row=idx,
         )
 
@@ -393,8 +403,8 @@ class FeatureStore:
             yield SplitData(
                 features=part["features"][keep - part["features_offset"]] if with_features else
                 np.empty((len(keep), 0)),
-                labels=part["label"][keep], image=part["image"][keep], copy=part["copy"][keep],
-                sha256=[bytes(r).hex() for r in part["sha256"][keep]], paths=[str(p) for p in part["path"][keep]],
+                label=part["label"][keep], image=part["image"][keep], copy=part["copy"][keep],
+                sha256=[bytes(r).hex() for r in part["sha256"][keep]], path=[str(p) for p in part["path"][keep]],
                 row=keep + a)
 
     def nbytes(self, split: str, max_copy: int | None = None, dtype=np.float32) -> int:

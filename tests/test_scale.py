@@ -236,3 +236,14 @@ def test_k0_load_on_a_damaged_copy_still_checks_what_it_reads(extractor, tmp_pat
     files[0].unlink()  # a chunk of copy 0: refused, naming the rows
     with pytest.raises(Exception, match="damaged"):
         FeatureStore(store).load("train", max_copy=0)
+
+
+def test_loaded_rows_use_the_stores_column_names_and_a_mistyped_flag_shows_the_stage_usage(extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 2, "validation": 1})
+    store = tmp_path / "f.zarr"
+    _extract(extractor, data, store)
+    d = FeatureStore(store).load("train")
+    assert d.label.tolist() == [0, 0, 1, 1] and all(p.endswith(".jpg") for p in d.path)
+    assert d.labels is d.label and d.paths is d.path  # the older names still answer
+    r = run_cli("export", "-o", tmp_path / "m.onnx", "--no-such-flag")
+    assert r.returncode == 2 and r.stderr.startswith("usage: convcache export") and "--no-such-flag" in r.stderr

@@ -434,3 +434,8 @@ def test_open_inference_protocol_with_the_real_tritonclient(oip_server, fused_mo
         client.get_model_metadata("nope")
     text = httpx.get(oip_server.url + "/metrics").text
     assert 'endpoint="/v2/models/{name}/infer"' in text  # the same metrics as /v1, by route template
+
+
+def test_the_predictor_names_its_answer_as_the_service_does(fused_model):
+    p = Predictor(fused_model).predict(jpeg(7))
+    assert p.to_dict()["class"] == p.class_ == p.label and set(p.probabilities) == set(Predictor(fused_model).classes)

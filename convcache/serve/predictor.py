@@ -17,11 +17,19 @@ from convcache.runtime import create_session
 
 @dataclass
 class Prediction:
-    label: str
+    """The most probable class (`class_`, "class" in every JSON answer: the HTTP service, `predict`, the
+    OpenAPI schema) and each class's probability."""
+
+    class_: str
     probabilities: dict
 
+    @property
+    def label(self) -> str:
+        """The same as `class_` (the name before the answers agreed on "class")."""
+        return self.class_
+
     def to_dict(self) -> dict:
-        return {"class": self.label, "probabilities": self.probabilities}
+        return {"class": self.class_, "probabilities": self.probabilities}
 
 
 class Predictor:
