@@ -99,6 +99,9 @@ def child(stage: str, args: list[str]) -> dict:
 
         model, data, store = args[:3]
         extra = {"rehash": True} if "--rehash" in args else {}  # (an older checkout has no such option)
+        augment = next((int(a.split("=")[1]) for a in args if a.startswith("--augment=")), 0)
+        if augment:
+            extra["augment"] = augment
         s = run_extract(ExtractConfig(model=model, data=data, output=store, progress=False, batch_size=64, **extra))
         return {"rows_written": s.rows_written, "rows_cached": s.rows_cached, "images": s.images,
                 "skipped": len(s.skipped), "phases": {k: round(v, 2) for k, v in s.phases.items()},
@@ -216,6 +219,27 @@ def baseline(work: Path, model: str, code: str | None) -> dict:
     return run_stage("extract", [model, data, store], code)
 
 
+def copies_bench(work: Path, model: str, code: str | None, images: int = 1000, copies: int = 100) -> dict:
+    """`train --copies 0` on a store holding copies 0..`copies` against the same on a store of the originals
+    only (same photos): seconds and peak RSS, each train in a process of its own."""
+    data = work / f"data-copies-{images}"
+    if not data.exists():
+        generate(data, images, bad_every=10**9)
+        generate(data, images // 5, "validation", start=10**8, bad_every=10**9)
+    out = {"images": images, "copies": copies}
+    for tag, k in (("originals", 0), (f"{copies} copies", copies)):
+        store = work / f"store-copies-{k}.zarr"
+        if store.exists():
+            import shutil
+
+            shutil.rmtree(store)
+        env_args = [model, data, store]
+        out[tag] = {"extract": run_stage("extract", env_args + ([f"--augment={k}"] if k else []), code)}
+        out[tag]["train"] = run_stage("train", ["--features", store, "--head", "logreg", "--copies", 0, "-o",
+                                                work / f"head-copies-{k}", "--quiet"], code)
+    return out
+
+
 def table(results: list[dict], base: dict, cpu: str) -> str:
     bare = base["bare_rows_per_second"]
     lines = [f"CPU: {cpu}; model: VGG16 block1, random weights, 32 px, avg-pooled (64 features), bare "
@@ -265,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--code", help="run the stages with this checkout's convcache (before/after)")
     p.add_argument("--stages", nargs="+", default=["rerun", "add", "verify", "open", "train", "info"])
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--copies", type=int, metavar="K",
+                   help="instead: train --copies 0 on a store with copies 0..K vs one with the originals only")
+    p.add_argument("--images", type=int, default=1000, help="photos for --copies")
     a = p.parse_args(argv)
     from convcache.runtime import cpu_model
 
@@ -274,6 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     if not model.exists():
         run_stage("export", ["--weights", "random", "--input-size", "32", "--layer", "block1_pool", "--pooling",
                              "avg", "-o", model])
+    if a.copies:
+        out = copies_bench(work, str(model), a.code, a.images, a.copies)
+        print(json.dumps(out, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps({"cpu": cpu_model(), **out}, indent=1))
+        return
     base = baseline(work, str(model), a.code)
     base["bare_rows_per_second"] = run_stage("bare", [model])["rows_per_second"]
     results = []
