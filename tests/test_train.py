@@ -266,3 +266,17 @@ def test_too_many_copies_warns_once(pooled_extractor, tmp_path):
     r = run_cli("train", "--features", tmp_path / "f.zarr", "--head", "logreg", "--copies", 9, "-o", tmp_path / "h")
     assert r.returncode == 0, r.stderr
     assert (r.stdout + r.stderr).count("--copies 9") == 1 and "copies 0..1" in r.stderr
+
+
+def test_logreg_says_which_C_stopped_at_its_iteration_cap(caplog):
+    """The probe's lbfgs cap: one warning naming the C values that did not converge and whether the kept
+    one did (the study's fit printed sklearn's, which names neither), and `converged_by_C` in the summary."""
+    from sklearn.datasets import make_classification
+
+    from convcache.train.heads import LogRegHead
+
+    X, y = make_classification(400, 60, n_informative=30, random_state=0)
+    head = LogRegHead(Cs=(1e-3, 100.0), max_iter=3).fit(X[:300], y[:300], X[300:], y[300:])
+    assert head.summary()["converged_by_C"] == {"0.001": head.converged_[1e-3], "100.0": False}
+    assert any("100 stopped at max_iter=3" in r.getMessage() for r in caplog.records)
+    assert LogRegHead(Cs=(1e-3,), max_iter=1000).fit(X, y, X, y).converged_ == {1e-3: True}

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import numpy as np
 import onnx
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
@@ -121,10 +123,13 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         Xv = scaler.transform(X_val).astype(np.float32) if X_val is not None else None
         # Ascending C with warm starts: each fit starts from the previous, more regularised solution.
         model = LogisticRegression(C=self.Cs[0], max_iter=self.max_iter, tol=self.tol, warm_start=True)
-        best, self.scores_ = None, {}
+        best, self.scores_, self.converged_ = None, {}, {}
         for C in sorted(self.Cs):
             model.set_params(C=C)
-            model.fit(Xs, y)
+            with warnings.catch_warnings():  # said once, below, naming the C values (sklearn's says neither)
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(Xs, y)
+            self.converged_[C] = bool(int(np.max(model.n_iter_)) < self.max_iter)
             score = float(model.score(Xv, y_val)) if Xv is not None else 0.0
             self.scores_[C] = score
             if best is None or score > best[0]:
@@ -133,6 +138,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         model.coef_, model.intercept_ = best[2], best[3]
         self.C_ = best[1]
         self.selected_by_ = "validation" if Xv is not None else "single C"
+        capped = [C for C, ok in self.converged_.items() if not ok]
+        if capped:
+            log.warning("logreg: C=%s stopped at max_iter=%d before converging (tol %g); the kept C=%g %s",
+                        ", ".join(f"{C:g}" for C in capped), self.max_iter, self.tol, self.C_,
+                        "did not converge either: raise max_iter" if self.C_ in capped else "converged")
         return self._finish(Pipeline([("scale", scaler), ("logreg", model)]), X, start)
 
     def _fit_cv(self, X, y, start) -> LogRegHead:
@@ -162,8 +172,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self.classes_[proba.argmax(1)]
 
     def summary(self) -> dict:
-        return {"C": self.C_, "selected_by": self.selected_by_,
-                "accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
+        out = {"C": self.C_, "selected_by": self.selected_by_,
+               "accuracy_by_C": {str(k): v for k, v in self.scores_.items()}}
+        if getattr(self, "converged_", None):
+            out["converged_by_C"] = {str(k): v for k, v in self.converged_.items()}
+        return out
 
     def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         """Standard ONNX ops only (the scaler folded into the weights): runs on every runtime."""
