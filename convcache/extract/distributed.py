@@ -184,7 +184,7 @@ class DaskExecutor:
                     writer.skip(p.item.path, self._decode_errors[p.item.path])
                     reported.add(p.item.path)
             else:
-                yield Planned(p.item, p.sha256, (c,))
+                yield Planned(p.item, p.sha256, (c,), image=p.image)
 
     def run(self, blocks, settings: BlockSettings, writer):
         """Submit blocks with a bounded number in flight; yield the finished ones in batches (as

@@ -65,12 +65,14 @@ class Row:
 
 @dataclass(frozen=True)
 class Planned:
-    """An image the plan uses, with the copies it still needs (and their pixels, once decoded here)."""
+    """An image the plan uses, with the copies it still needs (and their pixels, once decoded here), and
+    its image index when the split already holds some of its copies."""
 
     item: Item
     sha256: str
     copies: tuple[int, ...]
     images: list | None = None
+    image: int | None = None
 
 
 @dataclass
@@ -144,26 +146,34 @@ class ExtractorSession:
 
 # ---------------------------------------------------------------- plan
 
-def plan_rows(hashed_all: list[Hashed], copies, done: set, writer, summary) -> list[Planned]:
-    """The images to extract, in item order, each with the copies it still needs. Unreadable files and
-    content listed under two labels are recorded as skipped; repeated content is used once."""
+def plan_rows(hashed_all: list[Hashed], copies, committed, writer, summary) -> list[Planned]:
+    """The images to extract, in item order, each with the copies it still needs (`committed`: the split's
+    `Committed` rows). Unreadable files and content listed under two labels are recorded as skipped;
+    repeated content is used once."""
     plan, seen, labels = [], {}, {}
-    for hashed in hashed_all:
+    for hashed in hashed_all:  # each content's label, or -1 once two labels claim it (ints: no set per file)
         if not hashed.error:
-            labels.setdefault(hashed.sha256, set()).add(hashed.item.label)
+            label = labels.setdefault(hashed.sha256, hashed.item.label)
+            if label != hashed.item.label:
+                labels[hashed.sha256] = -1
+    first = []
     for hashed in hashed_all:
         if hashed.error:
             writer.skip(hashed.item.path, hashed.error)
-        elif len(labels[hashed.sha256]) > 1:  # the same bytes under two labels: neither label can be trusted
+        elif labels[hashed.sha256] == -1:  # the same bytes under two labels: neither label can be trusted
             writer.skip(hashed.item.path, "the same content is listed under different labels")
         elif hashed.sha256 in seen:
             summary.duplicates[printable_path(hashed.item.path)] = printable_path(seen[hashed.sha256])
         else:
             seen[hashed.sha256] = hashed.item.path
-            need = tuple(c for c in copies if (hashed.sha256, c) not in done)
-            summary.rows_cached += len(copies) - len(need)
-            if need:
-                plan.append(Planned(hashed.item, hashed.sha256, need))
+            first.append(hashed)
+    del labels, seen
+    masks, images = committed.lookup([h.sha256 for h in first])
+    for hashed, mask, image in zip(first, masks, images):
+        need = tuple(c for c in copies if not mask >> c & 1)
+        summary.rows_cached += len(copies) - len(need)
+        if need:
+            plan.append(Planned(hashed.item, hashed.sha256, need, image=image))
     return plan
 
 
@@ -175,24 +185,26 @@ def copy_major(plan: list[Planned]) -> Iterator[tuple[Planned, int]]:
                 yield p, c
 
 
-def cut_blocks(split: str, usable: Iterable[Planned], image_index: dict, start: int,
+def cut_blocks(split: str, usable: Iterable[Planned], next_image: int, start: int,
                block_rows: int, max_seconds: float | None = None) -> Iterator[Block]:
     """The usable images' rows as blocks cut at multiples of `block_rows` (a multiple of the chunk size),
     so every block covers whole chunks except where the split begins or ends mid-chunk, or where a block
     has been filling for `max_seconds` (the local executor's bound on the work an interrupt can lose: the
     next block ends at the same boundary). New images get indices in plan order. Blocks are cut as they
     are pulled: nothing holds every row of a large split."""
-    next_image = max(image_index.values(), default=-1) + 1
+    image_index: dict[str, int] = {}  # new images' indices, from `next_image` on, as they first appear
     rows, pixels, a = [], [], start
     end = (start // block_rows + 1) * block_rows
     began = time.monotonic()
     for p in usable:
-        if p.sha256 not in image_index:
-            image_index[p.sha256] = next_image
-            next_image += 1
+        image = p.image
+        if image is None:
+            image = image_index.get(p.sha256)
+            if image is None:
+                image = image_index[p.sha256] = next_image
+                next_image += 1
         for i, c in enumerate(p.copies):
-            rows.append(Row(p.item.path, p.item.label, image_index[p.sha256], c, p.sha256,
-                            printable_path(p.item.path)))
+            rows.append(Row(p.item.path, p.item.label, image, c, p.sha256, printable_path(p.item.path)))
             pixels.append(p.images[i] if p.images is not None else None)
             if a + len(rows) == end:
                 yield _block(split, a, rows, pixels)
@@ -364,16 +376,20 @@ class LocalExecutor:
         """Each planned (image, copy) that decodes, with its pixels, copy by copy (`copy_major`); an image
         that does not decode is skipped (and not tried again for its other copies)."""
         failed: set = set()
-        jobs = ((p.item, p.sha256, [c], s.size, s.policy, s.seed, s.max_pixels, s.max_bytes, s.storage_options)
-                for p, c in copy_major(plan) if p.item.path not in failed)
-        for decoded in _ordered(self._pool, decode_copies, jobs, window=4 * self.workers):
-            if decoded.item.path in failed:
+
+        def decode(p: Planned, c: int):
+            return p, decode_copies(p.item, p.sha256, [c], s.size, s.policy, s.seed, s.max_pixels, s.max_bytes,
+                                    s.storage_options)
+
+        jobs = ((p, c) for p, c in copy_major(plan) if p.item.path not in failed)
+        for p, decoded in _ordered(self._pool, decode, jobs, window=4 * self.workers):
+            if p.item.path in failed:
                 continue
             if decoded.error:
-                failed.add(decoded.item.path)
-                writer.skip(decoded.item.path, decoded.error)
+                failed.add(p.item.path)
+                writer.skip(p.item.path, decoded.error)
             else:
-                yield Planned(decoded.item, decoded.sha256, tuple(decoded.copies), decoded.images)
+                yield Planned(p.item, p.sha256, tuple(decoded.copies), decoded.images, p.image)
 
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
         # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
@@ -452,11 +468,11 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
     from convcache.runtime import cpu_model
 
     t_start = time.perf_counter()
-    done, image_index = writer.begin_run(ignored)
+    committed = writer.begin_run(ignored)
     hashed = hash_with_cache(executor, items, writer, cfg, summary)
     t_plan = time.perf_counter()
     summary.phases["hash"] = summary.phases.get("hash", 0.0) + t_plan - t_start
-    plan = plan_rows(hashed, copies, done, writer, summary)
+    plan = plan_rows(hashed, copies, committed, writer, summary)
     del hashed
     summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
     settings = BlockSettings(store=cfg.output, split=split, size=contract.size, input_name=contract.input_name,
@@ -466,7 +482,7 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
     start, total = writer.committed, sum(len(p.copies) for p in plan)
     executor.reserve(writer, total)
     committer = Committer(writer)
-    blocks = committer.track(cut_blocks(split, executor.usable(plan, writer, settings), image_index, start,
+    blocks = committer.track(cut_blocks(split, executor.usable(plan, writer, settings), committed.next_image, start,
                                         executor.block_rows(writer), getattr(executor, "block_seconds", None)))
     bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or not total)
     failed, providers, task_seconds, n_blocks = [], set(), [], 0
@@ -504,27 +520,21 @@ def hash_with_cache(executor, items: list[Item], writer, cfg, summary) -> list[H
     (a deleted file's entry goes), before any row is extracted, so an interrupted run keeps its hashing."""
     from tqdm import tqdm
 
-    cache = {} if getattr(cfg, "rehash", False) else statcache.load(writer.group)
     keys = [statcache.stat_key(item) for item in items]
-    known: dict[int, Hashed] = {}
-    todo = []
-    for i, (item, key) in enumerate(zip(items, keys)):
-        hit = cache.get(item.path) if key is not None else None
-        if hit is not None and hit[0] == key:
-            known[i] = Hashed(item, hit[1])
-        else:
-            todo.append(i)
-    n_cached = len(cache)
-    del cache
+    cached, n_cached = ([None] * len(items), 0) if getattr(cfg, "rehash", False) else \
+        statcache.lookup(writer.group, items, keys)
+    todo = [i for i, sha in enumerate(cached) if sha is None]
     bar = tqdm(total=len(todo), desc=f"hash {writer.split}", unit="file", disable=not cfg.progress or not todo)
     fresh = iter(executor.hash_files([items[i] for i in todo], cfg, bar))
     bar.close()
     summary.files_hashed += len(todo)
-    summary.files_from_stat_cache += len(known)
-    hashed = [known[i] if i in known else next(fresh) for i in range(len(items))]
-    entries = {h.item.path: (key, h.sha256) for h, key in zip(hashed, keys) if key is not None and h.sha256}
-    if todo or len(entries) != n_cached:  # an unchanged listing, all from the cache: nothing to write
-        statcache.save(writer.group, entries)
+    summary.files_from_stat_cache += len(items) - len(todo)
+    hashed = [Hashed(item, sha) if sha is not None else next(fresh) for item, sha in zip(items, cached)]
+    del cached
+    keep = [i for i, (h, key) in enumerate(zip(hashed, keys)) if key is not None and h.sha256]
+    if todo or len(keep) != n_cached:  # an unchanged listing, all from the cache: nothing to write
+        statcache.save(writer.group, [items[i].path for i in keep], [keys[i] for i in keep],
+                       [hashed[i].sha256 for i in keep])
     return hashed
 
 

@@ -13,7 +13,7 @@ from convcache.errors import ImageError
 from convcache.imaging import DEFAULT_MAX_BYTES, decode_image, read_bytes
 
 
-@dataclass
+@dataclass(slots=True)
 class Hashed:
     item: Item
     sha256: str | None

@@ -38,36 +38,80 @@ def stat_key(item) -> str | None:
 
 
 def _digest(paths, keys, shas) -> str:
+    """SHA-256 over the NUL-joined paths, then the keys, then the hashes; fed in slabs (a million paths
+    joined at once would be a few hundred MB)."""
     h = hashlib.sha256()
-    h.update("\0".join(paths).encode("utf-8", "surrogatepass"))
-    h.update(b"\1" + "\0".join(keys).encode())
+    for tag, values in ((b"", paths), (b"\1", keys)):
+        h.update(tag)
+        for a in range(0, len(values), 65536):
+            h.update(("\0" if a else "").encode() + "\0".join(map(str, values[a : a + 65536])).encode(
+                "utf-8", "surrogatepass"))
     h.update(b"\1" + np.ascontiguousarray(shas, np.uint8).tobytes())
     return h.hexdigest()
 
 
-def load(group) -> dict[str, tuple[str, str]]:
-    """path -> (key, sha256 hex) from a split's cache; empty when absent, unreadable or not its digest."""
+def load_arrays(group):
+    """(paths, keys, sha256 as an n x 32 uint8 array) of a split's cache, sorted by path; None when absent,
+    unreadable or not matching its digest."""
     try:
         if GROUP not in group:
-            return {}
+            return None
         g = group[GROUP]
         paths, keys, shas = (g[name][:] for name in _NAMES)
-        paths, keys = [str(p) for p in paths], [str(k) for k in keys]
         if not (len(paths) == len(keys) == len(shas)) or g.attrs.get("sha256") != _digest(paths, keys, shas):
-            return {}
+            return None
     except Exception:  # a damaged cache is only a slower run
+        return None
+    return paths, keys, shas
+
+
+def load(group) -> dict[str, tuple[str, str]]:
+    """path -> (key, sha256 hex) from a split's cache (empty when absent or damaged)."""
+    got = load_arrays(group)
+    if got is None:
         return {}
-    return {p: (k, bytes(s).hex()) for p, k, s in zip(paths, keys, shas)}
+    return {str(p): (str(k), bytes(s).hex()) for p, k, s in zip(*got)}
 
 
-def save(group, entries: dict[str, tuple[str, str]]) -> None:
-    """Replace the split's cache with `entries` (path -> (key, sha256 hex))."""
-    paths = sorted(entries)
-    keys = [entries[p][0] for p in paths]
-    shas = np.frombuffer(b"".join(bytes.fromhex(entries[p][1]) for p in paths), np.uint8).reshape(-1, 32)
+def lookup(group, items, keys) -> tuple[list, int]:
+    """(for each item, its sha256 hex when its stat key matches the cached one, else None; the number of
+    entries cached). The items (in a split, sorted by path) and the cache (written sorted) are walked once
+    side by side: no dict of a million paths is built."""
+    got = load_arrays(group)
+    out = [None] * len(items)
+    if got is None:
+        return out, 0
+    paths, cached_keys, shas = got
+    j, n = 0, len(paths)
+    if any(a.path > b.path for a, b in zip(items, items[1:])):  # not sorted (discover's items always are)
+        index = {str(p): j for j, p in enumerate(paths)}
+        for i, (item, key) in enumerate(zip(items, keys)):
+            k = index.get(item.path)
+            if key is not None and k is not None and cached_keys[k] == key:
+                out[i] = bytes(shas[k]).hex()
+        return out, n
+    for i, (item, key) in enumerate(zip(items, keys)):
+        path = item.path
+        while j < n and paths[j] < path:
+            j += 1
+        if key is not None and j < n and paths[j] == path and cached_keys[j] == key:
+            out[i] = bytes(shas[j]).hex()
+    return out, n
+
+
+def save(group, paths: list[str], keys: list[str], shas: list[str]) -> None:
+    """Replace the split's cache with these entries (paths sorted, each with its stat key and sha256 hex)."""
+    order = None if all(a < b for a, b in zip(paths, paths[1:])) else sorted(range(len(paths)),
+                                                                           key=paths.__getitem__)
+    if order is not None:
+        paths, keys, shas = ([v[i] for i in order] for v in (paths, keys, shas))
+    sha_bytes = np.empty((len(shas), 32), np.uint8)
+    for a in range(0, len(shas), 65536):
+        part = shas[a : a + 65536]
+        sha_bytes[a : a + len(part)] = np.frombuffer(bytes.fromhex("".join(part)), np.uint8).reshape(-1, 32)
     g = group[GROUP] if GROUP in group else group.create_group(GROUP)
     g.update_attributes({"sha256": None, "rows": len(paths)})  # invalid until the arrays and the digest are in
-    for name, values in zip(_NAMES, (paths, keys, shas)):
+    for name, values in zip(_NAMES, (paths, keys, sha_bytes)):
         if name in g:
             arr = g[name]
         elif name == "sha256":
@@ -77,4 +121,4 @@ def save(group, entries: dict[str, tuple[str, str]]) -> None:
         arr.resize((len(paths), *arr.shape[1:]))
         if len(paths):
             arr[:] = values if name == "sha256" else np.array(values, dtype=object)
-    g.update_attributes({"sha256": _digest(paths, keys, shas), "rows": len(paths)})
+    g.update_attributes({"sha256": _digest(paths, keys, sha_bytes), "rows": len(paths)})

@@ -40,6 +40,34 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
 
 
+class Committed:
+    """A split's committed rows, as the planner asks about them: for a content hash, which copies are there
+    (a bitmask) and its image index. Rows sorted by hash once; lookups are vectorised binary searches."""
+
+    def __init__(self, sha256: np.ndarray, copy: np.ndarray, image: np.ndarray):
+        keys = np.ascontiguousarray(sha256, np.uint8).reshape(-1, 32).view("V32").ravel()
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.copy, self.image = keys[order], np.asarray(copy)[order], np.asarray(image)[order]
+        self.next_image = int(np.max(image)) + 1 if len(image) else 0
+
+    def lookup(self, shas: list[str]) -> tuple[list[int], list[int | None]]:
+        """For each sha256 (hex): the committed copies as bits (sum of 1 << copy), and its image index (None
+        for content the split does not hold)."""
+        masks, images = [0] * len(shas), [None] * len(shas)
+        if not len(self.keys) or not shas:
+            return masks, images
+        for a in range(0, len(shas), 1 << 16):
+            part = shas[a : a + (1 << 16)]
+            q = np.frombuffer(bytes.fromhex("".join(part)), np.uint8).reshape(-1, 32).view("V32").ravel()
+            lo, hi = np.searchsorted(self.keys, q, "left"), np.searchsorted(self.keys, q, "right")
+            for i in np.flatnonzero(hi > lo).tolist():
+                mask = 0
+                for c in self.copy[lo[i] : hi[i]].tolist():
+                    mask |= 1 << c
+                masks[a + i], images[a + i] = mask, int(self.image[lo[i]])
+        return masks, images
+
+
 class SplitWriter:
     def __init__(self, root: zarr.Group, split: str, identity: dict, provenance: dict, feature_shape: tuple,
                  dtype: str, chunk_rows: int | None = None, repair: bool = False, guard=None, name: str = "the store"):
@@ -131,7 +159,7 @@ class SplitWriter:
                 f"the store's '{self.split}' split was written with a different {', '.join(diff)}; "
                 "refusing to mix them. Write to a new store (-o OTHER.zarr).")
 
-    def begin_run(self, ignored: dict | None = None) -> tuple[set, dict]:
+    def begin_run(self, ignored: dict | None = None) -> Committed:
         """Start a run on this split: files are retried on every run, so the skipped list starts afresh
         with the entries discovery could not use (FIFOs, loops, ...). Returns `existing()`."""
         self.skipped = {}
@@ -139,13 +167,10 @@ class SplitWriter:
             self.skip(path, reason)
         return self.existing()
 
-    def existing(self) -> tuple[set, dict]:
-        """The (sha256, copy) keys already committed, and each committed image's index."""
+    def existing(self) -> Committed:
+        """What is committed, as `Committed` (numpy columns: a few dozen bytes a row, no dict per image)."""
         n = self.committed
-        shas = [bytes(r).hex() for r in self.arrays["sha256"][:n]] if n else []
-        copies = self.arrays["copy"][:n].tolist() if n else []
-        images = self.arrays["image"][:n].tolist() if n else []
-        return set(zip(shas, copies)), dict(zip(shas, images))
+        return Committed(self.arrays["sha256"][:n], self.arrays["copy"][:n], self.arrays["image"][:n])
 
     def _resize(self, rows: int) -> None:
         for arr in self.arrays.values():
