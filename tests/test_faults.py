@@ -1,6 +1,7 @@
 """Fault injection on extract (was bench/stress_faults.py): `kill -9` at random points of a real `convcache
-extract` process, each resumed to completion and compared bitwise with an uninterrupted run (features,
-labels, image ids, copies, hashes, paths) and verified by its block digests. CONVCACHE_FAULT_KILLS sets the
+extract` process, each resumed to completion (its hashes from the stat cache the killed run wrote) and
+compared bitwise with an uninterrupted run (features, labels, image ids, copies, hashes, paths) and
+verified by its block digests. CONVCACHE_FAULT_KILLS sets the
 number of kill points (default 5; the stress run in docs/benchmarks.md used 20)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -36,12 +38,14 @@ def _same(a, b) -> bool:
 def test_kill_9_at_random_points_resumes_bitwise(extractor, tmp_path):
     rng = random.Random(0)
     data = make_dataset(tmp_path / "d", splits={"train": 12, "validation": 4})
+    for f in data.rglob("*.jpg"):  # settled files: the resumed runs take their hashes from the stat cache
+        os.utime(f, (1_600_000_000, 1_600_000_000))
     cmd = [sys.executable, "-m", "convcache", "extract", "--model", str(extractor), "--data", str(data),
            "--augment", "3", "--batch-size", "2", "--chunk-rows", "4", "--quiet", "-o"]
     t0 = time.perf_counter()
     subprocess.run([*cmd, str(tmp_path / "clean.zarr")], check=True, capture_output=True)
     clean_s = time.perf_counter() - t0
-    mid_run = 0
+    mid_run = cached_runs = 0
     for k in range(int(os.environ.get("CONVCACHE_FAULT_KILLS", "5"))):
         store = tmp_path / f"k{k}.zarr"
         proc = subprocess.Popen([*cmd, str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -53,10 +57,12 @@ def test_kill_9_at_random_points_resumes_bitwise(extractor, tmp_path):
         committed = json.loads(meta.read_text())["attributes"]["committed_rows"] if meta.exists() else 0
         r = subprocess.run([*cmd, str(store)], capture_output=True, text=True)
         assert r.returncode == 0, f"kill {k} ({committed} rows committed): {r.stderr[-300:]}"
+        cached_runs += int(re.search(r"(\d+) unchanged \(stat cache", r.stdout).group(1)) >= 24  # train's
         assert _same(store, tmp_path / "clean.zarr"), f"kill {k} ({committed} rows committed): not bitwise equal"
         fs = FeatureStore(store)
         assert not any(fs.verify(s)[0] for s in fs.splits)
     assert mid_run >= 1, "no kill landed while the run was in flight"
+    assert cached_runs >= 1, "no resumed run took its hashes from the stat cache"
 
 
 def test_ctrl_c_keeps_committed_rows_says_so_and_the_same_command_resumes(pooled_extractor, tmp_path):
