@@ -439,3 +439,33 @@ def test_open_inference_protocol_with_the_real_tritonclient(oip_server, fused_mo
 def test_the_predictor_names_its_answer_as_the_service_does(fused_model):
     p = Predictor(fused_model).predict(jpeg(7))
     assert p.to_dict()["class"] == p.class_ == p.label and set(p.probabilities) == set(Predictor(fused_model).classes)
+
+
+def test_open_inference_protocol_with_kserves_own_client(oip_server, fused_model):
+    """Issue 21, item 1: KServe's InferenceRESTClient (protocol v2) against the service: health, model
+    readiness, and inference with JSON and binary tensors, equal to Predictor within 1e-5."""
+    kserve = pytest.importorskip("kserve")
+
+    x = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    expected = Predictor(fused_model).run_pixels(x.astype(np.uint8))[0]
+
+    async def session():
+        client = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2", retries=1))
+        try:
+            url = oip_server.url
+            assert await client.is_server_live(url) and await client.is_server_ready(url)
+            assert await client.is_model_ready(url, "cats_dogs")
+            got = []
+            for binary in (False, True):
+                tensor = kserve.InferInput("images", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x, binary_data=binary)
+                answer = await client.infer(url, kserve.InferRequest(model_name="cats_dogs", infer_inputs=[tensor]),
+                                            model_name="cats_dogs")
+                assert answer.outputs[0].name == "probabilities" and answer.outputs[0].datatype == "FP32"
+                got.append(answer.outputs[0].as_numpy())
+            return got
+        finally:
+            await client.close()
+
+    for probabilities in asyncio.run(session()):
+        assert np.abs(probabilities - expected).max() < 1e-5
