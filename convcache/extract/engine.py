@@ -48,7 +48,8 @@ from convcache.integrity import block_digest
 from convcache.onnxmeta import load_model
 from convcache.runtime import create_session
 
-COMMIT_SECONDS = 1.0  # the local executor commits at least this often (a Dask task still fills whole chunks)
+COMMIT_ROWS = 64  # the local executor's blocks (its pipeline's unit, and a block digest each)
+COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full or this long has passed
 
 
 @dataclass(frozen=True)
@@ -186,16 +187,14 @@ def copy_major(plan: list[Planned]) -> Iterator[tuple[Planned, int]]:
 
 
 def cut_blocks(split: str, usable: Iterable[Planned], next_image: int, start: int,
-               block_rows: int, max_seconds: float | None = None) -> Iterator[Block]:
-    """The usable images' rows as blocks cut at multiples of `block_rows` (a multiple of the chunk size),
-    so every block covers whole chunks except where the split begins or ends mid-chunk, or where a block
-    has been filling for `max_seconds` (the local executor's bound on the work an interrupt can lose: the
-    next block ends at the same boundary). New images get indices in plan order. Blocks are cut as they
-    are pulled: nothing holds every row of a large split."""
+               block_rows: int) -> Iterator[Block]:
+    """The usable images' rows as blocks cut at multiples of `block_rows` (a multiple of the chunk size for
+    Dask, so a task writes whole chunks; 64 rows for the local executor, which writes several blocks at
+    once). New images get indices in plan order. Blocks are cut as they are pulled: nothing holds every
+    row of a large split."""
     image_index: dict[str, int] = {}  # new images' indices, from `next_image` on, as they first appear
     rows, pixels, a = [], [], start
     end = (start // block_rows + 1) * block_rows
-    began = time.monotonic()
     for p in usable:
         image = p.image
         if image is None:
@@ -209,11 +208,6 @@ def cut_blocks(split: str, usable: Iterable[Planned], next_image: int, start: in
             if a + len(rows) == end:
                 yield _block(split, a, rows, pixels)
                 rows, pixels, a, end = [], [], end, end + block_rows
-                began = time.monotonic()
-            elif max_seconds is not None and time.monotonic() - began >= max_seconds:
-                yield _block(split, a, rows, pixels)
-                rows, pixels, a = [], [], a + len(rows)
-                began = time.monotonic()
     if rows:
         yield _block(split, a, rows, pixels)
 
@@ -351,14 +345,14 @@ class LocalExecutor:
     def preflight(self, items: list[Item], cfg) -> None:
         """Nothing to check: this process reads the images itself."""
 
-    block_seconds = COMMIT_SECONDS
+    commit_seconds = COMMIT_SECONDS
 
     def block_rows(self, writer) -> int:
-        """Whole chunks, cut sooner when a block has been filling for `block_seconds` (an interrupt keeps
-        what was done, whatever the chunk size): this process writes its blocks one after another, so a
-        block may cover part of a chunk; a chunk is rewritten at most about once a second, not once per
-        few rows."""
-        return writer.chunk_rows
+        """Small blocks (COMMIT_ROWS) through the pipeline; finished blocks are written and committed
+        together when they fill a chunk or `commit_seconds` has passed (see `run`): a chunk is rewritten
+        about once a second at most, never once per block, and an interrupt loses about a second of work
+        whatever the chunk size."""
+        return min(writer.chunk_rows, COMMIT_ROWS)
 
     def reserve(self, writer, rows: int) -> None:
         """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write_features`)."""
@@ -418,11 +412,21 @@ class LocalExecutor:
                 done.append(open_blocks.popleft())
             return done
 
-        def written(done: list[_Open]) -> Iterator[list[BlockResult]]:
-            for e in done:  # each block is committed before the next is written: the shape never runs ahead
-                writer.write_features(e.block.start, e.features)
-                yield [BlockResult(e.block.start, e.block.stop, digest(e.block.rows, e.features), e.calls,
-                                   time.perf_counter() - e.t0, self.provider, os.getpid())]
+        held: list[_Open] = []  # finished blocks not written yet
+        last = [time.monotonic()]
+
+        def written(done: list[_Open], final: bool = False) -> Iterator[list[BlockResult]]:
+            """Write the finished blocks together, and hand them to the committer (one commit), once they
+            fill a chunk or `commit_seconds` has passed: the shape never runs ahead of a commit."""
+            held.extend(done)
+            if not held or not (final or held[-1].block.stop % writer.chunk_rows == 0
+                                or time.monotonic() - last[0] >= self.commit_seconds):
+                return
+            writer.write_features(held[0].block.start, np.concatenate([e.features for e in held]))
+            yield [BlockResult(e.block.start, e.block.stop, digest(e.block.rows, e.features), e.calls,
+                               time.perf_counter() - e.t0, self.provider, os.getpid()) for e in held]
+            held.clear()
+            last[0] = time.monotonic()
 
         def flush(rows) -> list[_Open]:  # one batch infers while the one before it is collected
             nonlocal in_flight
@@ -444,6 +448,7 @@ class LocalExecutor:
         if in_flight is not None:
             done, in_flight = finish(in_flight), None
             yield from written(done)
+        yield from written([], final=True)
 
 
 def _ordered(pool, fn, jobs, window: int):
@@ -483,7 +488,7 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
     executor.reserve(writer, total)
     committer = Committer(writer)
     blocks = committer.track(cut_blocks(split, executor.usable(plan, writer, settings), committed.next_image, start,
-                                        executor.block_rows(writer), getattr(executor, "block_seconds", None)))
+                                        executor.block_rows(writer)))
     bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or not total)
     failed, providers, task_seconds, n_blocks = [], set(), [], 0
     t_run = time.perf_counter()
