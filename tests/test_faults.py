@@ -45,7 +45,7 @@ def test_kill_9_at_random_points_resumes_bitwise(extractor, tmp_path):
     t0 = time.perf_counter()
     subprocess.run([*cmd, str(tmp_path / "clean.zarr")], check=True, capture_output=True)
     clean_s = time.perf_counter() - t0
-    mid_run = cached_runs = 0
+    mid_run = 0
     for k in range(int(os.environ.get("CONVCACHE_FAULT_KILLS", "5"))):
         store = tmp_path / f"k{k}.zarr"
         proc = subprocess.Popen([*cmd, str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -57,12 +57,12 @@ def test_kill_9_at_random_points_resumes_bitwise(extractor, tmp_path):
         committed = json.loads(meta.read_text())["attributes"]["committed_rows"] if meta.exists() else 0
         r = subprocess.run([*cmd, str(store)], capture_output=True, text=True)
         assert r.returncode == 0, f"kill {k} ({committed} rows committed): {r.stderr[-300:]}"
-        cached_runs += int(re.search(r"(\d+) unchanged \(stat cache", r.stdout).group(1)) >= 24  # train's
+        if committed:  # rows were committed, so train's hashes were saved before: the resumed run reads none
+            assert int(re.search(r"(\d+) unchanged \(stat cache", r.stdout).group(1)) >= 24, r.stdout
         assert _same(store, tmp_path / "clean.zarr"), f"kill {k} ({committed} rows committed): not bitwise equal"
         fs = FeatureStore(store)
         assert not any(fs.verify(s)[0] for s in fs.splits)
     assert mid_run >= 1, "no kill landed while the run was in flight"
-    assert cached_runs >= 1, "no resumed run took its hashes from the stat cache"
 
 
 def test_ctrl_c_keeps_committed_rows_says_so_and_the_same_command_resumes(pooled_extractor, tmp_path):
