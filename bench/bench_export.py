@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from convcache.artifacts.metadata import load_model
 from convcache.backbone import keras_model, weights
 from convcache.export.quantize import cosine_report, load_calibration, split_held_out, to_int8
 from convcache.export.runner import export_extractor
-from convcache.onnxmeta import load_model
 
 
 def rate(fn, images: np.ndarray, batch: int, seconds: float) -> float:

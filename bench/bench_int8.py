@@ -40,7 +40,7 @@ def main() -> None:
     for v in args.variants:
         first, last = VARIANTS[v]
         models[v] = quantize.to_int8(fp32, calib, exclude_first_conv=first, exclude_last_conv=last)
-    from convcache.onnxtools import session
+    from convcache.artifacts.convert import session
 
     sessions = {k: session(m) for k, m in models.items()}
     x = (np.random.default_rng(0).random((32, args.size, args.size, 3)) * 255).astype(np.float32)

@@ -67,7 +67,7 @@ def build_big(src: str, dst: str, gigabytes: float) -> None:
                         v = v + t * (int(g["copy"][:n].max()) + 1)
                     o[t * n + s : t * n + e] = v
         # digests: recompute per chunk-sized block so the big store verifies like a real one
-        from convcache.integrity import block_digest, create_digest_arrays
+        from convcache.store.integrity import block_digest, create_digest_arrays
 
         arrays = create_digest_arrays(out, 0)
         chunk = out["features"].chunks[0]

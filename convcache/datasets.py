@@ -12,7 +12,7 @@ from pathlib import Path
 from convcache.errors import ConvcacheError
 
 SPLITS = ("train", "validation", "test")
-RACY_SECONDS = 2.0  # a file modified this recently gets no stat key (see convcache.extract.statcache)
+RACY_SECONDS = 2.0  # a file modified this recently gets no stat key (see convcache.store.statcache)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,7 @@ def _discover_remote(loc, bar):
 
 
 def local_key(st: os.stat_result, now_ns: int | None = None) -> str | None:
-    """A file's stat key from `os.stat`, or None when it is too recent to trust (see convcache.extract.statcache)."""
+    """A file's stat key from `os.stat`, or None when it is too recent to trust (see convcache.store.statcache)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     if st.st_mtime_ns >= now_ns - int(RACY_SECONDS * 1e9):
         return None

@@ -39,7 +39,9 @@ def run_info(args) -> int:
         return 2 if rep["problems"] else 0
     if not args.model:
         raise ConvcacheError("info needs a model or a store (or --runtime)")
-    if _is_store(args.model):
+    from convcache.store.info import is_store
+
+    if is_store(args.model):
         return _store_info(args.model, args.json)
     info = describe(args.model)
     if args.json:
@@ -60,42 +62,9 @@ def run_info(args) -> int:
     return 0
 
 
-def _is_store(path: str) -> bool:
-    from convcache.location import resolve
-
-    try:
-        loc = resolve(path, None, what="info")
-        return loc.child("zarr.json").isfile()
-    except Exception:  # not a path or URL we can look into: let `describe` say what is wrong
-        return False
-
-
-def describe_store(path: str) -> dict:
-    """A store's contents and health: per split its rows, copies, feature shape and dtype, the extractor
-    (identity, layer, preprocessing), the augmentation, the skipped files with reasons, and the result
-    of recomputing every block digest."""
-    from convcache.store import FeatureStore
-
-    fs = FeatureStore(path)
-    splits = {}
-    for split in fs.splits:
-        attrs, ext = fs.attrs(split), fs.extractor(split)
-        damage, note = fs.verify(split)
-        runs = fs.runs(split)
-        splits[split] = {
-            "rows": fs.rows(split), "copies": fs.copies_available(split),
-            "feature_shape": list(fs.feature_shape(split)), "dtype": fs.dtype(split),
-            "extractor": {"identity": ext.identity, "layer": ext.layer, "pooling": ext.pooling,
-                          "preprocess": ext.preprocess, "precision": ext.precision, "size": ext.size,
-                          "weights": ext.weights_source},
-            "augment": attrs.get("augment"), "skipped": fs.skipped(split),
-            "integrity": "intact" if not damage and not note else (note or "; ".join(str(d) for d in damage)),
-            "extract_runs": len(runs), "rows_per_second": [round(r["rows"] / r["seconds"], 1) for r in runs
-                                                            if r.get("seconds")]}
-    return {"store": str(fs.path), "format": fs.root.attrs.get("format"), "classes": fs.classes, "splits": splits}
-
-
 def _store_info(path: str, as_json: bool) -> int:
+    from convcache.store.info import describe_store
+
     info = describe_store(path)
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))

@@ -17,11 +17,6 @@ from pathlib import Path
 from convcache.errors import ConvcacheError
 
 LOCAL = ("file", "local")
-# schemes whose filesystem a store can be written to (http(s) is read-only; zip/tar are archives)
-WRITABLE = {"file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "hdfs",
-            "webhdfs"}
-_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-             "abfss": "adlfs", "adl": "adlfs", "oss": "ossfs", "http": "aiohttp", "https": "aiohttp"}
 
 
 def is_url(text) -> bool:
@@ -115,48 +110,48 @@ class Location:
     def isfile(self) -> bool:
         return Path(self.path).is_file() if self.local else self.fresh_fs().isfile(self.path)
 
-    def zarr_store(self, read_only: bool = False):
-        """A Zarr v3 store for this location (LocalStore on disk, FsspecStore elsewhere)."""
-        from zarr.storage import FsspecStore, LocalStore
-
-        if self.local:
-            return LocalStore(self.path, read_only=read_only)
-        return FsspecStore.from_url(f"{self.protocol}://{self.path}", storage_options=self.storage_options or None,
-                                    read_only=read_only)
-
     def __str__(self) -> str:
         return self.url
 
 
 def resolve(target, storage_options: dict | None = None, what: str = "path", write: bool = False) -> Location:
-    """A Location for a local path or an fsspec URL, checked before any work is done."""
+    """A Location for a local path or an fsspec URL, checked before any work is done: fsspec itself says
+    which schemes exist and which package each needs (`fsspec.core.url_to_fs`)."""
     text = os.fspath(target) if not isinstance(target, str) else target
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if not is_url(text):
         return Location(text, "file", text)
-    import fsspec
-    from fsspec.core import split_protocol
+    from fsspec.core import split_protocol, url_to_fs
 
-    protocol, path = split_protocol(text)
-    protocol = (protocol or "file").lower()
+    scheme = (split_protocol(text)[0] or "file").lower()
+    options = {**_env_options(scheme), **(storage_options or {})}
+    try:
+        fs, path = url_to_fs(text, **options)
+    except ImportError as exc:  # fsspec names the package: "Install s3fs to access S3"
+        raise ConvcacheError(f"{what} {text}: {scheme}:// needs a package that is not installed ({exc}"
+                             f"{'; or pip install convcache[s3]' if scheme in ('s3', 's3a') else ''})") from None
+    except ValueError as exc:  # "Protocol not known: foo"
+        raise ConvcacheError(f"{what} {text}: unknown scheme '{scheme}://' (use a local path or s3://, gs://, "
+                             f"az://, memory://, file://; {exc})") from None
+    except Exception as exc:  # a filesystem that checks its options or credentials when it is made
+        raise ConvcacheError(f"{what} {text}: cannot open ({exc.__class__.__name__}: {exc})") from None
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in LOCAL:
         return Location(path, "file", path)
-    if protocol not in fsspec.available_protocols():
-        raise ConvcacheError(f"{what} {text}: unknown scheme '{protocol}://' (use a local path or s3://, gs://, "
-                             "az://, memory://, file://)")
-    if write and protocol not in WRITABLE:
-        raise ConvcacheError(f"{what} {text}: '{protocol}://' cannot hold a store that is written to")
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ImportError:
-        package = _PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
-        raise ConvcacheError(f"{what} {text}: {protocol}:// needs {package} (pip install {package}"
-                             f"{' or convcache[s3]' if package == 's3fs' else ''})") from None
+    if write and not _writable(fs):
+        raise ConvcacheError(f"{what} {text}: '{scheme}://' cannot hold a store that is written to")
     if not path.strip("/"):
-        raise ConvcacheError(f"{what} {text}: a URL needs a bucket/path after {protocol}://")
-    options = {**_env_options(protocol), **(storage_options or {})}
+        raise ConvcacheError(f"{what} {text}: a URL needs a bucket/path after {scheme}://")
     return Location(text, protocol, path, options)
+
+
+def _writable(fs) -> bool:
+    """Whether a store can be written there: not a web server (no listing, no atomic writes), not an archive."""
+    from fsspec.archive import AbstractArchiveFileSystem
+    from fsspec.implementations.http import HTTPFileSystem
+
+    return not isinstance(fs, (HTTPFileSystem, AbstractArchiveFileSystem))
 
 
 def read_url(url: str, max_bytes: int, storage_options: dict | None = None) -> bytes:

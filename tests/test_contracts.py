@@ -13,10 +13,11 @@ from conftest import SIZE, make_dataset, run_cli
 from PIL import Image
 
 from convcache import artifacts
+from convcache.artifacts.metadata import graph_sha256
 from convcache.errors import ConvcacheError
 from convcache.extract.runner import ExtractConfig, run_extract
-from convcache.onnxmeta import graph_sha256
 from convcache.store import FeatureStore
+from convcache.store.layout import COLUMNS
 from convcache.train.heads import DenseHead, LogRegHead
 
 
@@ -95,12 +96,12 @@ def test_store_opens_with_xarray_and_shows_only_committed_rows(small_store):
     np.testing.assert_array_equal(ds["features"].values, fs.load("train").features)
     # plain zarr readers see array shapes equal to the commit
     root = zarr.open_group(str(small_store), mode="r")
-    assert all(root["train"][name].shape[0] == 24 for name in artifacts.STORE_COLUMNS)
+    assert all(root["train"][name].shape[0] == 24 for name in COLUMNS)
 
 
 def test_a_crash_before_commit_leaves_no_visible_rows(pooled_extractor, tmp_path, monkeypatch):
     """Blocks that were written but never committed are invisible to zarr/xarray readers."""
-    from convcache.extract import writer
+    from convcache.store import writer
 
     data = make_dataset(tmp_path / "d", splits={"train": 6})
     commits = {"n": 0}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import SIZE, make_dataset, run_cli
 
-from convcache.onnxtools import session
+from convcache.artifacts.convert import session
 from convcache.stats import accuracy_interval, seed_photo_bootstrap
 from convcache.train.heads import DenseHead
 

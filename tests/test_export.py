@@ -5,8 +5,8 @@ import pytest
 from conftest import SIZE, make_dataset, run_cli
 
 from convcache.artifacts import read
+from convcache.artifacts.metadata import get_metadata, graph_sha256, set_metadata
 from convcache.errors import ConvcacheError
-from convcache.onnxmeta import get_metadata, graph_sha256, set_metadata
 
 
 def _run(path, images):
@@ -69,7 +69,8 @@ def test_rgb_to_bgr_is_folded_into_the_first_conv():
     """The Tensordot the converter makes of the RGB->BGR matmul is gone: the graph starts
     Sub(mean) -> Transpose -> Conv, and still equals Keras at saturated borders (mean subtracted
     before the Conv pads), on pure-colour images where a wrong channel order shows."""
-    from convcache import onnxtools
+    from convcache.artifacts import compose as onnxcompose
+    from convcache.artifacts import convert as onnxtools
     from convcache.backbone import keras_model, weights
     from convcache.export import onnx_target
 
@@ -90,7 +91,7 @@ def test_rgb_to_bgr_is_folded_into_the_first_conv():
     assert any(n.op_type == "MatMul" for n in raw.graph.node)
     np.testing.assert_allclose(onnxtools.session(raw).run(None, {"images": images})[0], got,
                                atol=1e-5 * np.abs(reference).max())
-    assert not onnxtools.fold_channel_permutation(proto)
+    assert not onnxcompose.fold_channel_permutation(proto)
 
 
 def test_parity_failure_is_detected():

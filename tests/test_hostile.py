@@ -267,8 +267,8 @@ def test_a_store_from_before_block_digests_is_extended(extractor, tmp_path):
     store = tmp_path / "f.zarr"
     run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), progress=False))
     for split in ("train", "validation"):  # make it look like a store written before digests existed
-        for name in ("block_start", "block_sha256"):
-            shutil.rmtree(store / split / name)
+        for name in ("block_start", "block_sha256", "block_keys_sha256"):
+            shutil.rmtree(store / split / "bookkeeping" / name)
         group = zarr.open_group(str(store / split), mode="a", use_consolidated=False)
         group.attrs.pop("seal")  # (seals came after digests)
     zarr.consolidate_metadata(str(store))
@@ -313,7 +313,7 @@ def test_a_split_created_only_in_part_is_created_again(extractor, tmp_path):
     m = json.loads(meta.read_text())
     m["attributes"]["committed_rows"] = 0
     meta.write_text(json.dumps(m))
-    for name in ("label", "image", "copy", "sha256", "path", "block_start", "block_sha256"):
+    for name in ("label", "image", "copy", "sha256", "path", "bookkeeping"):
         shutil.rmtree(store / "validation" / name)
     s = run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), progress=False))
     assert s.rows_written == 4 and FeatureStore(store).verify("validation")[0] == []
@@ -327,7 +327,7 @@ def test_a_malformed_lease_is_taken_over_not_a_traceback(content):
     treated as expired and taken over in one warning, never a traceback or a store stuck as contended."""
     import fsspec
 
-    from convcache.extract.locking import writer_lock
+    from convcache.store.lease import writer_lock
 
     url = f"memory://lease-{abs(hash(content))}/f.zarr"
     fsspec.filesystem("memory").pipe_file(url.removeprefix("memory://") + ".lock", content)

@@ -12,9 +12,8 @@ import pytest
 from conftest import make_dataset, run_cli
 from PIL import Image
 
-from convcache.extract import statcache
 from convcache.extract.runner import ExtractConfig, run_extract
-from convcache.store import FeatureStore
+from convcache.store import FeatureStore, statcache
 
 PAST = 1_600_000_000
 
@@ -153,7 +152,7 @@ def test_a_damaged_stat_cache_is_ignored_never_trusted(extractor, tmp_path):
     _extract(extractor, data, store)
     import zarr
 
-    g = zarr.open_group(str(store), path="train/stat_cache", mode="r+", use_consolidated=False)
+    g = zarr.open_group(str(store), path="train/bookkeeping/stat_cache", mode="r+", use_consolidated=False)
     shas = g["sha256"][:]
     g["sha256"][:] = shas[::-1]  # hashes swapped between files: the digest no longer matches
     s = _extract(extractor, data, store)
@@ -179,7 +178,7 @@ def test_skipped_files_and_runs_live_outside_the_attributes_and_old_stores_still
     old = tmp_path / "old.zarr"
     shutil.copytree(store, old)
     for name in ("skipped_path", "skipped_reason", "run_log"):
-        shutil.rmtree(old / "train" / name)
+        shutil.rmtree(old / "train" / "bookkeeping" / name)
     meta = json.loads((old / "train" / "zarr.json").read_text())
     meta["attributes"]["skipped"] = {"somewhere/old.jpg": "not an image"}
     meta["attributes"]["runs"] = [{"rows": 6, "seconds": 1.0}]

@@ -369,7 +369,7 @@ def test_a_writer_that_lost_its_lease_stops_before_committing(bucket):
     import s3fs
 
     from convcache.errors import ConvcacheError
-    from convcache.extract.locking import writer_lock
+    from convcache.store.lease import writer_lock
 
     fs = s3fs.S3FileSystem()
     with pytest.raises(ConvcacheError, match="lost the writer lease"):
@@ -437,8 +437,8 @@ def test_a_renewal_never_overwrites_another_writers_lease(bucket):
     another writer's takeover (simulated: the read says "ours"), the PUT is refused and the lease is lost."""
     import s3fs
 
-    from convcache.extract.locking import Lease
     from convcache.location import resolve
+    from convcache.store.lease import Lease
 
     lease = Lease(resolve(f"s3://{bucket}/x.zarr").sibling(".lock"), "x", 30)
     lease.acquire()

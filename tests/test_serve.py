@@ -302,9 +302,9 @@ def test_int8_extractor_end_to_end(pooled_extractor, tmp_path):
     import onnx
     from conftest import SIZE, make_dataset
 
+    from convcache.artifacts.convert import session
     from convcache.export.runner import export_extractor
     from convcache.extract.runner import ExtractConfig, run_extract
-    from convcache.onnxtools import session
     from convcache.runtime import openvino_version
     from convcache.store import FeatureStore
     from convcache.train.fuse import fuse

@@ -114,3 +114,62 @@ def test_the_readme_layout_names_every_module_and_package():
         missing += [f"{package}{m.stem}" for m in (ROOT / package).glob("*.py")
                     if m.stem != "__init__" and m.stem not in text]
     assert not missing, f"README layout misses: {', '.join(sorted(missing))}"
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Top-level names of every package a file imports (anywhere in it)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_store_package_touches_zarr():
+    """One owner of the storage format (as xarray's backends/zarr.py): everything else goes through
+    `convcache.store`."""
+    bad = sorted(str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py")
+                 if "zarr" in _imports_of(p) and p.relative_to(ROOT).parts[0] != "store")
+    assert not bad, f"import zarr outside convcache/store/: {', '.join(bad)}"
+
+
+def test_only_artifacts_touches_onnx_metadata():
+    """Every model artifact's contract is written and read in `convcache.artifacts`."""
+    bad = sorted(str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py")
+                 if "metadata_props" in p.read_text() and p.relative_to(ROOT).parts[0] != "artifacts")
+    assert not bad, f"metadata_props outside convcache/artifacts/: {', '.join(bad)}"
+    assert not (ROOT / "onnxmeta.py").exists() and not (ROOT / "onnxtools.py").exists()
+
+
+def _edits_sys_path(path: Path) -> bool:
+    """Whether a file calls sys.path.insert / append / extend (or assigns sys.path)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        target = node.func if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+        if target is not None and target.attr in ("insert", "append", "extend"):
+            target = target.value
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            target = (node.targets[0] if isinstance(node, ast.Assign) else node.target)
+        else:
+            continue
+        if isinstance(target, ast.Attribute) and target.attr == "path" and getattr(target.value, "id", None) == "sys":
+            return True
+    return False
+
+
+def test_nothing_edits_sys_path():
+    """Experiments and tests import the installed package, never a path spliced in by hand."""
+    top = ROOT.parent
+    files = [*top.glob("convcache/**/*.py"), *top.glob("experiments/**/*.py"), *top.glob("tests/**/*.py")]
+    bad = sorted(str(p.relative_to(top)) for p in files if _edits_sys_path(p))
+    assert not bad, f"sys.path edited in: {', '.join(bad)}"
+
+
+def test_the_structure_checks_can_fail(tmp_path):
+    """The checks above find what they look for (on files made to break them)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys\nimport zarr.storage\nsys.path.insert(0, 'x')\n")
+    assert "zarr" in _imports_of(bad) and _edits_sys_path(bad)
+    (tmp_path / "ok.py").write_text("import sys\nprint(sys.path[0])\nfrom zarrlike import x\n")
+    assert "zarr" not in _imports_of(tmp_path / "ok.py") and not _edits_sys_path(tmp_path / "ok.py")

@@ -192,7 +192,7 @@ def test_linear_heads_export_default_domain_ops_only(head, n_classes):
     """No ai.onnx.ml ops (OpenVINO and TensorRT have none): MatMul/Add/Sigmoid/Softmax, same probabilities."""
     from sklearn.datasets import make_classification
 
-    from convcache.onnxtools import session
+    from convcache.artifacts.convert import session
     from convcache.train.heads import HEADS
 
     X, y = make_classification(n_samples=300, n_features=20, n_informative=8, n_classes=n_classes, random_state=1)
@@ -230,8 +230,8 @@ def test_a_changed_head_or_fused_model_is_refused(pooled_extractor, fused_model,
     import onnx
     from onnx import numpy_helper
 
+    from convcache.artifacts.metadata import get_metadata, set_metadata
     from convcache.errors import ConvcacheError
-    from convcache.onnxmeta import get_metadata, set_metadata
     from convcache.serve import Predictor
     from convcache.train.fuse import fuse
 

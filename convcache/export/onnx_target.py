@@ -9,9 +9,11 @@ from datetime import datetime, timezone
 import numpy as np
 import onnx
 
-from convcache import __version__, onnxtools
+from convcache import __version__
 from convcache.artifacts import FEATURES as OUTPUT_NAME
 from convcache.artifacts import IMAGES as INPUT_NAME
+from convcache.artifacts import compose as onnxcompose
+from convcache.artifacts import convert as onnxtools
 from convcache.tfquiet import import_keras
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True) -> onnx.Mod
     in the converted graph) folded into block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv."""
     size = model.input_shape[1]
     proto = onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), OUTPUT_NAME, opset)
-    if fold_bgr and not onnxtools.fold_channel_permutation(proto):
+    if fold_bgr and not onnxcompose.fold_channel_permutation(proto):
         log.warning("the RGB->BGR permutation was not found in the converted graph; left unfolded")
     return proto
 

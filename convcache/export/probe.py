@@ -48,7 +48,7 @@ def labelled_images(folder: str, size: int, limit: int) -> tuple[np.ndarray, np.
 
 
 def features(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
-    from convcache.onnxtools import session
+    from convcache.artifacts.convert import session
 
     s = session(proto)
     name = s.get_inputs()[0].name

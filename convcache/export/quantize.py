@@ -84,7 +84,7 @@ def to_int8(proto: onnx.ModelProto, calibration: np.ndarray, per_channel: bool =
 
 
 def cosine_report(fp32: onnx.ModelProto, quantized: onnx.ModelProto, images: np.ndarray) -> dict:
-    from convcache.onnxtools import session
+    from convcache.artifacts.convert import session
 
     def run(p):
         s = session(p)

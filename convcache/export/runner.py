@@ -124,20 +124,13 @@ def run_export(cfg: ExportConfig) -> dict:
     if precision != "fp32":
         onnx.checker.check_model(proto, full_check=True)
 
-    out_shape = [None, *(int(d) for d in model.output_shape[1:])]
-    meta.update({
-        "weights": {"source": weights_source, "sha256": weights.weights_sha256(base),
-                    **({"seed": seed} if weights_source == "random" else {})},
-        "input": {"name": artifacts.IMAGES, "layout": "NHWC", "dtype": "float32",
-                  "size": input_size, "pixels": "RGB, 0-255"},
-        "preprocess": cfg.preprocess,
-        "preprocessing": keras_model.PREPROCESSINGS[cfg.preprocess],
-        "output": {"name": artifacts.FEATURES, "shape": out_shape},
-        "layer": layer or base.layers[-1].name,
-        "pooling": pooling,
-        "versions": onnx_target.library_versions(),
-        "created": onnx_target.now_iso(),
-    })
-    meta = artifacts.write_metadata(proto, artifacts.KIND_EXTRACTOR, meta)
+    contract = artifacts.Extractor(
+        size=input_size, feature_shape=tuple(int(d) for d in model.output_shape[1:]),
+        layer=layer or base.layers[-1].name, pooling=pooling, precision=precision, preprocess=cfg.preprocess,
+        weights_source=weights_source, weights_sha256=weights.weights_sha256(base), weights_seed=seed, opset=opset,
+        input_name=artifacts.IMAGES, output_name=artifacts.FEATURES,
+        provenance={**meta, "preprocessing": keras_model.PREPROCESSINGS[cfg.preprocess],
+                    "versions": onnx_target.library_versions(), "created": onnx_target.now_iso()})
+    meta = contract.write(proto).metadata
     artifacts.save_model(proto, output)  # never leaves a half-written model under the real name
     return meta

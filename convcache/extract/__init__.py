@@ -1,8 +1,8 @@
 """Extract stage: features of originals and augmented copies into a resumable Zarr cache.
 
-Layout follows clip-retrieval: reader (what to read) -> mapper (decode, augment) -> writer (Zarr)
--> runner (the loop with inference). The store's read side, `FeatureStore`, lives in
-`convcache.store` (shared by the stages that read stores); it is re-exported here for convenience.
+Layout follows clip-retrieval: reader (`datasets`: what to read) -> mapper (decode, augment) -> engine (plan,
+blocks, executors, inference) -> the store's writer (`convcache.store`, which alone touches Zarr) -> runner
+(the configuration and the run). The store's read side, `FeatureStore`, is re-exported here for convenience.
 """
 
 from convcache.store import FeatureStore, SplitData

@@ -74,17 +74,10 @@ def _policy(text: str | None):
 
 
 def verify(output: str, storage_options: dict | None = None) -> int:
-    from convcache.store import FeatureStore
+    from convcache.store.info import verify_store
 
-    store = FeatureStore(output, storage_options)
-    damaged = 0
-    for split in store.splits:
-        damage, note = store.verify(split)
-        damaged += len(damage)
-        status = note or ("intact" if not damage else "DAMAGED")
-        print(f"{split}: {store.rows(split)} committed rows, {status}")
-        for d in damage:
-            print(f"  {d}")
+    lines, damaged = verify_store(output, storage_options)
+    print("\n".join(lines))
     if damaged:
         print(f"repair with: convcache extract --repair --model MODEL --data DATA -o {output}")
     return 2 if damaged else 0
@@ -127,11 +120,6 @@ def run(args) -> int:
 
 
 def _committed(output: str, options: dict) -> str:
-    """What an interrupted run kept: committed rows per split."""
-    from convcache.store import FeatureStore
+    from convcache.store.info import committed_summary
 
-    try:
-        fs = FeatureStore(output, options)
-        return "interrupted: " + ", ".join(f"{fs.rows(s)} rows committed in '{s}'" for s in fs.splits)
-    except Exception:  # nothing committed yet (no store), or unreadable
-        return "interrupted before any row was committed"
+    return committed_summary(output, options)

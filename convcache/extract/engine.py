@@ -6,7 +6,7 @@ the same life on every executor:
     rows -> decode + augment -> infer -> write its feature chunks -> digest -> commit (in row order)
 
 1. `plan_rows` (where the store is written): hash every file (a file whose stat key matches the split's
-   stat cache is not read: `convcache.extract.statcache`), record what cannot be used (unreadable, the
+   stat cache is not read: `convcache.store.statcache`), record what cannot be used (unreadable, the
    same bytes under two labels) and the duplicates, and list the copies each image still needs.
 2. `cut_blocks`: give the rows of the images that decode their positions and image indices, **copy by
    copy** (every image's copy 0 in plan order, then every copy 1, ...: "copies 0..K" is a contiguous
@@ -41,12 +41,11 @@ import numpy as np
 from convcache import artifacts
 from convcache.augment import AugmentPolicy
 from convcache.datasets import Item
-from convcache.extract import statcache
 from convcache.extract.mapper import Hashed, decode_copies, hash_file
 from convcache.imaging import printable_path
-from convcache.integrity import block_digest
-from convcache.onnxmeta import load_model
 from convcache.runtime import create_session
+from convcache.store import FeatureSink, statcache
+from convcache.store.integrity import block_digest
 
 COMMIT_ROWS = 64  # the local executor's blocks (its pipeline's unit, and a block digest each)
 COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full or this long has passed
@@ -93,9 +92,10 @@ class Block:
 
 @dataclass(frozen=True)
 class BlockSettings:
-    """What every block of one split needs besides its rows (it travels with each Dask task)."""
+    """What every block of one split needs besides its rows (it travels with each Dask task): `sink` is where
+    its features are written (the split's writer reserved the rows)."""
 
-    store: str
+    sink: FeatureSink
     split: str
     size: int
     input_name: str
@@ -134,7 +134,7 @@ class ExtractorSession:
     """An extractor's contract (`artifacts.Extractor`) and an inference session for it, on this process."""
 
     def __init__(self, path: str, device: str, threads: int | None = None):
-        self.contract = artifacts.Extractor.from_proto(load_model(path), str(path))
+        self.contract = artifacts.read(path, artifacts.KIND_EXTRACTOR)
         self.session = create_session(path, device, threads)
         self.provider = self.session.get_providers()[0]
         self.calls = 0
@@ -262,15 +262,9 @@ def infer(run, pixels: list, s: BlockSettings) -> tuple[np.ndarray, int]:
 def run_block(session, block: Block, s: BlockSettings) -> BlockResult:
     """Decode, augment and infer one block, write its feature chunks into the store, return its digest.
     Idempotent: a rerun writes the same bytes to the same chunks."""
-    import zarr
-
-    from convcache.location import resolve
-
     t0 = time.perf_counter()
     features, calls = infer(lambda x: session.run([s.output_name], {s.input_name: x})[0], decode_block(block, s), s)
-    array = zarr.open_array(store=resolve(s.store, s.storage_options).zarr_store(), path=f"{s.split}/features",
-                            mode="r+")
-    array[block.start : block.stop] = features
+    s.sink.write(block.start, features)
     return BlockResult(block.start, block.stop, digest(block.rows, features), calls, time.perf_counter() - t0,
                        session.get_providers()[0], os.getpid())
 
@@ -355,7 +349,7 @@ class LocalExecutor:
         return min(writer.chunk_rows, COMMIT_ROWS)
 
     def reserve(self, writer, rows: int) -> None:
-        """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write_features`)."""
+        """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write`)."""
 
     def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
         jobs = ((item, cfg.max_bytes, cfg.storage_options) for item in items)
@@ -422,7 +416,7 @@ class LocalExecutor:
             if not held or not (final or held[-1].block.stop % writer.chunk_rows == 0
                                 or time.monotonic() - last[0] >= self.commit_seconds):
                 return
-            writer.write_features(held[0].block.start, np.concatenate([e.features for e in held]))
+            writer.write(held[0].block.start, np.concatenate([e.features for e in held]))
             yield [BlockResult(e.block.start, e.block.stop, digest(e.block.rows, e.features), e.calls,
                                time.perf_counter() - e.t0, self.provider, os.getpid()) for e in held]
             held.clear()
@@ -480,7 +474,7 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
     plan = plan_rows(hashed, copies, committed, writer, summary)
     del hashed
     summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
-    settings = BlockSettings(store=cfg.output, split=split, size=contract.size, input_name=contract.input_name,
+    settings = BlockSettings(sink=writer.sink(), split=split, size=contract.size, input_name=contract.input_name,
                              output_name=contract.output_name, policy=cfg.policy, seed=cfg.seed,
                              max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, batch_size=cfg.batch_size,
                              dtype=cfg.dtype, storage_options=dict(cfg.storage_options))

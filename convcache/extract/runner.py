@@ -10,19 +10,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-import zarr
 
 from convcache import __version__, artifacts
 from convcache.augment import AugmentPolicy
 from convcache.datasets import discover_all
 from convcache.errors import ConvcacheError
 from convcache.extract.engine import ExtractorSession, LocalExecutor, extract_split
-from convcache.extract.locking import writer_lock
-from convcache.extract.writer import SplitWriter
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
-from convcache.onnxmeta import load_model
-from convcache.store import open_root
+from convcache.store import SplitSpec, SplitWriter, open_root, writer_lock
+from convcache.store.layout import zarr_version
 
 log = logging.getLogger(__name__)
 REMOTE_CONSOLIDATE_SECONDS = 5.0  # object storage: the consolidated snapshot is refreshed at most this often
@@ -102,7 +99,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     start = time.perf_counter()
     distributed = bool(cfg.scheduler or cfg.cluster)
     if distributed:  # the client needs the model's contract and bytes, not a session
-        proto = load_model(cfg.model)
+        proto = artifacts.load_model(cfg.model)
         contract = artifacts.Extractor.from_proto(proto, str(cfg.model))
     else:
         session = ExtractorSession(cfg.model, cfg.device, cfg.threads)
@@ -152,8 +149,8 @@ def split_writers(cfg: ExtractConfig, contract, items, classes, ignored, guard=N
     identity, provenance = store_identity(cfg, contract, classes)
     for split in sorted({i.split for i in items}):
         copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
-        writer = SplitWriter(root, split, identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows,
-                             repair=cfg.repair, guard=guard, name=cfg.output)
+        spec = SplitSpec(identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows)
+        writer = SplitWriter(root, split, spec, cfg.output, cfg.storage_options, repair=cfg.repair, guard=guard)
         if is_url(cfg.output):  # each refresh is a GET per array and a PUT: at most every few seconds
             writer.consolidate_seconds = REMOTE_CONSOLIDATE_SECONDS
         yield split, [i for i in items if i.split == split], copies, writer, {p: r for p, sp, r in ignored
@@ -164,7 +161,7 @@ def _versions() -> dict:
     import onnxruntime
 
     return {"convcache": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "zarr": zarr.__version__, "numpy": np.__version__}
+            "zarr": zarr_version(), "numpy": np.__version__}
 
 
 def _now() -> str:

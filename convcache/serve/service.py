@@ -42,7 +42,7 @@ class InferenceService:
         self.decoding = 0  # images being decoded now (they count against the queue bound)
         self.ready = False
         self.name = config.name or Path(config.model).stem  # the model's name on the Open Inference Protocol
-        self.n_features = int(np.prod(self.predictor.contract.metadata["outputs"]["features"][1:]))
+        self.n_features = int(np.prod(self.predictor.contract.feature_shape))
 
     @property
     def model_id(self) -> str:
@@ -101,8 +101,8 @@ class InferenceService:
 
     def model_info(self) -> dict:
         p = self.predictor
-        ext = p.metadata.get("extractor", {})
+        ext = p.contract.extractor
         return {"model": p.model_id, "provider": p.provider, "classes": p.classes, "input_size": p.size,
-                "head": p.metadata.get("head"),
+                "head": p.contract.head or None,
                 "extractor": {k: ext.get(k) for k in ("sha256", "layer", "pooling", "precision")}
                 | {"weights": (ext.get("weights") or {}).get("source")}}

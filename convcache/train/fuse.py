@@ -6,14 +6,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from convcache import artifacts
+from convcache.artifacts.compose import join
 from convcache.errors import ConvcacheError
-from convcache.onnxmeta import load_model
-from convcache.onnxtools import join
 
 
 def fuse(extractor_path: str, head_dir: str, output: str) -> dict:
     head_path = Path(head_dir) / "head.onnx" if Path(head_dir).is_dir() else Path(head_dir)
-    extractor_proto, head_proto = load_model(extractor_path), load_model(head_path)
+    extractor_proto, head_proto = artifacts.load_model(extractor_path), artifacts.load_model(head_path)
     ext = artifacts.Extractor.from_proto(extractor_proto, str(extractor_path))
     head = artifacts.Head.from_proto(head_proto, str(head_path))
     if head.extractor_identity != ext.identity:
@@ -22,15 +21,6 @@ def fuse(extractor_path: str, head_dir: str, output: str) -> dict:
     if head.n_features != ext.n_features:
         raise ConvcacheError(f"the head takes {head.n_features} features, the extractor gives {ext.n_features}")
     model = join(extractor_proto, head_proto, ext.output_name, head.input_name, head.output_name)
-    meta = {"classes": list(head.classes), "head": head.head,
-            "input": ext.metadata["input"], "preprocessing": ext.metadata.get("preprocessing"),
-            "preprocess": ext.preprocess,
-            "outputs": {artifacts.PROBABILITIES: [None, len(head.classes)],
-                        artifacts.FEATURES: ext.metadata["output"]["shape"]},
-            "extractor": {k: ext.metadata.get(k) for k in ("weights", "layer", "pooling", "precision", "versions",
-                                                           "created", "opset")} | {"sha256": ext.identity},
-            "head_provenance": {**head.metadata.get("provenance", {}), "sha256": head.identity},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    meta = artifacts.write_metadata(model, artifacts.KIND_FUSED, meta)
+    fused = artifacts.Fused.of(ext, head, datetime.now(timezone.utc).isoformat(timespec="seconds")).write(model)
     artifacts.save_model(model, output)
-    return meta
+    return fused.metadata

@@ -15,8 +15,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
+from convcache.artifacts.convert import DEFAULT_OPSET, dense_to_onnx, linear_to_onnx
 from convcache.errors import ConvcacheError
-from convcache.onnxtools import DEFAULT_OPSET, dense_to_onnx, linear_to_onnx
 from convcache.protocol import (
     BOOK_BATCH_SIZE,
     BOOK_DROPOUT,
@@ -420,7 +420,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 "history": self.history_}
 
     def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-        """features -> probabilities, written from the trained weights (`onnxtools.dense_to_onnx`)."""
+        """features -> probabilities, written from the trained weights (`convcache.artifacts.convert.dense_to_onnx`)."""
         check_is_fitted(self, "model_")
         kernel, bias, w2, b2 = (np.asarray(w, np.float64) for w in self.model_.get_weights())
         if self.standardize:  # fold (x - mean) / scale into the first Dense layer: the head takes raw features

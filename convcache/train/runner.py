@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 
 from convcache import artifacts
+from convcache.artifacts.convert import check_parity
 from convcache.errors import ConvcacheError
-from convcache.onnxtools import check_parity
 from convcache.store import FeatureStore
 from convcache.train.data import TrainingData, load_training_data
 from convcache.train.heads import HEADS
@@ -166,9 +166,9 @@ def _export(plan: TrainPlan, estimator, out: Path, metrics: dict) -> None:
         check = check.reshape(len(check), *data.feature_shape)
     metrics["onnx_max_abs_diff"] = check_parity(proto, estimator.predict_proba(check), {artifacts.FEATURES: check},
                                                 artifacts.PROBABILITIES, 1e-4, "the ONNX head")
-    artifacts.write_metadata(proto, artifacts.KIND_HEAD, {
-        "head": plan.head, "classes": data.classes, "n_features": int(np.prod(data.feature_shape)),
-        "feature_shape": data.feature_shape, "extractor_sha256": data.extractor_sha256, "provenance": data.provenance})
+    artifacts.Head(head=plan.head, classes=tuple(data.classes), n_features=int(np.prod(data.feature_shape)),
+                   feature_shape=tuple(data.feature_shape), extractor_identity=data.extractor_sha256,
+                   trained_on=data.provenance).write(proto)
     artifacts.save_model(proto, out / "head.onnx")  # never leaves a half-written head under the real name
     metrics["head_onnx"] = str(out / "head.onnx")
 

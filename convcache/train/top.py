@@ -18,8 +18,8 @@ import onnx
 from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
+from convcache.artifacts.convert import DEFAULT_OPSET, keras_to_onnx
 from convcache.errors import ConvcacheError
-from convcache.onnxtools import DEFAULT_OPSET, keras_to_onnx
 from convcache.protocol import (
     BOOK_BATCH_SIZE,
     BOOK_DROPOUT,

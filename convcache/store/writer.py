@@ -1,4 +1,6 @@
-"""The Zarr side: one group per split, rows written in chunk-aligned blocks, committed after they land.
+"""The store's write side: the root (`open_root`), one `SplitWriter` per split, and `FeatureSink`, the one
+interface through which the extract engine's executors write features, in this process or on a Dask worker.
+Rows are written in chunk-aligned blocks and committed after they land.
 
 Crash safety: a group's `committed_rows` attribute is the only truth. For each block the arrays
 grow to the block's end, the block is written (each Zarr chunk file is replaced atomically), then
@@ -12,32 +14,83 @@ duplicate rows in what `FeatureStore` reads.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
-import zarr
 
-from convcache.artifacts import STORE_COLUMNS, committed_rows
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
-from convcache.integrity import (
+from convcache.store import layout
+from convcache.store.integrity import (
     CHAIN_START,
-    DIGEST_ARRAYS,
     KEYS_ARRAY,
     chain_next,
     committed_blocks,
     create_digest_arrays,
+    digest_arrays,
     keys_digest,
     schema_bytes,
     seal,
     verify,
 )
-from convcache.store import append_run, create_split, write_skipped
+from convcache.store.layout import COLUMNS as STORE_COLUMNS
+from convcache.store.layout import committed_rows
+from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
+
+
+def open_root(output: str, classes: list[str], storage_options: dict | None = None, provenance: dict | None = None):
+    """The store's root group for writing (created if absent, with `provenance` among its attributes), checked
+    against `classes`. A store in the first layout is migrated to this one (`layout.migrate`): call it under
+    the writer's lease."""
+    from convcache.location import resolve
+
+    loc = resolve(output, storage_options, what="-o", write=True)
+    try:
+        if loc.exists() and not loc.child("zarr.json").isfile():
+            raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
+        # the writer reads the truth, never the (possibly older) consolidated snapshot
+        root = layout.open_group(layout.zarr_store(loc), mode="a", consolidated=False)
+        fmt = root.attrs.get("format")
+    except ConvcacheError:
+        raise
+    except Exception as exc:  # corrupt zarr.json and friends; credentials or network for a URL
+        raise ConvcacheError(f"-o {output}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
+    if fmt is None:
+        root.update_attributes({"format": layout.FORMAT, "classes": classes, **(provenance or {})})
+    elif fmt not in layout.FORMATS:
+        raise ConvcacheError(f"-o {output}: not a convcache feature store")
+    elif list(root.attrs["classes"]) != classes:
+        raise ConvcacheError(f"-o {output}: the store has classes {list(root.attrs['classes'])}, the data has "
+                             f"{classes}; class indices would change. Write to a new store.")
+    elif fmt != layout.FORMAT:
+        moved = layout.migrate(root, classes)
+        log.info("%s: moved to the layout %s (splits %s)", output, layout.FORMAT, ", ".join(moved) or "none")
+    return root
+
+
+@dataclass(frozen=True)
+class FeatureSink:
+    """Where a block's features go: rows [start, start + n) of a split's `features`, which its `SplitWriter`
+    has grown to hold them (`reserve`). Picklable: a Dask task carries it to its worker. Writes whole chunks
+    only (blocks are cut at chunk boundaries), so no two writers touch one chunk; nothing is committed here."""
+
+    store: str
+    split: str
+    storage_options: dict = field(default_factory=dict)
+
+    def write(self, start: int, features: np.ndarray) -> None:
+        from convcache.location import resolve
+
+        array = layout.open_array(layout.zarr_store(resolve(self.store, self.storage_options)),
+                                  f"{self.split}/features")
+        array[start : start + len(features)] = features
 
 
 class Committed:
@@ -68,55 +121,47 @@ class Committed:
         return masks, images
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """What a split's rows are and how they are stored. `identity` is what the rows depend on (an existing
+    split with another is refused); `provenance` is recorded beside it; `chunk_rows` None: about 4 MiB chunks."""
+
+    identity: dict
+    provenance: dict
+    feature_shape: tuple
+    dtype: str = "float32"
+    chunk_rows: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "float16"):
+            raise ConvcacheError(f"dtype {self.dtype}: a store holds float32 or float16 features")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ConvcacheError("chunk_rows must be >= 1")
+
+
 class SplitWriter:
-    def __init__(self, root: zarr.Group, split: str, identity: dict, provenance: dict, feature_shape: tuple,
-                 dtype: str, chunk_rows: int | None = None, repair: bool = False, guard=None, name: str = "the store"):
+    """The one writer of a split: opens (or creates) it, checks it, and commits blocks in row order. `guard` is
+    called before every mutation and raises once this writer has lost its lease (`convcache.store.lease`)."""
+
+    def __init__(self, root, split: str, spec: SplitSpec, store: str = "the store",
+                 storage_options: dict | None = None, repair: bool = False, guard=None):
         self.split = split
-        where = f"{name} ('{split}')"  # for messages: the store's path and the split
+        self.store, self.storage_options = store, dict(storage_options or {})
+        where = f"{store} ('{split}')"  # for messages: the store's path and the split
         self.guard = guard  # called before every mutation: raises if this writer lost its lease
         self.consolidate_seconds = 0.0  # see commit()
         self._consolidated = 0.0
-        row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
         if guard:
             guard()
-        fresh = split not in root
-        if not fresh:
-            # the writer reads the truth, never the (possibly older) consolidated copy of it
-            self.group = zarr.open_group(root.store, path=split, mode="r+", use_consolidated=False)
-            missing = [name for name in STORE_COLUMNS if name not in self.group]
-            if missing and (repair or not committed_rows(self.group.attrs, where)):
-                # a run killed while creating the split: nothing was committed, so start it again
-                log.info("'%s' was created only in part (missing %s); creating it again", split, ", ".join(missing))
-                del root[split]
-                fresh = True
-            elif missing:
-                raise ConvcacheError(f"the store's '{split}' split lacks {', '.join(missing)}: it is damaged; run "
-                                     "extract again with --repair to rebuild it from the images")
-            else:
-                self._check_identity(identity)
-        if fresh:
-            args = (root, split, {**provenance, "identity": identity}, feature_shape, dtype,
-                    chunk_rows or max(1, CHUNK_BYTES // row_bytes))
-            try:
-                self.group = create_split(*args)
-            except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
-                # its arrays are there but the split's own zarr.json is gone: not a split anyone can read
-                if not repair:
-                    raise ConvcacheError(f"{where}: the split's own metadata ({split}/zarr.json) is missing while "
-                                         "its arrays remain: the store is damaged; run extract again with --repair "
-                                         "to rebuild the split from the images") from None
-                log.warning("repair: '%s' lost its metadata; rebuilding it from the images", split)
-                zarr.core.sync.sync(root.store.delete_dir(split))
-                self.group = create_split(*args)
+        self.group = self._open(root, split, spec, repair, where)
         self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
         self.chunk_rows = self.arrays["features"].chunks[0]
         self.committed = committed_rows(self.group.attrs, where)
         self.skipped: dict = {}  # this run's (written at its end: see commit)
         # one handle per array: a fresh group[name] could come from the (older) consolidated metadata
-        if any(name not in self.group for name in DIGEST_ARRAYS):  # a store from before block digests
+        self.digests = digest_arrays(self.group)
+        if self.digests is None:  # a store from before block digests
             self.digests = create_digest_arrays(self.group, self.committed)
-        else:
-            self.digests = {name: self.group[name] for name in (*DIGEST_ARRAYS, KEYS_ARRAY) if name in self.group}
         self._check_integrity(repair)  # before anything is dropped: a damaged split is left as it is
         self._drop_uncommitted_blocks()
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
@@ -126,6 +171,40 @@ class SplitWriter:
             self._chain = chain_next(self._chain, digest)
         self._written = self.committed  # rows written on this process, committed or not (write_features)
 
+    def _open(self, root, split: str, spec: SplitSpec, repair: bool, where: str):
+        """The split's group: the existing one (its identity checked), or a new one; a split killed while it was
+        being created (nothing committed) is created again."""
+        fresh = split not in root
+        if not fresh:
+            # the writer reads the truth, never the (possibly older) consolidated copy of it
+            group = layout.open_group(root, split, mode="r+", consolidated=False)
+            missing = [name for name in STORE_COLUMNS if name not in group]
+            if missing and (repair or not committed_rows(group.attrs, where)):
+                # a run killed while creating the split: nothing was committed, so start it again
+                log.info("'%s' was created only in part (missing %s); creating it again", split, ", ".join(missing))
+                del root[split]
+                fresh = True
+            elif missing:
+                raise ConvcacheError(f"the store's '{split}' split lacks {', '.join(missing)}: it is damaged; run "
+                                     "extract again with --repair to rebuild it from the images")
+            else:
+                self._check_identity(group, spec.identity)
+                return group
+        row_bytes = int(np.prod(spec.feature_shape)) * np.dtype(spec.dtype).itemsize
+        args = (root, split, {**spec.provenance, "identity": spec.identity}, spec.feature_shape, spec.dtype,
+                spec.chunk_rows or max(1, CHUNK_BYTES // row_bytes), list(spec.identity.get("classes") or []))
+        try:
+            return layout.create_split(*args)
+        except layout.contains_errors():
+            # its arrays are there but the split's own zarr.json is gone: not a split anyone can read
+            if not repair:
+                raise ConvcacheError(f"{where}: the split's own metadata ({split}/zarr.json) is missing while "
+                                     "its arrays remain: the store is damaged; run extract again with --repair "
+                                     "to rebuild the split from the images") from None
+            log.warning("repair: '%s' lost its metadata; rebuilding it from the images", split)
+            layout.delete_dir(root, split)
+            return layout.create_split(*args)
+
     def _drop_uncommitted_blocks(self) -> None:
         keep = committed_blocks(self.digests["block_start"][:].tolist(), self.committed)
         for arr in self.digests.values():
@@ -134,7 +213,7 @@ class SplitWriter:
 
     def _check_integrity(self, repair: bool) -> None:
         """What this writer reads to decide (the small columns, by their keys digests), the structure and
-        seal, and the last block in full; with `repair`, every block (see convcache.integrity)."""
+        seal, and the last block in full; with `repair`, every block (see convcache.store.integrity)."""
         damage, _ = verify(self.group, contents="all" if repair else "keys")
         if not damage:
             return
@@ -151,8 +230,8 @@ class SplitWriter:
             chain = chain_next(chain, digest)
         self.group.update_attributes({"committed_rows": first, "seal": seal(schema_bytes(self.group), first, chain)})
 
-    def _check_identity(self, identity: dict) -> None:
-        stored = self.group.attrs.get("identity")
+    def _check_identity(self, group, identity: dict) -> None:
+        stored = group.attrs.get("identity")
         if stored != identity:
             diff = sorted(k for k in identity if stored is None or stored.get(k) != identity[k])
             raise ConvcacheError(
@@ -177,7 +256,7 @@ class SplitWriter:
             if arr.shape[0] != rows:
                 arr.resize((rows, *arr.shape[1:]))
 
-    def write_features(self, start: int, features: np.ndarray) -> None:
+    def write(self, start: int, features: np.ndarray) -> None:
         """Write a block's features (rows start..) on this process, growing the arrays to the block's end
         only: the shape never runs ahead of the data. Its commit follows (`commit_blocks`)."""
         stop, expected = start + len(features), max(self.committed, self._written)
@@ -237,7 +316,7 @@ class SplitWriter:
             self.guard()
         self.committed = self.committed if rows is None else rows
         if rows is None:
-            write_skipped(self.group, self.skipped)
+            self._write_skipped()
         fence = {"writer_fence": self.guard.token} if getattr(self.guard, "token", None) is not None else {}
         self.group.update_attributes({"committed_rows": self.committed,
                                       "seal": seal(self._schema, self.committed, self._chain), **fence})
@@ -248,16 +327,33 @@ class SplitWriter:
 
     def _consolidate(self) -> None:
         """Refresh the root's consolidated metadata (what xarray.open_zarr reads first)."""
-        import warnings
+        layout.consolidate(self.group)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec yet
-            zarr.consolidate_metadata(self.group.store)
+    def sink(self) -> FeatureSink:
+        """Where an executor's workers write this split's features (rows this writer has reserved)."""
+        return FeatureSink(self.store, self.split, dict(self.storage_options))
 
     def record_run(self, run: dict) -> None:
-        """Append a finished run's cost (rows, seconds, where) to the split's run log (`store.append_run`)."""
-        append_run(self.group, run)
+        """Append a finished run's cost (rows, seconds, where) to the split's run log: one JSON record a run,
+        in the bookkeeping group."""
+        book = layout.bookkeeping(self.group, create=True)
+        arr = book[RUN_LOG] if RUN_LOG in book else layout.create_bookkeeping_array(book, RUN_LOG, (0,), (1024,), str)
+        n = arr.shape[0]
+        arr.resize((n + 1,))
+        arr[n:] = np.array([json.dumps(run, sort_keys=True)], dtype=object)
         self._consolidate()  # readers of the consolidated metadata (FeatureStore, xarray) see it too
+
+    def _write_skipped(self) -> None:
+        """Replace the split's skipped-file list (path -> reason) with this run's, in the bookkeeping group."""
+        book = layout.bookkeeping(self.group, create=True)
+        paths = sorted(self.skipped)
+        for name, values in zip(SKIPPED_ARRAYS, (paths, [self.skipped[p] for p in paths])):
+            arr = book[name] if name in book else layout.create_bookkeeping_array(book, name, (0,), (65536,), str)
+            arr.resize((len(values),))
+            if values:
+                arr[:] = np.array(values, dtype=object)
+        if "skipped" in self.group.attrs:  # a store from before: its attribute is superseded
+            self.group.update_attributes({"skipped": {}})
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped[printable_path(path)] = reason

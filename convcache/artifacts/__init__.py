@@ -1,14 +1,20 @@
-"""The contracts between stages, in one place.
+"""The ONNX artifacts' contracts, in one place.
 
 Stages meet only through artifacts: ONNX models carrying `convcache.*` metadata (an extractor from
-`export`, a head from `train`, a fused model from `fuse`) and the Zarr feature store from `extract`.
-This module states what each artifact promises (kind, tensor names, shapes, identity, provenance),
-writes that description, and reads it back validated, so that no stage digs into another's raw
-metadata. A malformed or foreign artifact is refused with a message that names what is wrong.
+`export`, a head from `train`, a fused model from `fuse`) and the Zarr feature store from `extract`
+(`convcache.store` owns that one). This package states what each model artifact promises (kind, tensor
+names, shapes, identity, provenance): each contract class has one writer (`write`, from its typed fields)
+and one reader (`from_proto`), so that no stage writes or digs into raw metadata. A malformed or foreign
+artifact is refused with a message that names what is wrong. Only `convcache.artifacts.metadata` touches
+an ONNX model's `metadata_props`.
+
+- `metadata`: the `convcache.*` metadata properties, the identity (`graph_sha256`), loading;
+- `convert`: Keras and head weights -> ONNX, parity checks;
+- `compose`: extractor + head -> one graph (`onnx.compose`).
 
 Identity: `graph_sha256` in every model's metadata is the model's *identity*: a hash of what
 determines its outputs (weights, op types and attributes, the wiring, the input spec; see
-`convcache.onnxmeta.graph_sha256`), never of the names a converter generated. It is the model id
+`convcache.artifacts.metadata.graph_sha256`), never of the names a converter generated. It is the model id
 used everywhere: `info`, the feature store, heads, the service's answers, OpenAPI and metrics.
 """
 
@@ -20,27 +26,12 @@ from typing import ClassVar
 
 import onnx
 
+from convcache.artifacts.metadata import get_metadata, graph_sha256, load_model, set_metadata
 from convcache.errors import ConvcacheError
-from convcache.onnxmeta import get_metadata, graph_sha256, load_model, set_metadata
 
 # tensor names every convcache model uses
 IMAGES, FEATURES, PROBABILITIES = "images", "features", "probabilities"
-STORE_FORMAT = "convcache-features/1"
-# A split's columns, in digest order, with their stored dtypes ("features": the extractor's output shape
-# in the run's float32 or float16; "sha256": 32 bytes a row; "path": UTF-8 text). The write side is
-# `convcache.store.create_split`; `convcache.integrity` digests exactly these columns.
-STORE_SCHEMA = {"features": None, "label": "int32", "image": "int64", "copy": "int16", "sha256": "uint8",
-                "path": str}
-STORE_COLUMNS = tuple(STORE_SCHEMA)
 KIND_EXTRACTOR, KIND_HEAD, KIND_FUSED = "extractor", "head", "fused"
-
-
-def committed_rows(attrs, where: str) -> int:
-    """A split's `committed_rows` attribute (absent: 0), refused in one line unless it is a row count."""
-    value = attrs.get("committed_rows", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConvcacheError(f"{where}: committed_rows is {value!r}, not a row count: the store is damaged")
-    return value
 
 
 def _need(meta: dict, keys: tuple, where: str) -> None:
@@ -58,11 +49,20 @@ class Artifact:
     """What every model artifact has: its identity and its raw `convcache.*` metadata."""
 
     kind: ClassVar[str] = ""
-    identity: str
+    identity: str = ""  # empty until written: `write` computes it from the graph
     input_name: str = ""
     output_name: str = ""
     opset: int = 0
     metadata: dict = field(default_factory=dict, compare=False, repr=False)
+    provenance: dict = field(default_factory=dict, compare=False, repr=False)  # recorded, not part of the contract
+
+    def to_metadata(self) -> dict:
+        raise NotImplementedError
+
+    def write(self, proto: onnx.ModelProto):
+        """Annotate `proto` as this artifact (the identity is computed here, never passed in) and return the
+        contract as a reader reads it back: what we write, we can read."""
+        return write_metadata(proto, self.kind, {**self.provenance, **self.to_metadata()})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +86,16 @@ class Extractor(Artifact):
         for d in self.feature_shape:
             n *= int(d)
         return n
+
+    def to_metadata(self) -> dict:
+        return {"precision": self.precision, "opset": self.opset,
+                "weights": {"source": self.weights_source, "sha256": self.weights_sha256,
+                            **({"seed": self.weights_seed} if self.weights_source == "random" else {})},
+                "input": {"name": self.input_name or IMAGES, "layout": "NHWC", "dtype": "float32", "size": self.size,
+                          "pixels": "RGB, 0-255"},
+                "preprocess": self.preprocess,
+                "output": {"name": self.output_name or FEATURES, "shape": [None, *self.feature_shape]},
+                "layer": self.layer, "pooling": self.pooling}
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Extractor:
@@ -118,6 +128,13 @@ class Head(Artifact):
     classes: tuple
     n_features: int
     extractor_identity: str
+    feature_shape: tuple = ()
+    trained_on: dict = field(default_factory=dict, compare=False)  # the store, split sizes, ... (`provenance` key)
+
+    def to_metadata(self) -> dict:
+        return {"head": self.head, "classes": list(self.classes), "n_features": int(self.n_features),
+                "feature_shape": list(self.feature_shape), "extractor_sha256": self.extractor_identity,
+                "provenance": self.trained_on}
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Head:
@@ -133,7 +150,9 @@ class Head(Artifact):
         _check_classes(proto, tuple(meta["classes"]), where)
         return cls(identity=identity, head=meta["head"], classes=tuple(meta["classes"]),
                    n_features=int(meta["n_features"]), extractor_identity=meta["extractor_sha256"], opset=_opset(proto),
-                   input_name=FEATURES, output_name=PROBABILITIES, metadata=meta)
+                   feature_shape=tuple(meta.get("feature_shape") or (int(meta["n_features"]),)),
+                   trained_on=dict(meta.get("provenance") or {}), input_name=FEATURES, output_name=PROBABILITIES,
+                   metadata=meta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +163,28 @@ class Fused(Artifact):
     classes: tuple
     size: int
     outputs: tuple = (PROBABILITIES, FEATURES)
+    head: str = ""
+    feature_shape: tuple = ()  # of the `features` output, without the batch axis
+    preprocess: str = "caffe"
+    extractor: dict = field(default_factory=dict, compare=False)  # identity (sha256), weights, layer, pooling, ...
+    head_provenance: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, extractor: Extractor, head: Head, created: str) -> Fused:
+        """The contract of `extractor` + `head` joined (`convcache.artifacts.compose.join`), before it is written."""
+        ext = extractor.metadata
+        return cls(classes=tuple(head.classes), size=extractor.size, head=head.head,
+                   feature_shape=tuple(extractor.feature_shape), preprocess=extractor.preprocess,
+                   extractor={k: ext.get(k) for k in ("weights", "layer", "pooling", "precision", "versions", "created",
+                                                      "opset")} | {"sha256": extractor.identity},
+                   head_provenance={**head.trained_on, "sha256": head.identity},
+                   provenance={"input": ext["input"], "preprocessing": ext.get("preprocessing"), "created": created})
+
+    def to_metadata(self) -> dict:
+        return {"classes": list(self.classes), "head": self.head, "preprocess": self.preprocess,
+                "outputs": {PROBABILITIES: [None, len(self.classes)], FEATURES: [None, *self.feature_shape]},
+                "extractor": self.extractor, "head_provenance": self.head_provenance,
+                "input": {**self.provenance.get("input", {}), "size": self.size}}
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Fused:
@@ -162,8 +203,12 @@ class Fused(Artifact):
         if not classes or len(set(classes)) != len(classes):
             raise ConvcacheError(f"{where}: metadata classes must be distinct and non-empty, got {meta['classes']!r}")
         _check_classes(proto, classes, where)
-        return cls(identity=identity, classes=classes, size=size, input_name=IMAGES,
-                   output_name=PROBABILITIES, opset=_opset(proto), metadata=meta)
+        shape = ((meta.get("outputs") or {}).get(FEATURES) or [None])[1:]
+        return cls(identity=identity, classes=classes, size=size, input_name=IMAGES, output_name=PROBABILITIES,
+                   opset=_opset(proto), head=str(meta.get("head") or ""),
+                   feature_shape=tuple(int(d) for d in shape if d is not None),
+                   preprocess=meta.get("preprocess", "caffe"), extractor=dict(meta.get("extractor") or {}),
+                   head_provenance=dict(meta.get("head_provenance") or {}), metadata=meta)
 
 
 ARTIFACTS = {a.kind: a for a in (Extractor, Head, Fused)}
@@ -210,12 +255,12 @@ def read(path: str | os.PathLike, kind: str | None = None):
     return ARTIFACTS[found].from_proto(proto, str(path))
 
 
-def write_metadata(proto: onnx.ModelProto, kind: str, meta: dict) -> dict:
-    """Annotate `proto` as a `kind` artifact; the identity is computed here, never passed in."""
+def write_metadata(proto: onnx.ModelProto, kind: str, meta: dict):
+    """Annotate `proto` as a `kind` artifact (the identity is computed here, never passed in); returns the
+    contract read back. Stages call a contract's `write`."""
     full = {**meta, "kind": kind, "graph_sha256": graph_sha256(proto)}
     set_metadata(proto, full)
-    ARTIFACTS[kind].from_proto(proto, f"the {kind} being written")  # what we write, we can read
-    return full
+    return ARTIFACTS[kind].from_proto(proto, f"the {kind} being written")  # what we write, we can read
 
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> None:

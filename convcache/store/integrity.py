@@ -2,7 +2,7 @@
 
 A block is the rows one commit added, [start, stop). Its digest is SHA-256 over the block's columns
 as stored (features, label, image, copy, sha256 bytes, NUL-joined UTF-8 paths). The digests live in
-two small arrays of the split's group, `block_start` and `block_sha256`, written before the commit,
+two small arrays of the split's bookkeeping group, `block_start` and `block_sha256`, written before the commit,
 so a commit covers them. `verify` recomputes every digest and checks that the blocks tile the
 committed rows exactly: a deleted or altered chunk, an edited `committed_rows` or a lost digest is
 named with the rows it affects, instead of training as zero rows or extracting duplicates.
@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convcache.artifacts import STORE_COLUMNS, STORE_SCHEMA, committed_rows
+from convcache.store.layout import COLUMNS as STORE_COLUMNS
+from convcache.store.layout import SCHEMA as STORE_SCHEMA
+from convcache.store.layout import bookkeeping, committed_rows, create_bookkeeping_array
 
 DIGEST_ARRAYS = ("block_start", "block_sha256")
 KEYS_ARRAY = "block_keys_sha256"  # optional: stores written before it are checked in full by a writer
@@ -105,19 +107,21 @@ def committed_blocks(starts, committed: int) -> int:
 def create_digest_arrays(group, covered_from: int) -> dict:
     """Add the digest arrays to a split (new, or written before digests); rows before `covered_from`
     stay unverifiable. Returns the arrays (a group read from consolidated metadata would not see them yet)."""
-    arrays = {"block_start": group.create_array("block_start", shape=(0,), chunks=(4096,), dtype="int64",
-                                                dimension_names=["block"]),
-              "block_sha256": group.create_array("block_sha256", shape=(0, 32), chunks=(4096, 32), dtype="uint8",
-                                                 dimension_names=["block", "digest_byte"])}
+    book = bookkeeping(group, create=True)
+    arrays = {"block_start": create_bookkeeping_array(book, "block_start", (0,), (4096,), "int64"),
+              "block_sha256": create_bookkeeping_array(book, "block_sha256", (0, 32), (4096, 32), "uint8")}
     if covered_from == 0:  # keys digests cover every block or none: a split that gains them later has none
-        arrays[KEYS_ARRAY] = create_keys_array(group)
+        arrays[KEYS_ARRAY] = create_bookkeeping_array(book, KEYS_ARRAY, (0, 32), (4096, 32), "uint8")
     group.attrs["digests_from"] = int(covered_from)
     return arrays
 
 
-def create_keys_array(group):
-    return group.create_array(KEYS_ARRAY, shape=(0, 32), chunks=(4096, 32), dtype="uint8",
-                              dimension_names=["block", "digest_byte"])
+def digest_arrays(group) -> dict | None:
+    """The split's digest arrays by name (None for a split written before block digests)."""
+    book = bookkeeping(group)
+    if book is None or any(name not in book for name in DIGEST_ARRAYS):
+        return None
+    return {name: book[name] for name in (*DIGEST_ARRAYS, KEYS_ARRAY) if name in book}
 
 
 def schema_bytes(group) -> bytes:
@@ -143,9 +147,10 @@ def seal(schema: bytes, committed: int, chain: bytes) -> str:
 
 def split_seal(group, committed: int) -> str:
     """The seal the split's current metadata and digests give for `committed` rows."""
-    starts = group["block_start"][:].tolist()
+    arrays = digest_arrays(group)
+    starts = arrays["block_start"][:].tolist()
     chain = CHAIN_START
-    for digest in group["block_sha256"][: committed_blocks(starts, committed)]:
+    for digest in arrays["block_sha256"][: committed_blocks(starts, committed)]:
         chain = chain_next(chain, digest)
     return seal(schema_bytes(group), committed, chain)
 
@@ -157,7 +162,8 @@ def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[l
     small columns against the keys digests and the last block in full (a writer's check, see the module
     docstring; "all" where the split has no keys digests); "none" reads no rows."""
     committed = committed_rows(group.attrs, f"'{group.basename}'")
-    if any(name not in group for name in DIGEST_ARRAYS):
+    arrays = digest_arrays(group)
+    if arrays is None:
         return [], "written before block digests; not verifiable"
     damage: list[Damage] = []
     try:
@@ -168,8 +174,8 @@ def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[l
     if short:
         damage.append(Damage(min(short.values()), committed,
                              f"committed_rows is {committed} but {', '.join(sorted(short))} hold fewer rows"))
-    starts = group["block_start"][:].tolist()
-    digests = group["block_sha256"][:]
+    starts = arrays["block_start"][:].tolist()
+    digests = arrays["block_sha256"][:]
     covered_from = int(group.attrs.get("digests_from", 0))
     starts_ok = starts[: committed_blocks(starts, committed)]
     bounds, expected = [], covered_from
@@ -185,7 +191,7 @@ def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[l
     if stored is not None and not short and stored != split_seal(group, committed):
         damage.append(Damage(0, max(committed, 1), "the split's metadata no longer matches its seal (classes, "
                                                    "dtype, shape, extractor, policy or committed_rows edited)"))
-    keys = group[KEYS_ARRAY][: len(bounds)] if KEYS_ARRAY in group else None
+    keys = arrays[KEYS_ARRAY][: len(bounds)] if KEYS_ARRAY in arrays else None
     if contents == "keys" and (keys is None or len(keys) < len(bounds)):
         contents = "all"
     if contents == "none" or not bounds:

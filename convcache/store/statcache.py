@@ -8,9 +8,10 @@ trusted only while the whole key matches; anything else is hashed again. A file 
 `datasets.RACY_SECONDS` of the moment it was stat'ed is never cached ("racily clean", as git calls it: it could
 change again within the file system's timestamp granularity and keep its key), so it is hashed next time.
 
-It lives in the split's `stat_cache` group (arrays `path`, `key`, `sha256`), written whole at the end of a
-split's run, with a digest of its contents as an attribute: a cache that does not match its digest (a run
-killed while writing it) is ignored, never trusted. It is an input cache, outside the store's digests and
+It lives in the split's `bookkeeping/stat_cache` group (arrays `path`, `key`, `sha256`; see
+`convcache.store.layout`), written whole once a split's files are hashed, with a digest of its contents as
+an attribute: a cache that does not match its digest (a run killed while writing it) is ignored, never
+trusted. It is an input cache, outside the store's digests and
 seal: deleting it only costs a re-hash. `extract --rehash` ignores it and writes it afresh.
 """
 
@@ -22,8 +23,9 @@ import os
 import numpy as np
 
 from convcache.datasets import local_key
+from convcache.store.layout import STAT_CACHE as GROUP
+from convcache.store.layout import bookkeeping, create_bookkeeping_array
 
-GROUP = "stat_cache"
 _NAMES = ("path", "key", "sha256")
 
 
@@ -54,9 +56,10 @@ def load_arrays(group):
     """(paths, keys, sha256 as an n x 32 uint8 array) of a split's cache, sorted by path; None when absent,
     unreadable or not matching its digest."""
     try:
-        if GROUP not in group:
+        book = bookkeeping(group)
+        if book is None or GROUP not in book:
             return None
-        g = group[GROUP]
+        g = book[GROUP]
         paths, keys, shas = (g[name][:] for name in _NAMES)
         if not (len(paths) == len(keys) == len(shas)) or g.attrs.get("sha256") != _digest(paths, keys, shas):
             return None
@@ -109,15 +112,16 @@ def save(group, paths: list[str], keys: list[str], shas: list[str]) -> None:
     for a in range(0, len(shas), 65536):
         part = shas[a : a + 65536]
         sha_bytes[a : a + len(part)] = np.frombuffer(bytes.fromhex("".join(part)), np.uint8).reshape(-1, 32)
-    g = group[GROUP] if GROUP in group else group.create_group(GROUP)
+    book = bookkeeping(group, create=True)
+    g = book[GROUP] if GROUP in book else book.create_group(GROUP)
     g.update_attributes({"sha256": None, "rows": len(paths)})  # invalid until the arrays and the digest are in
     for name, values in zip(_NAMES, (paths, keys, sha_bytes)):
         if name in g:
             arr = g[name]
         elif name == "sha256":
-            arr = g.create_array(name, shape=(0, 32), chunks=(65536, 32), dtype="uint8")
+            arr = create_bookkeeping_array(g, name, (0, 32), (65536, 32), "uint8")
         else:
-            arr = g.create_array(name, shape=(0,), chunks=(65536,), dtype=str)
+            arr = create_bookkeeping_array(g, name, (0,), (65536,), str)
         arr.resize((len(paths), *arr.shape[1:]))
         if len(paths):
             arr[:] = values if name == "sha256" else np.array(values, dtype=object)

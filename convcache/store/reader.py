@@ -1,117 +1,46 @@
-"""The feature store's schema in one place: its write side (`open_root`, `create_split`, used by extract's
-`SplitWriter`) and its read side, `FeatureStore`, shared by every stage that reads a store (train,
-compare). Typed properties describe the store; only committed rows are ever visible."""
+"""The store's read side: `FeatureStore`, shared by every stage that reads a store (train, compare, info).
+Typed properties describe the store; only committed rows are ever visible. It reads both layouts
+(`convcache.store.layout`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from convcache import artifacts
-from convcache.artifacts import STORE_FORMAT as FORMAT
-from convcache.artifacts import STORE_SCHEMA
 from convcache.errors import ConvcacheError
+from convcache.store import layout
+from convcache.store.layout import bookkeeping, committed_rows
 
-# ---------------------------------------------------------------- the write side of the schema
-
-def open_root(output: str, classes: list[str], storage_options: dict | None = None,
-              provenance: dict | None = None) -> zarr.Group:
-    """The store's root group for writing (created if absent, with `provenance` among its attributes),
-    checked against `classes`."""
-    from convcache.location import resolve
-
-    loc = resolve(output, storage_options, what="-o", write=True)
-    try:
-        if loc.exists() and not loc.child("zarr.json").isfile():
-            raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
-        root = zarr.open_group(store=loc.zarr_store(), mode="a", use_consolidated=False)  # the writer reads the truth
-        fmt = root.attrs.get("format")
-    except ConvcacheError:
-        raise
-    except Exception as exc:  # corrupt zarr.json and friends; credentials or network for a URL
-        raise ConvcacheError(f"-o {output}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
-    if fmt is None:
-        root.update_attributes({"format": FORMAT, "classes": classes, **(provenance or {})})
-    elif fmt != FORMAT:
-        raise ConvcacheError(f"-o {output}: not a convcache feature store")
-    elif list(root.attrs["classes"]) != classes:
-        raise ConvcacheError(f"-o {output}: the store has classes {list(root.attrs['classes'])}, the data has "
-                             f"{classes}; class indices would change. Write to a new store.")
-    return root
-
-
-
-def create_split(root: zarr.Group, split: str, attributes: dict, feature_shape: tuple, dtype: str,
-                 chunk_rows: int) -> zarr.Group:
-    """A new, empty split with every column of `artifacts.STORE_SCHEMA` (features in `dtype`), nothing
-    committed yet. Small columns are chunked at least 1,024 rows deep."""
-    group = root.create_group(split, attributes={**attributes, "committed_rows": 0})
-    small = max(chunk_rows, 1024)
-    for name, dt in STORE_SCHEMA.items():
-        if name == "features":
-            group.create_array(name, shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype,
-                               dimension_names=["row", *(f"feature_{i}" for i in range(len(feature_shape)))])
-        elif name == "sha256":
-            group.create_array(name, shape=(0, 32), chunks=(small, 32), dtype=dt,
-                               dimension_names=["row", "sha256_byte"])
-        else:
-            group.create_array(name, shape=(0,), chunks=(small,), dtype=dt, dimension_names=["row"])
-    return group
-
-
-# A split's run log, kept out of its attributes (which every commit rewrites): the files the last run
-# skipped, with reasons, and one JSON record per finished run. Each is written once per run, never per
-# commit. Stores written before keep them as the `skipped` and `runs` attributes, which are still read.
 SKIPPED_ARRAYS = ("skipped_path", "skipped_reason")
 RUN_LOG = "run_log"
 
 
-def write_skipped(group: zarr.Group, skipped: dict) -> None:
-    """Replace the split's skipped-file list (path -> reason) with `skipped`."""
-    paths = sorted(skipped)
-    for name, values in zip(SKIPPED_ARRAYS, (paths, [skipped[p] for p in paths])):
-        arr = group[name] if name in group else group.create_array(name, shape=(0,), chunks=(65536,), dtype=str,
-                                                                    dimension_names=["skipped"])
-        arr.resize((len(values),))
-        if values:
-            arr[:] = np.array(values, dtype=object)
-    if "skipped" in group.attrs:  # a store from before: its attribute is superseded
-        group.update_attributes({"skipped": {}})
-
-
 def read_skipped(group) -> dict:
-    if all(name in group for name in SKIPPED_ARRAYS):
-        paths, reasons = (group[name][:] for name in SKIPPED_ARRAYS)
+    """The files the split's last run skipped (path -> reason): the bookkeeping arrays, or the attribute of a
+    store written before them."""
+    book = bookkeeping(group)
+    if book is not None and all(name in book for name in SKIPPED_ARRAYS):
+        paths, reasons = (book[name][:] for name in SKIPPED_ARRAYS)
         if len(paths) == len(reasons):
             return {str(p): str(r) for p, r in zip(paths, reasons)}
     skipped = group.attrs.get("skipped") or {}
     return dict(skipped) if isinstance(skipped, dict) else {}
 
 
-def append_run(group: zarr.Group, run: dict) -> None:
-    import json
-
-    arr = group[RUN_LOG] if RUN_LOG in group else group.create_array(RUN_LOG, shape=(0,), chunks=(1024,), dtype=str,
-                                                                     dimension_names=["run"])
-    n = arr.shape[0]
-    arr.resize((n + 1,))
-    arr[n:] = np.array([json.dumps(run, sort_keys=True)], dtype=object)
-
-
 def read_runs(group) -> list[dict]:
-    import json
-
     runs = list(group.attrs.get("runs") or [])  # a store from before the run log
-    if RUN_LOG in group:
-        runs += [json.loads(str(r)) for r in group[RUN_LOG][:]]
+    book = bookkeeping(group)
+    if book is not None and RUN_LOG in book:
+        runs += [json.loads(str(r)) for r in book[RUN_LOG][:]]
     return runs
 
 
 def _damage(start: int, stop: int, reason: str):
-    from convcache.integrity import Damage
+    from convcache.store.integrity import Damage
 
     return Damage(start, stop, reason)
 
@@ -120,7 +49,7 @@ def _damage(start: int, stop: int, reason: str):
 
 @dataclass
 class SplitData:
-    """Rows of a split, by the store's own column names (`artifacts.STORE_SCHEMA`)."""
+    """Rows of a split, by the store's own column names (`layout.SCHEMA`)."""
 
     features: np.ndarray
     label: np.ndarray
@@ -149,6 +78,7 @@ class FeatureStore:
         from convcache.location import resolve
 
         self.location = resolve(path, storage_options, what="store")
+        self._store = None
         self.path = Path(self.location.path) if self.location.local else self.location.url
         try:
             present = self.location.child("zarr.json").isfile()
@@ -157,12 +87,17 @@ class FeatureStore:
         if not present:
             raise ConvcacheError(f"not a feature store: {path}")
         try:
-            self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
+            self._store = layout.zarr_store(self.location, read_only=True)
+            self.root = layout.open_group(self._store)
             fmt = self.root.attrs.get("format")
         except Exception as exc:  # corrupt zarr.json and friends
             raise ConvcacheError(f"{path}: unreadable store metadata ({exc.__class__.__name__}: {exc})") from None
-        if fmt != FORMAT:
+        if fmt not in layout.FORMATS:
             raise ConvcacheError(f"{path}: not a convcache feature store (format {self.root.attrs.get('format')!r})")
+
+    @property
+    def format(self) -> str:
+        return self.root.attrs.get("format")
 
     @property
     def splits(self) -> list[str]:
@@ -223,7 +158,7 @@ class FeatureStore:
         return read_runs(self._group(split))
 
     def rows(self, split: str) -> int:
-        return artifacts.committed_rows(self._group(split).attrs, f"{self.path} ('{split}')")
+        return committed_rows(self._group(split).attrs, f"{self.path} ('{split}')")
 
     def _group(self, split: str):
         if split not in self.root:
@@ -231,13 +166,12 @@ class FeatureStore:
         return self.root[split]
 
     def verify(self, split: str, contents: str = "all", max_copy: int | None = None) -> tuple[list, str | None]:
-        """(damaged row ranges, a note if the split predates block digests); see convcache.integrity."""
-        from convcache.integrity import Damage, verify
+        """(damaged row ranges, a note if the split predates block digests); see convcache.store.integrity."""
+        from convcache.store.integrity import Damage, verify
 
         self._group(split)  # named in the (consolidated) listing
         try:  # the split's own metadata, not the snapshot: plain Zarr readers see these shapes
-            group = zarr.open_group(store=self.location.zarr_store(read_only=True), path=split, mode="r",
-                                    use_consolidated=False)
+            group = layout.open_group(self._store, split, consolidated=False)
         except Exception as exc:
             return [Damage(0, max(self.rows(split), 1), f"the split's own metadata ({split}/zarr.json) is missing or "
                                                         f"unreadable ({exc.__class__.__name__})")], None
@@ -255,8 +189,7 @@ class FeatureStore:
 
     def _root_fence(self):
         try:
-            root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r", use_consolidated=False)
-            return root.attrs.get("writer_fence")
+            return layout.open_group(self._store, consolidated=False).attrs.get("writer_fence")
         except Exception:
             return None
 
@@ -311,7 +244,7 @@ class FeatureStore:
         span by span. A span is whole committed blocks covering whole chunks, read once; only spans holding
         a wanted row are read; with `verify`, each of their blocks is checked against its digest (the
         blocks that overlap no wanted row are not read). `order`: the spans' order (default: stored)."""
-        from convcache.integrity import block_digest, span_rows, spans
+        from convcache.store.integrity import block_digest, span_rows, spans
 
         group = self._group(split)
         names = [*(("features",) if with_features or verify else ()), "label", "image", "copy", "sha256", "path"]
@@ -367,15 +300,16 @@ class FeatureStore:
     def blocks(self, split: str) -> list[tuple[int, int, bytes | None]]:
         """The committed rows as (start, stop, digest) ranges: one per commit (a chunk, or a distributed
         task); rows written before digests existed come in chunk-sized ranges with digest None."""
-        from convcache.integrity import DIGEST_ARRAYS, committed_blocks
+        from convcache.store.integrity import committed_blocks, digest_arrays
 
         group, n = self._group(split), self.rows(split)
         chunk = group["features"].chunks[0]
-        if any(name not in group for name in DIGEST_ARRAYS):
+        arrays = digest_arrays(group)
+        if arrays is None:
             return [(a, min(a + chunk, n), None) for a in range(0, n, chunk)]
-        starts = group["block_start"][:].tolist()
+        starts = arrays["block_start"][:].tolist()
         starts = starts[: committed_blocks(starts, n)]
-        digests = group["block_sha256"][: len(starts)]
+        digests = arrays["block_sha256"][: len(starts)]
         first = int(group.attrs.get("digests_from", 0))
         out = [(a, min(a + chunk, first), None) for a in range(0, first, chunk)]
         bounds = starts + [n]
@@ -394,7 +328,7 @@ class FeatureStore:
         rng = np.random.default_rng(seed)
         order = None
         if shuffle:
-            from convcache.integrity import span_rows, spans
+            from convcache.store.integrity import span_rows, spans
 
             order = rng.permutation(len(spans([(a, b) for a, b, _ in self.blocks(split)], span_rows(group))))
         for a, part, keep in self._spans(split, idx, verify and with_features, with_features, order):

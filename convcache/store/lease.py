@@ -246,15 +246,14 @@ def _fence_of(root, fresh: bool = False) -> int | None:
     """The highest fencing token the store records: the root's `writer_fence` and every split's (a writer that
     lost its lease inside a consolidation can still rewrite the root with its older token), read again from
     storage with `fresh`."""
-    import zarr
+    from convcache.store.layout import open_group
 
     if fresh:
-        root = zarr.open_group(root.store, mode="r", use_consolidated=False)
+        root = open_group(root, consolidated=False)
     values = [root.attrs.get("writer_fence")]
     for name in root.group_keys():
         try:
-            values.append(zarr.open_group(root.store, path=name, mode="r", use_consolidated=False)
-                          .attrs.get("writer_fence"))
+            values.append(open_group(root, name, consolidated=False).attrs.get("writer_fence"))
         except Exception:  # a split without its own metadata: --verify reports it
             pass
     tokens = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]

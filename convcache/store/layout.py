@@ -1,0 +1,234 @@
+"""The feature store's layout, in one place: what lives where, how it is opened and created, and how a store
+written in the first layout is brought to this one.
+
+A store is a Zarr v3 hierarchy that xarray reads as it reads any scientific dataset
+(`xr.open_datatree(store, engine="zarr")`), without convcache:
+
+    store.zarr/                      root: attributes `format`, `classes`, provenance, `writer_fence`
+      train/                         one group per split; attributes: identity, seal, committed_rows, ...
+        features    (row, feature_*) the data variable (float32 or float16)
+        label       (row,)           coordinate; CF `flag_values` / `flag_meanings` name the classes
+        image       (row,)           coordinate: the source image's index (copies share it)
+        copy        (row,)           coordinate: 0 = the original, c = augmented copy c
+        sha256      (row, sha256_byte) coordinate: the source file's content hash
+        path        (row,)           coordinate: the source file
+        bookkeeping/                 what is not data: block digests, skipped files, the run log
+          block_start, block_sha256, block_keys_sha256   (block, ...)
+          skipped_path, skipped_reason                    (skipped,)
+          run_log                                         (run,)
+          stat_cache/  path, key, sha256                  (entry, ...)
+
+`features` lists the coordinates in its CF `coordinates` attribute, so `ds.where(ds["copy"] == 0, drop=True)`
+selects the originals. Between commits every row column's shape equals `committed_rows` (see
+`convcache.store.writer`), so a plain reader sees committed rows only.
+
+The first layout (`convcache-features/1`) kept the bookkeeping arrays and the stat cache in the split's own
+group, where xarray shows them as data. Readers read both layouts (`bookkeeping` finds either); a writer
+migrates a store in place, under its lease, before it writes (`migrate`): it copies the bookkeeping into the
+sub-group, then removes the originals, `block_start` first, so a kill at any point leaves one complete copy
+that readers find (`moved` on the sub-group says its copies are complete); the next writer finishes the move.
+"""
+
+from __future__ import annotations
+
+import re
+
+from convcache.errors import ConvcacheError
+
+FORMAT = "convcache-features/2"
+FORMAT_V1 = "convcache-features/1"  # bookkeeping inside the split's group (read; migrated by a writer)
+FORMATS = (FORMAT_V1, FORMAT)
+
+# A split's row columns, in digest order, with their stored dtypes ("features": the extractor's output shape in
+# the run's float32 or float16; "sha256": 32 bytes a row; "path": UTF-8 text). `convcache.store.integrity`
+# digests exactly these columns.
+SCHEMA = {"features": None, "label": "int32", "image": "int64", "copy": "int16", "sha256": "uint8", "path": str}
+COLUMNS = tuple(SCHEMA)
+COORDINATES = tuple(n for n in COLUMNS if n != "features")
+ROW = "row"
+
+BOOKKEEPING = "bookkeeping"
+STAT_CACHE = "stat_cache"
+# the bookkeeping arrays as the first layout kept them in the split itself (block_start first: its presence
+# marks a split not yet migrated)
+V1_ARRAYS = ("block_start", "block_sha256", "block_keys_sha256", "skipped_path", "skipped_reason", "run_log")
+_DIMS = {"block_start": ["block"], "block_sha256": ["block", "digest_byte"],
+         "block_keys_sha256": ["block", "digest_byte"], "skipped_path": ["skipped"], "skipped_reason": ["skipped"],
+         "run_log": ["run"], "path": ["entry"], "key": ["entry"], "sha256": ["entry", "sha256_byte"]}
+
+
+def dims(name: str, ndim: int) -> list[str]:
+    """The dimension names of a bookkeeping array (xarray needs every array to name its dimensions)."""
+    got = _DIMS.get(name, [])
+    return got if len(got) == ndim else [f"{name}_{i}" for i in range(ndim)]
+
+
+def committed_rows(attrs, where: str) -> int:
+    """A split's `committed_rows` attribute (absent: 0), refused in one line unless it is a row count."""
+    value = attrs.get("committed_rows", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConvcacheError(f"{where}: committed_rows is {value!r}, not a row count: the store is damaged")
+    return value
+
+
+# ---------------------------------------------------------------- opening
+
+def zarr_store(loc, read_only: bool = False):
+    """A Zarr v3 store for a resolved location (`convcache.location`): LocalStore on disk, FsspecStore elsewhere."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if loc.local:
+        return LocalStore(loc.path, read_only=read_only)
+    return FsspecStore.from_url(f"{loc.protocol}://{loc.path}", storage_options=loc.storage_options or None,
+                                read_only=read_only)
+
+
+def open_group(store, path: str = "", mode: str = "r", consolidated: bool | None = None):
+    """A group of `store` (a Zarr store object, or a group whose store to use). `consolidated=False` reads the
+    group's own metadata, never the (possibly older) consolidated snapshot: what writers and checks need."""
+    import zarr
+
+    store = getattr(store, "store", store)
+    return zarr.open_group(store=store, path=path or None, mode=mode, use_consolidated=consolidated)
+
+
+def open_array(store, path: str, mode: str = "r+"):
+    import zarr
+
+    return zarr.open_array(store=getattr(store, "store", store), path=path, mode=mode)
+
+
+def consolidate(group) -> None:
+    """Refresh the root's consolidated metadata (what xarray and `FeatureStore` read first)."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec yet
+        zarr.consolidate_metadata(group.store)
+
+
+def zarr_version() -> str:
+    import zarr
+
+    return zarr.__version__
+
+
+def delete_dir(group, path: str) -> None:
+    """Remove `path` (an array or group left half-made) under `group`'s store, whatever its metadata says."""
+    import zarr
+
+    zarr.core.sync.sync(group.store.delete_dir(path))
+
+
+def contains_errors() -> tuple:
+    """What creating an array or group raises when something is already there."""
+    import zarr
+
+    return zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError
+
+
+# ---------------------------------------------------------------- the layout
+
+def label_attributes(classes: list[str]) -> dict:
+    """CF's way of naming the classes of an integer label: `flag_values` and blank-separated `flag_meanings`
+    (a class name's own blanks become underscores)."""
+    return {"long_name": "class", "flag_values": list(range(len(classes))),
+            "flag_meanings": " ".join(re.sub(r"\s+", "_", str(c)) or "_" for c in classes)}
+
+
+def feature_attributes(variable: str = "features") -> dict:
+    return {"long_name": variable, "coordinates": " ".join(COORDINATES)}
+
+
+def create_split(root, split: str, attributes: dict, feature_shape: tuple, dtype: str, chunk_rows: int,
+                 classes: list[str]):
+    """A new, empty split with every row column (features in `dtype`) and its bookkeeping group, nothing
+    committed yet. Small columns are chunked at least 1,024 rows deep."""
+    group = root.create_group(split, attributes={**attributes, "committed_rows": 0})
+    small = max(chunk_rows, 1024)
+    for name, dt in SCHEMA.items():
+        if name == "features":
+            group.create_array(name, shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype,
+                               dimension_names=[ROW, *(f"feature_{i}" for i in range(len(feature_shape)))],
+                               attributes=feature_attributes())
+        elif name == "sha256":
+            group.create_array(name, shape=(0, 32), chunks=(small, 32), dtype=dt, dimension_names=[ROW, "sha256_byte"])
+        else:
+            group.create_array(name, shape=(0,), chunks=(small,), dtype=dt, dimension_names=[ROW],
+                               attributes=label_attributes(classes) if name == "label" else None)
+    group.create_group(BOOKKEEPING)
+    return group
+
+
+def bookkeeping(group, create: bool = False):
+    """The split's bookkeeping group: its `bookkeeping` sub-group, or the split itself in the first layout (and
+    while a migration's copies are not all made: `moved` marks them complete). None when there is none yet."""
+    v1 = "block_start" in group
+    if BOOKKEEPING in group and (not v1 or group[BOOKKEEPING].attrs.get("moved")):
+        return group[BOOKKEEPING]
+    if v1:
+        return group
+    if create:
+        return group.create_group(BOOKKEEPING)
+    return None
+
+
+def create_bookkeeping_array(book, name: str, shape: tuple, chunks: tuple, dtype):
+    return book.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims(name, len(shape)))
+
+
+# ---------------------------------------------------------------- from the first layout
+
+def migrate(root, classes: list[str]) -> list[str]:
+    """Bring every split of a first-layout store (opened for writing, under the writer's lease) to this layout,
+    then mark the root. Returns the splits moved. Rows, digests and seals are untouched: the seal covers the
+    row columns and the identity, not where the bookkeeping lives."""
+    moved = []
+    for name in sorted(root.group_keys()):
+        group = open_group(root, name, mode="r+", consolidated=False)
+        if _migrate_split(group, classes):
+            moved.append(name)
+    root.update_attributes({"format": FORMAT})
+    consolidate(root)
+    return moved
+
+
+def _migrate_split(group, classes: list[str]) -> bool:
+    """Copy the split's bookkeeping into its sub-group (unless an earlier, killed migration finished the copies:
+    `moved`), then remove the originals. Every step can be repeated."""
+    old = [n for n in V1_ARRAYS if n in group]
+    cache = STAT_CACHE in group
+    for name, attributes in (("label", label_attributes(classes)), ("features", feature_attributes())):
+        if name in group:
+            group[name].update_attributes(attributes)
+    if not old and not cache and BOOKKEEPING in group:
+        return False
+    book = group[BOOKKEEPING] if BOOKKEEPING in group else group.create_group(BOOKKEEPING)
+    if not book.attrs.get("moved"):
+        for name in old:  # copy every array before removing any: a kill leaves the originals whole
+            _copy_array(group[name], book, name)
+        if cache:
+            src = group[STAT_CACHE]
+            dst = book[STAT_CACHE] if STAT_CACHE in book else book.create_group(STAT_CACHE)
+            dst.update_attributes({"sha256": None})  # invalid until every array is copied
+            for name in ("path", "key", "sha256"):
+                if name in src:
+                    _copy_array(src[name], dst, name)
+            dst.update_attributes(dict(src.attrs))
+        book.update_attributes({"moved": True})  # from here on, readers use the copies
+        consolidate(group)
+    for name in old:  # block_start first: its absence marks a split moved
+        del group[name]
+    if cache:
+        del group[STAT_CACHE]
+    return True
+
+
+def _copy_array(src, dest, name: str) -> None:
+    if name in dest:
+        del dest[name]
+    arr = create_bookkeeping_array(dest, name, src.shape, src.chunks, src.dtype)
+    if src.shape[0]:
+        arr[:] = src[:]
