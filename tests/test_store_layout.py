@@ -30,7 +30,8 @@ for split in out["splits"]:
     originals = ds.where(ds["copy"] == 0, drop=True)
     out[split] = {"data_vars": sorted(ds.data_vars), "coords": sorted(ds.coords), "rows": ds.sizes["row"],
                   "label_attrs": {k: v for k, v in ds["label"].attrs.items()},
-                  "originals": int(originals.sizes["row"]), "original_copies": sorted(set(originals["copy"].values.tolist())),
+                  "originals": int(originals.sizes["row"]),
+                  "original_copies": sorted(set(originals["copy"].values.tolist())),
                   "original_features": originals["features"].values.tolist(),
                   "children": sorted(tree[split].children)}
 out["convcache_imported"] = "convcache" in sys.modules
