@@ -1,6 +1,6 @@
 """Extractor throughput at 150x150, one run, same weights: ORT CPU vs Keras predict, int8 vs fp32.
 
-    .venv/bin/python bench/bench_export.py --weights hed --data ../shared/data/cats_and_dogs_small
+    .venv/bin/python experiments/bench_export.py --weights hed --data ../shared/data/cats_and_dogs_small
 """
 
 from __future__ import annotations

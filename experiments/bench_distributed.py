@@ -1,7 +1,7 @@
 """Single-process extraction vs the same extraction on a Dask LocalCluster, in one run on the same
 images (interleaved repeats), plus the scheduler's per-task overhead.
 
-    .venv/bin/python bench/bench_distributed.py --model runs/study/block5.onnx --images 600 --repeats 2
+    .venv/bin/python experiments/bench_distributed.py --model runs/study/block5.onnx --images 600 --repeats 2
 
 The model must be an exported extractor (`convcache export`); the images are the first N/2 train
 photos of each class of the shared data (symlinked, never copied). Prints one JSON line per run and

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The thesis study (issue 9) on the stores of bench/study/extract.sh. Resumable: every arm and seed is
+# The thesis study (issue 9) on the stores of experiments/study/extract.sh. Resumable: every arm and seed is
 # saved as it finishes, and a re-run reads finished arms back.
 #   block5_pool (the book's setting): every arm, 3 seeds, one real 5-epoch TensorFlow run of method 2;
 #     equal-epochs arms up to K=5 (K=10 and 30 cost 11x and 31x method 2's steps on this 2-core CPU).

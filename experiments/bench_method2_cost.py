@@ -3,7 +3,7 @@ extracting one cached row (decode + augment + ONNX Runtime), one end-to-end meth
 once, augment + TensorFlow forward through the frozen base + head update; validation forward), and one
 epoch of the dense head on cached features (2,000 rows in batches of 20, plus the select-half evaluation).
 
-    .venv/bin/python bench/bench_method2_cost.py --images 160 --extractor runs/study/block5.onnx [--json OUT]
+    .venv/bin/python experiments/bench_method2_cost.py --images 160 --extractor runs/study/block5.onnx [--json OUT]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the fly, as `reference --fine-tune block5` runs it) against a fine-tuning epoch 
 maps (block5 + head only, as `train --train-top block5` runs it), and an epoch with nothing frozen
 (`reference --unfreeze all`), measured in one run, interleaved, on the same photos and copies.
 
-    .venv/bin/python bench/bench_freeze_boundary.py --extractor runs/ft/block4maps.onnx --store runs/ft/b4maps.zarr
+    .venv/bin/python experiments/bench_freeze_boundary.py --extractor runs/ft/block4maps.onnx --store runs/ft/b4maps.zarr
 
 Per-step times are measured over `--steps` train_on_batch calls per round (batch 20, the book's) and
 extrapolated to an epoch of the shared training set (2,000 images = 100 steps). The cached epoch also

@@ -5,7 +5,7 @@ Icechunk transactions (workers write through forked sessions; the client merges 
 commits a snapshot). Only the commit layer differs: the features are synthetic (a seeded function of
 the row), so nothing but storage is measured, and any row can be checked after the fact.
 
-    .venv/bin/python bench/archive/commit_layers.py all --tasks 48 --rows 128 --features 8192 > runs/bench/commit_layers.jsonl
+    .venv/bin/python experiments/archive/commit_layers.py all --tasks 48 --rows 128 --features 8192 > runs/experiments/commit_layers.jsonl
 
 Measured: write throughput and per-commit latency on local disk and on an S3 endpoint (moto's server on
 loopback); kill -9 of the client at random points (does every reader see only valid committed rows,

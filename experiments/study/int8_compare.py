@@ -4,7 +4,7 @@
     C="--data $D --copies 0 2 --epochs 10 --seeds 0 1 2 --real-epochs 0"
     convcache compare $C --extractor runs/study/block5.onnx --store runs/study/block5.zarr -o runs/int8cmp/fp32
     convcache compare $C --extractor runs/rt/block5-int8-all.onnx -o runs/int8cmp/int8
-    .venv/bin/python bench/study/int8_compare.py runs/int8cmp/fp32 runs/int8cmp/int8 --json docs/results_int8.json
+    .venv/bin/python experiments/study/int8_compare.py runs/int8cmp/fp32 runs/int8cmp/int8 --json docs/results_int8.json
 
 Each arm's per-image correctness is averaged over its seeds and aligned by photo (sha256); the
 difference int8 - fp32 comes with a paired bootstrap over photos (95% interval, two-sided p) and the

@@ -11,7 +11,7 @@ by side in one run (interleaved rounds):
 Pixels are compared against pillow-draft (max abs difference, share of identical images). Then the
 product's decode path on 1 and 2 thread workers vs 1 and 2 process workers (images per second).
 
-    .venv/bin/python bench/bench_decode.py --images 400
+    .venv/bin/python experiments/bench_decode.py --images 400
 """
 
 from __future__ import annotations

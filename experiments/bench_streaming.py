@@ -2,9 +2,9 @@
 peak memory on a store larger than its budget.
 
 Accuracy (same store, same copies, report half of validation; seeds of the streaming head's shuffles):
-    .venv/bin/python bench/bench_streaming.py accuracy --store runs/study/block5.zarr --copies 0 2 --seeds 0 1 2
+    .venv/bin/python experiments/bench_streaming.py accuracy --store runs/study/block5.zarr --copies 0 2 --seeds 0 1 2
 Peak RSS of `convcache train` with --memory-budget on a store of >= 4 GB (real rows tiled; built once):
-    .venv/bin/python bench/bench_streaming.py memory --store runs/study/block5.zarr --big runs/bench/big.zarr \
+    .venv/bin/python experiments/bench_streaming.py memory --store runs/study/block5.zarr --big runs/experiments/big.zarr \
         --gigabytes 4.2 --budget 1GB
 """
 
@@ -42,44 +42,32 @@ def accuracy(args) -> None:
 
 def build_big(src: str, dst: str, gigabytes: float) -> None:
     """A store of >= `gigabytes` of train features: the real train rows tiled (each tile re-keyed as
-    its own copies, so every row stays unique), validation copied as is."""
-    import zarr
-
-    from convcache.store import FeatureStore
+    its own copies, so every row stays unique), validation copied as is. Written through the store's own
+    writer, block by block, so the big store verifies like a real one."""
+    from convcache.store import FeatureStore, SplitSpec, SplitWriter, open_root
+    from convcache.store.integrity import block_digest
 
     store = FeatureStore(src)
-    root = zarr.open_group(dst, mode="w")
-    root.attrs.update(dict(store.root.attrs))
+    root = open_root(dst, store.classes, provenance={k: v for k, v in store.root.attrs.items()
+                                                     if k not in ("format", "classes", "writer_fence")})
     for split in store.splits:
-        g, n = store.root[split], store.rows(split)
-        row_bytes = int(np.prod(g["features"].shape[1:])) * g["features"].dtype.itemsize
+        attrs, n = store.attrs(split), store.rows(split)
+        spec = SplitSpec(attrs["identity"], {k: attrs[k] for k in ("extractor", "augment") if k in attrs},
+                         store.feature_shape(split), store.dtype(split))
+        writer = SplitWriter(root, split, spec, dst)
+        row_bytes = int(np.prod(spec.feature_shape)) * np.dtype(spec.dtype).itemsize
         tiles = max(1, int(np.ceil(gigabytes * 1e9 / (n * row_bytes)))) if split == "train" else 1
-        out = root.create_group(split, attributes={**dict(g.attrs), "committed_rows": n * tiles})
-        for name in ("features", "label", "image", "copy", "sha256", "path"):
-            a = g[name]
-            o = out.create_array(name, shape=(n * tiles, *a.shape[1:]), chunks=a.chunks, dtype=a.dtype,
-                                 dimension_names=a.metadata.dimension_names)
-            for t in range(tiles):
-                for s in range(0, n, 4096):
-                    e = min(s + 4096, n)
-                    v = a[s:e]
-                    if name == "copy":
-                        v = v + t * (int(g["copy"][:n].max()) + 1)
-                    o[t * n + s : t * n + e] = v
-        # digests: recompute per chunk-sized block so the big store verifies like a real one
-        from convcache.store.integrity import block_digest, create_digest_arrays
-
-        arrays = create_digest_arrays(out, 0)
-        chunk = out["features"].chunks[0]
-        starts = list(range(0, n * tiles, chunk))
-        arrays["block_start"].resize((len(starts),))
-        arrays["block_sha256"].resize((len(starts), 32))
-        arrays["block_start"][:] = np.array(starts)
-        digests = np.zeros((len(starts), 32), np.uint8)
-        for i, s in enumerate(starts):
-            cols = {name: out[name][s : s + chunk] for name in ("features", "label", "image", "copy", "sha256", "path")}
-            digests[i] = np.frombuffer(block_digest(cols, out["features"].dtype), np.uint8)
-        arrays["block_sha256"][:] = digests
+        copies = store.copies_available(split) + 1
+        for t in range(tiles):
+            for part in store.iter_blocks(split):
+                cols = {"label": part.label, "image": part.image, "copy": part.copy + t * copies,
+                        "sha256": np.frombuffer(bytes.fromhex("".join(part.sha256)), np.uint8).reshape(-1, 32),
+                        "path": np.array(part.path, dtype=object)}
+                start = writer.committed
+                writer.write(start, part.features)
+                writer.commit_blocks([(start, start + len(part), cols,
+                                       block_digest({"features": part.features, **cols}, part.features.dtype))])
+        writer.commit()
         print(json.dumps({"split": split, "rows": n * tiles, "gigabytes": round(n * tiles * row_bytes / 1e9, 2)}),
               flush=True)
 

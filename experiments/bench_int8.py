@@ -1,7 +1,7 @@
 """Which convs to keep in fp32 in an int8 extractor: speed against fp32 (ONNX Runtime, interleaved rounds,
 one run) and what each variant costs a logistic-regression probe (paired, cross-validated), side by side.
 
-    .venv/bin/python bench/bench_int8.py --calibration runs/rt/calib-train \\
+    .venv/bin/python experiments/bench_int8.py --calibration runs/rt/calib-train \\
         --probe ../shared/data/cats_and_dogs_small/validation
 
 `--calibration`: images the int8 ranges are set on (here 100 training photos per class); `--probe`:

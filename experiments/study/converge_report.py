@@ -1,8 +1,8 @@
-"""Endpoints and checks of the study at convergence (docs/study_plan.md), from bench/study/converge.py's runs.
+"""Endpoints and checks of the study at convergence (docs/study_plan.md), from experiments/study/converge.py's runs.
 
     converge_report.py OUT --costs COSTS.json [--real REF/metrics.json] -o docs/results_converge.json
 
-COSTS.json: the quiet per-unit costs from bench/bench_method2_cost.py (extraction ms per cached row, end-to-end
+COSTS.json: the quiet per-unit costs from experiments/bench_method2_cost.py (extraction ms per cached row, end-to-end
 ms per training and per validation image, a dense-head epoch on cached features), with the CPU model.
 """
 
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from convcache.stats import paired_bootstrap, seed_photo_bootstrap
 
@@ -112,7 +109,7 @@ def analyse(out: Path, costs: dict, real: dict | None) -> dict:
     res["smallest_equivalent_k"] = next((k for k in ks if k != n and eq[str(k)]["equivalent"]), None)
     res["smallest_noninferior_k"] = next((k for k in ks if k != n and eq[str(k)]["noninferior"]), None)
 
-    # post hoc, not pre-registered: method 2 at lr 2e-5 (bench/study/sensitivity.py)
+    # post hoc, not pre-registered: method 2 at lr 2e-5 (experiments/study/sensitivity.py)
     sens = sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda r: r["run"]["seed"])
     sens = [r for r in sens if r["run"]["phase"] == "phase2-sensitivity"]
     if sens:

@@ -3,16 +3,13 @@
 chosen 6.3e-6 to 1e-5 (0.46470 against 0.46469) and which early-stops inside 60 epochs. 5 seeds, the same
 protocol as phase 2 otherwise; each run is one JSON file in OUT/runs (phase "phase2-sensitivity").
 
-    python bench/study/sensitivity.py --store runs/caffe-b5.zarr -o runs/converge
+    python experiments/study/sensitivity.py --store runs/caffe-b5.zarr -o runs/converge
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import converge as cv
 

@@ -1,6 +1,6 @@
 """logreg fit time at the issue's scale (22,000 x 8,192) and a head epoch against an end-to-end epoch.
 
-    .venv/bin/python bench/bench_train.py --store runs/cats-hed/features.zarr --results runs/cats-hed/results.json
+    .venv/bin/python experiments/bench_train.py --store runs/cats-hed/features.zarr --results runs/cats-hed/results.json
 
 The 22,000 rows are the store's real train rows (originals + copies), tiled with a little noise.
 """

@@ -1,0 +1,84 @@
+"""experiments/ (studies and one-off benchmarks, apart from the product) still import and run against the
+package as it is now: every script's --help, the shell scripts' syntax, and the scripts that read or write
+stores on a tiny fixture (a moved attribute once made freeze_boundary.py read zero extraction runs)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_dataset
+
+from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.store import FeatureStore
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SCRIPTS = sorted(p for p in EXPERIMENTS.rglob("*.py") if "archive" not in p.parts)
+SHELL = sorted(EXPERIMENTS.rglob("*.sh"))
+
+pytestmark = pytest.mark.slow  # a fresh interpreter per script
+
+
+def test_the_readme_names_every_script():
+    readme = (EXPERIMENTS / "README.md").read_text()
+    missing = [str(p.relative_to(EXPERIMENTS)) for p in [*SCRIPTS, *SHELL] if p.name not in readme]
+    assert not missing, f"experiments/README.md does not say what these reproduce: {missing}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_script_imports_and_parses_its_arguments(script):
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=EXPERIMENTS.parent)
+    assert r.returncode == 0 and "usage" in r.stdout.lower(), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", SHELL, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_shell_script_parses(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_store(extractor, tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    data = make_dataset(root / "data", splits={"train": 4, "validation": 2})
+    store = root / "f.zarr"
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(store), augment=1, chunk_rows=4,
+                              progress=False))
+    return store
+
+
+def _load(script: Path):
+    """A script as a module (its own folder first on the import path, as when it is run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_freeze_boundary_reads_the_extraction_runs_of_a_store(tiny_store):
+    fb = _load(EXPERIMENTS / "study" / "freeze_boundary.py")
+    runs = FeatureStore(tiny_store).runs("train")
+    assert runs and runs[0]["rows"] == 16
+    seconds = fb._extraction_seconds(tiny_store, 0, train_images=8, validation=4)
+    rate = {s: sum(r["seconds"] for r in FeatureStore(tiny_store).runs(s)) / sum(r["rows"] for r in
+                                                                                 FeatureStore(tiny_store).runs(s))
+            for s in ("train", "validation")}
+    assert seconds == pytest.approx(rate["train"] * 8 + rate["validation"] * 4) and seconds > 0
+
+
+def test_bench_streaming_builds_a_tiled_store_that_verifies(tiny_store, tmp_path, capsys):
+    bs = _load(EXPERIMENTS / "bench_streaming.py")
+    big = tmp_path / "big.zarr"
+    bs.build_big(str(tiny_store), str(big), gigabytes=16 * 3 * 512 * 4 / 1e9)  # 3 tiles of the 16 train rows
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed[0] == {"split": "train", "rows": 48, "gigabytes": 0.0}
+    fs, src = FeatureStore(big), FeatureStore(tiny_store)
+    for split in fs.splits:
+        assert fs.verify(split) == ([], None)
+    train = fs.load("train")
+    assert len(train) == 48 and len(set(zip(train.sha256, train.copy.tolist()))) == 48  # every row unique
+    assert (train.features[:16] == src.load("train").features).all() and fs.rows("validation") == 4
