@@ -40,6 +40,21 @@ def run_cli_in_process(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["convcache", *argv], code, out.getvalue(), err.getvalue())
 
 
+def wait_for(condition, timeout: float = 30.0, what: str = "the condition", interval: float = 0.02):
+    """Poll `condition()` until it returns something truthy (returned), or fail after `timeout` seconds: tests
+    wait on what they need, never on a fixed sleep."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
 def make_image(path: Path, seed: int, size: int = 40, kind: int = 0) -> None:
     """A small photo-like image; `kind` sets a class-dependent pattern so heads can learn it."""
     rng = np.random.default_rng(seed)
@@ -153,46 +168,17 @@ def dask_cluster():
 
 
 # ---------------------------------------------------------------- tiers
-# `make test` runs everything; `make test-fast` (-m fast) the everyday tier: what needs no TensorFlow
-# training, no cluster, no S3 server, no server process, and takes seconds. A test is `fast` unless a
-# marker below (or its own) says otherwise: by module, by the fixtures it uses, or by name (measured
-# at several seconds each on a 2-core machine).
-MODULE_MARKS = {"test_scaleout.py": ("dask",), "test_serve.py": ("serve",), "test_replay.py": ("tf",),
-                "test_freeze_boundary.py": ("tf",), "test_export.py": ("tf",)}
-FIXTURE_MARKS = {"bucket": "s3", "s3_endpoint": "s3", "dask_cluster": "dask", "server": "serve"}
-SLOW = {
-    "test_contracts.py": ("test_identity_is_stable_across_exports_and_processes",
-                          "test_heads_are_scikit_learn_estimators", "test_logreg_passes_sklearn_estimator_checks"),
-    "test_extract.py": ("test_resume_after_kill_matches_clean_run",
-                        "test_same_seed_same_features_across_workers_and_batches",
-                        "test_incremental_add_computes_only_new"),
-    "test_augment.py": ("test_keras3_preset_matches_keras_image_data_generator",),
-    "test_hostile.py": ("test_damage_is_named_never_silent_and_repair_recomputes",
-                        "test_a_second_writer_fails_at_once_and_nothing_is_lost",
-                        "test_corrupt_store_metadata_is_one_line", "test_malformed_dds_is_a_skip_not_a_crash",
-                        "test_disk_full_is_one_line_and_keeps_what_was_committed",
-                        "test_predict_reports_every_bad_file_and_goes_on"),
-    "test_converge.py": ("test_fit_end_to_end_resumes_and_reports_held_out_accuracy",
-                         "test_train_learning_rate_auto_searches_on_the_select_half",
-                         "test_replay_with_standardized_features_equals_the_end_to_end_reference",
-                         "test_standardization_is_fit_on_originals_and_folded_into_the_onnx_head",
-                         "test_training_loss_in_the_history_is_the_epoch_mean"),
-    "test_train.py": ("test_empty_split_is_an_error", "test_multiclass_heads_and_onnx_parity",
-                      "test_heads_learn_a_separable_fixture", "test_compare_end_to_end_tiny",
-                      "test_compare_on_an_int8_extractor"),
-}
+# Each test file marks its own tier (`pytestmark = pytest.mark.tf`, `@pytest.mark.slow`; pyproject's
+# --strict-markers refuses a misspelt one). `make test` runs everything; `make test-fast` every test that
+# carries none of TIER_MARKS: no TensorFlow training, no cluster, no S3 server, no server process, seconds each.
+# A test that uses a fixture starting one of those must say so: checked here, never assigned here.
 TIER_MARKS = ("slow", "tf", "dask", "s3", "serve")
+FIXTURE_TIERS = {"bucket": "s3", "s3_endpoint": "s3", "dask_cluster": "dask", "server": "serve"}
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.path.name
-        for mark in MODULE_MARKS.get(module, ()):
-            item.add_marker(mark)
-        for fixture, mark in FIXTURE_MARKS.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(mark)
-        if item.originalname in SLOW.get(module, ()):
-            item.add_marker("slow")
-        if not any(item.get_closest_marker(m) for m in TIER_MARKS):
-            item.add_marker("fast")
+    unmarked = sorted({f"{item.nodeid.split('[')[0]} uses {fixture} but is not marked {mark}"
+                       for item in items for fixture, mark in FIXTURE_TIERS.items()
+                       if fixture in getattr(item, "fixturenames", ()) and not item.get_closest_marker(mark)})
+    if unmarked:
+        raise pytest.UsageError("tests missing their tier marker:\n" + "\n".join(unmarked))

@@ -17,6 +17,7 @@ def _sha(c):
     return "%064x" % (c * 7919)
 
 
+@pytest.mark.slow
 def test_keras3_preset_matches_keras_image_data_generator():
     """keras3 = today's ImageDataGenerator.apply_transform (scipy, order 1) up to OpenCV's fixed-point
     bilinear weights: mean abs difference <= 1 grey level on 0..255."""

@@ -31,6 +31,7 @@ def small_store(pooled_extractor, tmp_path_factory):
     return store
 
 
+@pytest.mark.slow
 def test_identity_is_stable_across_exports_and_processes(tmp_path):
     """Two identical exports (one process, then another process) have one identity, whatever names
     the converter generated; other weights give another identity."""
@@ -123,6 +124,7 @@ def test_a_crash_before_commit_leaves_no_visible_rows(pooled_extractor, tmp_path
     assert fs.rows("train") == 8 and ds.sizes["row"] == 8  # two committed blocks of 4, not the third
 
 
+@pytest.mark.slow
 def test_heads_are_scikit_learn_estimators():
     from sklearn.base import clone
     from sklearn.exceptions import NotFittedError
@@ -146,6 +148,7 @@ def test_heads_are_scikit_learn_estimators():
     assert dense.score(X, y) > 0.8 and dense.best_epoch_ >= 1
 
 
+@pytest.mark.slow
 def test_logreg_passes_sklearn_estimator_checks():
     from sklearn.utils.estimator_checks import check_estimator
 

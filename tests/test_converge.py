@@ -25,6 +25,7 @@ def _blobs(n=120, d=24, seed=0, scale=300.0):
     return X.astype(np.float32), y
 
 
+@pytest.mark.slow
 def test_standardization_is_fit_on_originals_and_folded_into_the_onnx_head():
     X, y = _blobs()
     copy = np.tile([0, 1, 2], len(y) // 3)
@@ -42,6 +43,7 @@ def test_standardization_is_fit_on_originals_and_folded_into_the_onnx_head():
     assert head.summary()["standardize"] is True and np.isfinite(head.summary()["best_select_loss"])
 
 
+@pytest.mark.slow
 def test_training_loss_in_the_history_is_the_epoch_mean():
     """With a learning rate too small to move the weights and no dropout, every batch's loss is that of the
     initial model, so the epoch mean is the loss over all training rows (the last batch's is not)."""
@@ -57,6 +59,7 @@ def test_training_loss_in_the_history_is_the_epoch_mean():
     assert h["train_accuracy_mean"] * 102 == pytest.approx(round(h["train_accuracy_mean"] * 102), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_replay_with_standardized_features_equals_the_end_to_end_reference(pooled_extractor, tmp_path):
     from convcache.augment import PRESETS
     from convcache.extract.runner import ExtractConfig, run_extract
@@ -97,6 +100,7 @@ def test_seed_photo_bootstrap_and_equivalence():
     assert 0.70 < lo < 0.72 and 0.86 < hi < 0.88  # Wilson's interval of 80/100
 
 
+@pytest.mark.slow
 def test_fit_end_to_end_resumes_and_reports_held_out_accuracy(tmp_path):
     from convcache.artifacts import read
 
@@ -123,6 +127,7 @@ def test_fit_end_to_end_resumes_and_reports_held_out_accuracy(tmp_path):
     assert r.returncode == 2 and "validation" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_train_learning_rate_auto_searches_on_the_select_half(pooled_extractor, tmp_path):
     from convcache.extract.runner import ExtractConfig, run_extract
 

@@ -8,6 +8,8 @@ from convcache.artifacts import read
 from convcache.artifacts.metadata import get_metadata, graph_sha256, set_metadata
 from convcache.errors import ConvcacheError
 
+pytestmark = pytest.mark.tf
+
 
 def _run(path, images):
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

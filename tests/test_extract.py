@@ -86,6 +86,7 @@ def test_extract_layout_and_provenance(extractor, dataset, tmp_path):
     assert not np.allclose(train.features[train.copy == 0], train.features[train.copy == 1])
 
 
+@pytest.mark.slow
 def test_same_seed_same_features_across_workers_and_batches(extractor, dataset, tmp_path):
     extract(extractor, dataset, tmp_path / "a.zarr", augment=2, workers=1, batch_size=4)
     extract(extractor, dataset, tmp_path / "b.zarr", augment=2, workers=2, batch_size=4)
@@ -104,6 +105,7 @@ def test_second_run_performs_zero_inference(extractor, dataset, tmp_path):
     assert again.inference_calls == 0 and again.rows_written == 0 and again.rows_cached == 2 * 6 * 2 + 8
 
 
+@pytest.mark.slow
 def test_incremental_add_computes_only_new(extractor, dataset, tmp_path):
     extract(extractor, dataset, tmp_path / "f.zarr", augment=1)
     make_image(dataset / "train" / "cats" / "new.jpg", seed=999, kind=0)
@@ -127,6 +129,7 @@ def test_different_model_or_policy_is_refused(extractor, pooled_extractor, datas
     assert FeatureStore(tmp_path / "f.zarr").rows("train") == 12  # nothing was lost
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_clean_run(extractor, tmp_path):
     data = make_dataset(tmp_path / "data", splits={"train": 25, "validation": 5})
     args = [sys.executable, "-m", "convcache", "extract", "--model", extractor, "--data", data, "--augment", "3",

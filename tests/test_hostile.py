@@ -59,6 +59,7 @@ def test_fuzzed_images_raise_only_image_error(which, flips, cut):
         pass
 
 
+@pytest.mark.slow
 def test_malformed_dds_is_a_skip_not_a_crash(extractor, tmp_path):
     data = make_dataset(tmp_path / "d", splits={"train": 2})
     (data / "train" / "cats" / "odd.dds").write_bytes(_dds_unknown_flags())
@@ -144,6 +145,7 @@ def test_negative_seed_is_one_line(extractor, tmp_path):
         ExtractConfig(model="m", data="d", output="o", policy='{"zoom_range": 1.5}')
 
 
+@pytest.mark.slow
 def test_predict_reports_every_bad_file_and_goes_on(fused_model, tmp_path):
     good = tmp_path / "good.jpg"
     make_image(good, seed=3, kind=0)
@@ -155,6 +157,7 @@ def test_predict_reports_every_bad_file_and_goes_on(fused_model, tmp_path):
     assert "NotImplementedError" in lines[0] and "not a regular file" in lines[1]
 
 
+@pytest.mark.slow
 def test_a_second_writer_fails_at_once_and_nothing_is_lost(extractor, tmp_path):
     import json
     import time
@@ -187,6 +190,7 @@ def _chunk_files(store, split, name):
     return sorted(p for p in (store / split / name / "c").rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_damage_is_named_never_silent_and_repair_recomputes(extractor, tmp_path):
     import json
     import shutil
@@ -247,6 +251,7 @@ def test_damage_is_named_never_silent_and_repair_recomputes(extractor, tmp_path)
         assert key(a) == key(b) and len(a) == len(b), tag
 
 
+@pytest.mark.slow
 def test_corrupt_store_metadata_is_one_line(extractor, tmp_path):
     data = make_dataset(tmp_path / "d", splits={"train": 2, "validation": 1})
     store = tmp_path / "f.zarr"
@@ -279,6 +284,7 @@ def test_a_store_from_before_block_digests_is_extended(extractor, tmp_path):
     assert damage == [] and note is None and len(FeatureStore(store).load("train")) == 12
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_keeps_what_was_committed(extractor, tmp_path):
     small = tmp_path / "small"
     small.mkdir()

@@ -13,6 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import wait_for
 from PIL import Image
 from test_serve import Server, jpeg
 
@@ -158,12 +159,12 @@ def test_slow_bodies_are_cut_and_health_answers_while_every_slot_is_taken(guarde
     threads = [threading.Thread(target=_slow_post, args=(s.port, results, i)) for i in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    try:
+    try:  # until the slow bodies hold every slot: /v1 is refused
+        r = wait_for(lambda: (x := httpx.post(s.url + "/v1/predict", content=jpeg(1), timeout=5)).status_code == 503
+                     and x, timeout=10, what="every request slot to be taken")
+        assert r.headers["retry-after"] == "1" and "slot" in r.json()["error"]
         for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"):
             assert httpx.get(s.url + path, timeout=5).status_code == 200, path
-        r = httpx.post(s.url + "/v1/predict", content=jpeg(1), timeout=5)
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "slot" in r.json()["error"]
     finally:
         for t in threads:
             t.join(30)
@@ -184,9 +185,10 @@ def test_bodies_in_flight_share_one_memory_budget(guarded):
     byte of it is read (503 + Retry-After); once the first is answered, the budget is free again."""
     with socket.create_connection(("127.0.0.1", guarded.port)) as first:
         first.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 700000\r\n\r\n" + b"x" * 50000)
-        time.sleep(0.3)
-        r = httpx.post(guarded.url + "/v1/predict", content=b"y" * 700000, timeout=10)
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "bodies" in r.json()["error"]
+        # until the first body holds its share of the budget: the second is refused before it is read
+        r = wait_for(lambda: (x := httpx.post(guarded.url + "/v1/predict", content=b"y" * 700000, timeout=10))
+                     .status_code == 503 and x, timeout=10, what="the first body to hold the budget")
+        assert r.headers["retry-after"] == "1" and "bodies" in r.json()["error"]
         first.sendall(b"x" * 650000)
         first.settimeout(10)
         assert _answer(first).startswith(b"HTTP/1.1 415")  # not an image: answered, and its bytes released

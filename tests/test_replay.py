@@ -11,6 +11,8 @@ from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.train.reference import ReferenceConfig, run_reference
 from convcache.train.runner import train_head
 
+pytestmark = pytest.mark.tf
+
 EPOCHS = 3
 COMMON = {"epochs": EPOCHS, "batch_size": 4, "learning_rate": 1e-3, "seed": 1}
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_dataset, run_cli
+from conftest import make_dataset, run_cli, wait_for
+
+pytestmark = pytest.mark.dask
 
 pytest.importorskip("distributed")
 pytest.importorskip("s3fs")
@@ -149,6 +151,7 @@ def _upload(local: Path, url_path: str) -> None:
     s3fs.S3FileSystem().put(str(local), url_path, recursive=True)
 
 
+@pytest.mark.s3
 def test_images_listed_from_s3(bucket, tmp_path):
     from convcache.datasets import discover_all
 
@@ -170,6 +173,7 @@ def test_images_listed_from_s3(bucket, tmp_path):
                                        f"s3://{bucket}/imgs/train/dogs/dogs.1.jpg"]
 
 
+@pytest.mark.s3
 def test_s3_store_written_killed_resumed_and_trained(extractor, bucket, tmp_path):
     """Images and store on the S3 endpoint: a run killed mid-way resumes to the same rows as a local
     run, `extract --verify` passes, and `train --features s3://...` reads it back."""
@@ -237,6 +241,7 @@ def test_bad_urls_fail_before_work(extractor, tmp_path):
     assert r.returncode == 2 and "cannot connect" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.s3
 def test_missing_bucket_is_one_line(s3_endpoint, tmp_path):
     r = run_cli("train", "--features", "s3://no-such-bucket-here/x.zarr", "-o", tmp_path / "h")
     assert r.returncode == 2 and r.stderr.count("\n") <= 1 and "Traceback" not in r.stderr
@@ -336,6 +341,7 @@ def test_dense_head_streams_from_the_same_blocks(pooled_store, tmp_path):
 
 # ---------------------------------------------------------------- one writer per store on object storage
 
+@pytest.mark.s3
 def test_second_writer_on_s3_is_refused_while_the_first_holds_the_lease(extractor, bucket, tmp_path):
     import s3fs
 
@@ -365,6 +371,7 @@ def test_second_writer_on_s3_is_refused_while_the_first_holds_the_lease(extracto
     assert run_cli(*args).returncode == 0  # and free again
 
 
+@pytest.mark.s3
 def test_a_writer_that_lost_its_lease_stops_before_committing(bucket):
     import s3fs
 
@@ -388,6 +395,7 @@ def test_a_writer_that_lost_its_lease_stops_before_committing(bucket):
         assert json.loads(fs.cat_file(f"{bucket}/x.zarr.lock"))["pid"] == os.getpid()
 
 
+@pytest.mark.s3
 def test_workers_without_the_storage_environment_stop_before_anything_is_created(extractor, bucket, dask_cluster,
                                                                                    tmp_path):
     """Issue 19, item 9: workers that lack the client's credentials would turn every image into a skipped
@@ -432,6 +440,7 @@ def test_quiet_distributed_extract_prints_no_dask_info_lines(extractor, tmp_path
     assert "INFO" not in r.stderr and "INFO" not in r.stdout and r.stdout.startswith("extracted ")
 
 
+@pytest.mark.s3
 def test_a_renewal_never_overwrites_another_writers_lease(bucket):
     """The renewal is a conditional PUT on the ETag this writer last wrote: even when its read raced
     another writer's takeover (simulated: the read says "ours"), the PUT is refused and the lease is lost."""
@@ -455,6 +464,7 @@ def test_a_renewal_never_overwrites_another_writers_lease(bucket):
         lease._stop.set()
 
 
+@pytest.mark.s3
 def test_a_writer_stopped_past_its_lease_damages_nothing(extractor, bucket, tmp_path):
     """Issue 19's reproduction on S3: writer A is SIGSTOPped past its lease, writer B takes the store over and
     finishes (rc 0), then A is SIGCONTed. A stops at its next mutation (its own clock says the lease is a term
@@ -481,7 +491,12 @@ def test_a_writer_stopped_past_its_lease_damages_nothing(extractor, bucket, tmp_
             time.sleep(0.05)
         assert a.poll() is None, "A finished before it could be stopped"
         os.kill(a.pid, signal.SIGSTOP)
-        time.sleep(4.5)  # past A's 3 s lease
+
+        def expired():  # A's lease record, as B will read it: past its expiry
+            fs.invalidate_cache()
+            return json.loads(fs.cat_file(f"{bucket}/s.zarr.lock"))["expires"] < time.time()
+
+        wait_for(expired, timeout=30, what="the stopped writer's lease to expire")
         b = run_cli(*args)
         assert b.returncode == 0, b.stderr
         os.kill(a.pid, signal.SIGCONT)

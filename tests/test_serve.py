@@ -16,6 +16,8 @@ from PIL import Image
 
 from convcache.serve import Predictor
 
+pytestmark = pytest.mark.serve
+
 
 def jpeg(seed: int, size=48) -> bytes:
     rng = np.random.default_rng(seed)

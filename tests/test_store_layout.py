@@ -15,8 +15,6 @@ from conftest import make_dataset
 from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.store import FeatureStore, layout
 
-pytestmark = pytest.mark.fast
-
 V1 = Path(__file__).parent / "data" / "store_v1.tar.gz"  # see tests/data/README.md
 
 # run in a fresh interpreter that never imports convcache: what a user without it sees

@@ -40,6 +40,7 @@ def _session_probs(path, X):
     return s.run(["probabilities"], {"features": X})[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head, params", [("logreg", {}), ("dense", FAST_DENSE)])
 def test_heads_learn_a_separable_fixture(store, tmp_path, head, params):
     m = train_head(str(store), head, str(tmp_path / head), copies=1, params=params)
@@ -56,6 +57,7 @@ def test_copies_select_rows(store, tmp_path):
     assert len(load_training_data(str(store), copies=1).train.y) == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head, params", [("logreg", {}), ("dense", FAST_DENSE)])
 def test_multiclass_heads_and_onnx_parity(store3, tmp_path, head, params):
     data = load_training_data(str(store3))
@@ -119,6 +121,7 @@ def test_missing_validation_split(pooled_extractor, tmp_path):
     assert m["selection"]["selected_by"].endswith("cross-validation on train")
 
 
+@pytest.mark.slow
 def test_empty_split_is_an_error(pooled_extractor, tmp_path):
     data = make_dataset(tmp_path / "d", splits={"train": 4})
     (data / "validation" / "cats").mkdir(parents=True)
@@ -130,6 +133,7 @@ def test_empty_split_is_an_error(pooled_extractor, tmp_path):
     assert r.returncode == 2 and "not a feature store" in r.stderr
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_tiny(tmp_path):
     """The whole study on a tiny fixture: every arm, seeds, the real TensorFlow check, tests, report."""
     from convcache.pipeline.compare import CompareConfig, run_compare
@@ -160,6 +164,7 @@ def test_compare_end_to_end_tiny(tmp_path):
     assert (tmp_path / "report" / "arms" / "method_1" / "seed0" / "metrics.json").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_compare_on_an_int8_extractor(tmp_path):
     """compare --precision int8: every arm trains on int8 features from their own store (never the fp32
     one), the report says what the TensorFlow check then measures, and a reused extractor's metadata
