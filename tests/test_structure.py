@@ -173,3 +173,10 @@ def test_the_structure_checks_can_fail(tmp_path):
     assert "zarr" in _imports_of(bad) and _edits_sys_path(bad)
     (tmp_path / "ok.py").write_text("import sys\nprint(sys.path[0])\nfrom zarrlike import x\n")
     assert "zarr" not in _imports_of(tmp_path / "ok.py") and not _edits_sys_path(tmp_path / "ok.py")
+
+
+def test_nothing_in_the_package_imports_the_command_line():
+    """The command line sits on top: it imports the stages, never the other way round (`__main__` runs it)."""
+    graph = import_graph()
+    bad = sorted(m for m, edges in graph.items() if "convcache.cli" in edges and m != "convcache.__main__")
+    assert not bad, f"these import convcache.cli: {', '.join(bad)}"

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from convcache.cli import main as cli
-
 
 def make_example(root: Path, per_class: dict | None = None, seed: int = 0) -> Path:
     per_class = per_class or {"train": 20, "validation": 10}
@@ -51,8 +49,10 @@ def _draw(cls: str, rng, size: int = 96) -> Image.Image:
 
 
 def _step(title: str, args: list[str], ok=(0,)) -> None:
+    """One step as a user types it: `convcache ARGS` in a process of its own (the demo sits above the command
+    line, never imports it)."""
     print(f"\n== {title}: convcache {' '.join(args)}", flush=True)
-    code = cli(args)
+    code = subprocess.run([sys.executable, "-m", "convcache", *map(str, args)]).returncode
     if code not in ok:
         sys.exit(f"demo: step failed with exit status {code}")
 
