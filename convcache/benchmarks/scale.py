@@ -131,9 +131,14 @@ def child(stage: str, args: list[str]) -> dict:
                           len(fs.attrs(split).get("skipped", {}))}
             fs.load(split, max_copy=0, with_features=False, verify=False)
         return out
-    from convcache.cli import main
+    import runpy  # the stage as `python -m convcache ...` runs it (the command line sits above the benchmarks)
 
-    code = main(["extract", "--verify", *args] if stage == "verify" else [stage, *args])
+    sys.argv = ["convcache", *(["extract", "--verify", *args] if stage == "verify" else [stage, *args])]
+    try:
+        runpy.run_module("convcache", run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return {"rc": code}
 
 
