@@ -285,3 +285,16 @@ def test_info_describes_a_store_and_its_integrity(extractor, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-8] + bytes(8))  # a damaged chunk: info says so and exits 1
     r = run_cli("info", store)
     assert r.returncode == 1 and "integrity: rows" in r.stdout
+
+
+def test_both_executors_implement_the_executor_protocol():
+    """The engine calls an executor only through `engine.Executor`: local threads and Dask alike."""
+    from convcache.extract.distributed import DaskExecutor
+    from convcache.extract.engine import Executor, LocalExecutor
+
+    members = [n for n in vars(Executor) if not n.startswith("_")]
+    members += list(Executor.__annotations__)
+    assert {"run", "usable", "hash_files", "reserve", "block_rows", "provider"} <= set(members)
+    for cls in (LocalExecutor, DaskExecutor):
+        missing = [n for n in members if n != "provider" and not callable(getattr(cls, n, None))]
+        assert not missing, f"{cls.__name__} lacks {missing}"

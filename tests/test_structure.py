@@ -180,3 +180,19 @@ def test_nothing_in_the_package_imports_the_command_line():
     graph = import_graph()
     bad = sorted(m for m, edges in graph.items() if "convcache.cli" in edges and m != "convcache.__main__")
     assert not bad, f"these import convcache.cli: {', '.join(bad)}"
+
+
+def test_the_serving_hooks_have_one_call_site():
+    """decode -> batch -> infer -> postprocess are called in `convcache.serve.loop` only (as LitServe's loop
+    calls a LitAPI's hooks): nothing else reaches into a predictor's hooks."""
+    hooks = {"decode", "infer", "postprocess", "to_pixels", "run_pixels", "to_prediction"}
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        if path.relative_to(ROOT).as_posix() in ("serve/loop.py", "serve/predictor.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in hooks:
+                owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+                if owner in ("predictor", "hooks", "p") or owner.endswith("predictor"):
+                    bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {owner}.{node.attr}")
+    assert not bad, "serving hooks called outside convcache/serve/loop.py:\n" + "\n".join(bad)

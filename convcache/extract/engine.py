@@ -35,13 +35,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from convcache import artifacts
-from convcache.augment import AugmentPolicy
 from convcache.datasets import Item
-from convcache.extract.mapper import Hashed, decode_copies, hash_file
+from convcache.extract.mapper import DecodeSpec, Hashed, decode_copies, hash_file
 from convcache.imaging import printable_path
 from convcache.runtime import create_session
 from convcache.store import FeatureSink, statcache
@@ -97,16 +97,11 @@ class BlockSettings:
 
     sink: FeatureSink
     split: str
-    size: int
+    decode: DecodeSpec
     input_name: str
     output_name: str
-    policy: AugmentPolicy
-    seed: int
-    max_pixels: int
-    max_bytes: int
     batch_size: int
     dtype: str
-    storage_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -244,7 +239,7 @@ def decode_block(block: Block, s: BlockSettings) -> list:
             j += 1
         r = rows[i]
         decoded = decode_copies(Item(r.source, r.label, block.split), r.sha256, [rows[k].copy for k in range(i, j)],
-                                s.size, s.policy, s.seed, s.max_pixels, s.max_bytes, s.storage_options)
+                                s.decode)
         if decoded.error:  # it decoded when the run was planned: the file changed during the run
             raise RuntimeError(f"{r.path}: {decoded.error} (it decoded when the run was planned)")
         pixels += decoded.images
@@ -301,6 +296,35 @@ class Committer:
 
 
 # ---------------------------------------------------------------- the local executor
+
+class Executor(Protocol):
+    """Where blocks run: `LocalExecutor` (threads on this machine) or `DaskExecutor` (a cluster). The engine
+    calls nothing else of an executor. Their lifetime is the runner's: `with LocalExecutor(...)`, or
+    `with dask_executor(...)` (which owns the cluster's client)."""
+
+    provider: str
+
+    def describe(self) -> dict:
+        """What a run's record says about where it ran (workers, tasks, ...)."""
+
+    def preflight(self, items: list[Item], cfg) -> None:
+        """Checks before the store is touched (a cluster that cannot read the images fails here)."""
+
+    def block_rows(self, writer) -> int:
+        """Rows per block (whole chunks for Dask: no two tasks write one chunk)."""
+
+    def reserve(self, writer, rows: int) -> None:
+        """Grow the split ahead of time where workers write into it (Dask); nothing locally."""
+
+    def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
+        """Every item's content hash, in item order."""
+
+    def usable(self, plan: list[Planned], writer, settings: BlockSettings) -> Iterator[Planned]:
+        """The planned images that decode, in plan order (the others recorded as skipped)."""
+
+    def run(self, blocks: Iterable[Block], settings: BlockSettings, writer) -> Iterator[list]:
+        """Run the blocks; yield lists of BlockResult / BlockFailure as they finish, in any order."""
+
 
 @dataclass
 class _Open:
@@ -366,8 +390,7 @@ class LocalExecutor:
         failed: set = set()
 
         def decode(p: Planned, c: int):
-            return p, decode_copies(p.item, p.sha256, [c], s.size, s.policy, s.seed, s.max_pixels, s.max_bytes,
-                                    s.storage_options)
+            return p, decode_copies(p.item, p.sha256, [c], s.decode)
 
         jobs = ((p, c) for p, c in copy_major(plan) if p.item.path not in failed)
         for p, decoded in _ordered(self._pool, decode, jobs, window=4 * self.workers):
@@ -382,7 +405,8 @@ class LocalExecutor:
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
         # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
         # touched): a fresh 8 MiB array per batch costs more CPU in page faults than decoding does.
-        buffers = itertools.cycle([np.empty((s.batch_size, s.size, s.size, 3), np.float32) for _ in range(2)])
+        side = s.decode.size
+        buffers = itertools.cycle([np.empty((s.batch_size, side, side, 3), np.float32) for _ in range(2)])
         shape = self.session.contract.feature_shape
         open_blocks: deque[_Open] = deque()
         pending: list[tuple[_Open, int, np.ndarray]] = []
@@ -458,34 +482,67 @@ def _ordered(pool, fn, jobs, window: int):
 
 # ---------------------------------------------------------------- one split, on either executor
 
-def extract_split(executor, split: str, items: list[Item], copies: list[int], writer, cfg, contract,
-                  summary, ignored: dict | None = None) -> None:
-    """Plan, cut, run and commit one split's missing rows on `executor` (local threads or Dask)."""
-    from tqdm import tqdm
+@dataclass
+class SplitJob:
+    """One split's work in a run: its items, the copies each gets, its writer, and the entries discovery
+    ignored in it (path -> reason)."""
 
+    split: str
+    items: list[Item]
+    copies: list[int]
+    writer: object  # convcache.store.SplitWriter
+    ignored: dict = field(default_factory=dict)
+
+
+def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> None:
+    """Plan, cut, run and commit one split's missing rows on `executor` (local threads or Dask)."""
     from convcache.errors import ConvcacheError
     from convcache.runtime import cpu_model
 
+    split, writer = job.split, job.writer
     t_start = time.perf_counter()
-    committed = writer.begin_run(ignored)
-    hashed = hash_with_cache(executor, items, writer, cfg, summary)
+    committed = writer.begin_run(job.ignored)
+    hashed = hash_with_cache(executor, job.items, writer, cfg, summary)
     t_plan = time.perf_counter()
     summary.phases["hash"] = summary.phases.get("hash", 0.0) + t_plan - t_start
-    plan = plan_rows(hashed, copies, committed, writer, summary)
+    plan = plan_rows(hashed, job.copies, committed, writer, summary)
     del hashed
     summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
-    settings = BlockSettings(sink=writer.sink(), split=split, size=contract.size, input_name=contract.input_name,
-                             output_name=contract.output_name, policy=cfg.policy, seed=cfg.seed,
-                             max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes, batch_size=cfg.batch_size,
-                             dtype=cfg.dtype, storage_options=dict(cfg.storage_options))
-    start, total = writer.committed, sum(len(p.copies) for p in plan)
+    settings = BlockSettings(sink=writer.sink(), split=split,
+                             decode=DecodeSpec(contract.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes,
+                                               dict(cfg.storage_options)),
+                             input_name=contract.input_name, output_name=contract.output_name,
+                             batch_size=cfg.batch_size, dtype=cfg.dtype)
+    start = writer.committed
+    t_run = time.perf_counter()
+    failed, task_seconds, n_blocks = _run_blocks(executor, plan, settings, writer, committed.next_image, cfg,
+                                                 summary)
+    summary.phases["run"] = summary.phases.get("run", 0.0) + time.perf_counter() - t_run
+    if failed:
+        raise ConvcacheError(f"'{split}': {len(failed)} of {n_blocks} blocks failed (first: {failed[0].error}); rows "
+                             f"0..{writer.committed - 1} are committed, re-run to extract the rest")
+    written = writer.committed - start
+    if written:  # the cost of the cache, for compute accounting (seconds per row on this machine)
+        writer.record_run({"rows": written, "seconds": round(time.perf_counter() - t_start, 3),
+                           "provider": summary.provider, "cpu": cpu_model(), "batch_size": cfg.batch_size,
+                           **executor.describe(), "blocks": n_blocks,
+                           "block_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
+                           "copies": list(job.copies), "finished": _now()})
+
+
+def _run_blocks(executor: Executor, plan: list[Planned], settings: BlockSettings, writer, next_image: int, cfg,
+                summary) -> tuple[list, list, int]:
+    """Cut the plan into blocks, run them on `executor`, commit what completes in row order, then the run's
+    final commit. Returns (failed blocks, block seconds, blocks run)."""
+    from tqdm import tqdm
+
+    total = sum(len(p.copies) for p in plan)
     executor.reserve(writer, total)
     committer = Committer(writer)
-    blocks = committer.track(cut_blocks(split, executor.usable(plan, writer, settings), committed.next_image, start,
-                                        executor.block_rows(writer)))
-    bar = tqdm(total=total, desc=f"extract {split}", unit="row", disable=not cfg.progress or not total)
+    blocks = committer.track(cut_blocks(settings.split, executor.usable(plan, writer, settings), next_image,
+                                        writer.committed, executor.block_rows(writer)))
+    bar = tqdm(total=total, desc=f"extract {settings.split}", unit="row", disable=not cfg.progress or not total)
     failed, providers, task_seconds, n_blocks = [], set(), [], 0
-    t_run = time.perf_counter()
     for results in executor.run(blocks, settings, writer):
         ok = [r for r in results if isinstance(r, BlockResult)]
         failed += [r for r in results if isinstance(r, BlockFailure)]
@@ -497,20 +554,10 @@ def extract_split(executor, split: str, items: list[Item], copies: list[int], wr
         n_blocks += len(results)
         summary.rows_written += committer.add(ok)
     bar.close()
-    summary.phases["run"] = summary.phases.get("run", 0.0) + time.perf_counter() - t_run
     writer.commit()
     summary.skipped.update(writer.skipped)
     summary.provider = ", ".join(sorted(providers)) or summary.provider
-    if failed:
-        raise ConvcacheError(f"'{split}': {len(failed)} of {n_blocks} blocks failed (first: {failed[0].error}); rows "
-                             f"0..{writer.committed - 1} are committed, re-run to extract the rest")
-    written = writer.committed - start
-    if written:  # the cost of the cache, for compute accounting (seconds per row on this machine)
-        writer.record_run({"rows": written, "seconds": round(time.perf_counter() - t_start, 3),
-                           "provider": summary.provider, "cpu": cpu_model(), "batch_size": cfg.batch_size,
-                           **executor.describe(), "blocks": n_blocks,
-                           "block_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
-                           "copies": list(copies), "finished": _now()})
+    return failed, task_seconds, n_blocks
 
 
 def hash_with_cache(executor, items: list[Item], writer, cfg, summary) -> list[Hashed]:

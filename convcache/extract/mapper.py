@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,15 +39,26 @@ class Decoded:
     error: str | None = None
 
 
-def decode_copies(item: Item, sha256: str, copies: list[int], size: int, policy: AugmentPolicy, seed: int,
-                  max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES,
-                  storage_options: dict | None = None) -> Decoded:
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How an image becomes its copies' pixels: read (at most `max_bytes`, with `storage_options` for URLs),
+    decode to `size` x `size` (at most `max_pixels`), augment copy c by `policy` and `seed`."""
+
+    size: int
+    policy: AugmentPolicy
+    seed: int = 0
+    max_pixels: int = 40_000_000
+    max_bytes: int = DEFAULT_MAX_BYTES
+    storage_options: dict = field(default_factory=dict)
+
+
+def decode_copies(item: Item, sha256: str, copies: list[int], spec: DecodeSpec) -> Decoded:
     try:
-        data = read_bytes(item.path, max_bytes, storage_options)
+        data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
         if hashlib.sha256(data).hexdigest() != sha256:
             return Decoded(item, sha256, copies, None, "changed while reading")
-        image = decode_image(data, size, max_pixels)
-        return Decoded(item, sha256, copies, [augment(image, policy, seed, sha256, c) for c in copies])
+        image = decode_image(data, spec.size, spec.max_pixels)
+        return Decoded(item, sha256, copies, [augment(image, spec.policy, spec.seed, sha256, c) for c in copies])
     except ImageError as exc:
         return Decoded(item, sha256, copies, None, exc.reason)
     except Exception as exc:  # one bad file never stops a run

@@ -15,7 +15,7 @@ from convcache import __version__, artifacts
 from convcache.augment import AugmentPolicy
 from convcache.datasets import discover_all
 from convcache.errors import ConvcacheError
-from convcache.extract.engine import ExtractorSession, LocalExecutor, extract_split
+from convcache.extract.engine import ExtractorSession, LocalExecutor, SplitJob, extract_split
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
 from convcache.store import SplitSpec, SplitWriter, open_root, writer_lock
@@ -120,9 +120,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         ex.preflight(items, cfg)  # before the lease and the store: a failure here creates nothing
         with writer_lock(cfg.output, cfg.storage_options) as guard:
             try:
-                for split, split_items, copies, writer, ignored_here in split_writers(cfg, contract, items, classes,
-                                                                                      ignored, guard):
-                    extract_split(ex, split, split_items, copies, writer, cfg, contract, summary, ignored_here)
+                for job in split_jobs(cfg, contract, items, classes, ignored, guard):
+                    extract_split(ex, job, cfg, contract, summary)
             except OSError as exc:  # disk full, read-only file system, ...: what was committed stays
                 raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is "
                                      "kept, re-run to resume once that is fixed") from None
@@ -140,9 +139,9 @@ def store_identity(cfg: ExtractConfig, contract, classes) -> tuple[dict, dict]:
     return identity, provenance
 
 
-def split_writers(cfg: ExtractConfig, contract, items, classes, ignored, guard=None):
-    """For each split of the data, in order: (split, its items, the copies it gets, its SplitWriter,
-    the entries discovery ignored in it)."""
+def split_jobs(cfg: ExtractConfig, contract, items, classes, ignored, guard=None):
+    """Each split of the data, in order, as a `SplitJob` (its items, the copies it gets, its SplitWriter, the
+    entries discovery ignored in it)."""
     root = open_root(cfg.output, classes, cfg.storage_options, {"created": _now(), "versions": _versions()})
     if guard is not None and hasattr(guard, "fence"):
         guard.fence(root)  # the fencing token every commit of this run carries
@@ -153,8 +152,8 @@ def split_writers(cfg: ExtractConfig, contract, items, classes, ignored, guard=N
         writer = SplitWriter(root, split, spec, cfg.output, cfg.storage_options, repair=cfg.repair, guard=guard)
         if is_url(cfg.output):  # each refresh is a GET per array and a PUT: at most every few seconds
             writer.consolidate_seconds = REMOTE_CONSOLIDATE_SECONDS
-        yield split, [i for i in items if i.split == split], copies, writer, {p: r for p, sp, r in ignored
-                                                                                if sp == split}
+        yield SplitJob(split, [i for i in items if i.split == split], copies, writer,
+                       {p: r for p, sp, r in ignored if sp == split})
 
 
 def _versions() -> dict:

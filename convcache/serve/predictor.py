@@ -1,4 +1,6 @@
-"""Predictor: a fused convcache model in-process. Decoding and resizing are extract's (convcache.imaging)."""
+"""Predictor: a fused convcache model in-process. It provides the serving hooks (`decode`, `infer`,
+`postprocess`: `convcache.serve.loop.PredictorHooks`); the loop calls them. Decoding and resizing are
+extract's (convcache.imaging)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from convcache import artifacts
 from convcache.errors import ImageError
 from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_opened, prepare_image, read_bytes
 from convcache.runtime import create_session
+from convcache.serve import loop
 
 
 @dataclass
@@ -43,7 +46,6 @@ class Predictor:
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int = 32,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None):
         self.contract = artifacts.read(model, artifacts.KIND_FUSED)
-        self.metadata = self.contract.metadata
         self.classes = list(self.contract.classes)
         self.size = self.contract.size
         self.model_id = self.sha256 = self.contract.identity  # the one model id (see convcache.artifacts)
@@ -52,7 +54,7 @@ class Predictor:
         self.session = create_session(str(model), device, threads)
         self.provider = self.session.get_providers()[0]
 
-    def to_pixels(self, image, budget=None) -> np.ndarray:
+    def decode(self, image, budget=None) -> np.ndarray:
         """One input -> uint8 size x size x 3; raises ImageError for unusable input. `budget` (an
         `imaging.MemoryBudget`) holds the decode's memory, every intermediate counted."""
         if isinstance(image, (str, Path)):
@@ -71,27 +73,24 @@ class Predictor:
             raise ImageError(f"an array image must be HxW or HxWx{{1,3,4}}, got shape {image.shape}")
         raise ImageError(f"unsupported input type {type(image).__name__}")
 
-    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A batch of uint8 pixels -> (probabilities, flattened features)."""
         probs, feats = self.session.run(list(self.contract.outputs),
                                         {self.contract.input_name: pixels.astype(np.float32)})
         return probs, feats.reshape(len(pixels), -1)
 
-    def to_prediction(self, probs: np.ndarray) -> Prediction:
+    def postprocess(self, probs: np.ndarray) -> Prediction:
         return Prediction(self.classes[int(np.argmax(probs))],
                           {c: float(p) for c, p in zip(self.classes, probs)})
+
+    # the hooks' earlier names
+    to_pixels, run_pixels, to_prediction = decode, infer, postprocess
 
     def predict(self, images) -> list[Prediction] | Prediction:
         """Predictions for a list (batched), or one Prediction for a single input."""
         single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            pixels = np.stack([self.to_pixels(x) for x in items[i : i + self.batch_size]])
-            out += [self.to_prediction(p) for p in self.run_pixels(pixels)[0]]
+        out = loop.predict(self, [images] if single else list(images), self.batch_size)
         return out[0] if single else out
 
     def features(self, images) -> np.ndarray:
-        items = images if isinstance(images, (list, tuple)) else [images]
-        return np.concatenate([self.run_pixels(np.stack([self.to_pixels(x) for x in items[i : i + self.batch_size]]))[1]
-                               for i in range(0, len(items), self.batch_size)])
+        return loop.features(self, list(images) if isinstance(images, (list, tuple)) else [images], self.batch_size)

@@ -30,8 +30,7 @@ async def _results(request: Request):
              openapi_extra=IMAGE_BODY)
 async def predict(request: Request):
     service, results = await _results(request)
-    return {"model": service.model_id, "predictions": [
-        {**service.predictor.to_prediction(probs).to_dict(), "cached": cached} for (probs, _), cached in results]}
+    return {"model": service.model_id, "predictions": service.predictions(results)}
 
 
 @router.post("/v1/features", summary="The extractor's feature vector of each image", response_model=FeaturesResponse,
