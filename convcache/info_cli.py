@@ -75,6 +75,9 @@ def _store_info(path: str, as_json: bool) -> int:
             e, a = s["extractor"], s["augment"] or {}
             print(f"{split:>16}: {s['rows']} rows, copies 0..{s['copies']}, features {s['feature_shape']} "
                   f"{s['dtype']}, integrity: {s['integrity']}")
+            if len(s["variables"]) > 1:  # a tapped extractor's store: one variable per tap
+                print(f"{'':>16}  taps: " + ", ".join(f"{v} {d['shape']} ({d['bytes'] / 2**20:.1f} MiB)"
+                                                       for v, d in s["variables"].items()))
             print(f"{'':>16}  extractor {e['identity'][:12]} ({e['weights']}, {e['layer']}"
                   f"{', ' + e['pooling'] if e['pooling'] else ''}, {e['preprocess']}, {e['precision']}, "
                   f"{e['size']}px); augment seed {a.get('seed')}, policy {json.dumps(a.get('policy'))}")

@@ -34,6 +34,37 @@ IMAGES, FEATURES, PROBABILITIES = "images", "features", "probabilities"
 KIND_EXTRACTOR, KIND_HEAD, KIND_FUSED = "extractor", "head", "fused"
 
 
+@dataclass(frozen=True)
+class Tap:
+    """One named output of an extractor: the activation after `layer`, global-`pooling`-ed (avg or max) or
+    the map itself (None). Its name is `layer` or `layer_pooling` (`block4_pool_avg`); `shape` is without
+    the batch axis."""
+
+    layer: str
+    pooling: str | None = None
+    shape: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return self.layer if self.pooling is None else f"{self.layer}_{self.pooling}"
+
+    @classmethod
+    def parse(cls, spec: str) -> Tap:
+        """`block4_pool:avg`, `block4_pool:max` or `block5_pool` (the map)."""
+        layer, _, pooling = str(spec).strip().partition(":")
+        if pooling not in ("", "avg", "max") or not layer:
+            raise ConvcacheError(f"tap {spec!r}: expected LAYER, LAYER:avg or LAYER:max (e.g. block4_pool:avg)")
+        return cls(layer, pooling or None)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "pooling": self.pooling, "shape": list(self.shape)}
+
+
+# `export --taps` with no list: block3..5, each average- and max-pooled, and the book's block5_pool map
+DEFAULT_TAPS = ("block3_pool:avg", "block3_pool:max", "block4_pool:avg", "block4_pool:max", "block5_pool:avg",
+                "block5_pool:max", "block5_pool")
+
+
 def _need(meta: dict, keys: tuple, where: str) -> None:
     missing = [k for k in keys if k not in meta]
     if missing:
@@ -79,6 +110,16 @@ class Extractor(Artifact):
     weights_source: str | None = None  # hed, imagenet, random or a file
     weights_sha256: str | None = None
     weights_seed: int = 0
+    taps: tuple = ()  # several named outputs from one pass (`export --taps`); () for a one-output extractor
+
+    @property
+    def outputs(self) -> tuple:
+        """Every output as a Tap: the taps, or the one output (named `features`)."""
+        return self.taps or (Tap(self.layer or "block5_pool", self.pooling, tuple(self.feature_shape)),)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.taps] if self.taps else [self.output_name or FEATURES]
 
     @property
     def n_features(self) -> int:
@@ -95,7 +136,8 @@ class Extractor(Artifact):
                           "pixels": "RGB, 0-255"},
                 "preprocess": self.preprocess,
                 "output": {"name": self.output_name or FEATURES, "shape": [None, *self.feature_shape]},
-                "layer": self.layer, "pooling": self.pooling}
+                "layer": self.layer, "pooling": self.pooling,
+                **({"taps": [t.to_dict() for t in self.taps]} if self.taps else {})}
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Extractor:
@@ -114,7 +156,9 @@ class Extractor(Artifact):
                        opset=int(opset if opset is not None else meta.get("opset", 17)),
                        layer=meta.get("layer"), pooling=meta.get("pooling"), precision=meta.get("precision", "fp32"),
                        preprocess=meta.get("preprocess", "caffe"), weights_source=w.get("source"),
-                       weights_sha256=w.get("sha256"), weights_seed=int(w.get("seed", 0)), metadata=meta)
+                       weights_sha256=w.get("sha256"), weights_seed=int(w.get("seed", 0)),
+                       taps=tuple(Tap(t["layer"], t.get("pooling"), tuple(int(d) for d in t["shape"]))
+                                  for t in meta.get("taps") or ()), metadata=meta)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConvcacheError(f"{where}: malformed extractor metadata ({exc.__class__.__name__}: {exc})") from None
 
@@ -296,6 +340,9 @@ def describe(path: str | os.PathLike) -> dict:
     recorded = (meta.get("outputs") or {}) if meta.get("kind") == KIND_FUSED else \
         ({meta["output"].get("name", FEATURES): meta["output"].get("shape")} if isinstance(meta.get("output"), dict)
          else {})
+    for tap in meta.get("taps") or () if meta.get("kind") == KIND_EXTRACTOR else ():
+        if isinstance(tap, dict) and isinstance(tap.get("shape"), list):
+            recorded[tap.get("name")] = [None, *tap["shape"]]
     for out in outputs:  # the shape convcache recorded, where the graph leaves a size unknown
         shape = recorded.get(out["name"])
         if isinstance(shape, list) and len(shape) == len(out["shape"]):

@@ -17,8 +17,9 @@ from convcache.errors import ConvcacheError
 DEFAULT_OPSET = 17
 
 
-def keras_to_onnx(model, input_name: str, input_shape: tuple, output_name: str, opset: int) -> onnx.ModelProto:
-    """A single-input, single-output Keras model -> ONNX with the given tensor names."""
+def keras_to_onnx(model, input_name: str, input_shape: tuple, output_name, opset: int) -> onnx.ModelProto:
+    """A single-input Keras model -> ONNX with the given tensor names (`output_name`: one name, or a list with
+    one name per output, in the model's order)."""
     from convcache.tfquiet import import_keras
 
     tf, _ = import_keras()
@@ -26,7 +27,11 @@ def keras_to_onnx(model, input_name: str, input_shape: tuple, output_name: str, 
 
     spec = [tf.TensorSpec((None, *input_shape), tf.float32, name=input_name)]
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
-    rename_io(proto, {proto.graph.input[0].name: input_name}, {proto.graph.output[0].name: output_name})
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
+    if len(names) != len(proto.graph.output):
+        raise ConvcacheError(f"the converted model has {len(proto.graph.output)} outputs, not {len(names)}")
+    rename_io(proto, {proto.graph.input[0].name: input_name},
+              {out.name: name for out, name in zip(proto.graph.output, names)})
     return proto
 
 

@@ -39,6 +39,26 @@ def build_extractor(base, layer: str | None = None, pooling: str | None = None, 
     return keras.Model(inputs, _cut(keras, base, x, layer, pooling), name="convcache_extractor")
 
 
+def build_tapped_extractor(base, taps, preprocess: str = DEFAULT_PREPROCESS):
+    """One model, one pass through `base`, an output per tap (`taps`: objects with layer and pooling), in
+    order: the deepest tap's layer ends the pass; each tap reads the activation after its layer."""
+    _, keras = import_keras()
+    check_preprocess(preprocess)
+    inputs = keras.Input(shape=base.input_shape[1:], dtype="float32", name="images")
+    x = CaffePreprocess()(inputs) if preprocess == "caffe" else keras.layers.Rescaling(1.0 / 255, name="rescale")(
+        inputs)
+    names = [lay.name for lay in base.layers]
+    unknown = [t.layer for t in taps if t.layer not in names]
+    if unknown:
+        raise ConvcacheError(f"unknown layer {unknown[0]!r}; VGG16's are: {', '.join(names[1:])}")
+    deepest = max(names.index(t.layer) for t in taps)
+    after = {}
+    for lay in base.layers[1 : deepest + 1]:
+        x = after[lay.name] = lay(x)
+    outputs = [_pool(keras, after[t.layer], t.pooling, t.name) for t in taps]
+    return keras.Model(inputs, outputs, name="convcache_tapped_extractor")
+
+
 def cut_base(base, layer: str | None = None, pooling: str | None = None):
     """The base cut at `layer` with optional pooling and *no* preprocessing (takes preprocessed input)."""
     _, keras = import_keras()
@@ -53,10 +73,14 @@ def _cut(keras, base, x, layer, pooling):
         raise ConvcacheError(f"unknown layer {layer!r}; VGG16's are: {', '.join(names[1:])}")
     for lay in base.layers[1 : names.index(layer) + 1]:
         x = lay(x)
+    return _pool(keras, x, pooling)
+
+
+def _pool(keras, x, pooling, name: str | None = None):
     if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D()(x)
+        return keras.layers.GlobalAveragePooling2D(name=name)(x)
     if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D()(x)
+        return keras.layers.GlobalMaxPooling2D(name=name)(x)
     if pooling is not None:
         raise ConvcacheError(f"unknown pooling {pooling!r}; choose avg or max")
     return x

@@ -18,6 +18,10 @@ def register(sub) -> None:
     p.add_argument("--layer", metavar="LAYER",
                    help=f"cut the base after this layer: one of {', '.join(LAYERS)} (None: block5_pool)")
     p.add_argument("--pooling", choices=["avg", "max"], help="global pooling to a vector (None: the feature map)")
+    p.add_argument("--taps", nargs="?", const="default", metavar="LAYER[:avg|max],...",
+                   help="several named outputs from one pass, e.g. block4_pool:avg,block5_pool (the map); "
+                        "--taps alone: block3..5_pool, each avg- and max-pooled, and the block5_pool map. "
+                        "extract stores one variable per tap")
     p.add_argument("--preprocess", choices=("caffe", "rescale"), default=d["preprocess"].default,
                    help="preprocessing inside the graph: caffe (Keras' vgg16.preprocess_input: RGB->BGR minus the "
                         "ImageNet mean, what the ImageNet weights expect) or rescale (x/255, RGB: the book's sec. 5.3) "
@@ -43,12 +47,15 @@ def register(sub) -> None:
 
 
 def run_export(args) -> int:
+    from convcache.artifacts import DEFAULT_TAPS
     from convcache.export.runner import ExportConfig
     from convcache.export.runner import run_export as export
 
+    taps = None if args.taps is None else DEFAULT_TAPS if args.taps == "default" else tuple(
+        t for t in args.taps.split(",") if t.strip())
     cfg = ExportConfig(args.weights, args.input_size, args.output, args.layer, args.pooling, args.precision,
                        args.calibration, args.seed, args.opset, args.keep_fp32, args.probe,
-                       args.probe_limit, preprocess=args.preprocess)  # validated here, before TensorFlow starts
+                       args.probe_limit, preprocess=args.preprocess, taps=taps)  # validated before TensorFlow starts
     meta = export(cfg)
     extra = ""
     if "quantization" in meta:
@@ -59,7 +66,9 @@ def run_export(args) -> int:
             extra += (f"; probe accuracy on {pr['images']} images: fp32 {pr['accuracy_fp32']:.1%}, int8 "
                       f"{pr['accuracy_int8']:.1%}, difference {100 * pr['difference']:+.1f} "
                       f"± {100 * pr['difference_se']:.1f} points (SE)")
-    print(f"wrote {args.output}: {meta['weights']['source']} weights, output {meta['output']['shape']}, "
+    outputs = ", ".join(f"{t['name']} {t['shape']}" for t in meta["taps"]) if meta.get("taps") else \
+        f"output {meta['output']['shape']}"
+    print(f"wrote {args.output}: {meta['weights']['source']} weights, {outputs}, "
           f"{meta['precision']}, {meta['preprocess']} preprocessing, identity {meta['graph_sha256'][:12]}, "
           "parity max abs diff "
           f"{meta['parity_max_abs_diff']:.2g}{extra}")

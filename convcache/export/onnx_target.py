@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
 
 
-def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True) -> onnx.ModelProto:
+def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True, output_names=None) -> onnx.ModelProto:
     """The extractor as ONNX; with caffe preprocessing (`fold_bgr`), the RGB->BGR permutation (a Tensordot
     in the converted graph) folded into block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv."""
     size = model.input_shape[1]
-    proto = onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), OUTPUT_NAME, opset)
+    proto = onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), output_names or OUTPUT_NAME, opset)
     if fold_bgr and not onnxcompose.fold_channel_permutation(proto):
         log.warning("the RGB->BGR permutation was not found in the converted graph; left unfolded")
     return proto
@@ -47,7 +47,7 @@ def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def check_extractor_parity(proto: onnx.ModelProto, keras_model, images: np.ndarray,
-                           preprocess: str | None = None) -> float:
+                           preprocess: str | None = None, output: str = OUTPUT_NAME) -> float:
     """Run both; fail when ORT strays from Keras. Returns the max abs diff. With `preprocess`, `keras_model`
     takes preprocessed input, and the images go through Keras' own preprocessing for it
     (`vgg16.preprocess_input` for caffe, x/255 for rescale) rather than through convcache's layers."""
@@ -56,8 +56,8 @@ def check_extractor_parity(proto: onnx.ModelProto, keras_model, images: np.ndarr
     inputs = images if preprocess is None else keras_preprocess(images, preprocess)
     reference = np.asarray(keras_model.predict(inputs, verbose=0))
     bound = PARITY_RTOL * float(np.max(np.abs(reference)))
-    diff = onnxtools.check_parity(proto, reference, {INPUT_NAME: images}, OUTPUT_NAME, bound,
-                                  "ONNX/Keras parity failed")
+    diff = onnxtools.check_parity(proto, reference, {INPUT_NAME: images}, output, bound,
+                                  f"ONNX/Keras parity failed{'' if output == OUTPUT_NAME else ' (' + output + ')'}")
     log.info("parity with Keras: max abs diff %.3g (bound %.3g)", diff, bound)
     return diff
 

@@ -39,6 +39,7 @@ class ExportConfig:
     probe: str | None = None  # labelled images for the int8 probe report (default: --calibration, if labelled)
     probe_limit: int = 1000
     preprocess: str = keras_model.DEFAULT_PREPROCESS  # caffe (Keras' preprocess_input) or rescale (the book's x/255)
+    taps: tuple | None = None  # several outputs from one pass: "block4_pool:avg", "block5_pool", ... (artifacts.Tap)
 
     def __post_init__(self):
         if self.weights not in weights.NAMED_SOURCES and not Path(self.weights).is_file():
@@ -67,6 +68,18 @@ class ExportConfig:
         keras_model.check_preprocess(self.preprocess)
         if self.seed < 0 or not 13 <= self.opset <= 21:
             raise ConvcacheError("--seed must be >= 0 and --opset between 13 and 21")
+        if self.taps is not None:
+            self.taps = tuple(t if isinstance(t, artifacts.Tap) else artifacts.Tap.parse(t) for t in self.taps)
+            names = [t.name for t in self.taps]
+            if not names or len(set(names)) != len(names):
+                raise ConvcacheError(f"--taps {','.join(names)}: give at least one tap, each once")
+            if self.layer or self.pooling:
+                raise ConvcacheError("--taps names each output's layer and pooling: not with --layer or --pooling")
+            if self.precision != "fp32":
+                raise ConvcacheError("--taps exports fp32 (fp16 and int8 are for one-output extractors)")
+            bad = [t.layer for t in self.taps if t.layer not in LAYERS]
+            if bad:
+                raise ConvcacheError(f"--taps: unknown layer {bad[0]!r}; VGG16's are: {', '.join(LAYERS)}")
 
 
 def _probe(cfg: ExportConfig, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> dict:
@@ -86,18 +99,18 @@ def _probe(cfg: ExportConfig, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> d
     return rep
 
 
-def export_extractor(weights_source: str, input_size: int, output: str, layer: str | None = None,
-                     pooling: str | None = None, precision: str = "fp32", calibration: str | None = None,
-                     seed: int = 0, opset: int = 17, probe: str | None = None, keep_fp32: str = "first-last",
-                     preprocess: str = keras_model.DEFAULT_PREPROCESS) -> dict:
-    return run_export(ExportConfig(weights_source, input_size, output, layer, pooling, precision, calibration, seed,
-                                   opset, keep_fp32, probe, preprocess=preprocess))
+def export_extractor(weights_source: str, input_size: int, output: str, **options) -> dict:
+    """`run_export(ExportConfig(weights_source, input_size, output, **options))`: the options are ExportConfig's
+    (layer, pooling, precision, calibration, seed, opset, keep_fp32, probe, preprocess), checked there once."""
+    return run_export(ExportConfig(weights_source, input_size, output, **options))
 
 
 def run_export(cfg: ExportConfig) -> dict:
     weights_source, input_size, output, layer, pooling = cfg.weights, cfg.input_size, cfg.output, cfg.layer, cfg.pooling
     precision, calibration, seed, opset = cfg.precision, cfg.calibration, cfg.seed, cfg.opset
     base = weights.load_vgg16(weights_source, input_size, seed)
+    if cfg.taps:
+        return _export_taps(cfg, base)
     model = keras_model.build_extractor(base, layer, pooling, cfg.preprocess)
     proto = onnx_target.extractor_to_onnx(model, opset, fold_bgr=cfg.preprocess == "caffe")
     onnx.checker.check_model(proto, full_check=True)
@@ -133,4 +146,29 @@ def run_export(cfg: ExportConfig) -> dict:
                     "versions": onnx_target.library_versions(), "created": onnx_target.now_iso()})
     meta = contract.write(proto).metadata
     artifacts.save_model(proto, output)  # never leaves a half-written model under the real name
+    return meta
+
+
+def _export_taps(cfg: ExportConfig, base) -> dict:
+    """One extractor, one pass, an output per tap; each output checked against Keras' own preprocessing and
+    the base cut at that tap (as a one-output export is)."""
+    model = keras_model.build_tapped_extractor(base, cfg.taps, cfg.preprocess)
+    names = [t.name for t in cfg.taps]
+    proto = onnx_target.extractor_to_onnx(model, cfg.opset, fold_bgr=cfg.preprocess == "caffe", output_names=names)
+    onnx.checker.check_model(proto, full_check=True)
+    images = onnx_target.sample_images(4, cfg.input_size, cfg.seed)
+    diffs = {t.name: onnx_target.check_extractor_parity(proto, keras_model.cut_base(base, t.layer, t.pooling), images,
+                                                        cfg.preprocess, output=t.name) for t in cfg.taps}
+    shapes = [tuple(int(d) for d in out.shape[1:]) for out in model.outputs]
+    taps = tuple(artifacts.Tap(t.layer, t.pooling, shape) for t, shape in zip(cfg.taps, shapes))
+    first = taps[0]
+    contract = artifacts.Extractor(
+        size=cfg.input_size, feature_shape=first.shape, layer=first.layer, pooling=first.pooling, precision="fp32",
+        preprocess=cfg.preprocess, weights_source=cfg.weights, weights_sha256=weights.weights_sha256(base),
+        weights_seed=cfg.seed, opset=cfg.opset, input_name=artifacts.IMAGES, output_name=first.name, taps=taps,
+        provenance={"parity_max_abs_diff": max(diffs.values()), "parity_per_tap": diffs,
+                    "preprocessing": keras_model.PREPROCESSINGS[cfg.preprocess],
+                    "versions": onnx_target.library_versions(), "created": onnx_target.now_iso()})
+    meta = contract.write(proto).metadata
+    artifacts.save_model(proto, cfg.output)
     return meta

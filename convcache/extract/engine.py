@@ -46,6 +46,7 @@ from convcache.imaging import printable_path
 from convcache.runtime import create_session
 from convcache.store import FeatureSink, statcache
 from convcache.store.integrity import block_digest
+from convcache.store.layout import COORDINATES
 
 COMMIT_ROWS = 64  # the local executor's blocks (its pipeline's unit, and a block digest each)
 COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full or this long has passed
@@ -99,7 +100,8 @@ class BlockSettings:
     split: str
     decode: DecodeSpec
     input_name: str
-    output_name: str
+    outputs: tuple  # the extractor's output names, in order
+    variables: tuple  # the store variable each output goes to (`features`, or one per tap)
     batch_size: int
     dtype: str
 
@@ -125,6 +127,14 @@ class BlockFailure:
     error: str
 
 
+def store_variables(contract) -> dict:
+    """The store variables an extractor's outputs fill, name -> shape: `features` for a one-output extractor,
+    one per tap (named as the tap) for a tapped one. Every tap comes from the same pass."""
+    if contract.taps:
+        return {t.name: tuple(t.shape) for t in contract.taps}
+    return {"features": tuple(contract.feature_shape)}
+
+
 class ExtractorSession:
     """An extractor's contract (`artifacts.Extractor`) and an inference session for it, on this process."""
 
@@ -132,12 +142,14 @@ class ExtractorSession:
         self.contract = artifacts.read(path, artifacts.KIND_EXTRACTOR)
         self.session = create_session(path, device, threads)
         self.provider = self.session.get_providers()[0]
+        self.outputs, self.variables = self.contract.output_names, list(store_variables(self.contract))
         self.calls = 0
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray) -> dict:
+        """One pass: store variable -> its features."""
         self.calls += 1
-        return self.session.run([self.contract.output_name],
-                                {self.contract.input_name: np.asarray(images, dtype=np.float32)})[0]
+        got = self.session.run(self.outputs, {self.contract.input_name: np.asarray(images, dtype=np.float32)})
+        return dict(zip(self.variables, got))
 
 
 # ---------------------------------------------------------------- plan
@@ -222,8 +234,10 @@ def row_columns(rows: list[Row]) -> dict:
     }
 
 
-def digest(rows: list[Row], features: np.ndarray) -> bytes:
-    return block_digest({"features": features, **row_columns(rows)}, features.dtype)
+def digest(rows: list[Row], features: dict) -> bytes:
+    """A block's digest over every column (`convcache.store.integrity`): its feature variables, then the rest."""
+    dtype = next(iter(features.values())).dtype
+    return block_digest({**features, **row_columns(rows)}, dtype, [*features, *COORDINATES])
 
 
 # ---------------------------------------------------------------- one block, start to end (a Dask task)
@@ -247,18 +261,20 @@ def decode_block(block: Block, s: BlockSettings) -> list:
     return pixels
 
 
-def infer(run, pixels: list, s: BlockSettings) -> tuple[np.ndarray, int]:
-    """Features of `pixels` in batches of `s.batch_size`, in the store's dtype; and the inference calls."""
+def infer(run, pixels: list, s: BlockSettings) -> tuple[dict, int]:
+    """Features of `pixels` (variable -> array) in batches of `s.batch_size`, in the store's dtype; and the
+    inference calls."""
     feats = [run(np.stack(pixels[b : b + s.batch_size]).astype(np.float32))
              for b in range(0, len(pixels), s.batch_size)]
-    return np.concatenate(feats).astype(s.dtype), len(feats)
+    return {v: np.concatenate([f[v] for f in feats]).astype(s.dtype) for v in s.variables}, len(feats)
 
 
 def run_block(session, block: Block, s: BlockSettings) -> BlockResult:
     """Decode, augment and infer one block, write its feature chunks into the store, return its digest.
     Idempotent: a rerun writes the same bytes to the same chunks."""
     t0 = time.perf_counter()
-    features, calls = infer(lambda x: session.run([s.output_name], {s.input_name: x})[0], decode_block(block, s), s)
+    features, calls = infer(lambda x: dict(zip(s.variables, session.run(list(s.outputs), {s.input_name: x}))),
+                            decode_block(block, s), s)
     s.sink.write(block.start, features)
     return BlockResult(block.start, block.stop, digest(block.rows, features), calls, time.perf_counter() - t0,
                        session.get_providers()[0], os.getpid())
@@ -329,7 +345,7 @@ class Executor(Protocol):
 @dataclass
 class _Open:
     block: Block
-    features: np.ndarray
+    features: dict  # variable -> rows x shape
     filled: int = 0
     calls: int = 0
     t0: float = field(default_factory=time.perf_counter)
@@ -407,7 +423,7 @@ class LocalExecutor:
         # touched): a fresh 8 MiB array per batch costs more CPU in page faults than decoding does.
         side = s.decode.size
         buffers = itertools.cycle([np.empty((s.batch_size, side, side, 3), np.float32) for _ in range(2)])
-        shape = self.session.contract.feature_shape
+        shapes = store_variables(self.session.contract)
         open_blocks: deque[_Open] = deque()
         pending: list[tuple[_Open, int, np.ndarray]] = []
         in_flight = None
@@ -421,8 +437,10 @@ class LocalExecutor:
         def finish(job) -> list[_Open]:
             """Collect a batch's features into their blocks; the blocks that are now complete."""
             rows, future = job
-            for (entry, i, _), feat in zip(rows, future.result()):
-                entry.features[i] = feat
+            out = future.result()
+            for k, (entry, i, _) in enumerate(rows):
+                for name, values in out.items():
+                    entry.features[name][i] = values[k]
                 entry.filled += 1
             rows[-1][0].calls += 1
             done = []
@@ -440,7 +458,7 @@ class LocalExecutor:
             if not held or not (final or held[-1].block.stop % writer.chunk_rows == 0
                                 or time.monotonic() - last[0] >= self.commit_seconds):
                 return
-            writer.write(held[0].block.start, np.concatenate([e.features for e in held]))
+            writer.write(held[0].block.start, {v: np.concatenate([e.features[v] for e in held]) for v in shapes})
             yield [BlockResult(e.block.start, e.block.stop, digest(e.block.rows, e.features), e.calls,
                                time.perf_counter() - e.t0, self.provider, os.getpid()) for e in held]
             held.clear()
@@ -454,7 +472,7 @@ class LocalExecutor:
             return done
 
         for block in blocks:
-            entry = _Open(block, np.empty((len(block.rows), *shape), s.dtype))
+            entry = _Open(block, {v: np.empty((len(block.rows), *shape), s.dtype) for v, shape in shapes.items()})
             open_blocks.append(entry)
             pending += [(entry, i, px) for i, px in enumerate(decode_block(block, s))]
             while len(pending) >= s.batch_size:
@@ -511,7 +529,8 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     settings = BlockSettings(sink=writer.sink(), split=split,
                              decode=DecodeSpec(contract.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes,
                                                dict(cfg.storage_options)),
-                             input_name=contract.input_name, output_name=contract.output_name,
+                             input_name=contract.input_name, outputs=tuple(contract.output_names),
+                             variables=tuple(store_variables(contract)),
                              batch_size=cfg.batch_size, dtype=cfg.dtype)
     start = writer.committed
     t_run = time.perf_counter()

@@ -15,7 +15,7 @@ from convcache import __version__, artifacts
 from convcache.augment import AugmentPolicy
 from convcache.datasets import discover_all
 from convcache.errors import ConvcacheError
-from convcache.extract.engine import ExtractorSession, LocalExecutor, SplitJob, extract_split
+from convcache.extract.engine import ExtractorSession, LocalExecutor, SplitJob, extract_split, store_variables
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
 from convcache.store import SplitSpec, SplitWriter, open_root, writer_lock
@@ -148,7 +148,8 @@ def split_jobs(cfg: ExtractConfig, contract, items, classes, ignored, guard=None
     identity, provenance = store_identity(cfg, contract, classes)
     for split in sorted({i.split for i in items}):
         copies = list(range(cfg.augment + 1)) if split in cfg.augment_splits else [0]
-        spec = SplitSpec(identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows)
+        spec = SplitSpec(identity, provenance, contract.feature_shape, cfg.dtype, cfg.chunk_rows,
+                         variables=store_variables(contract) if contract.taps else None)
         writer = SplitWriter(root, split, spec, cfg.output, cfg.storage_options, repair=cfg.repair, guard=guard)
         if is_url(cfg.output):  # each refresh is a GET per array and a PUT: at most every few seconds
             writer.consolidate_seconds = REMOTE_CONSOLIDATE_SECONDS

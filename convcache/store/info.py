@@ -28,6 +28,9 @@ def describe_store(path: str, storage_options: dict | None = None) -> dict:
         splits[split] = {
             "rows": fs.rows(split), "copies": fs.copies_available(split),
             "feature_shape": list(fs.feature_shape(split)), "dtype": fs.dtype(split),
+            "variables": {v: {"shape": list(fs.feature_shape(split, v)),
+                              "bytes": fs.nbytes(split, dtype=fs.dtype(split), variable=v)}
+                          for v in fs.variables(split)},
             "extractor": {"identity": ext.identity, "layer": ext.layer, "pooling": ext.pooling,
                           "preprocess": ext.preprocess, "precision": ext.precision, "size": ext.size,
                           "weights": ext.weights_source},

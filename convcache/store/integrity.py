@@ -31,16 +31,17 @@ import numpy as np
 
 from convcache.store.layout import COLUMNS as STORE_COLUMNS
 from convcache.store.layout import SCHEMA as STORE_SCHEMA
-from convcache.store.layout import bookkeeping, committed_rows, create_bookkeeping_array
+from convcache.store.layout import bookkeeping, columns, committed_rows, create_bookkeeping_array, variables
 
 DIGEST_ARRAYS = ("block_start", "block_sha256")
 KEYS_ARRAY = "block_keys_sha256"  # optional: stores written before it are checked in full by a writer
 KEY_COLUMNS = tuple(n for n in STORE_COLUMNS if n != "features")
 
 
-def block_digest(columns: dict, feature_dtype) -> bytes:
-    """SHA-256 over a block's columns, in `STORE_COLUMNS` order, as stored."""
-    return _digest(columns, STORE_COLUMNS, feature_dtype)
+def block_digest(cols: dict, feature_dtype, names=STORE_COLUMNS) -> bytes:
+    """SHA-256 over a block's columns as stored, in `names` order: the split's feature variables, then the
+    coordinates (`layout.columns`; a one-output store's are `STORE_COLUMNS`)."""
+    return _digest(cols, tuple(names), feature_dtype)
 
 
 def keys_digest(columns: dict) -> bytes:
@@ -55,14 +56,14 @@ def _digest(columns: dict, names: tuple, feature_dtype) -> bytes:
         if name == "path":
             h.update("\0".join(str(p) for p in values).encode("utf-8", "surrogatepass"))
         else:
-            dtype = feature_dtype if name == "features" else STORE_SCHEMA[name]
+            dtype = STORE_SCHEMA[name] if name in KEY_COLUMNS else feature_dtype
             h.update(np.ascontiguousarray(np.asarray(values).astype(dtype, copy=False)).tobytes())
     return h.digest()
 
 
 def span_rows(group) -> int:
     """Rows a read span covers at least: the deepest chunk of any column, so no chunk is read twice."""
-    return max(group[name].chunks[0] for name in STORE_COLUMNS)
+    return max(group[name].chunks[0] for name in columns(group))
 
 
 def spans(bounds: list[tuple[int, int]], rows: int) -> list[list[int]]:
@@ -126,11 +127,15 @@ def digest_arrays(group) -> dict | None:
 
 def schema_bytes(group) -> bytes:
     """What determines the meaning of a split's rows, canonically serialised (see the module's docstring)."""
-    arrays = {name: group[name] for name in STORE_COLUMNS}
-    return json.dumps({"identity": group.attrs.get("identity"),
-                       "features": [str(arrays["features"].dtype), list(arrays["features"].shape[1:])],
-                       "columns": {n: str(a.dtype) for n, a in arrays.items() if n != "features"}},
-                      sort_keys=True, default=str).encode()
+    names = variables(group)
+    arrays = {name: group[name] for name in [*names, *KEY_COLUMNS]}
+    schema = {"identity": group.attrs.get("identity"),
+              "columns": {n: str(arrays[n].dtype) for n in KEY_COLUMNS}}
+    if names == ["features"]:  # a one-output store (as sealed before taps existed)
+        schema["features"] = [str(arrays["features"].dtype), list(arrays["features"].shape[1:])]
+    else:
+        schema["variables"] = [[n, str(arrays[n].dtype), list(arrays[n].shape[1:])] for n in names]
+    return json.dumps(schema, sort_keys=True, default=str).encode()
 
 
 def chain_next(chain: bytes, digest: bytes) -> bytes:
@@ -167,7 +172,7 @@ def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[l
         return [], "written before block digests; not verifiable"
     damage: list[Damage] = []
     try:
-        shapes = {name: group[name].shape[0] for name in STORE_COLUMNS}
+        shapes = {name: group[name].shape[0] for name in columns(group)}
     except Exception as exc:  # a column's metadata is missing or corrupt
         return [Damage(0, max(committed, 1), f"unreadable column metadata ({exc.__class__.__name__})")], None
     short = {n: s for n, s in shapes.items() if s < committed}
@@ -210,13 +215,13 @@ def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[l
 def _check_blocks(group, bounds, indices, digests, keys) -> list[Damage]:
     """Recompute the digests of blocks `indices` (by the keys digests when `keys` is given), reading by spans."""
     damage = []
-    columns = KEY_COLUMNS if keys is not None else STORE_COLUMNS
-    dtype = group["features"].dtype
+    names = KEY_COLUMNS if keys is not None else columns(group)
+    dtype = group[variables(group)[0]].dtype
     reason = "contents differ from the block digest (a chunk was altered or deleted)"
     for span in _index_spans(bounds, indices, span_rows(group)):
         a, b = bounds[span[0]][0], bounds[span[-1]][1]
         try:
-            cols = {name: group[name][a:b] for name in columns}
+            cols = {name: group[name][a:b] for name in names}
         except Exception as exc:  # an unreadable (corrupt) chunk
             damage += [Damage(*bounds[i], f"unreadable chunk ({exc.__class__.__name__}: {exc})") for i in span]
             continue
@@ -224,7 +229,7 @@ def _check_blocks(group, bounds, indices, digests, keys) -> list[Damage]:
             lo, hi = bounds[i][0] - a, bounds[i][1] - a
             part = {name: v[lo:hi] for name, v in cols.items()}
             ok = (keys_digest(part) == bytes(keys[i])) if keys is not None else \
-                (block_digest(part, dtype) == bytes(digests[i]))
+                (block_digest(part, dtype, names) == bytes(digests[i]))
             if not ok:
                 damage.append(Damage(*bounds[i], reason))
     return damage

@@ -6,7 +6,8 @@ A store is a Zarr v3 hierarchy that xarray reads as it reads any scientific data
 
     store.zarr/                      root: attributes `format`, `classes`, provenance, `writer_fence`
       train/                         one group per split; attributes: identity, seal, committed_rows, ...
-        features    (row, feature_*) the data variable (float32 or float16)
+        features    (row, feature_*) the data variable (float32 or float16); a tapped extractor's store has
+                                     one per tap instead (block4_pool_avg (row, block4_pool_avg_0), ...)
         label       (row,)           coordinate; CF `flag_values` / `flag_meanings` name the classes
         image       (row,)           coordinate: the source image's index (copies share it)
         copy        (row,)           coordinate: 0 = the original, c = augmented copy c
@@ -46,6 +47,19 @@ SCHEMA = {"features": None, "label": "int32", "image": "int64", "copy": "int16",
 COLUMNS = tuple(SCHEMA)
 COORDINATES = tuple(n for n in COLUMNS if n != "features")
 ROW = "row"
+FEATURES = "features"  # the one feature variable of a store from a one-output extractor
+
+
+def variables(group) -> list[str]:
+    """A split's feature variables, in digest order: one per tap of a tapped extractor (its `variables`
+    attribute), else `features`."""
+    names = group.attrs.get("variables")
+    return list(names) if isinstance(names, list) and names else [FEATURES]
+
+
+def columns(group) -> list[str]:
+    """Every row column of a split, in digest order: its feature variables, then the coordinates."""
+    return [*variables(group), *COORDINATES]
 
 BOOKKEEPING = "bookkeeping"
 STAT_CACHE = "stat_cache"
@@ -138,21 +152,31 @@ def label_attributes(classes: list[str]) -> dict:
             "flag_meanings": " ".join(re.sub(r"\s+", "_", str(c)) or "_" for c in classes)}
 
 
-def feature_attributes(variable: str = "features") -> dict:
+def feature_attributes(variable: str = FEATURES) -> dict:
     return {"long_name": variable, "coordinates": " ".join(COORDINATES)}
 
 
-def create_split(root, split: str, attributes: dict, feature_shape: tuple, dtype: str, chunk_rows: int,
+def feature_dims(variable: str, ndim: int) -> list[str]:
+    """`features`: row, feature_0, ...; a tap's variable: row, block4_pool_avg_0, ... (shapes differ by tap)."""
+    prefix = "feature" if variable == FEATURES else variable
+    return [ROW, *(f"{prefix}_{i}" for i in range(ndim))]
+
+
+def create_split(root, split: str, attributes: dict, shapes: dict, dtype: str, chunk_rows: int,
                  classes: list[str]):
-    """A new, empty split with every row column (features in `dtype`) and its bookkeeping group, nothing
-    committed yet. Small columns are chunked at least 1,024 rows deep."""
-    group = root.create_group(split, attributes={**attributes, "committed_rows": 0})
+    """A new, empty split with every row column (a feature variable per entry of `shapes`, name -> shape
+    without the row axis, in `dtype`; all chunked `chunk_rows` deep, so a block of whole chunks is whole in
+    each) and its bookkeeping group, nothing committed yet. Small columns are chunked at least 1,024 rows deep."""
+    names = list(shapes)
+    extra = {} if names == [FEATURES] else {"variables": names}
+    group = root.create_group(split, attributes={**attributes, **extra, "committed_rows": 0})
     small = max(chunk_rows, 1024)
+    for name, shape in shapes.items():
+        group.create_array(name, shape=(0, *shape), chunks=(chunk_rows, *shape), dtype=dtype,
+                           dimension_names=feature_dims(name, len(shape)), attributes=feature_attributes(name))
     for name, dt in SCHEMA.items():
         if name == "features":
-            group.create_array(name, shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=dtype,
-                               dimension_names=[ROW, *(f"feature_{i}" for i in range(len(feature_shape)))],
-                               attributes=feature_attributes())
+            continue
         elif name == "sha256":
             group.create_array(name, shape=(0, 32), chunks=(small, 32), dtype=dt, dimension_names=[ROW, "sha256_byte"])
         else:
@@ -200,7 +224,7 @@ def _migrate_split(group, classes: list[str]) -> bool:
     `moved`), then remove the originals. Every step can be repeated."""
     old = [n for n in V1_ARRAYS if n in group]
     cache = STAT_CACHE in group
-    for name, attributes in (("label", label_attributes(classes)), ("features", feature_attributes())):
+    for name, attributes in (("label", label_attributes(classes)), (FEATURES, feature_attributes())):
         if name in group:
             group[name].update_attributes(attributes)
     if not old and not cache and BOOKKEEPING in group:

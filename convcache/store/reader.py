@@ -131,12 +131,25 @@ class FeatureStore:
             raise ConvcacheError(f"{self.path}: the '{split}' split does not record its extractor "
                                  f"({exc.__class__.__name__}: {exc})") from None
 
-    def feature_shape(self, split: str = "train") -> tuple:
-        return tuple(int(d) for d in self._group(split)["features"].shape[1:])
+    def variables(self, split: str = "train") -> list[str]:
+        """The split's feature variables: one per tap of a tapped extractor, else `features`."""
+        return layout.variables(self._group(split))
+
+    def _variable(self, split: str, variable: str | None) -> str:
+        names = self.variables(split)
+        if variable is None:
+            return names[0]
+        if variable not in names:
+            raise ConvcacheError(f"{self.path}: the '{split}' split has no feature variable {variable!r} "
+                                 f"(has: {', '.join(names)})")
+        return variable
+
+    def feature_shape(self, split: str = "train", variable: str | None = None) -> tuple:
+        return tuple(int(d) for d in self._group(split)[self._variable(split, variable)].shape[1:])
 
     def dtype(self, split: str = "train") -> str:
         """The stored features' dtype (float32 or float16)."""
-        return str(self._group(split)["features"].dtype)
+        return str(self._group(split)[self.variables(split)[0]].dtype)
 
     def augmentation(self, split: str = "train") -> dict:
         return dict(self.attrs(split)["augment"])
@@ -205,22 +218,24 @@ class FeatureStore:
                                  "--repair` on it to recompute those rows")
 
     def load(self, split: str, max_copy: int | None = None, with_features: bool = True,
-             verify: bool = True) -> SplitData:
-        """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order. Only the
-        chunks that hold those rows are read, each once, and memory is the answer plus one span. With
-        `verify`, the split's structure and seal are checked, and each block read is checked against its
-        digest: damage is an error, never silent zero rows."""
+             verify: bool = True, variable: str | None = None) -> SplitData:
+        """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order, with the
+        features of `variable` (default: the split's first). Only the chunks that hold those rows are read,
+        each once, and memory is the answer plus one span. With `verify`, the split's structure and seal are
+        checked, and each block read is checked against its digest (which covers every variable): damage is
+        an error, never silent zero rows."""
+        variable = self._variable(split, variable)
         if verify:
             self.check(split, contents="none")
         group, n = self._group(split), self.rows(split)
         copy = group["copy"][:n]
         idx = np.arange(n) if max_copy is None else np.flatnonzero(copy <= max_copy)
-        shape = self.feature_shape(split)
-        features = np.empty((len(idx), *shape), group["features"].dtype) if with_features else \
+        shape = self.feature_shape(split, variable)
+        features = np.empty((len(idx), *shape), group[variable].dtype) if with_features else \
             np.empty((len(idx), 0))
         cols = {name: [] for name in ("label", "image", "sha256", "path")}
         at = 0
-        for _, part, keep in self._spans(split, idx, verify, with_features):
+        for _, part, keep in self._spans(split, idx, verify, with_features, variable=variable):
             if with_features:
                 features[at : at + len(keep)] = part["features"][keep - part["features_offset"]]
             for name in cols:
@@ -239,16 +254,20 @@ class FeatureStore:
             row=idx,
         )
 
-    def _spans(self, split: str, idx: np.ndarray, verify: bool, with_features: bool, order=None):
+    def _spans(self, split: str, idx: np.ndarray, verify: bool, with_features: bool, order=None,
+               variable: str | None = None):
         """For sorted row positions `idx`: (span start, the span's columns, positions of `idx` in the span),
         span by span. A span is whole committed blocks covering whole chunks, read once; only spans holding
         a wanted row are read; with `verify`, each of their blocks is checked against its digest (the
-        blocks that overlap no wanted row are not read). `order`: the spans' order (default: stored)."""
+        blocks that overlap no wanted row are not read). `order`: the spans' order (default: stored). The
+        span's features are `part["features"]` (those of `variable`; verifying reads every variable)."""
         from convcache.store.integrity import block_digest, span_rows, spans
 
         group = self._group(split)
-        names = [*(("features",) if with_features or verify else ()), "label", "image", "copy", "sha256", "path"]
-        arrays = {name: group[name] for name in names}
+        variable = self._variable(split, variable)
+        every = layout.variables(group)
+        feats = every if verify else [variable] if with_features else []
+        arrays = {name: group[name] for name in [*feats, *layout.COORDINATES]}
         blocks = self.blocks(split)
         bounds = [(a, b) for a, b, _ in blocks]
         groups = spans(bounds, span_rows(group)) if bounds else []
@@ -265,36 +284,36 @@ class FeatureStore:
                       np.searchsorted(keep, bounds[i][1] - a)]
             fa, fb = bounds[wanted[0]][0], bounds[wanted[-1]][1]
             try:
-                part = {name: arr[fa:fb] if name == "features" else arr[a:b] for name, arr in arrays.items()}
+                part = {name: arr[fa:fb] if name in feats else arr[a:b] for name, arr in arrays.items()}
             except Exception as exc:
                 if not verify:
                     raise
                 self._raise(split, [_damage(a, b, f"unreadable chunk ({exc.__class__.__name__}: {exc})")])
             if verify:
-                dtype = arrays["features"].dtype
+                dtype = arrays[every[0]].dtype
                 for i in wanted:
                     start, stop, digest = blocks[i]
                     if digest is None:
                         continue
-                    cols = {name: v[start - (fa if name == "features" else a) : stop - (fa if name == "features"
-                                                                                         else a)]
+                    cols = {name: v[start - (fa if name in feats else a) : stop - (fa if name in feats else a)]
                             for name, v in part.items()}
-                    if block_digest(cols, dtype) != digest:
+                    if block_digest(cols, dtype, [*every, *layout.COORDINATES]) != digest:
                         self._raise(split, [_damage(start, stop, "contents differ from the block digest (a chunk "
                                                                  "was altered or deleted)")])
-            if "features" in part:  # aligned with the small columns: row r of the span is features[r - offset]
+            if with_features:  # aligned with the small columns: row r of the span is features[r - offset]
+                part["features"] = part[variable]
                 part["features_offset"] = fa - a
             yield a, part, keep
 
-    def take(self, split: str, rows) -> np.ndarray:
-        """Features of committed `rows` (positions in the split, any order, repeats allowed), read chunk by
-        chunk: memory is the answer plus one chunk, never the split."""
+    def take(self, split: str, rows, variable: str | None = None) -> np.ndarray:
+        """Features (of `variable`, default the first) of committed `rows` (positions in the split, any order,
+        repeats allowed), read chunk by chunk: memory is the answer plus one chunk, never the split."""
         rows = np.asarray(rows, np.int64)
         n = self.rows(split)
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
             raise ConvcacheError(f"{self.path}: rows outside the {n} committed rows of '{split}'")
         wanted, inverse = np.unique(rows, return_inverse=True)
-        got = self._group(split)["features"].get_orthogonal_selection((wanted,))
+        got = self._group(split)[self._variable(split, variable)].get_orthogonal_selection((wanted,))
         return got[inverse]
 
     def blocks(self, split: str) -> list[tuple[int, int, bytes | None]]:
@@ -303,7 +322,7 @@ class FeatureStore:
         from convcache.store.integrity import committed_blocks, digest_arrays
 
         group, n = self._group(split), self.rows(split)
-        chunk = group["features"].chunks[0]
+        chunk = group[layout.variables(group)[0]].chunks[0]
         arrays = digest_arrays(group)
         if arrays is None:
             return [(a, min(a + chunk, n), None) for a in range(0, n, chunk)]
@@ -317,7 +336,7 @@ class FeatureStore:
         return out
 
     def iter_blocks(self, split: str, max_copy: int | None = None, shuffle: bool = False, seed: int = 0,
-                    verify: bool = True, with_features: bool = True):
+                    verify: bool = True, with_features: bool = True, variable: str | None = None):
         """Committed rows of `split` (copies <= max_copy), one span of whole chunks at a time (never the
         whole split in memory), as SplitData. Each block read is checked against its digest (damage is an
         error naming its rows); spans with no wanted row are not read. With `shuffle`, spans come in a
@@ -331,7 +350,7 @@ class FeatureStore:
             from convcache.store.integrity import span_rows, spans
 
             order = rng.permutation(len(spans([(a, b) for a, b, _ in self.blocks(split)], span_rows(group))))
-        for a, part, keep in self._spans(split, idx, verify and with_features, with_features, order):
+        for a, part, keep in self._spans(split, idx, verify and with_features, with_features, order, variable):
             if shuffle:
                 keep = rng.permutation(keep)
             yield SplitData(
@@ -341,11 +360,11 @@ class FeatureStore:
                 sha256=[bytes(r).hex() for r in part["sha256"][keep]], path=[str(p) for p in part["path"][keep]],
                 row=keep + a)
 
-    def nbytes(self, split: str, max_copy: int | None = None, dtype=np.float32) -> int:
-        """Bytes the features of `split` (copies <= max_copy) take in memory as `dtype`."""
+    def nbytes(self, split: str, max_copy: int | None = None, dtype=np.float32, variable: str | None = None) -> int:
+        """Bytes the features of `split` (copies <= max_copy; of `variable`) take in memory as `dtype`."""
         group, n = self._group(split), self.rows(split)
         rows = n if max_copy is None else int((group["copy"][:n] <= max_copy).sum())
-        return rows * int(np.prod(self.feature_shape(split))) * np.dtype(dtype).itemsize
+        return rows * int(np.prod(self.feature_shape(split, variable))) * np.dtype(dtype).itemsize
 
     def dask(self, split: str) -> dict:
         """Lazy dask arrays of the committed rows (needs the 'dist' extra)."""
@@ -354,4 +373,4 @@ class FeatureStore:
         except ImportError:
             raise ConvcacheError("dask is not installed: pip install 'convcache[dist]'") from None
         group, n = self._group(split), self.rows(split)
-        return {name: da.from_zarr(group[name])[:n] for name in ("features", "label", "image", "copy")}
+        return {name: da.from_zarr(group[name])[:n] for name in (*layout.variables(group), "label", "image", "copy")}

@@ -36,7 +36,6 @@ from convcache.store.integrity import (
     seal,
     verify,
 )
-from convcache.store.layout import COLUMNS as STORE_COLUMNS
 from convcache.store.layout import committed_rows
 from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS
 
@@ -75,6 +74,15 @@ def open_root(output: str, classes: list[str], storage_options: dict | None = No
     return root
 
 
+def as_variables(features, names) -> dict:
+    """A block's features as name -> array for every feature variable (a bare array: the one variable)."""
+    if not isinstance(features, dict):
+        features = {names[0]: features} if len(names) == 1 else None
+    if features is None or sorted(features) != sorted(names):
+        raise ConvcacheError(f"internal: a block's features must hold exactly the variables {', '.join(names)}")
+    return features
+
+
 @dataclass(frozen=True)
 class FeatureSink:
     """Where a block's features go: rows [start, start + n) of a split's `features`, which its `SplitWriter`
@@ -85,12 +93,14 @@ class FeatureSink:
     split: str
     storage_options: dict = field(default_factory=dict)
 
-    def write(self, start: int, features: np.ndarray) -> None:
+    variables: tuple = (layout.FEATURES,)
+
+    def write(self, start: int, features) -> None:
         from convcache.location import resolve
 
-        array = layout.open_array(layout.zarr_store(resolve(self.store, self.storage_options)),
-                                  f"{self.split}/features")
-        array[start : start + len(features)] = features
+        store = layout.zarr_store(resolve(self.store, self.storage_options))
+        for name, values in as_variables(features, self.variables).items():
+            layout.open_array(store, f"{self.split}/{name}")[start : start + len(values)] = values
 
 
 class Committed:
@@ -124,13 +134,20 @@ class Committed:
 @dataclass(frozen=True)
 class SplitSpec:
     """What a split's rows are and how they are stored. `identity` is what the rows depend on (an existing
-    split with another is refused); `provenance` is recorded beside it; `chunk_rows` None: about 4 MiB chunks."""
+    split with another is refused); `provenance` is recorded beside it; `feature_shape`: the one variable
+    `features`, or `variables`: name -> shape, one per tap of a tapped extractor; `chunk_rows` None: about
+    4 MiB chunks of the widest variable."""
 
     identity: dict
     provenance: dict
-    feature_shape: tuple
+    feature_shape: tuple = ()
     dtype: str = "float32"
     chunk_rows: int | None = None
+    variables: dict | None = None
+
+    @property
+    def shapes(self) -> dict:
+        return dict(self.variables) if self.variables else {layout.FEATURES: tuple(self.feature_shape)}
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16"):
@@ -154,8 +171,9 @@ class SplitWriter:
         if guard:
             guard()
         self.group = self._open(root, split, spec, repair, where)
-        self.arrays = {name: self.group[name] for name in STORE_COLUMNS}
-        self.chunk_rows = self.arrays["features"].chunks[0]
+        self.variables = layout.variables(self.group)
+        self.arrays = {name: self.group[name] for name in layout.columns(self.group)}
+        self.chunk_rows = self.arrays[self.variables[0]].chunks[0]
         self.committed = committed_rows(self.group.attrs, where)
         self.skipped: dict = {}  # this run's (written at its end: see commit)
         # one handle per array: a fresh group[name] could come from the (older) consolidated metadata
@@ -178,7 +196,7 @@ class SplitWriter:
         if not fresh:
             # the writer reads the truth, never the (possibly older) consolidated copy of it
             group = layout.open_group(root, split, mode="r+", consolidated=False)
-            missing = [name for name in STORE_COLUMNS if name not in group]
+            missing = [name for name in layout.columns(group) if name not in group]
             if missing and (repair or not committed_rows(group.attrs, where)):
                 # a run killed while creating the split: nothing was committed, so start it again
                 log.info("'%s' was created only in part (missing %s); creating it again", split, ", ".join(missing))
@@ -190,8 +208,8 @@ class SplitWriter:
             else:
                 self._check_identity(group, spec.identity)
                 return group
-        row_bytes = int(np.prod(spec.feature_shape)) * np.dtype(spec.dtype).itemsize
-        args = (root, split, {**spec.provenance, "identity": spec.identity}, spec.feature_shape, spec.dtype,
+        row_bytes = max(int(np.prod(shape)) for shape in spec.shapes.values()) * np.dtype(spec.dtype).itemsize
+        args = (root, split, {**spec.provenance, "identity": spec.identity}, spec.shapes, spec.dtype,
                 spec.chunk_rows or max(1, CHUNK_BYTES // row_bytes), list(spec.identity.get("classes") or []))
         try:
             return layout.create_split(*args)
@@ -256,16 +274,19 @@ class SplitWriter:
             if arr.shape[0] != rows:
                 arr.resize((rows, *arr.shape[1:]))
 
-    def write(self, start: int, features: np.ndarray) -> None:
-        """Write a block's features (rows start..) on this process, growing the arrays to the block's end
-        only: the shape never runs ahead of the data. Its commit follows (`commit_blocks`)."""
-        stop, expected = start + len(features), max(self.committed, self._written)
+    def write(self, start: int, features) -> None:
+        """Write a block's features (rows start..; an array, or name -> array for every feature variable) on
+        this process, growing the arrays to the block's end only: the shape never runs ahead of the data. Its
+        commit follows (`commit_blocks`)."""
+        features = as_variables(features, self.variables)
+        stop, expected = start + len(next(iter(features.values()))), max(self.committed, self._written)
         if start != expected:
             raise ConvcacheError(f"internal: block {start}..{stop - 1} written after row {expected}")
         if self.guard:  # before every mutation: a writer that lost its lease never resizes or writes
             self.guard()
         self._resize(stop)
-        self.arrays["features"][start:stop] = features
+        for name, values in features.items():
+            self.arrays[name][start:stop] = values
         self._written = stop
 
     # --- Dask: workers write whole feature chunks in reserved rows; this writer alone commits ---
@@ -331,7 +352,7 @@ class SplitWriter:
 
     def sink(self) -> FeatureSink:
         """Where an executor's workers write this split's features (rows this writer has reserved)."""
-        return FeatureSink(self.store, self.split, dict(self.storage_options))
+        return FeatureSink(self.store, self.split, dict(self.storage_options), tuple(self.variables))
 
     def record_run(self, run: dict) -> None:
         """Append a finished run's cost (rows, seconds, where) to the split's run log: one JSON record a run,

@@ -37,11 +37,34 @@ class TrainPlan:
     load_seconds: float
 
 
-def plan_training(store: str, head: str, copies: int | None, params: dict | None, data: TrainingData | None,
-                  storage_options: dict | None, memory_budget: int | None, train_top: str | None) -> TrainPlan:
-    if head not in HEADS:
-        raise ConvcacheError(f"unknown head {head!r}; choose {', '.join(HEADS)}")
-    params = dict(params or {})
+@dataclass
+class TrainRequest:
+    """What `train_head` is asked to fit, checked once when made (the CLI builds one too): the store, the head,
+    copies 0..K (None: all), the head's parameters, a loaded `data` to reuse, storage options, the memory
+    budget in bytes over which logreg streams, and `train_top` (fine-tune block5 on cached block4 maps)."""
+
+    store: str
+    head: str
+    copies: int | None = None
+    params: dict | None = None
+    data: TrainingData | None = None
+    storage_options: dict | None = None
+    memory_budget: int | None = None
+    train_top: str | None = None
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ConvcacheError(f"unknown head {self.head!r}; choose {', '.join(HEADS)}")
+        if self.copies is not None and self.copies < 0:
+            raise ConvcacheError(f"--copies {self.copies}: must be >= 0")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ConvcacheError("--memory-budget must be positive")
+
+
+def plan_training(req: TrainRequest) -> TrainPlan:
+    store, head, copies, data, storage_options = req.store, req.head, req.copies, req.data, req.storage_options
+    memory_budget, train_top = req.memory_budget, req.train_top
+    params = dict(req.params or {})
     auto_lr = params.get("learning_rate") == "auto"
     start, fs, streaming = time.perf_counter(), None, head == "logreg-stream"
     if train_top:
@@ -115,18 +138,19 @@ FIT = {"top": _fit_top, "stream": _fit_stream, "search": lambda plan: _search_le
     plan.params, plan.data.train, plan.data.select), "dense": _fit_dense, "linear": _fit_linear}
 
 
-def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None,
-               data: TrainingData | None = None, export: bool = True, storage_options: dict | None = None,
-               memory_budget: int | None = None, train_top: str | None = None) -> dict:
+def train_head(store: str, head: str, out_dir: str, copies: int | None = None, params: dict | None = None, *,
+               export: bool = True, **options) -> dict:
     """Fit `head` on originals + copies 1..K of the store's train split, select on the select half of
     validation, report on the report half (and on test when the store has one). `data` reuses a
     loaded store (restricted to `copies`); `export=False` writes metrics.json only, no head.onnx.
     When the train split's features would not fit `memory_budget` bytes, logreg streams them from the
     store block by block (StreamingLogRegHead) instead of loading them. `train_top="block5"` fine-tunes
-    block5 + the dense head on a store of cached block4_pool maps (convcache.train.top)."""
-    plan = plan_training(store, head, copies, params, data, storage_options, memory_budget, train_top)
+    block5 + the dense head on a store of cached block4_pool maps (convcache.train.top). `options` are the
+    rest of `TrainRequest`'s fields."""
+    req = TrainRequest(store, head, copies, params, **options)
+    plan = plan_training(req)
     estimator = FIT[plan.mode](plan)
-    metrics = _metrics(plan, estimator, memory_budget)
+    metrics = _metrics(plan, estimator, req.memory_budget)
     if export:
         _export(plan, estimator, Path(out_dir), metrics)
     write_metrics(Path(out_dir) / "metrics.json", metrics)
