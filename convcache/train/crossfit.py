@@ -1,0 +1,261 @@
+"""Cross-fitted selection of the representation, with an estimate that cannot flatter itself.
+
+Every labelled photo the user gives is pooled (train, validation: any split of the store). Folds are made of
+*photos*, grouped by content (sha256): a photo's augmented copies always sit in its fold, never in another,
+and the same bytes listed twice count once. Only originals (copy 0) are ever scored.
+
+`select` chooses, on the photos it is given, in two stages, by inner cross-validated accuracy:
+  1. the representation: each tap and the concatenations in the grid, with the probe's regularisation C,
+     trained on originals only (K = 0: the cheap stage, where the layer's 4-6 points live);
+  2. K: copies 0..K of the chosen representation (each C again), keeping the smallest K whose accuracy is
+     within one standard error (paired over photos) of the best K's.
+
+`nested` wraps `select` in an outer loop: each outer fold's photos take no part in choosing, and are scored by
+the candidate chosen on the others, refit on them. The pooled outer-fold accuracy over every photo is the
+estimate `fit` prints (n = the photos), with a Wilson interval: it estimates the whole procedure, choices
+included. The final model is `select` on every photo, refit on every photo.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CS = (0.01, 0.1, 1.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A linear probe on the concatenation of `taps` (standardised), with regularisation C, trained on copies
+    0..`copies` of the training photos."""
+
+    taps: tuple
+    C: float
+    copies: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{'+'.join(self.taps)} C={self.C:g} K={self.copies}"
+
+
+@dataclass
+class Pool:
+    """Every row of the photos to learn from: each tap's features (rows x d, flattened), the label, the photo
+    (an index per distinct content), the copy. `photo_label[p]` is photo p's label."""
+
+    features: dict
+    label: np.ndarray
+    photo: np.ndarray
+    copy: np.ndarray
+    photo_label: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        n = int(self.photo.max()) + 1 if len(self.photo) else 0
+        self.photo_label = np.full(n, -1, np.int64)
+        self.photo_label[self.photo] = self.label
+        originals = self.copy == 0
+        if len(np.unique(self.photo[originals])) != n:
+            raise ValueError("every photo needs its original (copy 0) among the rows")
+
+    @property
+    def n_photos(self) -> int:
+        return len(self.photo_label)
+
+    @property
+    def max_copy(self) -> int:
+        return int(self.copy.max()) if len(self.copy) else 0
+
+    def rows(self, photos: np.ndarray, max_copy: int = 0) -> np.ndarray:
+        """Row positions of `photos`' copies 0..max_copy (originals only for max_copy 0)."""
+        keep = np.isin(self.photo, photos) & (self.copy <= max_copy)
+        return np.flatnonzero(keep)
+
+    def originals(self, photos: np.ndarray) -> np.ndarray:
+        """Row positions of `photos`' originals, in the order of `photos`."""
+        rows = self.rows(photos, 0)
+        order = {p: i for i, p in enumerate(photos.tolist())}
+        return rows[np.argsort([order[p] for p in self.photo[rows].tolist()], kind="stable")]
+
+    def matrix(self, taps: tuple, rows: np.ndarray) -> np.ndarray:
+        parts = [self.features[t][rows].reshape(len(rows), -1) for t in taps]
+        return np.concatenate(parts, axis=1).astype(np.float32, copy=False) if len(parts) > 1 else parts[0]
+
+    @classmethod
+    def from_store(cls, fs, taps: list[str] | None = None, splits: list[str] | None = None,
+                   max_copy: int | None = None) -> Pool:
+        """Pool the splits of a `FeatureStore` (default: every split): photos are identified by content, so a
+        photo listed in two splits is one photo."""
+        splits = splits or fs.splits
+        taps = taps or fs.variables(splits[0])
+        feats, label, sha, copy = {t: [] for t in taps}, [], [], []
+        for split in splits:
+            first = None
+            for t in taps:
+                data = fs.load(split, max_copy=max_copy, variable=t)
+                feats[t].append(data.features.reshape(len(data), -1))
+                first = data if first is None else first
+            label.append(first.label)
+            sha += first.sha256
+            copy.append(first.copy)
+        ids = {}
+        photo = np.array([ids.setdefault(s, len(ids)) for s in sha], np.int64)
+        rows = {}  # one row per (photo, copy): a photo in two splits keeps its first split's rows
+        keep = [rows.setdefault((p, c), i) == i for i, (p, c) in enumerate(zip(photo.tolist(),
+                                                                                 np.concatenate(copy).tolist()))]
+        keep = np.array(keep, bool)
+        return cls({t: np.concatenate(v)[keep] for t, v in feats.items()}, np.concatenate(label)[keep], photo[keep],
+                   np.concatenate(copy)[keep])
+
+
+def photo_folds(pool: Pool, photos: np.ndarray, n_splits: int, seed: int) -> list[np.ndarray]:
+    """`photos` split into `n_splits` folds stratified by label (sklearn's StratifiedKFold over photos: each
+    photo is one group, and its copies follow it). Returns each fold's photos."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = pool.photo_label[photos]
+    n_splits = max(2, min(n_splits, int(np.bincount(y).min()) if len(y) else 2))
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [photos[test] for _, test in splitter.split(np.zeros(len(photos)), y)]
+
+
+def fit_candidate(pool: Pool, cand: Candidate, photos: np.ndarray):
+    """The probe of `cand` fit on copies 0..K of `photos` (standardised on those rows)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = pool.rows(photos, cand.copies)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=cand.C, max_iter=2000))
+    return model.fit(pool.matrix(cand.taps, rows), pool.label[rows])
+
+
+def correct(pool: Pool, cand: Candidate, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per test photo (in `test` order): 1 if the probe fit on `train` classifies its original correctly."""
+    model = fit_candidate(pool, cand, train)
+    rows = pool.originals(test)
+    return (model.predict(pool.matrix(cand.taps, rows)) == pool.label[rows]).astype(np.int8)
+
+
+def oof(pool: Pool, cand: Candidate, photos: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
+    """Out-of-fold correctness of `cand` over `photos` (in `photos` order), by `folds` of them."""
+    out = {}
+    for test in folds:
+        train = np.setdiff1d(photos, test)
+        out.update(zip(test.tolist(), correct(pool, cand, train, test).tolist()))
+    return np.array([out[p] for p in photos.tolist()], np.int8)
+
+
+@dataclass
+class Selection:
+    """What `select` chose, and every candidate's inner out-of-fold accuracy (name -> mean, n)."""
+
+    chosen: Candidate
+    scores: dict
+    runner_up: Candidate | None = None
+    paired_difference: float | None = None  # chosen minus runner-up, inner OOF accuracy points
+    paired_se: float | None = None
+    seconds: float = 0.0
+
+
+def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFAULT_CS, copies=(0,),
+           n_folds: int = 3, seed: int = 0) -> Selection:
+    """Stage 1: the best (taps, C) at K = 0; stage 2: K among `copies` at those taps (each C), the smallest K
+    within one paired standard error of the best. All on `photos` alone, by inner folds."""
+    t0 = time.perf_counter()
+    folds = photo_folds(pool, photos, n_folds, seed)
+    scores, correct_by = {}, {}
+
+    def score(c: Candidate) -> float:
+        if c.name not in scores:
+            correct_by[c.name] = oof(pool, c, photos, folds)
+            scores[c.name] = float(correct_by[c.name].mean())
+        return scores[c.name]
+
+    stage1 = [Candidate(tuple(r), C, 0) for r in representations for C in Cs]
+    ranked = sorted(stage1, key=lambda c: (-score(c), len(c.taps), c.C))
+    best = ranked[0]
+    by_k = {}
+    for k in sorted(set(copies) | {0}):
+        if k == 0:
+            by_k[0] = best
+            continue
+        by_k[k] = max((Candidate(best.taps, C, k) for C in Cs), key=lambda c: (score(c), -c.C))
+    top = max(by_k.values(), key=lambda c: (scores[c.name], -c.copies))
+    chosen = top
+    for k in sorted(by_k):  # the smallest K within one SE of the best K (paired over photos)
+        d = correct_by[top.name].astype(float) - correct_by[by_k[k].name]
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        if d.mean() <= se:
+            chosen = by_k[k]
+            break
+    others = [c for c in ranked if c.taps != chosen.taps]
+    runner = others[0] if others else None
+    diff = se = None
+    if runner is not None:
+        base = Candidate(chosen.taps, chosen.C, 0) if chosen.copies else chosen
+        score(base)
+        d = correct_by[base.name].astype(float) - correct_by[runner.name]
+        diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    return Selection(chosen, {n: (s, len(photos)) for n, s in scores.items()}, runner, diff, se,
+                     time.perf_counter() - t0)
+
+
+@dataclass
+class Estimate:
+    """The nested cross-fitted estimate: per photo, whether the outer fold's chosen model got it right."""
+
+    photos: np.ndarray
+    correct: np.ndarray
+    chosen: list  # each outer fold's Candidate
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    def interval(self) -> tuple[float, float]:
+        from convcache.stats import accuracy_interval
+
+        return accuracy_interval(int(self.correct.sum()), self.n)
+
+
+def nested(pool: Pool, representations: list[tuple], Cs=DEFAULT_CS, copies=(0,), n_outer: int = 5,
+           n_inner: int = 3, seed: int = 0, progress=None) -> Estimate:
+    """Each outer fold's photos scored by the candidate `select` chose on the other photos, refit on them."""
+    t0 = time.perf_counter()
+    photos = np.arange(pool.n_photos)
+    folds = photo_folds(pool, photos, n_outer, seed)
+    got, chosen = {}, []
+    for i, test in enumerate(folds):
+        train = np.setdiff1d(photos, test)
+        sel = select(pool, train, representations, Cs, copies, n_inner, seed + 1 + i)
+        chosen.append(sel.chosen)
+        got.update(zip(test.tolist(), correct(pool, sel.chosen, train, test).tolist()))
+        log.info("outer fold %d/%d: chose %s, %d/%d right", i + 1, len(folds), sel.chosen.name,
+                 sum(got[p] for p in test.tolist()), len(test))
+        if progress is not None:
+            progress(i + 1, len(folds), sel.chosen)
+    return Estimate(photos, np.array([got[p] for p in photos.tolist()], np.int8), chosen, time.perf_counter() - t0)
+
+
+def default_representations(taps: list[str]) -> list[tuple]:
+    """Each tap alone, and the concatenations of a layer's average and max, and of consecutive layers'
+    average-pooled taps, where the taps exist."""
+    reps = [(t,) for t in taps]
+    present = set(taps)
+    for layer in ("block3_pool", "block4_pool", "block5_pool"):
+        if {f"{layer}_avg", f"{layer}_max"} <= present:
+            reps.append((f"{layer}_avg", f"{layer}_max"))
+    for a, b in (("block3_pool_avg", "block4_pool_avg"), ("block4_pool_avg", "block5_pool_avg")):
+        if {a, b} <= present:
+            reps.append((a, b))
+    return reps

@@ -1,0 +1,89 @@
+"""fit's cross-fitted selection: folds of photos (a copy never leaves its original's fold), an estimate that
+does not flatter on shuffled labels, and the informative representation found when there is one."""
+
+import numpy as np
+import pytest
+
+from convcache.train import crossfit
+from convcache.train.crossfit import Candidate, Pool, default_representations, nested, photo_folds, select
+
+
+def synthetic_pool(n_photos=600, copies=2, seed=0, signal=2.0, shuffle=False) -> Pool:
+    """Photos with three taps: `useful` separates the two classes (each copy a noisy version of its photo),
+    `noise` and `weak` do not (weak barely). Shuffled labels keep the features and permute the labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n_photos)
+    base = {"useful": rng.normal(size=(n_photos, 8)) + signal * y[:, None] * np.eye(8)[0],
+            "weak": rng.normal(size=(n_photos, 8)) + 0.1 * y[:, None],
+            "noise": rng.normal(size=(n_photos, 32))}
+    if shuffle:
+        y = rng.permutation(y)
+    rows = [(p, c) for c in range(copies + 1) for p in range(n_photos)]
+    photo = np.array([p for p, _ in rows])
+    copy = np.array([c for _, c in rows])
+    feats = {t: (v[photo] + 0.3 * rng.normal(size=(len(rows), v.shape[1])) * (copy[:, None] > 0)).astype(np.float32)
+             for t, v in base.items()}
+    return Pool(feats, y[photo], photo, copy)
+
+
+def test_folds_are_made_of_photos_and_copies_never_straddle_them():
+    pool = synthetic_pool(n_photos=90, copies=3)
+    photos = np.arange(pool.n_photos)
+    folds = photo_folds(pool, photos, 5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == photos.tolist()  # each photo in exactly one fold
+    for test in folds:
+        train = np.setdiff1d(photos, test)
+        train_rows, test_rows = pool.rows(train, 3), pool.rows(test, 3)
+        assert not set(pool.photo[train_rows]) & set(pool.photo[test_rows])
+        assert len(test_rows) == 4 * len(test)  # every copy of a test photo is on the test side
+
+
+def test_no_fit_ever_sees_a_row_of_a_photo_it_is_scored_on(monkeypatch):
+    """Instrumented: every probe fit during the nested loop, inner and outer, trains on rows whose photos are
+    disjoint from the photos it is then scored on."""
+    pool = synthetic_pool(n_photos=120, copies=2)
+    real = crossfit.correct
+    calls = []
+
+    def checked(p, cand, train, test):
+        rows = p.rows(train, cand.copies)
+        assert not set(p.photo[rows].tolist()) & set(test.tolist()), "a copy of a scored photo was trained on"
+        calls.append(cand)
+        return real(p, cand, train, test)
+
+    monkeypatch.setattr(crossfit, "correct", checked)
+    est = nested(pool, default_representations(["useful", "weak", "noise"]), Cs=(0.1,), copies=(0, 2), n_outer=3)
+    assert est.n == 120 and len(calls) > 3 * 3 * 3  # outer refits and every inner fit went through the check
+
+
+def test_shuffled_labels_give_chance_with_an_interval_that_contains_it():
+    """The negative control: a wide search (3 taps, their concatenations, 3 Cs, K in 0, 2) on labels shuffled
+    against the features. The printed estimate must not flatter: within 3 points of chance, CI containing it."""
+    pool = synthetic_pool(n_photos=2000, copies=2, shuffle=True, seed=1)
+    reps = default_representations(["useful", "weak", "noise"]) + [("useful", "weak", "noise")]
+    est = nested(pool, reps, copies=(0, 2), n_outer=5, n_inner=3, seed=0)
+    lo, hi = est.interval()
+    assert est.n == 2000 and lo <= 0.5 <= hi and abs(est.accuracy - 0.5) <= 0.03, (est.accuracy, lo, hi)
+
+
+def test_the_informative_representation_is_chosen_and_the_estimate_is_high():
+    pool = synthetic_pool(n_photos=400, copies=2, seed=2)
+    sel = select(pool, np.arange(pool.n_photos), default_representations(["weak", "noise", "useful"]),
+                 copies=(0, 2))
+    assert "useful" in sel.chosen.taps and sel.runner_up is not None and "useful" not in sel.runner_up.taps
+    assert sel.paired_difference > 0.2  # useful vs the best representation without it
+    est = nested(pool, default_representations(["weak", "noise", "useful"]), copies=(0, 2), n_outer=3)
+    assert est.accuracy > 0.75 and all("useful" in c.taps for c in est.chosen)
+
+
+def test_k_is_the_smallest_within_one_standard_error_of_the_best():
+    """Copies that add nothing (exact replicas of the original; C large, so that repeating rows does not act as
+    weaker regularisation) are not kept: K stays 0."""
+    pool = synthetic_pool(n_photos=300, copies=2, seed=3)
+    for t in pool.features:  # copies identical to their originals: no information added
+        first = {p: r for r, p in enumerate(pool.photo) if pool.copy[r] == 0}
+        pool.features[t] = pool.features[t][[first[p] for p in pool.photo]]
+    sel = select(pool, np.arange(pool.n_photos), [("useful",)], Cs=(100.0,), copies=(0, 2))
+    assert sel.chosen == Candidate(("useful",), 100.0, 0)
+    with pytest.raises(ValueError):  # every photo needs its original
+        Pool({"a": np.zeros((2, 1))}, np.array([0, 1]), np.array([0, 1]), np.array([0, 1]))
