@@ -104,27 +104,30 @@ def test_seed_photo_bootstrap_and_equivalence():
 def test_fit_end_to_end_resumes_and_reports_held_out_accuracy(tmp_path):
     from convcache.artifacts import read
 
-    data = make_dataset(tmp_path / "data", splits={"train": 6, "validation": 5})
+    data = make_dataset(tmp_path / "data", classes=("a", "b", "c"), splits={"train": 8, "validation": 4, "test": 3})
     out = tmp_path / "out"
-    args = ["fit", "--data", data, "-o", out, "--weights", "random", "--input-size", SIZE, "--copies", 1,
-            "--max-epochs", 3, "--patience", 2, "--learning-rate", 1e-3, "-q"]
+    args = ["fit", "--data", data, "-o", out, "--weights", "random", "--input-size", SIZE, "--taps",
+            "block1_pool:avg,block2_pool:max,block3_pool:avg", "--budget-rows", 200, "-q"]
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith("held-out accuracy ") and "(n=4, 95% CI " in last
-    assert "warning: the held-out half has only 4 images" in r.stdout
-    fused = read(out / "model.onnx")
-    assert fused.kind == "fused" and fused.metadata["preprocess"] == "caffe"
+    assert last.startswith("held-out accuracy ") and "(n=36, 95% CI " in last  # every pooled photo, not a half
+    assert "test/ photos:" in r.stdout and "(n=9," in r.stdout
     state = json.loads((out / "fit.json").read_text())
-    assert state["config"]["copies"] == 1 and state["config"]["standardize"] is True
-    head_mtime = (out / "head" / "head.onnx").stat().st_mtime_ns
-    r = run_cli(*args)  # resumes: every artifact is there, nothing is trained again
-    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == last
-    assert (out / "head" / "head.onnx").stat().st_mtime_ns == head_mtime
+    res = state["result"]
+    assert res["rows_through_base"] <= 200 + 9 and res["copies_extracted"] in (0, 2, 4)
+    fused = read(out / "model.onnx")
+    assert fused.kind == "fused" and fused.extractor["taps"] == res["choice"]["taps"]
+    assert fused.head_provenance["fit"]["held_out"]["n"] == 36  # the model records the choice and the estimate
+    for name in ("report.md", "report.json", "report.png"):
+        assert (out / name).is_file()
+    assert "Held-out accuracy" in (out / "report.md").read_text()
+    r2 = run_cli(*args)  # resumes: every row is in the store, and the same choice is made again
+    assert r2.returncode == 0 and r2.stdout.strip().splitlines()[-1] == last
     r = run_cli(*args[:-1], "--preprocess", "rescale", "-q")  # other export settings in the same folder
     assert r.returncode == 2 and "other export settings" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("fit", "--data", data / "train", "-o", tmp_path / "o2", "-q")
-    assert r.returncode == 2 and "validation" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("fit", "--data", tmp_path / "nowhere", "-o", tmp_path / "o2", "-q")
+    assert r.returncode == 2 and "folder of photos" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -174,11 +174,12 @@ class Head(Artifact):
     extractor_identity: str
     feature_shape: tuple = ()
     trained_on: dict = field(default_factory=dict, compare=False)  # the store, split sizes, ... (`provenance` key)
+    taps: tuple = ()  # the tapped extractor's outputs it reads, flattened and concatenated in this order
 
     def to_metadata(self) -> dict:
         return {"head": self.head, "classes": list(self.classes), "n_features": int(self.n_features),
                 "feature_shape": list(self.feature_shape), "extractor_sha256": self.extractor_identity,
-                "provenance": self.trained_on}
+                "provenance": self.trained_on, **({"taps": list(self.taps)} if self.taps else {})}
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, where: str = "model") -> Head:
@@ -195,8 +196,8 @@ class Head(Artifact):
         return cls(identity=identity, head=meta["head"], classes=tuple(meta["classes"]),
                    n_features=int(meta["n_features"]), extractor_identity=meta["extractor_sha256"], opset=_opset(proto),
                    feature_shape=tuple(meta.get("feature_shape") or (int(meta["n_features"]),)),
-                   trained_on=dict(meta.get("provenance") or {}), input_name=FEATURES, output_name=PROBABILITIES,
-                   metadata=meta)
+                   trained_on=dict(meta.get("provenance") or {}), taps=tuple(meta.get("taps") or ()),
+                   input_name=FEATURES, output_name=PROBABILITIES, metadata=meta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,10 +218,12 @@ class Fused(Artifact):
     def of(cls, extractor: Extractor, head: Head, created: str) -> Fused:
         """The contract of `extractor` + `head` joined (`convcache.artifacts.compose.join`), before it is written."""
         ext = extractor.metadata
+        taps = {"taps": list(head.taps)} if head.taps else {}  # the outputs the fused graph kept
         return cls(classes=tuple(head.classes), size=extractor.size, head=head.head,
-                   feature_shape=tuple(extractor.feature_shape), preprocess=extractor.preprocess,
+                   feature_shape=(head.n_features,) if head.taps else tuple(extractor.feature_shape),
+                   preprocess=extractor.preprocess,
                    extractor={k: ext.get(k) for k in ("weights", "layer", "pooling", "precision", "versions", "created",
-                                                      "opset")} | {"sha256": extractor.identity},
+                                                      "opset")} | {"sha256": extractor.identity, **taps},
                    head_provenance={**head.trained_on, "sha256": head.identity},
                    provenance={"input": ext["input"], "preprocessing": ext.get("preprocessing"), "created": created})
 

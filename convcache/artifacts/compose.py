@@ -133,3 +133,27 @@ def _prune(g: onnx.GraphProto) -> None:
                          ("value_info", [v for v in g.value_info if v.name in used])):
         del getattr(g, field)[:]
         getattr(g, field).extend(items)
+
+
+def select_outputs(extractor: onnx.ModelProto, names: list, output: str, width: int) -> onnx.ModelProto:
+    """A tapped extractor cut down to the taps `names`: each flattened, concatenated in that order as `output`
+    (`width` features; one tap: just flattened), every other output and the nodes only they need removed (a
+    block4 model does not run block5)."""
+    missing = [n for n in names if n not in {o.name for o in extractor.graph.output}]
+    if missing:
+        raise ConvcacheError(f"the extractor has no output {missing[0]!r} (has: "
+                             f"{', '.join(o.name for o in extractor.graph.output)})")
+    model = onnx.ModelProto()
+    model.CopyFrom(extractor)
+    flat = []
+    for name in names:
+        model.graph.node.append(helper.make_node("Flatten", [name], [f"{name}/flat"], axis=1, name=f"flatten_{name}"))
+        flat.append(f"{name}/flat")
+    if len(flat) > 1:
+        model.graph.node.append(helper.make_node("Concat", flat, [output], axis=1, name="concat_taps"))
+    else:
+        model.graph.node.append(helper.make_node("Identity", flat, [output], name="tap_output"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, [None, width]))
+    _prune(model.graph)
+    return model

@@ -1,27 +1,34 @@
-"""fit: the study's answer as a default. Photos in, a served model out, through every stage's artifact:
+"""fit: photos in, a served model out, with the representation and K chosen on the user's own photos.
 
-    OUT/extractor.onnx  (export: hed VGG16 at block5_pool, the recommended preprocessing)
-    OUT/features.zarr   (extract: originals + K copies, the book's augmentation)
-    OUT/head/           (train: the recommended head, chosen on the select half of validation: the
-                         standardised linear probe on pooled copies 0..K (C), or with --head dense the
-                         dense head on the replay schedule (epochs and early stopping))
-    OUT/model.onnx      (fuse: pixels -> probabilities, for `predict` and `serve`)
-    OUT/fit.json        (the settings, each stage's result, the held-out accuracy)
+    OUT/extractor.onnx  (export: hed VGG16 with taps: block3..5_pool avg and max, the block5_pool map, one pass)
+    OUT/features.zarr   (extract: originals and copies 0..K of every labelled photo, K grown only while it helps)
+    OUT/head/           (the chosen linear probe, refit on every labelled photo)
+    OUT/model.onnx      (fuse: pixels -> probabilities, the extractor cut down to the taps the head reads)
+    OUT/report.md, report.json, report.png, fit.json
 
-Every default comes from `convcache.protocol.FIT_DEFAULTS` (the answer in docs/results.md, chosen by the
-decision rules of docs/study_plan.md). A killed run resumes: export and train are atomic, extract is
-resumable, and a stage whose artifact exists with the same settings is not run again.
+Every labelled photo is pooled (train/ and validation/, or one folder of classes; a test/ split is never
+used to choose or fit: it is scored at the end when present). The choice is cross-fitted
+(`convcache.train.crossfit`): folds of photos, copies with their photo. K grows 0 -> 2 -> 5 -> 10 -> ...
+while the next step's out-of-fold gain exceeds its standard error and the rows through the base stay within
+`budget_rows`. The printed held-out accuracy is the nested estimate: each photo scored by a model chosen and
+fit without it. A killed run resumes (export and extract are resumable; the choice is recomputed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from convcache.artifacts import DEFAULT_TAPS
 from convcache.errors import ConvcacheError
 from convcache.protocol import FIT_DEFAULTS
+
+POOLED_SPLITS = ("train", "validation")  # what fit learns from; test/ is only scored
 
 
 @dataclass
@@ -31,123 +38,220 @@ class FitConfig:
     weights: str = FIT_DEFAULTS["weights"]
     input_size: int = FIT_DEFAULTS["input_size"]
     preprocess: str = FIT_DEFAULTS["preprocess"]
-    copies: int | None = None  # None: the head's (FIT_DEFAULTS["copies"])
     policy: str = FIT_DEFAULTS["policy"]
-    head: str = FIT_DEFAULTS["head"]
-    standardize: bool = FIT_DEFAULTS["standardize"]
-    learning_rate: float | str = FIT_DEFAULTS["learning_rate"]  # or "auto": the protocol's search on the select half
-    max_epochs: int = FIT_DEFAULTS["max_epochs"]
-    patience: int = FIT_DEFAULTS["patience"]
-    batch_size: int = FIT_DEFAULTS["batch_size"]
+    taps: tuple = DEFAULT_TAPS
+    budget_rows: int = 23_000  # forward passes through the base at most (originals + copies of every photo)
+    steps: tuple = (0, 2, 5, 10, 20, 30, 60)  # the K tried, in order, while each helps
+    Cs: tuple = (0.01, 0.1, 1.0)
+    outer_folds: int = 5
+    inner_folds: int = 3
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    extra: dict = field(default_factory=dict)  # (reserved)
 
     def __post_init__(self):
         if self.preprocess not in ("caffe", "rescale"):
             raise ConvcacheError(f"preprocess {self.preprocess!r}: choose caffe or rescale")
-        if self.head not in ("dense", "logreg"):
-            raise ConvcacheError(f"head {self.head!r}: choose dense or logreg")
-        if self.copies is None:
-            self.copies = FIT_DEFAULTS["copies"][self.head]
-        if self.copies < 0 or self.seed < 0:
-            raise ConvcacheError("copies and seed must be >= 0")
-        positive = isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
-        if self.learning_rate != "auto" and not positive:
-            raise ConvcacheError(f"learning_rate {self.learning_rate!r}: a positive number or 'auto'")
-        if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
-            raise ConvcacheError("max_epochs, patience and batch_size must be >= 1")
-        if not Path(self.data).is_dir() or not (Path(self.data) / "train").is_dir() \
-                or not (Path(self.data) / "validation").is_dir():
-            raise ConvcacheError(f"{self.data}: fit needs photos in DATA/train/<class>/ and DATA/validation/<class>/ "
-                                 "(validation selects the epoch on one half and reports the other)")
+        if self.budget_rows < 1 or self.seed < 0:
+            raise ConvcacheError("--budget-rows must be >= 1 and --seed >= 0")
+        if not self.steps or self.steps[0] != 0 or list(self.steps) != sorted(set(self.steps)):
+            raise ConvcacheError(f"steps {self.steps}: increasing copy counts starting at 0")
+        if self.outer_folds < 2 or self.inner_folds < 2:
+            raise ConvcacheError("--outer-folds and --inner-folds must be >= 2")
+        if not self.Cs or min(self.Cs) <= 0:
+            raise ConvcacheError("C values must be positive")
+        if not Path(self.data).is_dir():
+            raise ConvcacheError(f"{self.data}: fit needs a folder of photos: <class>/ folders, or train/<class>/ "
+                                 "(and validation/<class>/, pooled with train)")
 
 
 def _stage_key(cfg: FitConfig, *names: str) -> str:
-    return hashlib.sha256(json.dumps({n: getattr(cfg, n) for n in names}, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps({n: getattr(cfg, n) for n in names}, sort_keys=True,
+                                     default=list).encode()).hexdigest()[:16]
+
+
+class _State:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True, default=str) + "\n")
+        tmp.replace(self.path)
 
 
 def run_fit(cfg: FitConfig) -> dict:
-    from convcache.artifacts import KIND_EXTRACTOR, read
-    from convcache.stats import accuracy_interval
+    from convcache.train.crossfit import default_representations, nested
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "fit.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    state["config"] = asdict(cfg)
-
-    def save():
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-        tmp.replace(state_path)
-
-    # 1. export
-    extractor = out / "extractor.onnx"
-    key = _stage_key(cfg, "weights", "input_size", "preprocess")
-    if extractor.is_file() and state.get("export_key") != key:
-        raise ConvcacheError(f"{extractor} was made with other export settings; use a new output folder")
-    if not extractor.is_file():
-        from convcache.export.runner import export_extractor
-
-        _say(cfg, f"fit: export ({cfg.weights} VGG16, {cfg.input_size}px, {cfg.preprocess} preprocessing)")
-        export_extractor(cfg.weights, cfg.input_size, str(extractor), preprocess=cfg.preprocess)
-    state["export_key"] = key
-    state["extractor"] = read(extractor, KIND_EXTRACTOR).identity
-    save()
-
-    # 2. extract (resumable by itself: only missing rows are computed)
-    from convcache.augment import AugmentPolicy
-    from convcache.extract.runner import ExtractConfig, run_extract
-
+    state = _State(out / "fit.json")
+    state.data["config"] = asdict(cfg)
+    t0 = time.perf_counter()
+    extractor = _export(cfg, out, state)
     store = out / "features.zarr"
-    _say(cfg, f"fit: extract originals + {cfg.copies} augmented copies -> {store}")
-    summary = run_extract(ExtractConfig(model=str(extractor), data=cfg.data, output=str(store), augment=cfg.copies,
-                                        seed=0, policy=AugmentPolicy.parse(cfg.policy), device=cfg.device,
-                                        progress=cfg.progress))
-    state["skipped"] = len(summary.skipped)
-    save()
-
-    # 3. train
-    from convcache.train.runner import train_head
-
-    head_dir = out / "head"
-    key = _stage_key(cfg, "weights", "input_size", "preprocess", "copies", "policy", "head", "standardize",
-                     "learning_rate", "max_epochs", "patience", "batch_size", "seed")
-    metrics_path = head_dir / "metrics.json"
-    if state.get("train_key") == key and metrics_path.is_file() and (head_dir / "head.onnx").is_file():
-        metrics = json.loads(metrics_path.read_text())
-    else:
-        if cfg.head == "dense":
-            params = {"epochs": cfg.max_epochs, "patience": cfg.patience, "learning_rate": cfg.learning_rate,
-                      "batch_size": cfg.batch_size, "schedule": "replay", "standardize": cfg.standardize,
-                      "seed": cfg.seed, "progress": cfg.progress}
-        else:
-            params = {}
-        _say(cfg, f"fit: train the {cfg.head} head on copies 0..{cfg.copies}")
-        metrics = train_head(str(store), cfg.head, str(head_dir), copies=cfg.copies, params=params)
-        state["train_key"] = key
-    save()
-
-    # 4. fuse
+    selection, steps, pool, history = _grow_copies(cfg, extractor, store, state)
+    _say(cfg, f"fit: the held-out estimate ({cfg.outer_folds} outer folds over {pool.n_photos} photos)")
+    estimate = nested(pool, default_representations(list(pool.features)), cfg.Cs, tuple(steps), cfg.outer_folds,
+                      cfg.inner_folds, cfg.seed)
+    chosen = selection.chosen
+    lo, hi = estimate.interval()
+    result = {"held_out": {"accuracy": estimate.accuracy, "n": estimate.n, "ci95": [lo, hi],
+                           "chosen_per_fold": [c.name for c in estimate.chosen]},
+              "choice": {"taps": list(chosen.taps), "C": chosen.C, "copies": chosen.copies, "name": chosen.name},
+              "copies_extracted": steps[-1], "history": history,
+              "runner_up": selection.runner_up.name if selection.runner_up else None,
+              "paired_difference": selection.paired_difference, "paired_se": selection.paired_se,
+              "out_of_fold": {n: a for n, (a, _) in selection.scores.items()}}
+    head = _final_head(cfg, pool, selection, result, out, state)
     from convcache.train.fuse import fuse
 
-    model = out / "model.onnx"
-    fuse(str(extractor), str(head_dir), str(model))
+    fuse(str(extractor), str(out / "head"), str(out / "model.onnx"))
+    result.update(model=str(out / "model.onnx"), rows_through_base=_rows_through_base(store),
+                  minutes=(time.perf_counter() - t0) / 60)
+    test = _score_test(store, chosen, head)
+    if test:
+        result["test"] = test
+    state.data["result"] = result
+    state.save()
+    from convcache.pipeline.fit_report import write_fit_report
 
-    result = {}
-    for half in ("select", "report"):
-        if half in metrics:
-            n = int(metrics[half]["rows"])
-            acc = float(metrics[half]["accuracy"])
-            lo, hi = accuracy_interval(round(acc * n), n)
-            result[half] = {"accuracy": acc, "n": n, "ci95": [lo, hi]}
-    state.update({"result": result, "model": str(model), "epochs_run": metrics.get("epochs"),
-                  "best_epoch": metrics.get("selection", {}).get("best_epoch")})
-    save()
-    return state
+    write_fit_report(out, cfg, result)
+    return state.data
 
 
 def _say(cfg: FitConfig, line: str) -> None:
     if cfg.progress:
         print(line, flush=True)
+
+
+def _export(cfg: FitConfig, out: Path, state: _State) -> Path:
+    from convcache.artifacts import KIND_EXTRACTOR, read
+
+    extractor = out / "extractor.onnx"
+    key = _stage_key(cfg, "weights", "input_size", "preprocess", "taps")
+    if extractor.is_file() and state.data.get("export_key") != key:
+        raise ConvcacheError(f"{extractor} was made with other export settings; use a new output folder")
+    if not extractor.is_file():
+        from convcache.export.runner import export_extractor
+
+        _say(cfg, f"fit: export ({cfg.weights} VGG16, {cfg.input_size}px, taps {', '.join(cfg.taps)})")
+        export_extractor(cfg.weights, cfg.input_size, str(extractor), preprocess=cfg.preprocess, taps=cfg.taps)
+    state.data["export_key"] = key
+    state.data["extractor"] = read(extractor, KIND_EXTRACTOR).identity
+    state.save()
+    return extractor
+
+
+def _extract(cfg: FitConfig, extractor: Path, store: Path, k: int) -> None:
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    _say(cfg, f"fit: extract originals and copies 1..{k} -> {store}" if k else f"fit: extract originals -> {store}")
+    run_extract(ExtractConfig(model=str(extractor), data=cfg.data, output=str(store), augment=k,
+                              augment_splits=POOLED_SPLITS, seed=0, policy=cfg.policy, device=cfg.device,
+                              progress=cfg.progress))
+
+
+def _pool(store: Path, k: int):
+    from convcache.store import FeatureStore
+    from convcache.train.crossfit import Pool
+
+    fs = FeatureStore(store)
+    splits = [s for s in fs.splits if s in POOLED_SPLITS]
+    if not splits:
+        raise ConvcacheError(f"{store}: no train or validation photos to learn from")
+    return Pool.from_store(fs, splits=splits, max_copy=k)
+
+
+def _grow_copies(cfg: FitConfig, extractor: Path, store: Path, state: _State):
+    """Copies are extracted step by step (`cfg.steps`) while the last step's out-of-fold gain, at the chosen
+    representation, is above its standard error, and the next step's rows fit `budget_rows`. Returns the
+    selection on every photo at the last step reached (its K: the smallest within one SE of the best), the
+    steps extracted, the pool, and the history."""
+    from convcache.train.crossfit import default_representations, select
+
+    _extract(cfg, extractor, store, 0)
+    history, steps, first, prev, k = [], [], None, None, 0
+    while True:
+        pool = _pool(store, k)
+        steps.append(k)
+        reps = default_representations(list(pool.features)) if first is None else [first.chosen.taps]
+        sel = select(pool, np.arange(pool.n_photos), reps, cfg.Cs, tuple(steps), cfg.inner_folds, cfg.seed)
+        first = first or sel
+        here = max((c for c in sel.correct_by if c.taps == first.chosen.taps and c.copies == k),
+                   key=lambda c: (sel.correct_by[c].mean(), -c.C))
+        entry = {"copies": k, "rows": (k + 1) * pool.n_photos, "accuracy": float(sel.correct_by[here].mean()),
+                 "C": here.C, "representation": "+".join(here.taps)}
+        if prev is not None:
+            d = sel.correct_by[here].astype(float) - sel.correct_by[prev]
+            entry.update(gain=float(d.mean()), gain_se=float(d.std(ddof=1) / np.sqrt(len(d))))
+        history.append(entry)
+        _say(cfg, f"fit: copies 0..{k}: out-of-fold accuracy {100 * entry['accuracy']:.1f}% on {pool.n_photos} "
+                  f"photos ({entry['representation']}, C={here.C:g})"
+             + (f", gain {100 * entry['gain']:+.1f} ± {100 * entry['gain_se']:.1f} points" if prev else ""))
+        if prev is not None and entry["gain"] <= entry["gain_se"]:
+            break  # this step did not help beyond its noise: no further copies
+        nxt = next((s for s in cfg.steps if s > k), None)
+        if nxt is None or (nxt + 1) * pool.n_photos > cfg.budget_rows:
+            break
+        prev, k = here, nxt
+        _extract(cfg, extractor, store, k)
+    # the final choice keeps stage 1's representation and its runner-up (stage 1 ran once, at K = 0)
+    sel.runner_up, sel.paired_difference, sel.paired_se = first.runner_up, first.paired_difference, first.paired_se
+    sel.scores = {**first.scores, **sel.scores}
+    state.data["history"] = history
+    state.save()
+    return sel, steps, pool, history
+
+
+def _final_head(cfg: FitConfig, pool, selection, result: dict, out: Path, state: _State) -> dict:
+    """The chosen probe refit on copies 0..K of every photo, written as head/head.onnx with its taps, the choice
+    and the cross-fitted estimate in its metadata."""
+    from convcache import artifacts
+    from convcache.artifacts.convert import check_parity
+    from convcache.train.heads import LogRegHead
+
+    chosen = selection.chosen
+    rows = pool.rows(np.arange(pool.n_photos), chosen.copies)
+    X = pool.matrix(chosen.taps, rows)
+    head = LogRegHead(Cs=(chosen.C,), max_iter=1000).fit(X, pool.label[rows])
+    ext = artifacts.read(out / "extractor.onnx", artifacts.KIND_EXTRACTOR)
+    proto = head.to_onnx(opset=ext.opset)
+    check_parity(proto, head.predict_proba(X[:64]), {artifacts.FEATURES: X[:64]}, artifacts.PROBABILITIES, 1e-4,
+                 "the ONNX head")
+    from convcache.store import FeatureStore
+
+    classes = FeatureStore(out / "features.zarr").classes
+    fit_record = {k: result[k] for k in ("held_out", "choice", "runner_up", "paired_difference", "paired_se",
+                                         "copies_extracted")}
+    artifacts.Head(head="logreg", classes=tuple(classes), n_features=X.shape[1], feature_shape=(X.shape[1],),
+                   extractor_identity=ext.identity, taps=tuple(chosen.taps),
+                   trained_on={"fit": fit_record, "photos": pool.n_photos, "rows": len(rows)}).write(proto)
+    (out / "head").mkdir(exist_ok=True)
+    artifacts.save_model(proto, out / "head" / "head.onnx")
+    state.data["head"] = {"rows": int(len(rows)), "features": int(X.shape[1])}
+    return {"estimator": head, "rows": int(len(rows)), "features": int(X.shape[1])}
+
+
+def _score_test(store: Path, chosen, head: dict) -> dict | None:
+    """The final model on the user's test/ photos (originals), when there are any: never used before here."""
+    from convcache.stats import accuracy_interval
+    from convcache.store import FeatureStore
+
+    fs = FeatureStore(store)
+    if "test" not in fs.splits:
+        return None
+    parts = [fs.load("test", max_copy=0, variable=t) for t in chosen.taps]
+    X = np.concatenate([p.features.reshape(len(p), -1) for p in parts], axis=1)
+    right = int((head["estimator"].predict(X) == parts[0].label).sum())
+    lo, hi = accuracy_interval(right, len(X))
+    return {"accuracy": right / len(X) if len(X) else float("nan"), "n": len(X), "ci95": [lo, hi]}
+
+
+def _rows_through_base(store: Path) -> int:
+    from convcache.store import FeatureStore
+
+    fs = FeatureStore(store)
+    return int(sum(fs.rows(s) for s in fs.splits))

@@ -124,14 +124,11 @@ def photo_folds(pool: Pool, photos: np.ndarray, n_splits: int, seed: int) -> lis
 
 
 def fit_candidate(pool: Pool, cand: Candidate, photos: np.ndarray):
-    """The probe of `cand` fit on copies 0..K of `photos` (standardised on those rows)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """The probe of `cand` (`LogRegHead` at its one C: the head `fit` exports) fit on copies 0..K of `photos`."""
+    from convcache.train.heads import LogRegHead
 
     rows = pool.rows(photos, cand.copies)
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=cand.C, max_iter=2000))
-    return model.fit(pool.matrix(cand.taps, rows), pool.label[rows])
+    return LogRegHead(Cs=(cand.C,), max_iter=1000).fit(pool.matrix(cand.taps, rows), pool.label[rows])
 
 
 def correct(pool: Pool, cand: Candidate, train: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -156,6 +153,7 @@ class Selection:
 
     chosen: Candidate
     scores: dict
+    correct_by: dict = field(default_factory=dict, repr=False)  # Candidate -> per-photo 0/1, inner OOF
     runner_up: Candidate | None = None
     paired_difference: float | None = None  # chosen minus runner-up, inner OOF accuracy points
     paired_se: float | None = None
@@ -171,9 +169,9 @@ def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFA
     scores, correct_by = {}, {}
 
     def score(c: Candidate) -> float:
-        if c.name not in scores:
-            correct_by[c.name] = oof(pool, c, photos, folds)
-            scores[c.name] = float(correct_by[c.name].mean())
+        if c not in correct_by:
+            correct_by[c] = oof(pool, c, photos, folds)
+            scores[c.name] = float(correct_by[c].mean())
         return scores[c.name]
 
     stage1 = [Candidate(tuple(r), C, 0) for r in representations for C in Cs]
@@ -188,7 +186,7 @@ def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFA
     top = max(by_k.values(), key=lambda c: (scores[c.name], -c.copies))
     chosen = top
     for k in sorted(by_k):  # the smallest K within one SE of the best K (paired over photos)
-        d = correct_by[top.name].astype(float) - correct_by[by_k[k].name]
+        d = correct_by[top].astype(float) - correct_by[by_k[k]]
         se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
         if d.mean() <= se:
             chosen = by_k[k]
@@ -199,9 +197,9 @@ def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFA
     if runner is not None:
         base = Candidate(chosen.taps, chosen.C, 0) if chosen.copies else chosen
         score(base)
-        d = correct_by[base.name].astype(float) - correct_by[runner.name]
+        d = correct_by[base].astype(float) - correct_by[runner]
         diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-    return Selection(chosen, {n: (s, len(photos)) for n, s in scores.items()}, runner, diff, se,
+    return Selection(chosen, {n: (s, len(photos)) for n, s in scores.items()}, correct_by, runner, diff, se,
                      time.perf_counter() - t0)
 
 
