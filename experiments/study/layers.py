@@ -1,0 +1,113 @@
+"""Study plan 2 (docs/study_plan.md, issue 28): the layer and K, cross-fitted over every shared photo.
+
+Stage A: every representation at K = 0; stage B: K in {0, 2, 5, 10} for the four representations the plan
+fixes. For each (representation, K, seed): 5 outer folds over the 3,000 photos (seed = fold assignment); in
+each, C chosen by inner 3-fold cross-validation on the outer-training photos (accuracy on originals), the
+probe refit there and scored on the outer fold's originals. One JSON line per (stage, representation, K,
+seed) in OUT/runs.jsonl: every photo's 0/1 (in photo order, with the photos' sha256 and split written once to
+OUT/photos.json), the C chosen per fold, seconds, CPU. Resumable: finished lines are skipped.
+
+    .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage A -o runs/layers
+    .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage B -o runs/layers
+    .venv/bin/python experiments/study/layers.py summary -o runs/layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from convcache.runtime import cpu_model
+from convcache.train.crossfit import Candidate, Pool, correct, default_representations, oof, photo_folds
+
+CS = (0.01, 0.1, 1.0)
+SEEDS = (0, 1, 2, 3, 4)
+STAGE_B = (("block5_pool",), ("block5_pool_avg",), ("block4_pool_avg",), ("block4_pool_avg", "block5_pool_avg"))
+KS = (0, 2, 5, 10)
+
+
+def crossfit_fixed(pool: Pool, taps: tuple, k: int, seed: int) -> tuple[np.ndarray, list]:
+    """Every photo's 0/1 from the outer fold that held it out; C by inner CV on the rest."""
+    photos = np.arange(pool.n_photos)
+    got, chosen = np.zeros(pool.n_photos, np.int8), []
+    for i, test in enumerate(photo_folds(pool, photos, 5, seed)):
+        train = np.setdiff1d(photos, test)
+        inner = photo_folds(pool, train, 3, seed * 100 + i + 1)
+        best = max(CS, key=lambda C: (oof(pool, Candidate(taps, C, k), train, inner).mean(), -C))
+        chosen.append(best)
+        got[test] = correct(pool, Candidate(taps, best, k), train, test)
+    return got, chosen
+
+
+def run(args) -> None:
+    from convcache.store import FeatureStore
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    fs = FeatureStore(args.store)
+    max_copy = 0 if args.stage == "A" else max(KS)
+    pool = Pool.from_store(fs, splits=["train", "validation"], max_copy=max_copy)
+    photos = out / "photos.json"
+    if not photos.is_file():  # which photo each position is (pooled order: train, then validation)
+        meta = []
+        for split in ("train", "validation"):
+            d = fs.load(split, max_copy=0, with_features=False)
+            meta += [{"sha256": s, "split": split, "label": int(y)} for s, y in zip(d.sha256, d.label)]
+        photos.write_text(json.dumps(meta))
+    runs = out / "runs.jsonl"
+    done = {(r["stage"], r["representation"], r["copies"], r["seed"]) for r in _read(runs)}
+    arms = [(tuple(r), 0) for r in default_representations(list(pool.features))] if args.stage == "A" else \
+        [(r, k) for r in STAGE_B for k in KS]
+    for seed in SEEDS:
+        for taps, k in arms:
+            key = (args.stage, "+".join(taps), k, seed)
+            if key in done:
+                continue
+            t0 = time.perf_counter()
+            got, chosen = crossfit_fixed(pool, taps, k, seed)
+            line = {"stage": args.stage, "representation": "+".join(taps), "copies": k, "seed": seed,
+                    "correct": "".join(map(str, got.tolist())), "accuracy": float(got.mean()), "C": chosen,
+                    "seconds": round(time.perf_counter() - t0, 1), "cpu": cpu_model()}
+            with runs.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(f"{args.stage} {key[1]} K={k} seed {seed}: {100 * got.mean():.1f}% ({line['seconds']} s)", flush=True)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def summary(args) -> None:
+    """Mean accuracy per arm over the seeds finished so far (all photos, and the validation photos)."""
+    out = Path(args.output)
+    meta = json.loads((out / "photos.json").read_text())
+    val = np.array([m["split"] == "validation" for m in meta])
+    arms = {}
+    for r in _read(out / "runs.jsonl"):
+        c = np.frombuffer(r["correct"].encode(), np.uint8) - 48
+        arms.setdefault((r["stage"], r["representation"], r["copies"]), []).append((c.mean(), c[val].mean()))
+    for (stage, rep, k), v in sorted(arms.items()):
+        a = np.array(v)
+        print(f"{stage} {rep:40s} K={k:2d} seeds={len(v)} all {100 * a[:, 0].mean():.1f}% "
+              f"validation {100 * a[:, 1].mean():.1f}%")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--store", required=True)
+    r.add_argument("--stage", choices=["A", "B"], required=True)
+    r.add_argument("-o", "--output", required=True)
+    s = sub.add_parser("summary")
+    s.add_argument("-o", "--output", required=True)
+    a = p.parse_args()
+    {"run": run, "summary": summary}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
