@@ -208,8 +208,8 @@ def answer(r: dict) -> str:
     if not conv["converged"]:
         s.append(f"Caveat: method 2 was capped at N = {n} fresh copies, and {conv['seeds_best_in_last_15']} of "
                  f"{len(a2['epochs_run'])} seeds kept an epoch in the last 15 (best epochs "
-                 f"{', '.join(map(str, a2['best_epochs']))}): its figure is method 2 at {n} epochs, a lower bound on "
-                 f"its converged accuracy, until the store is extended (the study is resumable).")
+                 f"{', '.join(map(str, a2['best_epochs']))}): its figure is method 2 at {n} epochs, an estimate of "
+                 f"its converged accuracy (not a bound), until the store is extended (the study is resumable).")
     return " ".join(s)
 
 
