@@ -94,8 +94,10 @@ def run_fit(cfg: FitConfig) -> dict:
     store = out / "features.zarr"
     selection, steps, pool, history = _grow_copies(cfg, extractor, store, state)
     _say(cfg, f"fit: the held-out estimate ({cfg.outer_folds} outer folds over {pool.n_photos} photos)")
+    t_est = time.perf_counter()
     estimate = nested(pool, default_representations(list(pool.features)), cfg.Cs, tuple(steps), cfg.outer_folds,
-                      cfg.inner_folds, cfg.seed)
+                      cfg.inner_folds, cfg.seed, progress=lambda i, n, c: _say(
+                          cfg, f"fit: outer fold {i}/{n}: chose {c.name} ({time.perf_counter() - t_est:.0f} s)"))
     chosen = selection.chosen
     lo, hi = estimate.interval()
     result = {"held_out": {"accuracy": estimate.accuracy, "n": estimate.n, "ci95": [lo, hi],
@@ -110,7 +112,7 @@ def run_fit(cfg: FitConfig) -> dict:
 
     fuse(str(extractor), str(out / "head"), str(out / "model.onnx"))
     result.update(model=str(out / "model.onnx"), rows_through_base=_rows_through_base(store),
-                  minutes=(time.perf_counter() - t0) / 60)
+                  minutes=(time.perf_counter() - t0) / 60, estimate_minutes=estimate.seconds / 60)
     test = _score_test(store, chosen, head)
     if test:
         result["test"] = test
