@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,6 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # (reserved)
 
     def __post_init__(self):
         if self.preprocess not in ("caffe", "rescale"):
