@@ -1,7 +1,9 @@
 """Study plan 2 (docs/study_plan.md, issue 28): the layer and K, cross-fitted over every shared photo.
 
 Stage A: every representation at K = 0; stage B: K in {0, 2, 5, 10} for the four representations the plan
-fixes. For each (representation, K, seed): 5 outer folds over the 3,000 photos (seed = fold assignment); in
+fixes; stage C: at stage A's best representation, method 1 (the book's dense head on originals) and method 2
+(the same head replaying copies 1..10), each stopped by the plan's rule on an inner 20% of the outer-training
+photos. For each (representation, K, seed): 5 outer folds over the 3,000 photos (seed = fold assignment); in
 each, C chosen by inner 3-fold cross-validation on the outer-training photos (accuracy on originals), the
 probe refit there and scored on the outer fold's originals. One JSON line per (stage, representation, K,
 seed) in OUT/runs.jsonl: every photo's 0/1 (in photo order, with the photos' sha256 and split written once to
@@ -9,6 +11,7 @@ OUT/photos.json), the C chosen per fold, seconds, CPU. Resumable: finished lines
 
     .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage A -o runs/layers
     .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage B -o runs/layers
+    .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage C -o runs/layers
     .venv/bin/python experiments/study/layers.py summary -o runs/layers
 """
 
@@ -43,6 +46,41 @@ def crossfit_fixed(pool: Pool, taps: tuple, k: int, seed: int) -> tuple[np.ndarr
     return got, chosen
 
 
+def dense_fixed(pool: Pool, taps: tuple, method: int, seed: int) -> tuple[np.ndarray, list]:
+    """Method 1 (originals every epoch) or method 2 (copy (e mod 10) + 1 at epoch e): the book's head on
+    standardised features (RMSprop 2e-5, batch 20), at most 150 epochs, patience 15 on the loss of an inner 20%
+    of the outer-training photos (by content); the epoch with the lowest inner loss kept."""
+    from sklearn.model_selection import train_test_split
+
+    from convcache.train.heads import DenseHead
+
+    photos = np.arange(pool.n_photos)
+    got, epochs = np.zeros(pool.n_photos, np.int8), []
+    for i, test in enumerate(photo_folds(pool, photos, 5, seed)):
+        train = np.setdiff1d(photos, test)
+        fit_p, stop_p = train_test_split(train, test_size=0.2, random_state=seed * 100 + i,
+                                         stratify=pool.photo_label[train])
+        rows = pool.rows(np.sort(fit_p), 10 if method == 2 else 0)
+        stop_rows, test_rows = pool.originals(np.sort(stop_p)), pool.originals(test)
+        head = DenseHead(epochs=150, patience=15, learning_rate=2e-5, batch_size=20, schedule="replay",
+                         standardize=True, seed=seed).fit(
+            pool.matrix(taps, rows), pool.label[rows], pool.matrix(taps, stop_rows), pool.label[stop_rows],
+            image=np.unique(pool.photo[rows], return_inverse=True)[1], copy=pool.copy[rows])
+        got[test] = head.predict(pool.matrix(taps, test_rows)) == pool.label[test_rows]
+        epochs.append(int(head.best_epoch_))
+    return got, epochs
+
+
+def best_of_stage_a(out: Path) -> tuple:
+    means = {}
+    for r in _read(out / "runs.jsonl"):
+        if r["stage"] == "A":
+            means.setdefault(r["representation"], []).append(r["accuracy"])
+    if not means or min(len(v) for v in means.values()) < len(SEEDS):
+        raise SystemExit("stage C needs stage A finished (every representation, every seed)")
+    return tuple(max(means, key=lambda k: (np.mean(means[k]), -k.count("+"))).split("+"))
+
+
 def run(args) -> None:
     from convcache.store import FeatureStore
 
@@ -50,6 +88,7 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fs = FeatureStore(args.store)
     max_copy = 0 if args.stage == "A" else max(KS)
+    chosen = best_of_stage_a(out) if args.stage == "C" else None
     pool = Pool.from_store(fs, splits=["train", "validation"], max_copy=max_copy)
     photos = out / "photos.json"
     if not photos.is_file():  # which photo each position is (pooled order: train, then validation)
@@ -60,17 +99,19 @@ def run(args) -> None:
         photos.write_text(json.dumps(meta))
     runs = out / "runs.jsonl"
     done = {(r["stage"], r["representation"], r["copies"], r["seed"]) for r in _read(runs)}
-    arms = [(tuple(r), 0) for r in default_representations(list(pool.features))] if args.stage == "A" else \
-        [(r, k) for r in STAGE_B for k in KS]
+    arms = {"A": [(tuple(r), 0) for r in default_representations(list(pool.features))],
+            "B": [(r, k) for r in STAGE_B for k in KS], "C": [(chosen, "method1"), (chosen, "method2")]}[args.stage]
     for seed in SEEDS:
         for taps, k in arms:
             key = (args.stage, "+".join(taps), k, seed)
             if key in done:
                 continue
             t0 = time.perf_counter()
-            got, chosen = crossfit_fixed(pool, taps, k, seed)
+            got, chosen_c = dense_fixed(pool, taps, 1 if k == "method1" else 2, seed) if args.stage == "C" else \
+                crossfit_fixed(pool, taps, k, seed)
             line = {"stage": args.stage, "representation": "+".join(taps), "copies": k, "seed": seed,
-                    "correct": "".join(map(str, got.tolist())), "accuracy": float(got.mean()), "C": chosen,
+                    "correct": "".join(map(str, got.tolist())), "accuracy": float(got.mean()),
+                    ("best_epochs" if args.stage == "C" else "C"): chosen_c,
                     "seconds": round(time.perf_counter() - t0, 1), "cpu": cpu_model()}
             with runs.open("a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -92,7 +133,7 @@ def summary(args) -> None:
         arms.setdefault((r["stage"], r["representation"], r["copies"]), []).append((c.mean(), c[val].mean()))
     for (stage, rep, k), v in sorted(arms.items()):
         a = np.array(v)
-        print(f"{stage} {rep:40s} K={k:2d} seeds={len(v)} all {100 * a[:, 0].mean():.1f}% "
+        print(f"{stage} {rep:40s} K={k!s:>7} seeds={len(v)} all {100 * a[:, 0].mean():.1f}% "
               f"validation {100 * a[:, 1].mean():.1f}%")
 
 
@@ -101,7 +142,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--store", required=True)
-    r.add_argument("--stage", choices=["A", "B"], required=True)
+    r.add_argument("--stage", choices=["A", "B", "C"], required=True)
     r.add_argument("-o", "--output", required=True)
     s = sub.add_parser("summary")
     s.add_argument("-o", "--output", required=True)
