@@ -85,18 +85,23 @@ def test_bench_streaming_builds_a_tiled_store_that_verifies(tiny_store, tmp_path
 
 
 @pytest.mark.tf
-def test_the_layers_study_runs_stage_a_on_a_tapped_store(tmp_path):
+def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
     from convcache.export.runner import export_extractor
 
     export_extractor("random", 32, str(tmp_path / "taps.onnx"), taps=("block1_pool:avg", "block2_pool:max"), seed=1)
     data = make_dataset(tmp_path / "data", splits={"train": 6, "validation": 4})
     run_extract(ExtractConfig(model=str(tmp_path / "taps.onnx"), data=str(data), output=str(tmp_path / "t.zarr"),
-                              progress=False))
+                              augment=2, augment_splits=("train", "validation"), progress=False))
     script = EXPERIMENTS / "study" / "layers.py"
-    for args in (["run", "--store", tmp_path / "t.zarr", "--stage", "A"], ["summary"]):
+    for args in (["run", "--store", tmp_path / "t.zarr", "--stage", "A", "--seeds", 0, 1],
+                 ["run", "--store", tmp_path / "t.zarr", "--stage", "C", "--seeds", 0], ["summary"]):
         r = subprocess.run([sys.executable, str(script), *map(str, args), "-o", str(tmp_path / "out")],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(x) for x in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
-    assert len(lines) == 5 * 2  # 5 seeds x the 2 taps (no concatenation applies to these)
-    assert all(len(x["correct"]) == 20 and len(x["C"]) == 5 for x in lines)  # every photo once, C per outer fold
+    a = [x for x in lines if x["stage"] == "A"]
+    assert len(a) == 2 * 2  # 2 seeds x the 2 taps (no concatenation applies to these)
+    assert all(len(x["correct"]) == 20 and len(x["C"]) == 5 for x in a)  # every photo once, C per outer fold
+    c = [x for x in lines if x["stage"] == "C"]
+    assert sorted({x["copies"] for x in c}) == ["method1", "method2"] and len(c) == 2
+    assert all(len(x["correct"]) == 20 and len(x["best_epochs"]) == 5 for x in c)

@@ -71,12 +71,12 @@ def dense_fixed(pool: Pool, taps: tuple, method: int, seed: int) -> tuple[np.nda
     return got, epochs
 
 
-def best_of_stage_a(out: Path) -> tuple:
+def best_of_stage_a(out: Path, seeds=SEEDS) -> tuple:
     means = {}
     for r in _read(out / "runs.jsonl"):
         if r["stage"] == "A":
             means.setdefault(r["representation"], []).append(r["accuracy"])
-    if not means or min(len(v) for v in means.values()) < len(SEEDS):
+    if not means or min(len(v) for v in means.values()) < len(seeds):
         raise SystemExit("stage C needs stage A finished (every representation, every seed)")
     return tuple(max(means, key=lambda k: (np.mean(means[k]), -k.count("+"))).split("+"))
 
@@ -88,7 +88,7 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fs = FeatureStore(args.store)
     max_copy = 0 if args.stage == "A" else max(KS)
-    chosen = best_of_stage_a(out) if args.stage == "C" else None
+    chosen = best_of_stage_a(out, args.seeds) if args.stage == "C" else None
     pool = Pool.from_store(fs, splits=["train", "validation"], max_copy=max_copy)
     photos = out / "photos.json"
     if not photos.is_file():  # which photo each position is (pooled order: train, then validation)
@@ -101,7 +101,7 @@ def run(args) -> None:
     done = {(r["stage"], r["representation"], r["copies"], r["seed"]) for r in _read(runs)}
     arms = {"A": [(tuple(r), 0) for r in default_representations(list(pool.features))],
             "B": [(r, k) for r in STAGE_B for k in KS], "C": [(chosen, "method1"), (chosen, "method2")]}[args.stage]
-    for seed in SEEDS:
+    for seed in args.seeds:
         for taps, k in arms:
             key = (args.stage, "+".join(taps), k, seed)
             if key in done:
@@ -144,6 +144,7 @@ def main() -> None:
     r.add_argument("--store", required=True)
     r.add_argument("--stage", choices=["A", "B", "C"], required=True)
     r.add_argument("-o", "--output", required=True)
+    r.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the plan's: 0 1 2 3 4")
     s = sub.add_parser("summary")
     s.add_argument("-o", "--output", required=True)
     a = p.parse_args()
