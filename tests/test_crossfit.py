@@ -84,6 +84,16 @@ def test_k_is_the_smallest_within_one_standard_error_of_the_best():
         first = {p: r for r, p in enumerate(pool.photo) if pool.copy[r] == 0}
         pool.features[t] = pool.features[t][[first[p] for p in pool.photo]]
     sel = select(pool, np.arange(pool.n_photos), [("useful",)], Cs=(100.0,), copies=(0, 2))
-    assert sel.chosen == Candidate(("useful",), 100.0, 0)
+    assert sel.chosen.taps == ("useful",) and sel.chosen.copies == 0
     with pytest.raises(ValueError):  # every photo needs its original
         Pool({"a": np.zeros((2, 1))}, np.array([0, 1]), np.array([0, 1]), np.array([0, 1]))
+
+
+def test_the_c_grid_grows_while_the_best_c_sits_at_its_edge():
+    """Every representation is judged at its own best C: a grid whose best value is its edge is extended by
+    decades (here from C = 1000 alone, down to where the accuracy stops improving)."""
+    pool = synthetic_pool(n_photos=200, copies=0, seed=4)
+    sel = select(pool, np.arange(pool.n_photos), [("useful", "weak", "noise")], Cs=(1000.0,))
+    tried = sorted(float(n.split("C=")[1].split()[0]) for n in sel.scores)
+    assert tried[0] < 1000.0 and sel.chosen.C > tried[0]  # grown downwards, and stopped past the best
+    assert sel.chosen == Candidate(("useful", "weak", "noise"), sel.chosen.C, 0)

@@ -27,6 +27,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_CS = (0.01, 0.1, 1.0)
+C_RANGE = (1e-6, 1e3)  # the grid is extended by decades, within these, while the best C sits at its edge
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,26 @@ class Selection:
     seconds: float = 0.0
 
 
+def tune_c(score, taps: tuple, k: int, Cs=DEFAULT_CS) -> Candidate:
+    """The best C for (taps, K) by `score(candidate)` (higher is better; ties: the smaller C): the grid `Cs`
+    grows by a decade on either side while the best sits at that edge, within `C_RANGE`."""
+    grid = sorted(Cs)
+    while True:
+        best = max((Candidate(taps, C, k) for C in grid), key=lambda c: (score(c), -c.C))
+        if best.C == grid[0] and grid[0] / 10 >= C_RANGE[0]:
+            grid.insert(0, grid[0] / 10)
+        elif best.C == grid[-1] and grid[-1] * 10 <= C_RANGE[1]:
+            grid.append(grid[-1] * 10)
+        else:
+            return best
+
+
 def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFAULT_CS, copies=(0,),
            n_folds: int = 3, seed: int = 0) -> Selection:
-    """Stage 1: the best (taps, C) at K = 0; stage 2: K among `copies` at those taps (each C), the smallest K
-    within one paired standard error of the best. All on `photos` alone, by inner folds."""
+    """Stage 1: the best (taps, C) at K = 0; stage 2: K among `copies` at those taps (each at its best C), the
+    smallest K within one paired standard error of the best. Each (taps, K) gets its own best C: the grid `Cs`
+    grows by a decade on either side while the best C sits at that edge (within `C_RANGE`), so no arm is
+    judged at a C the grid cut off. All on `photos` alone, by inner folds."""
     t0 = time.perf_counter()
     folds = photo_folds(pool, photos, n_folds, seed)
     scores, correct_by = {}, {}
@@ -174,15 +191,15 @@ def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFA
             scores[c.name] = float(correct_by[c].mean())
         return scores[c.name]
 
-    stage1 = [Candidate(tuple(r), C, 0) for r in representations for C in Cs]
+    def best_c(taps: tuple, k: int) -> Candidate:
+        return tune_c(score, taps, k, Cs)
+
+    stage1 = [best_c(tuple(r), 0) for r in representations]
     ranked = sorted(stage1, key=lambda c: (-score(c), len(c.taps), c.C))
     best = ranked[0]
     by_k = {}
     for k in sorted(set(copies) | {0}):
-        if k == 0:
-            by_k[0] = best
-            continue
-        by_k[k] = max((Candidate(best.taps, C, k) for C in Cs), key=lambda c: (score(c), -c.C))
+        by_k[k] = best if k == 0 else best_c(best.taps, k)
     top = max(by_k.values(), key=lambda c: (scores[c.name], -c.copies))
     chosen = top
     for k in sorted(by_k):  # the smallest K within one SE of the best K (paired over photos)

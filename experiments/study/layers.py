@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from convcache.runtime import cpu_model
-from convcache.train.crossfit import Candidate, Pool, correct, default_representations, oof, photo_folds
+from convcache.train.crossfit import Candidate, Pool, correct, default_representations, oof, photo_folds, tune_c
 
 CS = (0.01, 0.1, 1.0)
 SEEDS = (0, 1, 2, 3, 4)
@@ -40,7 +40,14 @@ def crossfit_fixed(pool: Pool, taps: tuple, k: int, seed: int) -> tuple[np.ndarr
     for i, test in enumerate(photo_folds(pool, photos, 5, seed)):
         train = np.setdiff1d(photos, test)
         inner = photo_folds(pool, train, 3, seed * 100 + i + 1)
-        best = max(CS, key=lambda C: (oof(pool, Candidate(taps, C, k), train, inner).mean(), -C))
+        scores = {}
+
+        def score(c, train=train, inner=inner, scores=scores):
+            if c not in scores:
+                scores[c] = float(oof(pool, c, train, inner).mean())
+            return scores[c]
+
+        best = tune_c(score, taps, k, CS).C
         chosen.append(best)
         got[test] = correct(pool, Candidate(taps, best, k), train, test)
     return got, chosen
