@@ -204,7 +204,7 @@ def answer(r: dict) -> str:
         s.append(f"The comparator beat every arm: the standardised linear probe on the originals and {pk} pooled "
                  f"copies reaches {pct(pr['report'])}% on the report half, {pts(t['diff'])} points over method 2, "
                  f"95% CI {ci(t['ci95'])} (method 2's seeds, then photos, resampled; {ci(pr['vs_method2_seed_mean']['ci95'])} "
-                 f"against its seed mean). By the plan's rule it becomes `convcache fit`'s default head.")
+                 f"against its seed mean). By the plan's rule it became `convcache fit`'s default head (until issue 28).")
     if not conv["converged"]:
         s.append(f"Caveat: method 2 was capped at N = {n} fresh copies, and {conv['seeds_best_in_last_15']} of "
                  f"{len(a2['epochs_run'])} seeds kept an epoch in the last 15 (best epochs "
