@@ -95,5 +95,25 @@ def test_the_c_grid_grows_while_the_best_c_sits_at_its_edge():
     pool = synthetic_pool(n_photos=200, copies=0, seed=4)
     sel = select(pool, np.arange(pool.n_photos), [("useful", "weak", "noise")], Cs=(1000.0,))
     tried = sorted(float(n.split("C=")[1].split()[0]) for n in sel.scores)
-    assert tried[0] < 1000.0 and sel.chosen.C > tried[0]  # grown downwards, and stopped past the best
+    assert tried[0] < 1000.0 and sel.chosen.C < 1000.0  # grown downwards
+    # stopped where the lower edge is no longer strictly better than its neighbour
+    edge, above = (sel.scores[Candidate(sel.chosen.taps, c, 0).name][0] for c in tried[:2])
+    assert sel.chosen.C > tried[0] or edge == above
     assert sel.chosen == Candidate(("useful", "weak", "noise"), sel.chosen.C, 0)
+
+
+def test_a_tie_at_the_lower_edge_does_not_walk_the_grid_down():
+    """Ties go to the smaller C, but only a lower edge strictly better than its neighbour grows the grid: a flat
+    score (every C equal, as at chance) stops at once instead of walking to C_RANGE's floor; a score that keeps
+    improving downwards does walk."""
+    from convcache.train.crossfit import tune_c
+
+    asked = []
+
+    def flat(c):
+        asked.append(c.C)
+        return 0.5
+
+    assert tune_c(flat, ("a",), 0, (0.01, 0.1, 1.0)).C == 0.01
+    assert min(asked) == 0.01
+    assert tune_c(lambda c: -c.C, ("a",), 0, (0.01, 0.1, 1.0)).C == 1e-6  # strictly better all the way down

@@ -163,14 +163,17 @@ class Selection:
 
 def tune_c(score, taps: tuple, k: int, Cs=DEFAULT_CS) -> Candidate:
     """The best C for (taps, K) by `score(candidate)` (higher is better; ties: the smaller C): the grid `Cs`
-    grows by a decade on either side while the best sits at that edge, within `C_RANGE`."""
+    grows by a decade on either side while the best sits at that edge, within `C_RANGE`. The lower edge grows
+    only while it is *strictly* better than its neighbour: a tie (e.g. every C at chance) does not walk the grid
+    down to C_RANGE's floor."""
     grid = sorted(Cs)
     while True:
         best = max((Candidate(taps, C, k) for C in grid), key=lambda c: (score(c), -c.C))
-        if best.C == grid[0] and grid[0] / 10 >= C_RANGE[0]:
-            grid.insert(0, grid[0] / 10)
+        lower_wins = len(grid) < 2 or score(best) > score(Candidate(taps, grid[1], k))
+        if best.C == grid[0] and lower_wins and grid[0] / 10 >= C_RANGE[0]:
+            grid.insert(0, float(f"{grid[0] / 10:.6g}"))
         elif best.C == grid[-1] and grid[-1] * 10 <= C_RANGE[1]:
-            grid.append(grid[-1] * 10)
+            grid.append(float(f"{grid[-1] * 10:.6g}"))
         else:
             return best
 
