@@ -94,7 +94,9 @@ def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
                               augment=2, augment_splits=("train", "validation"), progress=False))
     script = EXPERIMENTS / "study" / "layers.py"
     for args in (["run", "--store", tmp_path / "t.zarr", "--stage", "A", "--seeds", 0, 1],
-                 ["run", "--store", tmp_path / "t.zarr", "--stage", "C", "--seeds", 0], ["summary"]):
+                 ["run", "--store", tmp_path / "t.zarr", "--stage", "B", "--seeds", 0, 1],
+                 ["run", "--store", tmp_path / "t.zarr", "--stage", "C", "--seeds", 0, 1],
+                 ["run", "--store", tmp_path / "t.zarr", "--stage", "F", "--seeds", 0, 1], ["summary"]):
         r = subprocess.run([sys.executable, str(script), *map(str, args), "-o", str(tmp_path / "out")],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -102,6 +104,10 @@ def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
     a = [x for x in lines if x["stage"] == "A"]
     assert len(a) == 2 * 2  # 2 seeds x the 2 taps (no concatenation applies to these)
     assert all(len(x["correct"]) == 20 and len(x["C"]) == 5 for x in a)  # every photo once, C per outer fold
+    b = [x for x in lines if x["stage"] == "B"]  # stage A's winner (the plan's four are not taps here) x K x seeds
+    assert len(b) == 4 * 2 and {x["representation"] for x in b} < {"block1_pool_avg", "block2_pool_max"}
     c = [x for x in lines if x["stage"] == "C"]
-    assert sorted({x["copies"] for x in c}) == ["method1", "method2"] and len(c) == 2
+    assert sorted({x["copies"] for x in c}) == ["method1", "method2"] and len(c) == 2 * 2
+    f = [x for x in lines if x["stage"] == "F"]
+    assert len(f) == 2 and all(len(x["correct"]) == 20 and x["fit"]["steps"][0] == 0 for x in f)
     assert all(len(x["correct"]) == 20 and len(x["best_epochs"]) == 5 for x in c)

@@ -82,7 +82,7 @@ class _State:
 
 
 def run_fit(cfg: FitConfig) -> dict:
-    from convcache.train.crossfit import default_representations, nested
+    from convcache.train.crossfit import Search, default_representations, nested
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,8 +94,8 @@ def run_fit(cfg: FitConfig) -> dict:
     selection, steps, pool, history = _grow_copies(cfg, extractor, store, state)
     _say(cfg, f"fit: the held-out estimate ({cfg.outer_folds} outer folds over {pool.n_photos} photos)")
     t_est = time.perf_counter()
-    estimate = nested(pool, default_representations(list(pool.features)), cfg.Cs, tuple(steps), cfg.outer_folds,
-                      cfg.inner_folds, cfg.seed, progress=lambda i, n, c: _say(
+    search = Search(default_representations(list(pool.features)), cfg.Cs, tuple(steps), cfg.inner_folds, cfg.seed)
+    estimate = nested(pool, search, cfg.outer_folds, progress=lambda i, n, c: _say(
                           cfg, f"fit: outer fold {i}/{n}: chose {c.name} ({time.perf_counter() - t_est:.0f} s)"))
     chosen = selection.chosen
     lo, hi = estimate.interval()
@@ -167,41 +167,21 @@ def _pool(store: Path, k: int):
 
 
 def _grow_copies(cfg: FitConfig, extractor: Path, store: Path, state: _State):
-    """Copies are extracted step by step (`cfg.steps`) while the last step's out-of-fold gain, at the chosen
-    representation, is above its standard error, and the next step's rows fit `budget_rows`. Returns the
-    selection on every photo at the last step reached (its K: the smallest within one SE of the best), the
-    steps extracted, the pool, and the history."""
-    from convcache.train.crossfit import default_representations, select
+    """Copies extracted step by step by `crossfit.grow`'s rule (`cfg.steps`, under `budget_rows`)."""
+    from convcache.train.crossfit import Search, default_representations, grow
 
-    _extract(cfg, extractor, store, 0)
-    history, steps, first, prev, k = [], [], None, None, 0
-    while True:
-        pool = _pool(store, k)
-        steps.append(k)
-        reps = default_representations(list(pool.features)) if first is None else [first.chosen.taps]
-        sel = select(pool, np.arange(pool.n_photos), reps, cfg.Cs, tuple(steps), cfg.inner_folds, cfg.seed)
-        first = first or sel
-        here = max((c for c in sel.correct_by if c.taps == first.chosen.taps and c.copies == k),
-                   key=lambda c: (sel.correct_by[c].mean(), -c.C))
-        entry = {"copies": k, "rows": (k + 1) * pool.n_photos, "accuracy": float(sel.correct_by[here].mean()),
-                 "C": here.C, "representation": "+".join(here.taps)}
-        if prev is not None:
-            d = sel.correct_by[here].astype(float) - sel.correct_by[prev]
-            entry.update(gain=float(d.mean()), gain_se=float(d.std(ddof=1) / np.sqrt(len(d))))
-        history.append(entry)
-        _say(cfg, f"fit: copies 0..{k}: out-of-fold accuracy {100 * entry['accuracy']:.1f}% on {pool.n_photos} "
-                  f"photos ({entry['representation']}, C={here.C:g})"
-             + (f", gain {100 * entry['gain']:+.1f} ± {100 * entry['gain_se']:.1f} points" if prev else ""))
-        if prev is not None and entry["gain"] <= entry["gain_se"]:
-            break  # this step did not help beyond its noise: no further copies
-        nxt = next((s for s in cfg.steps if s > k), None)
-        if nxt is None or (nxt + 1) * pool.n_photos > cfg.budget_rows:
-            break
-        prev, k = here, nxt
+    def pool_at(k: int):
         _extract(cfg, extractor, store, k)
-    # the final choice keeps stage 1's representation and its runner-up (stage 1 ran once, at K = 0)
-    sel.runner_up, sel.paired_difference, sel.paired_se = first.runner_up, first.paired_difference, first.paired_se
-    sel.scores = {**first.scores, **sel.scores}
+        return _pool(store, k)
+
+    def say(entry: dict) -> None:
+        _say(cfg, f"fit: copies 0..{entry['copies']}: out-of-fold accuracy {100 * entry['accuracy']:.1f}% on "
+                  f"{entry['photos']} photos ({entry['representation']}, C={entry['C']:g})"
+             + (f", gain {100 * entry['gain']:+.1f} ± {100 * entry['gain_se']:.1f} points" if "gain" in entry else ""))
+
+    first = pool_at(0)
+    search = Search(default_representations(list(first.features)), cfg.Cs, (0,), cfg.inner_folds, cfg.seed)
+    sel, steps, pool, history = grow(pool_at, search, cfg.steps, cfg.budget_rows, first=first, progress=say)
     state.data["history"] = history
     state.save()
     return sel, steps, pool, history

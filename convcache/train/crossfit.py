@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,6 +81,12 @@ class Pool:
         rows = self.rows(photos, 0)
         order = {p: i for i, p in enumerate(photos.tolist())}
         return rows[np.argsort([order[p] for p in self.photo[rows].tolist()], kind="stable")]
+
+    def upto(self, max_copy: int) -> Pool:
+        """The same photos with copies 0..max_copy only."""
+        keep = self.copy <= max_copy
+        return Pool({t: f[keep] for t, f in self.features.items()}, self.label[keep], self.photo[keep],
+                    self.copy[keep])
 
     def matrix(self, taps: tuple, rows: np.ndarray) -> np.ndarray:
         parts = [self.features[t][rows].reshape(len(rows), -1) for t in taps]
@@ -178,14 +184,32 @@ def tune_c(score, taps: tuple, k: int, Cs=DEFAULT_CS) -> Candidate:
             return best
 
 
-def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFAULT_CS, copies=(0,),
-           n_folds: int = 3, seed: int = 0) -> Selection:
+@dataclass(frozen=True)
+class Search:
+    """What `select` searches over: the representations (tuples of taps), the probe's starting C grid (grown at
+    its edges by `tune_c`), the copies K on offer, and the inner folds (their number and seed)."""
+
+    representations: tuple
+    Cs: tuple = DEFAULT_CS
+    copies: tuple = (0,)
+    n_folds: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "representations", tuple(tuple(r) for r in self.representations))
+        object.__setattr__(self, "Cs", tuple(float(c) for c in self.Cs))
+        object.__setattr__(self, "copies", tuple(sorted(set(int(k) for k in self.copies) | {0})))
+        if not self.representations or not self.Cs or self.n_folds < 2:
+            raise ValueError("a search needs a representation, a C and at least 2 folds")
+
+
+def select(pool: Pool, photos: np.ndarray, search: Search) -> Selection:
     """Stage 1: the best (taps, C) at K = 0; stage 2: K among `copies` at those taps (each at its best C), the
     smallest K within one paired standard error of the best. Each (taps, K) gets its own best C: the grid `Cs`
     grows by a decade on either side while the best C sits at that edge (within `C_RANGE`), so no arm is
     judged at a C the grid cut off. All on `photos` alone, by inner folds."""
     t0 = time.perf_counter()
-    folds = photo_folds(pool, photos, n_folds, seed)
+    folds = photo_folds(pool, photos, search.n_folds, search.seed)
     scores, correct_by = {}, {}
 
     def score(c: Candidate) -> float:
@@ -195,13 +219,13 @@ def select(pool: Pool, photos: np.ndarray, representations: list[tuple], Cs=DEFA
         return scores[c.name]
 
     def best_c(taps: tuple, k: int) -> Candidate:
-        return tune_c(score, taps, k, Cs)
+        return tune_c(score, taps, k, search.Cs)
 
-    stage1 = [best_c(tuple(r), 0) for r in representations]
+    stage1 = [best_c(r, 0) for r in search.representations]
     ranked = sorted(stage1, key=lambda c: (-score(c), len(c.taps), c.C))
     best = ranked[0]
     by_k = {}
-    for k in sorted(set(copies) | {0}):
+    for k in search.copies:
         by_k[k] = best if k == 0 else best_c(best.taps, k)
     top = max(by_k.values(), key=lambda c: (scores[c.name], -c.copies))
     chosen = top
@@ -246,16 +270,16 @@ class Estimate:
         return accuracy_interval(int(self.correct.sum()), self.n)
 
 
-def nested(pool: Pool, representations: list[tuple], Cs=DEFAULT_CS, copies=(0,), n_outer: int = 5,
-           n_inner: int = 3, seed: int = 0, progress=None) -> Estimate:
-    """Each outer fold's photos scored by the candidate `select` chose on the other photos, refit on them."""
+def nested(pool: Pool, search: Search, n_outer: int = 5, progress=None) -> Estimate:
+    """Each outer fold's photos scored by the candidate `select` chose on the other photos (by `search`, its
+    inner folds seeded per outer fold), refit on them. The outer folds are seeded by `search.seed`."""
     t0 = time.perf_counter()
     photos = np.arange(pool.n_photos)
-    folds = photo_folds(pool, photos, n_outer, seed)
+    folds = photo_folds(pool, photos, n_outer, search.seed)
     got, chosen = {}, []
     for i, test in enumerate(folds):
         train = np.setdiff1d(photos, test)
-        sel = select(pool, train, representations, Cs, copies, n_inner, seed + 1 + i)
+        sel = select(pool, train, replace(search, seed=search.seed + 1 + i))
         chosen.append(sel.chosen)
         got.update(zip(test.tolist(), correct(pool, sel.chosen, train, test).tolist()))
         log.info("outer fold %d/%d: chose %s, %d/%d right", i + 1, len(folds), sel.chosen.name,
@@ -277,3 +301,40 @@ def default_representations(taps: list[str]) -> list[tuple]:
         if {a, b} <= present:
             reps.append((a, b))
     return reps
+
+
+def grow(pool_at, search: Search, steps, budget_rows: int, first: Pool | None = None, progress=None):
+    """`fit`'s rule for K: copies 0..k step by step (`steps`, e.g. 0, 2, 5, 10, ...), while the last step's
+    out-of-fold gain at the chosen representation is above its standard error (paired over photos) and the next
+    step's rows ((k + 1) x photos) fit `budget_rows`. `pool_at(k)` gives the pool with copies 0..k (extracting
+    them if need be). Stage 1 (the representation, at K = 0) runs once; each later step re-selects K among the
+    steps reached, at that representation. Returns the selection at the last step (its K: the smallest within
+    one SE of the best), the steps reached, that step's pool, and one history entry per step."""
+    history, reached, stage1, prev, k = [], [], None, None, 0
+    pool = first if first is not None else pool_at(0)
+    while True:
+        reached.append(k)
+        reps = search.representations if stage1 is None else (stage1.chosen.taps,)
+        sel = select(pool, np.arange(pool.n_photos), replace(search, representations=reps, copies=tuple(reached)))
+        stage1 = stage1 or sel
+        here = max((c for c in sel.correct_by if c.taps == stage1.chosen.taps and c.copies == k),
+                   key=lambda c: (sel.correct_by[c].mean(), -c.C))
+        entry = {"copies": k, "rows": (k + 1) * pool.n_photos, "photos": pool.n_photos,
+                 "accuracy": float(sel.correct_by[here].mean()), "C": here.C, "representation": "+".join(here.taps)}
+        if prev is not None:
+            d = sel.correct_by[here].astype(float) - sel.correct_by[prev]
+            entry.update(gain=float(d.mean()), gain_se=float(d.std(ddof=1) / np.sqrt(len(d))))
+        history.append(entry)
+        if progress is not None:
+            progress(entry)
+        if prev is not None and entry["gain"] <= entry["gain_se"]:
+            break  # this step did not help beyond its noise: no further copies
+        nxt = next((s for s in steps if s > k), None)
+        if nxt is None or (nxt + 1) * pool.n_photos > budget_rows:
+            break
+        prev, k = here, nxt
+        pool = pool_at(k)
+    # the final choice keeps stage 1's representation and its runner-up (stage 1 ran once, at K = 0)
+    sel.runner_up, sel.paired_difference, sel.paired_se = stage1.runner_up, stage1.paired_difference, stage1.paired_se
+    sel.scores = {**stage1.scores, **sel.scores}
+    return sel, reached, pool, history

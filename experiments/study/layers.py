@@ -3,7 +3,9 @@
 Stage A: every representation at K = 0; stage B: K in {0, 2, 5, 10} for the four representations the plan
 fixes; stage C: at stage A's best representation, method 1 (the book's dense head on originals) and method 2
 (the same head replaying copies 1..10), each stopped by the plan's rule on an inner 20% of the outer-training
-photos. For each (representation, K, seed): 5 outer folds over the 3,000 photos (seed = fold assignment); in
+photos. Stage B also runs stage A's winner (first; deviation 1 in docs/results.md: endpoint 3 needs the probe
+at that representation's K). Stage F: `fit`'s own procedure at its defaults (`crossfit.grow` under the
+23,000-row budget, then its nested estimate), one run per seed. For each (representation, K, seed): 5 outer folds over the 3,000 photos (seed = fold assignment); in
 each, C chosen by inner 3-fold cross-validation on the outer-training photos (accuracy on originals), the
 probe refit there and scored on the outer fold's originals. One JSON line per (stage, representation, K,
 seed) in OUT/runs.jsonl: every photo's 0/1 (in photo order, with the photos' sha256 and split written once to
@@ -12,7 +14,9 @@ OUT/photos.json), the C chosen per fold, seconds, CPU. Resumable: finished lines
     .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage A -o runs/layers
     .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage B -o runs/layers
     .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage C -o runs/layers
+    .venv/bin/python experiments/study/layers.py run --store runs/layers/taps.zarr --stage F -o runs/layers
     .venv/bin/python experiments/study/layers.py summary -o runs/layers
+    .venv/bin/python experiments/study/layers_report.py -o runs/layers --store runs/layers/taps.zarr
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +83,26 @@ def dense_fixed(pool: Pool, taps: tuple, method: int, seed: int) -> tuple[np.nda
     return got, epochs
 
 
+def fit_procedure(pool: Pool, seed: int) -> tuple[np.ndarray, dict]:
+    """`fit`'s own procedure at its defaults, seeded by `seed` (its --seed): K grown by `crossfit.grow` under the
+    default budget (copies already in the store stand in for extraction), then the nested estimate fit prints
+    (outer folds seeded by `seed`). Returns every photo's 0/1 from the nested estimate, and what fit chose."""
+    from dataclasses import fields
+
+    from convcache.pipeline.fit import FitConfig
+    from convcache.train.crossfit import Search, grow, nested
+
+    d = {f.name: f.default for f in fields(FitConfig) if f.name in ("steps", "Cs", "budget_rows", "outer_folds",
+                                                                   "inner_folds")}
+    search = Search(default_representations(list(pool.features)), d["Cs"], (0,), d["inner_folds"], seed)
+    sel, steps, at, history = grow(pool.upto, search, d["steps"], d["budget_rows"])
+    est = nested(at, replace(search, copies=tuple(steps)), d["outer_folds"])
+    lo, hi = est.interval()
+    return est.correct, {"final": sel.chosen.name, "final_taps": list(sel.chosen.taps), "final_K": sel.chosen.copies,
+                         "steps": steps, "per_fold": [c.name for c in est.chosen], "printed": est.accuracy,
+                         "ci95": [lo, hi], "history": history}
+
+
 def best_of_stage_a(out: Path, seeds=SEEDS) -> tuple:
     means = {}
     for r in _read(out / "runs.jsonl"):
@@ -106,23 +131,33 @@ def run(args) -> None:
         photos.write_text(json.dumps(meta))
     runs = out / "runs.jsonl"
     done = {(r["stage"], r["representation"], r["copies"], r["seed"]) for r in _read(runs)}
+    if args.stage == "B":  # deviation 1 (docs/results.md): stage A's winner joins the plan's four, first
+        chosen = best_of_stage_a(out, args.seeds)
     arms = {"A": [(tuple(r), 0) for r in default_representations(list(pool.features))],
-            "B": [(r, k) for r in STAGE_B for k in KS], "C": [(chosen, "method1"), (chosen, "method2")]}[args.stage]
-    for seed in args.seeds:
-        for taps, k in arms:
-            key = (args.stage, "+".join(taps), k, seed)
-            if key in done:
-                continue
-            t0 = time.perf_counter()
-            got, chosen_c = dense_fixed(pool, taps, 1 if k == "method1" else 2, seed) if args.stage == "C" else \
-                crossfit_fixed(pool, taps, k, seed)
-            line = {"stage": args.stage, "representation": "+".join(taps), "copies": k, "seed": seed,
-                    "correct": "".join(map(str, got.tolist())), "accuracy": float(got.mean()),
-                    ("best_epochs" if args.stage == "C" else "C"): chosen_c,
-                    "seconds": round(time.perf_counter() - t0, 1), "cpu": cpu_model()}
-            with runs.open("a") as f:
-                f.write(json.dumps(line) + "\n")
-            print(f"{args.stage} {key[1]} K={k} seed {seed}: {100 * got.mean():.1f}% ({line['seconds']} s)", flush=True)
+            "B": [(r, k) for r in dict.fromkeys((chosen,) + STAGE_B[:0:-1] + STAGE_B[:1])
+                  if all(t in pool.features for t in r) for k in KS] if chosen else [],
+            "C": [(chosen, "method1"), (chosen, "method2")], "F": [(("fit",), "fit")]}[args.stage]
+    # representation-major for B (the book's map, the slowest at K = 10, last); seed-major otherwise
+    order = [(seed, a) for a in arms for seed in args.seeds] if args.stage == "B" else \
+        [(seed, a) for seed in args.seeds for a in arms]
+    for seed, (taps, k) in order:
+        key = (args.stage, "+".join(taps), k, seed)
+        if key in done:
+            continue
+        t0 = time.perf_counter()
+        if args.stage == "C":
+            got, extra = dense_fixed(pool, taps, 1 if k == "method1" else 2, seed)
+        elif args.stage == "F":
+            got, extra = fit_procedure(pool, seed)
+        else:
+            got, extra = crossfit_fixed(pool, taps, k, seed)
+        line = {"stage": args.stage, "representation": "+".join(taps), "copies": k, "seed": seed,
+                "correct": "".join(map(str, got.tolist())), "accuracy": float(got.mean()),
+                {"C": "best_epochs", "F": "fit"}.get(args.stage, "C"): extra,
+                "seconds": round(time.perf_counter() - t0, 1), "cpu": cpu_model()}
+        with runs.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"{args.stage} {key[1]} K={k} seed {seed}: {100 * got.mean():.1f}% ({line['seconds']} s)", flush=True)
 
 
 def _read(path: Path) -> list[dict]:
@@ -149,7 +184,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--store", required=True)
-    r.add_argument("--stage", choices=["A", "B", "C"], required=True)
+    r.add_argument("--stage", choices=["A", "B", "C", "F"], required=True)
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the plan's: 0 1 2 3 4")
     s = sub.add_parser("summary")
