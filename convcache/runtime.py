@@ -18,16 +18,59 @@ except ImportError:  # the runtime is an extra: cpu (onnxruntime) or gpu (onnxru
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "openvino")
-# HEURISTIC avoids cuDNN's exhaustive re-tuning for every new batch shape.
-_CUDA = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
+NULL_DEVICE = "null"  # benchmarks only: no inference, zeros of the right shape (the input pipeline's ceiling)
 
 
-def create_session(path, device: str = "auto", threads: int | None = None):
+def cuda_options(exact: bool = False) -> dict:
+    """The CUDA provider's options. HEURISTIC avoids cuDNN's exhaustive re-tuning for every new batch shape;
+    `prefer_nhwc` runs the (NHWC-input) graph's convolutions in NHWC without layout transposes; TF32 is ONNX
+    Runtime's default for fp32 convolutions on Ampere and later (features within ~1e-3 of fp32), `exact` turns
+    it off for parity runs."""
+    return {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1", "use_tf32": "0" if exact else "1"}
+
+
+def math_mode(provider: str, exact: bool = False, dtype: str = "float32") -> str:
+    """How a session's arithmetic is done, as the store's run log records it: rows made in different math modes
+    are not bitwise comparable."""
+    if provider == "CUDAExecutionProvider":
+        return "fp16" if dtype == "float16" else ("fp32" if exact else "tf32")
+    return "fp32"
+
+
+class NullSession:
+    """No inference: zeros of each output's shape (the batch dimension from the input). `convcache bench extract
+    --device null` measures the input pipeline (read, hash, decode, augment, write) with the runtime taken out."""
+
+    PROVIDER = "NullExecutionProvider"
+
+    def __init__(self, path):
+        import onnx
+
+        model = onnx.load_model_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
+        for i in model.graph.input:  # a batch of 1: shape inference then fixes every output's other dims
+            i.type.tensor_type.shape.dim[0].dim_value = 1
+        model = onnx.shape_inference.infer_shapes(model)
+        self._shapes = {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim[1:])
+                        for o in model.graph.output}
+        if any(0 in shape for shape in self._shapes.values()):
+            raise ConvcacheError(f"--device null: the outputs' shapes are not static ({self._shapes})")
+
+    def get_providers(self) -> list[str]:
+        return [self.PROVIDER]
+
+    def run(self, names, feeds: dict):
+        n = len(next(iter(feeds.values())))
+        return [np.zeros((n, *self._shapes[name]), np.float32) for name in (names or list(self._shapes))]
+
+
+def create_session(path, device: str = "auto", threads: int | None = None, exact: bool = False):
     """A session for an ONNX file (or its bytes, as Dask workers receive it). `auto`: ONNX Runtime's
     CUDA provider when there is one, else the OpenVINO runtime when it is installed (the faster CPU
     runtime measured here), else ONNX Runtime on the CPU. Every session answers `run` and
     `get_providers` as ONNX Runtime's does; the provider actually used is what `get_providers()[0]`
     says."""
+    if device == NULL_DEVICE:
+        return NullSession(path)
     if device not in DEVICES:
         raise ConvcacheError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     available = ort.get_available_providers()
@@ -37,7 +80,8 @@ def create_session(path, device: str = "auto", threads: int | None = None):
     if device == "cuda" and not has_cuda:
         raise ConvcacheError("--device cuda: onnxruntime has no CUDA provider here "
                              "(install the 'gpu' extra, onnxruntime-gpu, on a machine with a GPU)")
-    providers = [_CUDA, "CPUExecutionProvider"] if device != "cpu" and has_cuda else ["CPUExecutionProvider"]
+    providers = [("CUDAExecutionProvider", cuda_options(exact)), "CPUExecutionProvider"] \
+        if device != "cpu" and has_cuda else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:

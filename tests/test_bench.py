@@ -41,3 +41,14 @@ def test_bench_serve_loads_the_service_and_soaks_it(fused_model, tmp_path):
 def test_bench_names_an_unknown_benchmark():
     r = run_cli("bench", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_bench_extract_null_device_measures_the_input_pipeline_against_pillow(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 4})
+    r = run_cli("bench", "extract", "--device", "null", "--data", data, "--images", 8, "--augment", 2, "--model",
+                pooled_extractor, "--size", SIZE, "--rounds", 1, "--batch-size", 4, "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    assert "| pillow, 2 processes |" in r.stdout and "| as it ships (decode once, processes) |" in r.stdout
+    shipped = next(x for x in r.stdout.splitlines() if x.startswith("| as it ships"))
+    before = next(x for x in r.stdout.splitlines() if x.startswith("| every copy decoded, threads"))
+    assert shipped.rstrip("| ").endswith("| 8") and before.rstrip("| ").endswith("| 24")  # decodes: 8 vs 8 x 3

@@ -99,6 +99,50 @@ def test_same_seed_same_features_across_workers_and_batches(extractor, dataset, 
     assert not np.allclose(a.features[a.copy == 1], d.features[d.copy == 1])
 
 
+def test_each_image_is_decoded_once_per_run_and_the_rows_are_the_same_bytes(extractor, dataset, tmp_path):
+    """Copies are warps of one decode (issue 29): 20 images x 3 train copies decode 20 times, not 44; in worker
+    processes, in threads, or without the decode cache (every copy decoded, as before), the stores are bitwise
+    equal, and rows stay copy-major."""
+    once = extract(extractor, dataset, tmp_path / "once.zarr", augment=2, decode_in="threads")
+    assert once.decodes == 20 and once.rows_written == 12 * 3 + 8
+    again = extract(extractor, dataset, tmp_path / "every.zarr", augment=2, decode_in="threads", decode_cache_mb=0)
+    assert again.decodes == 12 * 3 + 8
+    procs = extract(extractor, dataset, tmp_path / "procs.zarr", augment=2, decode_in="processes", workers=2)
+    assert procs.decodes == 20
+    assert_same_store(tmp_path / "once.zarr", tmp_path / "every.zarr")
+    assert_same_store(tmp_path / "once.zarr", tmp_path / "procs.zarr")
+    train = FeatureStore(tmp_path / "procs.zarr").load("train")
+    assert train.copy.tolist() == [0] * 12 + [1] * 12 + [2] * 12  # copy-major
+    runs = FeatureStore(tmp_path / "procs.zarr").runs("train")
+    assert runs[-1]["decode_in"] == "processes" and runs[-1]["math"] == "fp32"
+
+
+def test_a_resume_on_another_provider_or_math_mode_is_refused_without_allow_mixed(extractor, dataset, tmp_path,
+                                                                                    monkeypatch):
+    """Rows from two math modes are not bitwise comparable: a split made in fp32, extended by a run whose
+    session does TF32 (simulated: the math mode the runner reads), is refused with a one-line reason unless
+    --allow-mixed, and the refusal writes nothing; with it, the store records both."""
+    import convcache.extract.runner as runner
+
+    out = tmp_path / "m.zarr"
+    extract(extractor, dataset, out, augment=0)
+    monkeypatch.setattr(runner, "math_mode", lambda provider, exact=False: "tf32")
+    with pytest.raises(ConvcacheError, match="not be bitwise comparable.*--allow-mixed"):
+        extract(extractor, dataset, out, augment=1)
+    assert FeatureStore(out).rows("train") == 12 and FeatureStore(out).load("train").copy.max() == 0
+    s = extract(extractor, dataset, out, augment=1, allow_mixed=True)
+    assert s.rows_written == 12 and FeatureStore(out).runs("train")[-1]["math"] == "tf32"
+
+
+def test_the_null_device_returns_zeros_of_every_outputs_shape(extractor):
+    from convcache.extract.engine import ExtractorSession
+
+    s = ExtractorSession(str(extractor), "null")
+    got = s(np.zeros((3, SIZE, SIZE, 3), np.float32))
+    (name, feats), = got.items()
+    assert s.provider == "NullExecutionProvider" and feats.shape == (3, *s.contract.feature_shape) and not feats.any()
+
+
 def test_second_run_performs_zero_inference(extractor, dataset, tmp_path):
     extract(extractor, dataset, tmp_path / "f.zarr", augment=1)
     again = extract(extractor, dataset, tmp_path / "f.zarr", augment=1)

@@ -5,7 +5,10 @@ pre-decoded arrays, in one run on the same images; and the store's size for floa
     .venv/bin/convcache bench extract --model runs/rt/block5-int8.onnx --device cpu --dtypes float32
 
 `--model` measures an exported extractor (an int8 one, say) instead of exporting `--weights`; `--device`
-is the runtime of both the bare and the pipeline rate.
+is the runtime of both the bare and the pipeline rate. `--device null` takes the runtime out: the input
+pipeline's own rows/s against Pillow's decode rate on the same cores, in one run:
+
+    .venv/bin/convcache bench extract --device null --images 1000 --augment 10 --rounds 2
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from convcache.augment import AugmentPolicy, augment
 from convcache.datasets import discover
 from convcache.export.runner import export_extractor
 from convcache.extract.engine import ExtractorSession
-from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.extract.runner import ExtractConfig, available_cores, run_extract
 from convcache.imaging import read_and_decode
 
 
@@ -50,16 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model", help="an exported extractor (default: export --weights)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="auto, cpu, cuda, openvino; or null: no inference, the input pipeline against Pillow's "
+                        "decode rate on the same cores")
+    p.add_argument("--workers", type=int, default=available_cores())
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--stub", type=float, metavar="ROWS_PER_S",
-                   help="instead: the pipeline with inference replaced by a sleep at this rate (no CPU), to show "
-                        "what the pipeline's structure reaches and its CPU time per row outside inference")
     a = p.parse_args(argv)
-    if a.stub:
-        return stub(a)
+    if a.device == "null":
+        return null(a)
     tmp = Path(tempfile.mkdtemp())
     data = subset(a.data, a.images, tmp / "data")
     model = Path(a.model) if a.model else tmp / "extractor.onnx"
@@ -112,10 +114,20 @@ def main(argv: list[str] | None = None) -> None:
               f"{', '.join(f'{x:.1f}' for x in rates)} | {size / 2**20:.1f} MiB | {size / n:,.0f} |")
 
 
-def stub(a) -> None:
-    import resource
+def _decode_file(path: str, size: int) -> int:
+    read_and_decode(path, size)
+    return 1
 
-    import convcache.extract.engine as engine
+
+def null(a) -> None:
+    """The input pipeline's own ceiling (issue 29), on this machine's cores, in one run: the runtime replaced
+    by the `null` device (zeros of the right shape; real reads, hashes, decodes, warps and store writes),
+    against Pillow's decode + resize rate on the same files, in one process and in `--workers` processes.
+    The pipeline is run as it ships (each image decoded once, decoders in processes), and with each choice
+    undone: threads; no decode cache (every copy decoded, as before issue 29)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from convcache.runtime import cpu_model
 
     tmp = Path(tempfile.mkdtemp())
@@ -123,25 +135,45 @@ def stub(a) -> None:
     model = a.model or str(tmp / "extractor.onnx")
     if not a.model:
         export_extractor(a.weights, a.size, model)
-    items, _ = discover(str(data))  # real features of real photos, so the store compresses as it would
-    sample = engine.ExtractorSession(model, "cpu")(np.stack([read_and_decode(i.path, a.size)[1]
-                                                      for i in items[: a.batch_size]]))
+    items, _ = discover(str(data))
+    paths = [i.path for i in items]
 
-    def sleep_instead(self, images):
-        self.calls += 1
-        time.sleep(len(images) / a.stub)
-        return sample[np.arange(len(images)) % len(sample)]
+    def pillow(workers: int) -> float:
+        t = time.perf_counter()
+        if workers == 1:
+            for p in paths:
+                read_and_decode(p, a.size)
+        else:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as ex:
+                list(ex.map(_decode_file, paths, [a.size] * len(paths), chunksize=8))
+        return len(paths) / (time.perf_counter() - t)
 
-    engine.ExtractorSession.__call__ = sleep_instead
+    arms = {"as it ships (decode once, processes)": {"decode_in": "processes"},
+            "decode once, threads": {"decode_in": "threads"},
+            "every copy decoded, processes": {"decode_in": "processes", "decode_cache_mb": 0},
+            "every copy decoded, threads (before issue 29)": {"decode_in": "threads", "decode_cache_mb": 0}}
+    got = {"pillow, 1 process": [], f"pillow, {a.workers} processes": [], **{k: [] for k in arms}}
+    decodes = {}
     for r in range(a.rounds):
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        s = run_extract(ExtractConfig(model=model, data=str(data), output=str(tmp / f"stub-{r}.zarr"),
-                                      augment=a.augment, batch_size=a.batch_size, progress=False, workers=a.workers))
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-        print(f"stubbed inference at {a.stub:g} rows/s ({cpu_model()}): pipeline {s.rows_per_second:.1f} rows/s = "
-              f"{s.rows_per_second / a.stub:.3f} of it; {1000 * cpu / s.rows_written:.2f} CPU ms per row outside "
-              f"inference ({s.rows_written} rows, {a.augment + 1} copies)")
+        got["pillow, 1 process"].append(pillow(1))
+        got[f"pillow, {a.workers} processes"].append(pillow(a.workers))
+        for n, (name, kw) in enumerate(arms.items()):
+            out = tmp / f"null-{r}-{n}.zarr"
+            s = run_extract(ExtractConfig(model=model, data=str(data), output=str(out), augment=a.augment,
+                                          batch_size=a.batch_size, progress=False, device="null",
+                                          workers=a.workers, **kw))
+            got[name].append(s.rows_per_second)
+            decodes[name] = s.decodes
+    ref = np.median(got[f"pillow, {a.workers} processes"])
+    rows = len(paths) * (a.augment + 1)
+    print(f"{len(paths)} images x {a.augment + 1} copies = {rows} rows at {a.size}x{a.size}, device null (no "
+          f"inference), {a.workers} workers, batch {a.batch_size}, {a.rounds} interleaved rounds, {cpu_model()}\n")
+    print(f"| what | images or rows/s (median) | vs Pillow in {a.workers} processes | rounds | decodes |")
+    print("|---|---|---|---|---|")
+    for name, rates in got.items():
+        unit = "images" if name.startswith("pillow") else "rows"
+        print(f"| {name} | {np.median(rates):,.0f} {unit}/s | {np.median(rates) / ref:.2f}x | "
+              f"{', '.join(f'{x:,.0f}' for x in rates)} | {decodes.get(name, '')} |")
 
 
 if __name__ == "__main__":

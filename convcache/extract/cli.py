@@ -37,7 +37,18 @@ def register(sub) -> None:
                         "\"rotation_range\": 20}' (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d["seed"], help="augmentation seed: copy c of an image depends on it")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per inference call")
-    p.add_argument("--workers", type=int, default=d["workers"], help="decode/augment threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode/augment workers (default: the cores this process may use)")
+    p.add_argument("--decode-in", choices=["auto", "processes", "threads"], default=d["decode_in"],
+                   help="where images are decoded: worker processes, or threads; auto = processes for 256+ images")
+    p.add_argument("--decode-cache-mb", type=int, default=d["decode_cache_mb"],
+                   help="decoded images kept for their later copies, so each is decoded once per run "
+                        "(default: %(default)s MiB; 150 px images take 66 KiB each)")
+    p.add_argument("--exact", action="store_true",
+                   help="CUDA: TF32 off, for parity runs (the math mode is recorded in the store's run log)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="extend a split whose rows were made on another provider or math mode (refused by "
+                        "default: rows would not be bitwise comparable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default=d["device"],
                    help="inference: ONNX Runtime on the CPU or CUDA, or the OpenVINO runtime (the 'openvino' extra); "
                         "auto = CUDA if present, else OpenVINO if installed, else CPU (`convcache info --runtime`)")
@@ -95,7 +106,10 @@ def run(args) -> int:
     from convcache.extract.runner import ExtractConfig, run_extract
     cfg = ExtractConfig(model=args.model, data=args.data, output=args.output, augment=args.augment,
                         augment_splits=tuple(s.strip() for s in args.augment_splits.split(",") if s.strip()),
-                        seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                        seed=args.seed, batch_size=args.batch_size, device=args.device,
+                        **({"workers": args.workers} if args.workers is not None else {}),
+                        decode_in=args.decode_in, decode_cache_mb=args.decode_cache_mb, exact=args.exact,
+                        allow_mixed=args.allow_mixed,
                         dtype=args.dtype, policy=_policy(args.policy),
                         max_pixels=args.max_pixels, chunk_rows=args.chunk_rows, max_bytes=args.max_bytes,
                         repair=args.repair, storage_options=options, scheduler=args.scheduler,

@@ -13,8 +13,9 @@ the same life on every executor:
    range of each run's rows, so reading them reads only their chunks), cut at multiples of the block size
    (whole chunks: no two blocks write the same chunk).
 3. An executor runs the blocks and yields their results (`BlockResult`), in any order:
-   - `LocalExecutor` (here): decoders in threads, inference on one thread (ONNX Runtime releases the
-     GIL), the rows streamed across blocks in batches; a block is written once its last row is in.
+   - `LocalExecutor` (here): decoders in processes (threads for small plans), warps in threads, inference
+     on one thread (ONNX Runtime releases the GIL), the rows streamed across blocks in batches; a block is
+     written once its last row is in.
    - `DaskExecutor` (`convcache.extract.distributed`): one task per block (`run_block`); each worker's
      session comes from a `WorkerPlugin`.
 4. `Committer`: commits the results strictly in row order, as each contiguous prefix completes (small
@@ -22,8 +23,9 @@ the same life on every executor:
 
 A file must decode before its rows get positions (a block fills whole chunks, so a row cannot go missing
 later): the local executor decodes in row order and cuts blocks from what decoded, keeping the pixels
-(an image is decoded once per copy it needs: the price of the copy-major layout); Dask workers probe every
-file first (hash and decode), so the client can plan.
+(each image is decoded once per run, its pixels kept for its later copies within a memory budget: rows stay
+copy-major, only the decodes are shared); Dask workers probe every file first (hash and decode), so the
+client can plan.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 
 from convcache import artifacts
 from convcache.datasets import Item
-from convcache.extract.mapper import DecodeSpec, Hashed, decode_copies, hash_file
+from convcache.extract.mapper import DecodeSpec, Hashed, decode_base, decode_copies, hash_file, warp_copy
 from convcache.imaging import printable_path
 from convcache.runtime import create_session
 from convcache.store import FeatureSink, statcache
@@ -50,6 +52,9 @@ from convcache.store.layout import COORDINATES
 
 COMMIT_ROWS = 64  # the local executor's blocks (its pipeline's unit, and a block digest each)
 COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full or this long has passed
+DECODE_IN = ("auto", "threads", "processes")
+DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for their later copies (150 px: ~15,000 images)
+PROCESS_MIN_IMAGES = 256  # "auto" decodes in processes from this many images on (starting them costs ~1 s)
 
 
 @dataclass(frozen=True)
@@ -138,9 +143,9 @@ def store_variables(contract) -> dict:
 class ExtractorSession:
     """An extractor's contract (`artifacts.Extractor`) and an inference session for it, on this process."""
 
-    def __init__(self, path: str, device: str, threads: int | None = None):
+    def __init__(self, path: str, device: str, threads: int | None = None, exact: bool = False):
         self.contract = artifacts.read(path, artifacts.KIND_EXTRACTOR)
-        self.session = create_session(path, device, threads)
+        self.session = create_session(path, device, threads, exact=exact)
         self.provider = self.session.get_providers()[0]
         self.outputs, self.variables = self.contract.output_names, list(store_variables(self.contract))
         self.calls = 0
@@ -356,16 +361,24 @@ class LocalExecutor:
     inference of one batch on its own thread while this one gathers the next batch, blocks written as
     they complete. Batches span block boundaries, so every call but the last is a full batch."""
 
-    def __init__(self, session: ExtractorSession, workers: int):
+    def __init__(self, session: ExtractorSession, workers: int, decode_in: str = "auto",
+                 cache_bytes: int = DECODE_CACHE_BYTES):
+        if decode_in not in DECODE_IN:
+            raise ValueError(f"decode_in {decode_in!r}: one of {', '.join(DECODE_IN)}")
         self.session = session
         self.provider = session.provider
         self.workers = workers
+        self.decode_in, self.cache_bytes = decode_in, cache_bytes
+        self.decodes = 0  # images decoded (one file read + decode each) in this executor's life
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="convcache-decode")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-infer")
+        self._procs = None  # decoders in processes, started on the first plan that is worth them
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
         self._infer_pool.shutdown(cancel_futures=True)
+        if self._procs is not None:
+            self._procs.shutdown(cancel_futures=True)
 
     def __enter__(self):
         return self
@@ -374,7 +387,8 @@ class LocalExecutor:
         self.close()
 
     def describe(self) -> dict:
-        return {"workers": self.workers}
+        return {"workers": self.workers, "decode_in": "processes" if self._procs is not None else "threads",
+                "decodes": self.decodes}
 
     def preflight(self, items: list[Item], cfg) -> None:
         """Nothing to check: this process reads the images itself."""
@@ -402,21 +416,61 @@ class LocalExecutor:
 
     def usable(self, plan: list[Planned], writer, s: BlockSettings) -> Iterator[Planned]:
         """Each planned (image, copy) that decodes, with its pixels, copy by copy (`copy_major`); an image
-        that does not decode is skipped (and not tried again for its other copies)."""
-        failed: set = set()
+        that does not decode is skipped (and not tried again for its other copies).
 
-        def decode(p: Planned, c: int):
-            return p, decode_copies(p.item, p.sha256, [c], s.decode)
+        **Each image is decoded once per run**: its decoded pixels are kept, from its first copy to its last,
+        while they fit `cache_bytes` (in plan order: with copy-major rows every kept image is reused K times,
+        so keeping the first that fit is the best a cache can do); its other copies are warps of them. Images
+        past the budget are decoded again for each copy. Decoding runs in worker processes for plans large
+        enough to pay for starting them (`decode_in`), warps in threads (OpenCV releases the GIL)."""
+        from threading import Lock
+
+        decode = self._decoder(plan, s)
+        failed: set = set()
+        remaining = {p.sha256: len(p.copies) for p in plan}  # copies still to come, per image
+        kept: dict = {}  # sha256 -> decoded pixels, while more copies of it are to come
+        held, lock = [0], Lock()
+
+        def job(p: Planned, c: int):
+            base = kept.get(p.sha256)
+            if base is None:
+                base, error = decode(p)
+                if error:
+                    return p, c, None, error
+                with lock:
+                    self.decodes += 1
+                    if remaining[p.sha256] > 1 and p.sha256 not in kept and held[0] + base.nbytes <= self.cache_bytes:
+                        kept[p.sha256] = base
+                        held[0] += base.nbytes
+            return p, c, warp_copy(base, p.sha256, c, s.decode), None
 
         jobs = ((p, c) for p, c in copy_major(plan) if p.item.path not in failed)
-        for p, decoded in _ordered(self._pool, decode, jobs, window=4 * self.workers):
+        for p, c, pixels, error in _ordered(self._pool, job, jobs, window=4 * self.workers):
+            with lock:
+                remaining[p.sha256] -= 1
+                if not remaining[p.sha256] and p.sha256 in kept:
+                    held[0] -= kept.pop(p.sha256).nbytes
             if p.item.path in failed:
                 continue
-            if decoded.error:
+            if error:
                 failed.add(p.item.path)
-                writer.skip(p.item.path, decoded.error)
+                writer.skip(p.item.path, error)
             else:
-                yield Planned(p.item, p.sha256, tuple(decoded.copies), decoded.images, p.image)
+                yield Planned(p.item, p.sha256, (c,), [pixels], p.image)
+
+    def _decoder(self, plan: list[Planned], s: BlockSettings):
+        """decode(planned) -> (pixels, error): in this thread, or in a worker process."""
+        if self._procs is None and self.workers > 1 and (
+                self.decode_in == "processes" or (self.decode_in == "auto" and len(plan) >= PROCESS_MIN_IMAGES)):
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # forkserver: never fork this process, whose runtime threads hold locks
+            self._procs = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        if self._procs is None:
+            return lambda p: decode_base(p.item, p.sha256, s.decode)
+        procs = self._procs
+        return lambda p: procs.submit(decode_base, p.item, p.sha256, s.decode).result()
 
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
         # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
@@ -520,6 +574,7 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     split, writer = job.split, job.writer
     t_start = time.perf_counter()
     committed = writer.begin_run(job.ignored)
+    check_device(writer, {"provider": summary.provider, "math": summary.math}, cfg.allow_mixed)
     hashed = hash_with_cache(executor, job.items, writer, cfg, summary)
     t_plan = time.perf_counter()
     summary.phases["hash"] = summary.phases.get("hash", 0.0) + t_plan - t_start
@@ -543,10 +598,29 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     written = writer.committed - start
     if written:  # the cost of the cache, for compute accounting (seconds per row on this machine)
         writer.record_run({"rows": written, "seconds": round(time.perf_counter() - t_start, 3),
-                           "provider": summary.provider, "cpu": cpu_model(), "batch_size": cfg.batch_size,
+                           "provider": summary.provider, "math": summary.math, "cpu": cpu_model(),
+                           "batch_size": cfg.batch_size,
                            **executor.describe(), "blocks": n_blocks,
                            "block_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
                            "copies": list(job.copies), "finished": _now()})
+
+
+def check_device(writer, device: dict, allow_mixed: bool) -> None:
+    """Rows made on another provider or in another math mode (TF32, fp16) are not bitwise comparable with
+    this run's: extending such a split is refused without `allow_mixed` (then said once, and recorded)."""
+    import logging
+
+    from convcache.errors import ConvcacheError
+
+    seen = writer.devices()
+    if writer.committed and seen and device not in seen:
+        made = "; ".join(f"{d['provider']} ({d['math']})" for d in seen)
+        msg = (f"'{writer.split}': its {writer.committed} rows were made on {made}, this run is on "
+               f"{device['provider']} ({device['math']}): their features would not be bitwise comparable")
+        if not allow_mixed:
+            raise ConvcacheError(msg + "; --allow-mixed extends it anyway, or extract into a new store")
+        logging.getLogger(__name__).warning("%s (--allow-mixed: extending it)", msg)
+    writer.add_device(device)
 
 
 def _run_blocks(executor: Executor, plan: list[Planned], settings: BlockSettings, writer, next_image: int, cfg,

@@ -65,6 +65,25 @@ def decode_copies(item: Item, sha256: str, copies: list[int], spec: DecodeSpec) 
         return Decoded(item, sha256, copies, None, f"failed ({exc.__class__.__name__}: {exc})")
 
 
+def decode_base(item: Item, sha256: str, spec: DecodeSpec) -> tuple[np.ndarray | None, str | None]:
+    """An image's model-size pixels (its copy 0), decoded once: every other copy is a warp of them
+    (`warp_copy`). Returns (pixels, None) or (None, why not). Runs in a worker thread or process."""
+    try:
+        data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return None, "changed while reading"
+        return decode_image(data, spec.size, spec.max_pixels), None
+    except ImageError as exc:
+        return None, exc.reason
+    except Exception as exc:  # one bad file never stops a run
+        return None, f"failed ({exc.__class__.__name__}: {exc})"
+
+
+def warp_copy(base: np.ndarray, sha256: str, copy: int, spec: DecodeSpec) -> np.ndarray:
+    """Copy `copy` of an image from its decoded pixels (the same bytes `decode_copies` gives)."""
+    return augment(base, spec.policy, spec.seed, sha256, copy)
+
+
 def probe_file(item: Item, size: int, max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES,
                storage_options: dict | None = None) -> Hashed:
     """hash_file plus a full decode: the distributed planner must know, before it assigns rows to

@@ -15,9 +15,17 @@ from convcache import __version__, artifacts
 from convcache.augment import AugmentPolicy
 from convcache.datasets import discover_all
 from convcache.errors import ConvcacheError
-from convcache.extract.engine import ExtractorSession, LocalExecutor, SplitJob, extract_split, store_variables
+from convcache.extract.engine import (
+    DECODE_IN,
+    ExtractorSession,
+    LocalExecutor,
+    SplitJob,
+    extract_split,
+    store_variables,
+)
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
+from convcache.runtime import math_mode
 from convcache.store import SplitSpec, SplitWriter, open_root, writer_lock
 from convcache.store.layout import zarr_version
 
@@ -34,7 +42,7 @@ class ExtractConfig:
     augment_splits: tuple = ("train",)
     seed: int = 0
     batch_size: int = 32
-    workers: int = 2
+    workers: int = field(default_factory=lambda: available_cores())  # decode/augment workers: every core
     device: str = "auto"
     dtype: str = "float32"
     policy: AugmentPolicy = field(default_factory=AugmentPolicy)
@@ -49,6 +57,10 @@ class ExtractConfig:
     rows_per_task: int | None = None  # distributed: rows per task, rounded up to whole chunks (None: one chunk)
     threads: int | None = None  # ONNX Runtime threads per session (None: its default; 1 per local:N worker)
     rehash: bool = False  # read and hash every file, ignoring the stat cache (which is written afresh)
+    decode_in: str = "auto"  # decoders in processes or threads (auto: processes for plans of 256+ images)
+    decode_cache_mb: int = 1024  # decoded images kept for their later copies (each image decoded once per run)
+    exact: bool = False  # CUDA: TF32 off (parity runs); the math mode is recorded, a resume in another refused
+    allow_mixed: bool = False  # extend a split whose rows were made on another provider or math mode
 
     def __post_init__(self):
         if isinstance(self.policy, (str, dict)):
@@ -57,6 +69,8 @@ class ExtractConfig:
             raise ConvcacheError("--augment and --seed must be >= 0")
         if self.batch_size < 1 or self.workers < 1:
             raise ConvcacheError("--batch-size and --workers must be >= 1")
+        if self.decode_in not in DECODE_IN or self.decode_cache_mb < 0:
+            raise ConvcacheError(f"--decode-in: one of {', '.join(DECODE_IN)}; --decode-cache-mb >= 0")
         if self.max_pixels < 1 or self.max_bytes < 1 or (self.chunk_rows is not None and self.chunk_rows < 1):
             raise ConvcacheError("--max-pixels, --max-bytes and --chunk-rows must be >= 1")
         if self.dtype not in ("float32", "float16"):
@@ -89,6 +103,8 @@ class ExtractSummary:
     phases: dict = field(default_factory=dict)  # seconds to list, start the executor, hash, plan, run blocks
     files_hashed: int = 0  # files read to hash them
     files_from_stat_cache: int = 0  # files whose hash came from the stat cache (not read)
+    decodes: int = 0  # images decoded (each once per run while the decode cache holds them)
+    math: str = ""  # the session's math mode (fp32, tf32, fp16): recorded in the run log
 
     @property
     def rows_per_second(self) -> float:
@@ -102,7 +118,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         proto = artifacts.load_model(cfg.model)
         contract = artifacts.Extractor.from_proto(proto, str(cfg.model))
     else:
-        session = ExtractorSession(cfg.model, cfg.device, cfg.threads)
+        session = ExtractorSession(cfg.model, cfg.device, cfg.threads, exact=cfg.exact)
         contract = session.contract
     t_list = time.perf_counter()
     items, classes, ignored = discover_all(cfg.data, cfg.storage_options, progress=cfg.progress)
@@ -112,10 +128,10 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 
         executor = dask_executor(cfg, proto.SerializeToString(), contract)
     else:
-        executor = LocalExecutor(session, cfg.workers)
+        executor = LocalExecutor(session, cfg.workers, cfg.decode_in, cfg.decode_cache_mb << 20)
     t0 = time.perf_counter()
     with executor as ex:
-        summary = ExtractSummary(provider=ex.provider, images=len(items),
+        summary = ExtractSummary(provider=ex.provider, images=len(items), math=math_mode(ex.provider, cfg.exact),
                                  phases={"list": listed, "start": time.perf_counter() - t0})
         ex.preflight(items, cfg)  # before the lease and the store: a failure here creates nothing
         with writer_lock(cfg.output, cfg.storage_options) as guard:
@@ -126,7 +142,15 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                 raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is "
                                      "kept, re-run to resume once that is fixed") from None
     summary.seconds = time.perf_counter() - start
+    summary.decodes = getattr(executor, "decodes", 0)
     return summary
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def store_identity(cfg: ExtractConfig, contract, classes) -> tuple[dict, dict]:

@@ -37,7 +37,7 @@ from convcache.store.integrity import (
     verify,
 )
 from convcache.store.layout import committed_rows
-from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS
+from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS, read_runs
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,28 @@ class SplitWriter:
     def sink(self) -> FeatureSink:
         """Where an executor's workers write this split's features (rows this writer has reserved)."""
         return FeatureSink(self.store, self.split, dict(self.storage_options), tuple(self.variables))
+
+    def devices(self) -> list[dict]:
+        """Every (provider, math mode) the split's rows were made with: the split's `devices` attribute, or for a
+        store older than it, what its run log says (math fp32 unless the provider is CUDA, whose default is
+        TF32)."""
+        got = self.group.attrs.get("devices")
+        if got is not None:
+            return [dict(d) for d in got]
+        out = []
+        for run in read_runs(self.group):
+            for provider in str(run.get("provider", "")).split(", "):
+                d = {"provider": provider, "math": run.get("math") or (
+                    "tf32" if provider == "CUDAExecutionProvider" else "fp32")}
+                if provider and d not in out:
+                    out.append(d)
+        return out
+
+    def add_device(self, device: dict) -> None:
+        """Record that this run's rows come from `device` (before any of them is written)."""
+        seen = self.devices()
+        if device not in seen:
+            self.group.attrs["devices"] = [*seen, dict(device)]
 
     def record_run(self, run: dict) -> None:
         """Append a finished run's cost (rows, seconds, where) to the split's run log: one JSON record a run,
