@@ -122,8 +122,18 @@ def test_fit_end_to_end_resumes_and_reports_held_out_accuracy(tmp_path):
     for name in ("report.md", "report.json", "report.png"):
         assert (out / name).is_file()
     assert "Held-out accuracy" in (out / "report.md").read_text()
-    r2 = run_cli(*args)  # resumes: every row is in the store, and the same choice is made again
+    stamp = (out / "model.onnx").stat().st_mtime_ns
+    r2 = run_cli(*args)  # nothing changed: the model is current, nothing is fitted again
     assert r2.returncode == 0 and r2.stdout.strip().splitlines()[-1] == last
+    assert (out / "model.onnx").stat().st_mtime_ns == stamp
+    # photos moved between classes: fit again, on the new labels, recorded in the model (issue 30)
+    for i in range(3):
+        (data / "train" / "a" / f"a.{i}.jpg").rename(data / "train" / "b" / f"moved.{i}.jpg")
+    r3 = run_cli(*args)
+    assert r3.returncode == 0, r3.stderr
+    new = json.loads((out / "fit.json").read_text())["result"]["listing"]
+    assert new["train"] != res["listing"]["train"] and new["validation"] == res["listing"]["validation"]
+    assert read(out / "model.onnx").head_provenance["fit"]["listing"] == new
     r = run_cli(*args[:-1], "--preprocess", "rescale", "-q")  # other export settings in the same folder
     assert r.returncode == 2 and "other export settings" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("fit", "--data", tmp_path / "nowhere", "-o", tmp_path / "o2", "-q")

@@ -124,6 +124,10 @@ def run(args) -> int:
           f"{s.images} files in {s.seconds:.1f}s, {s.rows_per_second:.1f} rows/s on {s.provider}; "
           f"{len(s.skipped)} skipped, {len(s.duplicates)} duplicates -> {args.output}")
     print(f"  files: {s.files_hashed} read and hashed, {s.files_from_stat_cache} unchanged (stat cache, not read)")
+    changed = {split: c for split, c in s.changes.items() if c}
+    if changed:
+        print("  listing: " + "; ".join(f"{split} {c}" for split, c in changed.items())
+              + " (labels follow the folders now; gone photos are left out)")
     for kind, entries in (("skipped", s.skipped), ("duplicate", s.duplicates)):
         lines = sorted(entries.items())
         for path, what in lines[:SHOW]:

@@ -49,6 +49,7 @@ from convcache.runtime import create_session
 from convcache.store import FeatureSink, statcache
 from convcache.store.integrity import block_digest
 from convcache.store.layout import COORDINATES
+from convcache.store.listing import Changes, changes, data_location, listing_of
 
 COMMIT_ROWS = 64  # the local executor's blocks (its pipeline's unit, and a block digest each)
 COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full or this long has passed
@@ -579,6 +580,11 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     t_plan = time.perf_counter()
     summary.phases["hash"] = summary.phases.get("hash", 0.0) + t_plan - t_start
     plan = plan_rows(hashed, job.copies, committed, writer, summary)
+    now = listing_of([(h.sha256, h.item.label, printable_path(h.item.path)) for h in hashed if not h.error],
+                     data_location(cfg.data))
+    before = writer.listing()
+    summary.changes[split] = changes(before, now) if before is not None else Changes()
+    writer.save_listing(now)  # before any row: what is trained on is this listing, whatever is extracted
     del hashed
     summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
     settings = BlockSettings(sink=writer.sink(), split=split,

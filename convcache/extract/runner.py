@@ -104,6 +104,7 @@ class ExtractSummary:
     files_hashed: int = 0  # files read to hash them
     files_from_stat_cache: int = 0  # files whose hash came from the stat cache (not read)
     decodes: int = 0  # images decoded (each once per run while the decode cache holds them)
+    changes: dict = field(default_factory=dict)  # split -> listing changes since the last run (store.listing)
     math: str = ""  # the session's math mode (fp32, tf32, fp16): recorded in the run log
 
     @property

@@ -91,6 +91,17 @@ def run_fit(cfg: FitConfig) -> dict:
     t0 = time.perf_counter()
     extractor = _export(cfg, out, state)
     store = out / "features.zarr"
+    _extract(cfg, extractor, store, 0)  # the data as it is now: new photos extracted, moved ones relabelled
+    listing = _listing(store)
+    done = state.data.get("result")
+    if done and state.data.get("fit_key") == _fit_key(cfg) and done.get("listing") == listing \
+            and (out / "model.onnx").is_file():
+        _say(cfg, f"fit: the photos and settings are those of the last fit: {out / 'model.onnx'} is current")
+        return state.data
+    if done:
+        _say(cfg, "fit: the photos (or settings) changed since the last fit: fitting again")
+    state.data.pop("result", None)
+    state.data["fit_key"] = _fit_key(cfg)
     selection, steps, pool, history = _grow_copies(cfg, extractor, store, state)
     _say(cfg, f"fit: the held-out estimate ({cfg.outer_folds} outer folds over {pool.n_photos} photos)")
     t_est = time.perf_counter()
@@ -106,11 +117,12 @@ def run_fit(cfg: FitConfig) -> dict:
               "runner_up": selection.runner_up.name if selection.runner_up else None,
               "paired_difference": selection.paired_difference, "paired_se": selection.paired_se,
               "out_of_fold": {n: a for n, (a, _) in selection.scores.items()}}
+    result["listing"] = listing
     head = _final_head(cfg, pool, selection, result, out, state)
     from convcache.train.fuse import fuse
 
     fuse(str(extractor), str(out / "head"), str(out / "model.onnx"))
-    result.update(model=str(out / "model.onnx"), rows_through_base=_rows_through_base(store),
+    result.update(model=str(out / "model.onnx"), rows_through_base=_rows_through_base(store), listing=listing,
                   minutes=(time.perf_counter() - t0) / 60, estimate_minutes=estimate.seconds / 60)
     test = _score_test(store, chosen, head)
     if test:
@@ -206,7 +218,7 @@ def _final_head(cfg: FitConfig, pool, selection, result: dict, out: Path, state:
 
     classes = FeatureStore(out / "features.zarr").classes
     fit_record = {k: result[k] for k in ("held_out", "choice", "runner_up", "paired_difference", "paired_se",
-                                         "copies_extracted")}
+                                         "copies_extracted", "listing")}
     artifacts.Head(head="logreg", classes=tuple(classes), n_features=X.shape[1], feature_shape=(X.shape[1],),
                    extractor_identity=ext.identity, taps=tuple(chosen.taps),
                    trained_on={"fit": fit_record, "photos": pool.n_photos, "rows": len(rows)}).write(proto)
@@ -229,6 +241,21 @@ def _score_test(store: Path, chosen, head: dict) -> dict | None:
     right = int((head["estimator"].predict(X) == parts[0].label).sum())
     lo, hi = accuracy_interval(right, len(X))
     return {"accuracy": right / len(X) if len(X) else float("nan"), "n": len(X), "ci95": [lo, hi]}
+
+
+def _listing(store: Path) -> dict:
+    """Each split's listing digest (`convcache.store.listing`): what the model is recorded as trained on."""
+    from convcache.store import FeatureStore
+
+    fs = FeatureStore(store)
+    got = {split: fs.listing(split) for split in fs.splits}
+    return {split: x.digest for split, x in got.items() if x is not None}
+
+
+def _fit_key(cfg: FitConfig) -> str:
+    """What a fit's result depends on besides the photos (a re-run with another of these fits again)."""
+    return _stage_key(cfg, "weights", "input_size", "preprocess", "policy", "taps", "budget_rows", "steps", "Cs",
+                      "outer_folds", "inner_folds", "seed")
 
 
 def _rows_through_base(store: Path) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 from convcache import artifacts
 from convcache.errors import ConvcacheError
 from convcache.store import layout
+from convcache.store import listing as listing_mod
 from convcache.store.layout import bookkeeping, committed_rows
 
 SKIPPED_ARRAYS = ("skipped_path", "skipped_reason")
@@ -79,6 +80,7 @@ class FeatureStore:
 
         self.location = resolve(path, storage_options, what="store")
         self._store = None
+        self._listings: dict = {}
         self.path = Path(self.location.path) if self.location.local else self.location.url
         try:
             present = self.location.child("zarr.json").isfile()
@@ -217,19 +219,107 @@ class FeatureStore:
             raise ConvcacheError(f"{self.path}: the '{split}' split is damaged ({where}); run `convcache extract "
                                  "--repair` on it to recompute those rows")
 
+    def listing(self, split: str):
+        """The split's listing as its last extract run found the data (`convcache.store.listing.Listing`), or
+        None for a store older than listings."""
+        if split not in self._listings:
+            self._listings[split] = listing_mod.load(self._group(split))
+        return self._listings[split]
+
+    def current(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """For the committed rows: (listed: bool per row, the label each row's content has *now*, its path now);
+        None without a listing (every row is current, with its stored label)."""
+        got = self.listing(split)
+        if got is None:
+            return None
+        n = self.rows(split)
+        at = got.lookup(self._group(split)["sha256"][:n])
+        listed = at >= 0
+        return listed, np.where(listed, got.label[np.maximum(at, 0)], -1), np.where(listed, got.path[np.maximum(at, 0)],
+                                                                                       None)
+
+    def relist(self, storage_options: dict | None = None) -> dict | None:
+        """List the data the store was extracted from (its listings' `data`) as it is *now*, hashing only the
+        files whose stat key is not in the split's stat cache, and read by that listing from here on (in
+        memory: the store is not written). Returns split -> `Changes` against the stored listing; None when the
+        store has no listing, or its data cannot be listed from here (then the stored listing stands)."""
+        import hashlib
+
+        from convcache.datasets import discover_all
+        from convcache.imaging import DEFAULT_MAX_BYTES, printable_path, read_bytes
+        from convcache.store import statcache
+
+        stored = {s: self.listing(s) for s in self.splits}
+        datas = {x.data for x in stored.values() if x is not None}
+        if len(datas) != 1 or not next(iter(datas)):
+            return None
+        data = datas.pop()
+        try:
+            items, classes, _ = discover_all(data, storage_options)
+        except ConvcacheError:
+            return None
+        if list(classes) != list(self.classes):
+            raise ConvcacheError(f"{self.path}: the data at {data} now has classes {classes}, the store "
+                                 f"{list(self.classes)}; class indices would change: extract into a new store")
+        out = {}
+        for split, old in stored.items():
+            if old is None:
+                continue
+            mine = [i for i in items if i.split == split]
+            keys = [statcache.stat_key(i) for i in mine]
+            cached, _ = statcache.lookup(self._group(split), mine, keys)
+            entries = []
+            for item, sha in zip(mine, cached):
+                if sha is None:
+                    try:
+                        sha = hashlib.sha256(read_bytes(item.path, DEFAULT_MAX_BYTES, storage_options)).hexdigest()
+                    except Exception:  # unreadable now: extract would skip it, so does the listing
+                        continue
+                entries.append((sha, item.label, printable_path(item.path)))
+            now = listing_mod.listing_of(entries, data)
+            out[split] = listing_mod.changes(old, now)
+            self._listings[split] = now
+        return out
+
+    def status(self, split: str) -> dict:
+        """How the split's rows stand against its listing: photos listed, listed photos without an original
+        row yet (an interrupted run), committed rows no longer listed (gone: kept, never read)."""
+        got, cur = self.listing(split), self.current(split)
+        n = self.rows(split)
+        if got is None:
+            return {"listed": None, "unextracted": 0, "unlisted_rows": 0, "digest": None}
+        copy0 = self._group(split)["copy"][:n] == 0
+        have = np.zeros(len(got), bool)
+        at = got.lookup(self._group(split)["sha256"][:n][copy0])
+        have[at[at >= 0]] = True
+        return {"listed": len(got), "unextracted": int((~have).sum()), "unlisted_rows": int((~cur[0]).sum()),
+                "digest": got.digest, "data": got.data, "listed_at": got.listed}
+
+    def _wanted(self, split: str, max_copy: int | None, current: bool) -> tuple[np.ndarray, tuple | None]:
+        """Positions of the rows to read (copies <= max_copy; with `current`, listed ones only) and the
+        current labels and paths (None: as stored)."""
+        n = self.rows(split)
+        keep = np.ones(n, bool) if max_copy is None else self._group(split)["copy"][:n] <= max_copy
+        cur = self.current(split) if current else None
+        if cur is not None:
+            keep &= cur[0]
+        return np.flatnonzero(keep), cur
+
     def load(self, split: str, max_copy: int | None = None, with_features: bool = True,
-             verify: bool = True, variable: str | None = None) -> SplitData:
+             verify: bool = True, variable: str | None = None, current: bool = True) -> SplitData:
         """Rows of `split` whose copy index is <= max_copy (None: all copies), in stored order, with the
         features of `variable` (default: the split's first). Only the chunks that hold those rows are read,
         each once, and memory is the answer plus one span. With `verify`, the split's structure and seal are
         checked, and each block read is checked against its digest (which covers every variable): damage is
-        an error, never silent zero rows."""
+        an error, never silent zero rows. With `current` (the default), only rows whose content the split's
+        listing holds, labelled and named as listed now (`convcache.store.listing`); without, every committed
+        row as stored."""
         variable = self._variable(split, variable)
         if verify:
             self.check(split, contents="none")
         group, n = self._group(split), self.rows(split)
         copy = group["copy"][:n]
-        idx = np.arange(n) if max_copy is None else np.flatnonzero(copy <= max_copy)
+        idx, cur = self._wanted(split, max_copy, current)
         shape = self.feature_shape(split, variable)
         features = np.empty((len(idx), *shape), group[variable].dtype) if with_features else \
             np.empty((len(idx), 0))
@@ -244,13 +334,17 @@ class FeatureStore:
         cat = {name: (np.concatenate(v) if v else np.empty((0, 32) if name == "sha256" else 0,
                                                               np.uint8 if name == "sha256" else object))
                for name, v in cols.items()}
+        label = cat["label"].astype(np.int32) if len(idx) else np.empty(0, np.int32)
+        paths = [str(p) for p in cat["path"]]
+        if cur is not None:
+            label, paths = cur[1][idx].astype(np.int32), [str(p) for p in cur[2][idx]]
         return SplitData(
             features=features,
-            label=cat["label"].astype(np.int32) if len(idx) else np.empty(0, np.int32),
+            label=label,
             image=cat["image"].astype(np.int64) if len(idx) else np.empty(0, np.int64),
             copy=copy[idx],
             sha256=[bytes(r).hex() for r in cat["sha256"]],
-            path=[str(p) for p in cat["path"]],
+            path=paths,
             row=idx,
         )
 
@@ -336,14 +430,14 @@ class FeatureStore:
         return out
 
     def iter_blocks(self, split: str, max_copy: int | None = None, shuffle: bool = False, seed: int = 0,
-                    verify: bool = True, with_features: bool = True, variable: str | None = None):
-        """Committed rows of `split` (copies <= max_copy), one span of whole chunks at a time (never the
-        whole split in memory), as SplitData. Each block read is checked against its digest (damage is an
-        error naming its rows); spans with no wanted row are not read. With `shuffle`, spans come in a
-        seeded random order and rows are shuffled within each span."""
-        group, n = self._group(split), self.rows(split)
-        copy = group["copy"][:n]
-        idx = np.arange(n) if max_copy is None else np.flatnonzero(copy <= max_copy)
+                    verify: bool = True, with_features: bool = True, variable: str | None = None,
+                    current: bool = True):
+        """Committed rows of `split` (copies <= max_copy; listed ones, labelled as listed now, as `load`), one
+        span of whole chunks at a time (never the whole split in memory), as SplitData. Each block read is
+        checked against its digest (damage is an error naming its rows); spans with no wanted row are not
+        read. With `shuffle`, spans come in a seeded random order and rows are shuffled within each span."""
+        group = self._group(split)
+        idx, cur = self._wanted(split, max_copy, current)
         rng = np.random.default_rng(seed)
         order = None
         if shuffle:
@@ -353,17 +447,19 @@ class FeatureStore:
         for a, part, keep in self._spans(split, idx, verify and with_features, with_features, order, variable):
             if shuffle:
                 keep = rng.permutation(keep)
+            rows = keep + a
             yield SplitData(
                 features=part["features"][keep - part["features_offset"]] if with_features else
                 np.empty((len(keep), 0)),
-                label=part["label"][keep], image=part["image"][keep], copy=part["copy"][keep],
-                sha256=[bytes(r).hex() for r in part["sha256"][keep]], path=[str(p) for p in part["path"][keep]],
-                row=keep + a)
+                label=part["label"][keep] if cur is None else cur[1][rows].astype(np.int32),
+                image=part["image"][keep], copy=part["copy"][keep],
+                sha256=[bytes(r).hex() for r in part["sha256"][keep]],
+                path=[str(p) for p in (part["path"][keep] if cur is None else cur[2][rows])],
+                row=rows)
 
     def nbytes(self, split: str, max_copy: int | None = None, dtype=np.float32, variable: str | None = None) -> int:
-        """Bytes the features of `split` (copies <= max_copy; of `variable`) take in memory as `dtype`."""
-        group, n = self._group(split), self.rows(split)
-        rows = n if max_copy is None else int((group["copy"][:n] <= max_copy).sum())
+        """Bytes the features of `split` (copies <= max_copy, listed rows; of `variable`) take as `dtype`."""
+        rows = len(self._wanted(split, max_copy, True)[0])
         return rows * int(np.prod(self.feature_shape(split, variable))) * np.dtype(dtype).itemsize
 
     def dask(self, split: str) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
 from convcache.store import layout
+from convcache.store import listing as listing_mod
 from convcache.store.integrity import (
     CHAIN_START,
     KEYS_ARRAY,
@@ -353,6 +354,15 @@ class SplitWriter:
     def sink(self) -> FeatureSink:
         """Where an executor's workers write this split's features (rows this writer has reserved)."""
         return FeatureSink(self.store, self.split, dict(self.storage_options), tuple(self.variables))
+
+    def listing(self):
+        """The split's listing as the last run saved it (None: none yet)."""
+        return listing_mod.load(self.group)
+
+    def save_listing(self, listing) -> None:
+        """Replace the split's listing (what a run trains on: `convcache.store.listing`)."""
+        listing_mod.save(self.group, listing)
+        self._consolidate()
 
     def devices(self) -> list[dict]:
         """Every (provider, math mode) the split's rows were made with: the split's `devices` attribute, or for a

@@ -58,6 +58,23 @@ class TrainingData:
                        provenance={**self.provenance, "copies": int(self.train.copy[keep].max())})
 
 
+def current_listing(store: FeatureStore, where, storage_options: dict | None = None) -> dict:
+    """Train on the data as it is *now* (issue 30): the data the store was extracted from is listed again
+    (only files whose stat changed are read), photos moved to another class take that class's label, deleted
+    ones are left out; photos not extracted yet are an error naming the command that adds them. Returns each
+    split's listing digest (what the head is recorded as trained on); {} for a store older than listings."""
+    changed = store.relist(storage_options)
+    if changed and any(changed.values()):
+        log.warning("%s: the data changed since it was extracted (%s): training on it as it is now", where,
+                    "; ".join(f"{split} {c}" for split, c in changed.items() if c))
+    for split in store.splits:
+        st = store.status(split)
+        if st["unextracted"]:
+            raise ConvcacheError(f"{where}: {st['unextracted']} photo(s) of '{split}' are in the data but not in the "
+                                 "store; run `convcache extract` (it adds only them), then train")
+    return {split: store.listing(split).digest for split in store.splits if store.listing(split) is not None}
+
+
 def load_training_data(store_path, copies: int | None = None, storage_options: dict | None = None,
                        train_features: bool = True) -> TrainingData:
     """`train_features=False` loads every column of train but its features (a streaming head reads
@@ -70,6 +87,7 @@ def load_training_data(store_path, copies: int | None = None, storage_options: d
         raise ConvcacheError(f"{store_path}: splits were extracted with different extractors; refusing to mix them")
     if copies is not None and copies < 0:
         raise ConvcacheError(f"--copies {copies}: must be >= 0")
+    listing = current_listing(store, store_path, storage_options)
     splits = {}
     available = 0
     for name in ("train", "validation", "test"):
@@ -104,6 +122,6 @@ def load_training_data(store_path, copies: int | None = None, storage_options: d
         extractor_sha256=ext.identity, extractor_opset=ext.opset,
         provenance={"store": str(store.path), "extractor": ext.identity,
                     "extractor_weights": ext.metadata.get("weights"), "extractor_layer": ext.layer,
-                    "augment": store.augmentation("train"), "copies": available},
+                    "augment": store.augmentation("train"), "copies": available, "listing": listing},
         copies_available=stored, copies_used=available,
     )

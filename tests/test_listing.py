@@ -1,0 +1,88 @@
+"""Never stale (issue 30): what a run trains on is the data as it is now. Photos moved to another class are
+relabelled, deleted ones left out, new ones extracted (or named as missing), and a re-run says what changed."""
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_dataset, make_image, run_cli
+
+from convcache.errors import ConvcacheError
+from convcache.extract.runner import ExtractConfig, run_extract
+from convcache.store import FeatureStore
+from convcache.train.data import load_training_data
+
+
+def extract(model, data, out, **kw):
+    return run_extract(ExtractConfig(model=str(model), data=str(data), output=str(out), progress=False, **kw))
+
+
+def churn(data):
+    """Two cats become dogs, one dog is deleted, a new cat arrives."""
+    for i in (0, 1):
+        shutil.move(data / "train" / "cats" / f"cats.{i}.jpg", data / "train" / "dogs" / f"moved.{i}.jpg")
+    (data / "train" / "dogs" / "dogs.5.jpg").unlink()
+    make_image(data / "train" / "cats" / "new.0.jpg", seed=4242, kind=0)
+
+
+def labels_by_path(d):
+    return {p.rsplit("/", 1)[-1]: int(y) for p, y in zip(d.path, d.label)}
+
+
+def test_extract_says_what_changed_and_reads_follow_the_folders(extractor, tmp_path):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "s.zarr"
+    extract(extractor, data, out, augment=1)
+    churn(data)
+    s = extract(extractor, data, out, augment=1)
+    assert str(s.changes["train"]) == "+1 new, 2 relabelled, 1 gone" and not s.changes["validation"]
+    assert s.rows_written == 2 and s.inference_calls > 0  # the new photo's two copies, nothing else
+    d = FeatureStore(out).load("train")
+    got = labels_by_path(d)
+    assert got["moved.0.jpg"] == got["moved.1.jpg"] == 1 and got["new.0.jpg"] == 0
+    assert "dogs.5.jpg" not in got and len(d) == 12 * 2  # 12 photos now, copies 0 and 1
+    raw = FeatureStore(out).load("train", current=False)
+    assert len(raw) == 13 * 2  # the gone photo's rows stay in the cache, unread
+    again = extract(extractor, data, out, augment=1)
+    assert not again.changes["train"] and again.rows_written == 0
+    r = run_cli("extract", "--model", extractor, "--data", data, "-o", out, "--augment", 1, "-q")
+    assert r.returncode == 0 and "listing:" not in r.stdout  # nothing changed, nothing said
+
+
+def test_train_trains_on_the_folders_as_they_are_now_without_a_new_extract(extractor, tmp_path):
+    """Moved and deleted photos need no inference: train lists the data again and trains with the new labels.
+    A new photo needs its features: train names the command that adds them."""
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "s.zarr"
+    extract(extractor, data, out)
+    before = load_training_data(out)
+    for i in (0, 1):
+        shutil.move(data / "train" / "cats" / f"cats.{i}.jpg", data / "train" / "dogs" / f"moved.{i}.jpg")
+    (data / "train" / "dogs" / "dogs.5.jpg").unlink()
+    after = load_training_data(out)
+    moved = {before.train.sha256[i] for i in range(len(before.train.y))
+             if before.train.y[i] == 0}  # every cat, as extracted
+    now = dict(zip(after.train.sha256, after.train.y.tolist()))
+    assert len(now) == 11 and sum(1 for s in moved if now.get(s) == 1) == 2  # two cats train as dogs now
+    assert after.provenance["listing"]["train"] != before.provenance["listing"]["train"]
+    make_image(data / "train" / "cats" / "new.0.jpg", seed=4242, kind=0)
+    with pytest.raises(ConvcacheError, match=r"1 photo\(s\) of 'train' are in the data but not in the store.*extract"):
+        load_training_data(out)
+    extract(extractor, data, out)
+    assert len(load_training_data(out).train.y) == 12
+
+
+def test_a_store_without_a_listing_reads_as_before(extractor, tmp_path):
+    """Stores older than listings (no bookkeeping/listing): every committed row, with its stored label."""
+    from convcache.store import listing
+
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "s.zarr"
+    extract(extractor, data, out)
+    fs = FeatureStore(out)
+    full = fs.load("train")
+    fs._listings["train"] = None  # as an old store reads
+    old = fs.load("train")
+    np.testing.assert_array_equal(full.label, old.label)
+    assert fs.status("train")["listed"] is None
+    assert listing.changes(None, fs.listing("validation")).new == 8
