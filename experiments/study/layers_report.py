@@ -197,7 +197,7 @@ def rules(res: dict, arms: dict) -> dict:
             ("A", modal["taps"], 0) if modal["K"] == 0 else None
         beats = []
         if mine and complete(arms.get(mine)):
-            for rep, v in res["stage_a"].items():
+            for rep in res["stage_a"]:
                 k = res["stage_b"].get(rep, {}).get("smallest_k_equivalent_to_10", 0) or 0
                 other = ("B", rep, k) if ("B", rep, k) in arms else ("A", rep, 0)
                 if rep == modal["taps"] or not complete(arms.get(other)):
