@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise complain again at exit
         return 141
+    except OSError as exc:  # -o under a regular file, a full or read-only disk, ...: what is written stays
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"convcache {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return ConvcacheError.exit_code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_dataset, make_image, run_cli
+from conftest import SIZE, make_dataset, make_image, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -436,3 +436,50 @@ def test_a_split_without_its_own_metadata_is_reported_and_repaired(extractor, tm
     arr.resize((4, *arr.shape[1:]))  # what a writer that lost its lease did: the snapshot still says 6
     r = run_cli("extract", "--verify", "-o", store)
     assert r.returncode == 2 and "hold fewer rows" in r.stdout, r.stdout
+
+
+def _liar(fused_model, path):
+    """The fused model plus an initializer that declares 64 GiB and holds 4 KB."""
+    import onnx
+    from onnx import TensorProto
+
+    m = onnx.load(str(fused_model))
+    t = TensorProto(name="huge", dims=[1 << 34], data_type=TensorProto.FLOAT, raw_data=b"\0" * 4096)
+    m.graph.initializer.append(t)
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_round_four_invocations_are_one_line_and_non_zero(fused_model, extractor, tmp_path):
+    """Issue 30, section 4: each gave a traceback, or started a server that refused every upload."""
+    (tmp_path / "file").write_text("a regular file")
+    under = tmp_path / "file" / "out"
+    photo = tmp_path / "p.jpg"
+    make_image(photo, seed=1)
+    one = tmp_path / "one"
+    for i in range(3):
+        make_image(one / "train" / "cats" / f"{i}.jpg", seed=i)
+    data = make_dataset(tmp_path / "data", splits={"train": 2})
+    store = tmp_path / "s.zarr"
+    assert run_cli("extract", "--model", extractor, "--data", data, "-o", store, "-q").returncode == 0
+    liar = _liar(fused_model, tmp_path / "liar.onnx")
+    cases = [
+        (["serve", "--model", fused_model, "--port", 99999], "--port 99999"),
+        (["serve", "--model", fused_model, "--max-body-mb", -1], "--max-body-mb"),
+        (["serve", "--model", fused_model, "--max-batch", 0], "--max-batch 0"),
+        (["serve", "--model", fused_model, "--cache-size", -1], "--cache-size -1"),
+        (["serve", "--model", fused_model, "--workers", 0], "--workers 0"),
+        (["predict", "--model", fused_model, "--batch-size", 0, photo], "batch size 0"),
+        (["train", "--features", store, "-o", under, "-q"], "Not a directory"),
+        (["triton", "--model", fused_model, "-o", under], "Not a directory"),
+        (["fit", "--data", data, "-o", under, "-q", "--weights", "random", "--input-size", SIZE], "Not a directory"),
+        (["predict", "--model", liar, photo], "declares dims"),
+        (["info", liar], "declares dims"),
+        (["extract", "--model", extractor, "--data", one, "-o", tmp_path / "one.zarr", "-q"], "1 class folder"),
+    ]
+    for args, words in cases:
+        r = run_cli(*args, timeout=120)
+        lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith(("WARNING", "INFO"))]
+        assert r.returncode not in (0, 1) and "Traceback" not in r.stderr, (args, r.stderr[-800:])
+        assert len(lines) == 1 and words in lines[0], (args, lines)

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from convcache.errors import ConvcacheError
@@ -109,6 +110,36 @@ def load_model(path: str | os.PathLike, load_weights: bool = True) -> onnx.Model
     if not path.is_file():
         raise ConvcacheError(f"model not found: {path}")
     try:
-        return onnx.load(str(path), load_external_data=load_weights)
+        proto = onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # onnx raises DecodeError and others for non-ONNX files
         raise ConvcacheError(f"not a readable ONNX model: {path} ({exc.__class__.__name__})") from None
+    check_initializers(proto, str(path))
+    return proto
+
+
+def check_initializers(proto: onnx.ModelProto, where: str) -> None:
+    """Every initializer holds the data its dims declare: a tensor declaring 64 GiB over a few KB of bytes is a
+    one-line error here, before anything sizes a buffer by its dims."""
+    from onnx import TensorProto, helper
+
+    for graph in [proto.graph, *(a.g for n in proto.graph.node for a in n.attribute if a.type == a.GRAPH)]:
+        for t in graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                continue
+            declared = int(np.prod([int(d) for d in t.dims], dtype=object)) if len(t.dims) else 1
+            if t.HasField("raw_data"):
+                try:
+                    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                except Exception:
+                    continue  # an exotic type (strings, 4-bit): ONNX Runtime checks it
+                held, unit = len(t.raw_data), itemsize
+            else:
+                field = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data",
+                         TensorProto.INT64: "int64_data", TensorProto.UINT64: "uint64_data",
+                         TensorProto.STRING: "string_data"}.get(t.data_type, "int32_data")
+                held, unit = len(getattr(t, field)), 1
+                if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+                    unit = 2
+            if declared * unit != held:
+                raise ConvcacheError(f"{where}: initializer {t.name!r} declares dims {list(t.dims)} "
+                                     f"({declared:,} values) but holds {held // max(unit, 1):,}: a malformed model")

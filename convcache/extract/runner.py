@@ -124,6 +124,10 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     t_list = time.perf_counter()
     items, classes, ignored = discover_all(cfg.data, cfg.storage_options, progress=cfg.progress)
     listed = time.perf_counter() - t_list
+    if len(classes) < 2:
+        raise ConvcacheError(f"--data {cfg.data}: {len(classes)} class folder{'' if len(classes) == 1 else 's'} "
+                             f"({', '.join(classes) or 'none'}); a classifier needs at least two (one folder of "
+                             "photos per class)")
     if distributed:
         from convcache.extract.distributed import dask_executor
 

@@ -108,6 +108,12 @@ def run_serve(args) -> int:
     from convcache.serve.http_timeouts import BYTES_ENV, FIELDS_ENV
     from convcache.serve.http_timeouts import ENV as HEADER_TIMEOUT_ENV
 
+    if not 0 < args.port < 65536:
+        raise ConvcacheError(f"--port {args.port}: must be 1..65535")
+    if args.workers < 1:
+        raise ConvcacheError(f"--workers {args.workers}: must be at least 1")
+    if not args.max_body_mb > 0:
+        raise ConvcacheError(f"--max-body-mb {args.max_body_mb}: must be > 0")
     with socket.socket() as probe:  # refuse a busy port before loading anything or printing "serving"
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -32,3 +32,34 @@ class ServeConfig:
     max_header_bytes: int = 32 << 10  # request line + headers (431 past it; nginx: 4 x 8 KiB, h11: 16 KiB)
     max_header_fields: int = 100  # header lines (431 past it; Apache's LimitRequestFields)
     name: str | None = None  # the model's name on the Open Inference Protocol (default: the file's stem)
+
+    def __post_init__(self):
+        """Limits that would refuse every request (or none) are refused at start-up, in one line."""
+        from convcache.errors import ConvcacheError
+
+        at_least_one = ("max_batch", "max_queue", "max_body_bytes", "max_pixels", "max_files", "max_decode_bytes",
+                        "decode_memory_bytes", "body_memory_bytes", "max_connections", "max_header_bytes",
+                        "max_header_fields")
+        positive = ("body_timeout_s", "body_deadline_s", "keep_alive_s", "header_timeout_s")
+        not_negative = ("cache_size", "max_wait_ms", "body_min_rate", "body_grace_s")
+        for name in at_least_one:
+            if not _number(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConvcacheError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+        for name in positive:
+            if not _number(getattr(self, name)) or not getattr(self, name) > 0:
+                raise ConvcacheError(f"--{_flag(name)} {getattr(self, name)}: must be > 0")
+        for name in not_negative:
+            if not _number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConvcacheError(f"--{_flag(name)} {getattr(self, name)}: must be >= 0")
+
+
+def _number(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _flag(name: str) -> str:
+    """The option a ServeConfig field comes from (`serve --help`)."""
+    return {"max_body_bytes": "max-body-mb", "body_timeout_s": "body-timeout", "body_deadline_s": "body-deadline",
+            "keep_alive_s": "keep-alive", "header_timeout_s": "header-timeout"}.get(name, name.replace("_", "-"))

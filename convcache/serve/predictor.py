@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from convcache import artifacts
-from convcache.errors import ImageError
+from convcache.errors import ConvcacheError, ImageError
 from convcache.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_opened, prepare_image, read_bytes
 from convcache.runtime import create_session
 from convcache.serve import loop
@@ -45,6 +45,8 @@ class Predictor:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int = 32,
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConvcacheError(f"batch size {batch_size!r}: must be at least 1")
         self.contract = artifacts.read(model, artifacts.KIND_FUSED)
         self.classes = list(self.contract.classes)
         self.size = self.contract.size
