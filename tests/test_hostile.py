@@ -468,7 +468,7 @@ def test_round_four_invocations_are_one_line_and_non_zero(fused_model, extractor
         (["serve", "--model", fused_model, "--port", 99999], "--port 99999"),
         (["serve", "--model", fused_model, "--max-body-mb", -1], "--max-body-mb"),
         (["serve", "--model", fused_model, "--max-batch", 0], "--max-batch 0"),
-        (["serve", "--model", fused_model, "--cache-size", -1], "--cache-size -1"),
+        (["serve", "--model", fused_model, "--cache-mb", -1], "--cache-mb -1"),
         (["serve", "--model", fused_model, "--workers", 0], "--workers 0"),
         (["predict", "--model", fused_model, "--batch-size", 0, photo], "batch size 0"),
         (["train", "--features", store, "-o", under, "-q"], "Not a directory"),

@@ -145,7 +145,7 @@ def _slow_post(port, results, i):
 def guarded(fused_model):
     s = Server(fused_model, "--max-connections", 3, "--body-min-rate", 2000, "--body-grace", 1, "--body-deadline",
                6, "--body-memory", "1MiB", "--max-body-mb", 1, "--max-header-bytes", 8192, "--max-header-fields", 50,
-               "--cache-size", 0)
+               "--cache-mb", 0)
     yield s
     s.stop()
 
@@ -216,7 +216,7 @@ def test_the_worst_upload_stays_within_the_decode_budget(fused_model):
     files = [("files", (f"{i}.png", pngs["RGBA+EXIF" if i % 2 else "P+transparency"], "image/png"))
              for i in range(16)]
     body = sum(len(f[1][1]) for f in files)
-    s = Server(fused_model, "--decode-memory", "256MiB", "--max-body-mb", 20, "--cache-size", 0)
+    s = Server(fused_model, "--decode-memory", "256MiB", "--max-body-mb", 20, "--cache-mb", 0)
     try:
         assert httpx.post(s.url + "/v1/predict", content=jpeg(4), timeout=30).status_code == 200  # warm
         pid = s.proc.pid

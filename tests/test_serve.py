@@ -171,7 +171,7 @@ def test_concurrent_load_and_cache_metrics(server):
 
 
 def test_queue_bound_gives_503_not_500(fused_model):
-    s = Server(fused_model, "--max-queue", 1, "--max-wait-ms", 200, "--cache-size", 0)
+    s = Server(fused_model, "--max-queue", 1, "--max-wait-ms", 200, "--cache-mb", 0)
     try:
         with ThreadPoolExecutor(16) as pool:
             codes = list(pool.map(lambda i: httpx.post(s.url + "/v1/predict", content=jpeg(i), timeout=60).status_code,
@@ -182,7 +182,7 @@ def test_queue_bound_gives_503_not_500(fused_model):
 
 
 def test_graceful_shutdown_drains_in_flight(fused_model):
-    s = Server(fused_model, "--max-wait-ms", 2000, "--cache-size", 0)
+    s = Server(fused_model, "--max-wait-ms", 2000, "--cache-mb", 0)
     result = {}
     t = threading.Thread(target=lambda: result.update(r=httpx.post(s.url + "/v1/predict", content=jpeg(3),
                                                                     timeout=30)))
@@ -271,7 +271,7 @@ def test_hostile_clients_get_fast_clear_answers(fused_model):
     overload is refused before decoding, with Retry-After."""
     from test_hostile import _dds_unknown_flags
 
-    s = Server(fused_model, "--max-queue", 1, "--max-wait-ms", 300, "--cache-size", 0)
+    s = Server(fused_model, "--max-queue", 1, "--max-wait-ms", 300, "--cache-mb", 0)
     try:
         r = httpx.post(s.url + "/v1/predict", content=_dds_unknown_flags())
         assert r.status_code == 422 and "NotImplementedError" in r.json()["error"] and "server" not in r.headers

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bare Predictor (decode + batch-32 inference), {len(bodies)} images: {bare:.1f} img/s\n")
     print("| clients | requests | img/s | vs bare Predictor | p50 ms | p99 ms | statuses |")
     print("|---|---|---|---|---|---|---|")
-    server = Server(a.model, "--cache-size", "0", "--max-batch", "32", "--max-wait-ms", "5")
+    server = Server(a.model, "--cache-mb", "0", "--max-batch", "32", "--max-wait-ms", "5")
     try:
         asyncio.run(load(server.url, bodies[:4], 1, 4))  # warm-up
         for c in (1, 4, 16):
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.stop()
 
-    server = Server(a.model, "--cache-size", "10000")
+    server = Server(a.model, "--cache-mb", "256")
     try:
         asyncio.run(load(server.url, bodies[:1], 1, 1))
         _, lat, _ = asyncio.run(load(server.url, bodies[:1], 1, 1000))

@@ -96,6 +96,12 @@ class SessionPlugin:
         self.session = None
 
 
+def worker_provider(plugin_name: str, dask_worker=None) -> str:
+    """This worker's session provider (run on every worker by `Client.run`)."""
+    plugin = dask_worker.plugins.get(plugin_name) if dask_worker is not None else None
+    return plugin.session.get_providers()[0] if plugin is not None and plugin.session is not None else ""
+
+
 def run_block_task(plugin_name: str, block: Block, settings: BlockSettings):
     """A task: one block on this worker's session (the plugin's)."""
     from dask.distributed import get_worker
@@ -117,6 +123,11 @@ class DaskExecutor:
                                                                                threads)
         client.register_plugin(plugin, name=plugin.name)
         self.plugin_name = plugin.name
+        try:  # what the workers' sessions run on: a resume on another provider is refused (engine.check_device)
+            got = client.run(worker_provider, plugin.name)
+            self.provider = ", ".join(sorted({v for v in got.values() if v})) or "dask"
+        except Exception:  # a worker without the plugin yet: the blocks' results name the provider later
+            pass
         self._decode_errors: dict = {}
         self._probed: set = set()
         self.tasks = 0

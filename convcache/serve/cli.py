@@ -32,7 +32,8 @@ def register(sub) -> None:
     s.add_argument("--max-batch", type=int, default=d["max_batch"], help="images per inference call")
     s.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="how long a batch waits to fill")
     s.add_argument("--max-queue", type=int, default=d["max_queue"], help="images waiting before 503")
-    s.add_argument("--cache-size", type=int, default=d["cache_size"], help="cached answers (0 disables)")
+    s.add_argument("--cache-mb", type=float, default=d["cache_bytes"] / (1 << 20),
+                   help="cached answers, bounded by the memory they hold (default: %(default)g MiB; 0 disables)")
     s.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
     s.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="decoded size limit (422 above)")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
@@ -121,7 +122,7 @@ def run_serve(args) -> int:
         except OSError as exc:
             raise ConvcacheError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         max_queue=args.max_queue, cache_size=args.cache_size,
+                         max_queue=args.max_queue, cache_bytes=int(args.cache_mb * (1 << 20)) if args.cache_mb >= 0 else -1,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
                          name=args.name, max_connections=args.max_connections, body_timeout_s=args.body_timeout,
                          body_min_rate=args.body_min_rate, body_grace_s=args.body_grace,

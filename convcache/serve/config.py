@@ -15,7 +15,7 @@ class ServeConfig:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 256
-    cache_size: int = 10_000
+    cache_bytes: int = 256 << 20  # cached answers, by the bytes they hold (0 disables the cache)
     max_body_bytes: int = 20 << 20
     max_pixels: int = 40_000_000
     max_files: int = 64
@@ -41,7 +41,7 @@ class ServeConfig:
                         "decode_memory_bytes", "body_memory_bytes", "max_connections", "max_header_bytes",
                         "max_header_fields")
         positive = ("body_timeout_s", "body_deadline_s", "keep_alive_s", "header_timeout_s")
-        not_negative = ("cache_size", "max_wait_ms", "body_min_rate", "body_grace_s")
+        not_negative = ("cache_bytes", "max_wait_ms", "body_min_rate", "body_grace_s")
         for name in at_least_one:
             if not _number(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConvcacheError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
@@ -61,5 +61,5 @@ def _number(x) -> bool:
 
 def _flag(name: str) -> str:
     """The option a ServeConfig field comes from (`serve --help`)."""
-    return {"max_body_bytes": "max-body-mb", "body_timeout_s": "body-timeout", "body_deadline_s": "body-deadline",
+    return {"max_body_bytes": "max-body-mb", "cache_bytes": "cache-mb", "body_timeout_s": "body-timeout", "body_deadline_s": "body-deadline",
             "keep_alive_s": "keep-alive", "header_timeout_s": "header-timeout"}.get(name, name.replace("_", "-"))

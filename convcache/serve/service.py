@@ -30,7 +30,7 @@ class InferenceService:
         self.predictor = Predictor(config.model, config.device, config.max_batch, config.max_pixels)
         self.metrics = Metrics()
         self.metrics.model.labels(self.predictor.model_id).set(1)
-        self.cache = ResultCache(config.cache_size)
+        self.cache = ResultCache(config.cache_bytes)
         self.decode_memory = MemoryBudget(config.decode_memory_bytes)  # every intermediate counted
         self.loop = ServingLoop(self.predictor, self.cache, self.metrics, self.decode_memory, config.max_batch,
                                 config.max_wait_ms / 1000, config.max_queue)

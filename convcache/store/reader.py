@@ -292,7 +292,9 @@ class FeatureStore:
         have = np.zeros(len(got), bool)
         at = got.lookup(self._group(split)["sha256"][:n][copy0])
         have[at[at >= 0]] = True
-        return {"listed": len(got), "unextracted": int((~have).sum()), "unlisted_rows": int((~cur[0]).sum()),
+        skipped = set(self.skipped(split))  # listed but undecodable: extract skipped them, saying why
+        missing = [p for p in got.path[~have] if str(p) not in skipped]
+        return {"listed": len(got), "unextracted": len(missing), "unlisted_rows": int((~cur[0]).sum()),
                 "digest": got.digest, "data": got.data, "listed_at": got.listed}
 
     def _wanted(self, split: str, max_copy: int | None, current: bool) -> tuple[np.ndarray, tuple | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,28 @@ from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS, read_runs
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
+
+
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) inside the block is held until the block is done, then raised: a commit (the split's
+    `committed_rows`, then the root's consolidated snapshot) is never left half done by an interrupt. Only in
+    the main thread, with Python's default handler installed; elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt
 
 
 def open_root(output: str, classes: list[str], storage_options: dict | None = None, provenance: dict | None = None):
@@ -340,12 +363,13 @@ class SplitWriter:
         if rows is None:
             self._write_skipped()
         fence = {"writer_fence": self.guard.token} if getattr(self.guard, "token", None) is not None else {}
-        self.group.update_attributes({"committed_rows": self.committed,
-                                      "seal": seal(self._schema, self.committed, self._chain), **fence})
-        now = time.monotonic()
-        if rows is None or final or now - self._consolidated >= self.consolidate_seconds:
-            self._consolidate()
-            self._consolidated = now
+        with interrupts_deferred():  # a Ctrl-C between the two leaves readers of the snapshot behind the split
+            self.group.update_attributes({"committed_rows": self.committed,
+                                          "seal": seal(self._schema, self.committed, self._chain), **fence})
+            now = time.monotonic()
+            if rows is None or final or now - self._consolidated >= self.consolidate_seconds:
+                self._consolidate()
+                self._consolidated = now
 
     def _consolidate(self) -> None:
         """Refresh the root's consolidated metadata (what xarray.open_zarr reads first)."""
