@@ -122,7 +122,8 @@ def run_serve(args) -> int:
         except OSError as exc:
             raise ConvcacheError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         max_queue=args.max_queue, cache_bytes=int(args.cache_mb * (1 << 20)) if args.cache_mb >= 0 else -1,
+                         max_queue=args.max_queue,
+                         cache_bytes=int(args.cache_mb * (1 << 20)) if args.cache_mb >= 0 else -1,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
                          name=args.name, max_connections=args.max_connections, body_timeout_s=args.body_timeout,
                          body_min_rate=args.body_min_rate, body_grace_s=args.body_grace,

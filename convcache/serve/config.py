@@ -61,5 +61,6 @@ def _number(x) -> bool:
 
 def _flag(name: str) -> str:
     """The option a ServeConfig field comes from (`serve --help`)."""
-    return {"max_body_bytes": "max-body-mb", "cache_bytes": "cache-mb", "body_timeout_s": "body-timeout", "body_deadline_s": "body-deadline",
-            "keep_alive_s": "keep-alive", "header_timeout_s": "header-timeout"}.get(name, name.replace("_", "-"))
+    return {"max_body_bytes": "max-body-mb", "cache_bytes": "cache-mb", "body_timeout_s": "body-timeout",
+            "body_deadline_s": "body-deadline", "keep_alive_s": "keep-alive",
+            "header_timeout_s": "header-timeout"}.get(name, name.replace("_", "-"))
