@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect, Request
@@ -49,6 +50,17 @@ class BodyBudget:
 
     def release(self, scope) -> None:
         self.held -= scope.pop(HELD, 0)
+
+    @asynccontextmanager
+    async def holding(self, n: int):
+        """Hold `n` more bytes for the block (what parsing a body takes besides the body): 503 past the limit."""
+        if self.held + n > self.limit:
+            raise HTTPError(503, f"busy: request bodies in flight hold over {self.limit >> 20} MiB; retry later")
+        self.held += n
+        try:
+            yield
+        finally:
+            self.held -= n
 
 
 async def read_body(request: Request, limits: BodyLimits, budget: BodyBudget | None = None) -> bytes:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from convcache.serve.body import read_body
 from convcache.serve.errors import HTTPError
@@ -24,16 +26,19 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
 HEADER = "Inference-Header-Content-Length"
 NUMPY = {"FP32": np.float32, "UINT8": np.uint8}
 VERSION = "1"
+PARSE_FACTOR = 8  # memory a JSON body may take while it is parsed, held against the body budget (x its size)
 
 
 def _service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
-def _model(request: Request, name: str) -> InferenceService:
+def _model(request: Request, name: str, version: str = "1") -> InferenceService:
     service = _service(request)
     if name != service.name:
         raise HTTPError(404, f"unknown model '{name}' (this server serves '{service.name}')")
+    if version != VERSION:
+        raise HTTPError(404, f"model '{name}' has no version {version!r} (it has version {VERSION})")
     return service
 
 
@@ -58,7 +63,7 @@ async def ready(request: Request):
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs")
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def model_metadata(request: Request, name: str, version: str = VERSION):
-    s = _model(request, name)
+    s = _model(request, name, version)
     size, k = s.predictor.size, len(s.predictor.classes)
     return {"name": name, "versions": [VERSION], "platform": "onnxruntime_onnx",
             "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, size, size, 3]}],
@@ -70,11 +75,90 @@ async def model_metadata(request: Request, name: str, version: str = VERSION):
 @router.get("/models/{name}/ready", summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request, name: str, version: str = VERSION):
-    s = _model(request, name)
+    s = _model(request, name, version)
     return JSONResponse({"name": name, "ready": s.ready}, status_code=200 if s.ready else 503)
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+class Tensor(BaseModel):
+    """One input tensor of the v2 data model (KServe's `RequestInput`). `data` is checked separately, against
+    `shape` and `datatype`, without a copy (it can be millions of numbers)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=8)
+    datatype: Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+                      "FP32", "FP64", "BYTES"]
+    parameters: dict[str, Any] | None = None
+
+
+class Output(BaseModel):
+    """A requested output (KServe's `RequestOutput`)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    """The inference request (KServe's `InferenceRequest`), `inputs[].data` aside."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[Tensor] = Field(min_length=1, max_length=16)
+    outputs: list[Output] | None = Field(default=None, max_length=4)
+
+
+class OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[float] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    """The inference response (KServe's `InferenceResponse`): `parameters` carries `cached` per image and the
+    model id."""
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[OutputTensor]
+
+
+MAX_JSON_DEPTH = 64  # a v2 request nests 5 deep; 100,000-deep JSON is refused before the parser recurses
+
+
+def _depth_ok(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Brackets nest at most `limit` deep outside strings (a scan, so the parser never recurses deeper)."""
+    depth, in_string, escaped = 0, False, False
+    opens = text.count(b"[") + text.count(b"{")
+    if opens <= limit:
+        return True
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == 0x5C:  # backslash
+                escaped = True
+            elif ch == 0x22:
+                in_string = False
+        elif ch == 0x22:
+            in_string = True
+        elif ch in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list, bytes]:
+    """The JSON part, typed (`InferRequest`), each input's `data` (unvalidated), and the binary part. Runs off
+    the event loop (a 20 MB JSON tensor takes a second to parse): every refusal is an HTTPError(400)."""
     if header_length is None:
         json_part, binary = body, b""
     else:
@@ -85,51 +169,89 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         if not 0 <= n <= len(body):
             raise HTTPError(400, f"{HEADER} {n} is outside the {len(body)}-byte body")
         json_part, binary = body[:n], body[n:]
+    if not _depth_ok(json_part):
+        raise HTTPError(400, f"the inference request nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        request = json.loads(json_part)
-    except ValueError as exc:
-        raise HTTPError(400, f"the inference request is not JSON ({exc})") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
-        raise HTTPError(400, "the inference request needs a non-empty 'inputs' list")
-    return request, binary
+        raw = json.loads(json_part)
+    except (ValueError, RecursionError) as exc:
+        raise HTTPError(400, f"the inference request is not JSON ({str(exc)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise HTTPError(400, "the inference request must be a JSON object")
+    inputs = raw.get("inputs")
+    data = [t.pop("data", None) if isinstance(t, dict) else None for t in inputs] if isinstance(inputs, list) else []
+    try:
+        req = InferRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise HTTPError(400, f"the inference request: {where}: {first['msg']}") from None
+    return req, data, binary
 
 
-def _images(tensor: dict, binary: bytes, offset: int, size: int) -> tuple[list, int]:
+def _count(shape: list[int], limit: int, what: str) -> int:
+    """The number of elements of `shape`, refused past `limit` before anything is built (no overflow: ints)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n > limit:
+            raise HTTPError(413, f"{what}: shape {shape} holds more than {limit:,} elements")
+    return n
+
+
+def _images(tensor: Tensor, data, binary: bytes, offset: int, size: int, max_images: int) -> tuple[list, int]:
     """One input tensor as a list of images (HxWx3 arrays, or encoded files for BYTES), and the binary
     offset after it."""
-    if not isinstance(tensor, dict) or tensor.get("name") != "images":
-        raise HTTPError(400, f"unknown input {tensor.get('name') if isinstance(tensor, dict) else tensor!r}: "
-                             "the model takes 'images'")
-    dtype, shape = tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise HTTPError(400, f"input 'images': shape {shape!r} is not a list of sizes")
-    nbytes = (tensor.get("parameters") or {}).get("binary_data_size")
+    if tensor.name != "images":
+        raise HTTPError(400, f"unknown input {tensor.name!r}: the model takes 'images'")
+    dtype, shape = tensor.datatype, tensor.shape
+    nbytes = (tensor.parameters or {}).get("binary_data_size")
     raw = None
     if nbytes is not None:
-        if not isinstance(nbytes, int) or nbytes < 0 or offset + nbytes > len(binary):
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0 or offset + nbytes > len(binary):
             raise HTTPError(400, f"input 'images': binary_data_size {nbytes!r} runs past the body")
         raw, offset = binary[offset : offset + nbytes], offset + nbytes
+    if raw is not None and data is not None:
+        raise HTTPError(400, "input 'images': both 'data' and binary data")
     if dtype == "BYTES":
         if raw is None:
             raise HTTPError(400, "input 'images' as BYTES: send the image files as binary data")
+        count = _count(shape, max_images, "input 'images'")
+        if count * 4 > len(raw):  # counted before anything is built: every element has a 4-byte length
+            raise HTTPError(400, f"input 'images': {len(raw)} bytes cannot hold {count} BYTES elements")
         files, at = [], 0
         while at < len(raw):
-            if at + 4 > len(raw):
-                raise HTTPError(400, "input 'images': a truncated BYTES element")
+            if len(files) == count or at + 4 > len(raw):
+                raise HTTPError(400, f"input 'images': the BYTES data holds more than shape {shape} says")
             (n,) = struct.unpack_from("<I", raw, at)
+            if at + 4 + n > len(raw):
+                raise HTTPError(400, f"input 'images': a BYTES element's length prefix ({n:,}) runs past its data")
             files.append(raw[at + 4 : at + 4 + n])
             at += 4 + n
-        if len(files) != int(np.prod(shape)):
+        if len(files) != count:
             raise HTTPError(400, f"input 'images': {len(files)} BYTES elements for shape {shape}")
         return files, offset
     if dtype not in NUMPY:
         raise HTTPError(400, f"input 'images': datatype {dtype!r}; send FP32 or UINT8 pixels, or BYTES files")
     if len(shape) != 4 or shape[1:] != [size, size, 3]:
         raise HTTPError(400, f"input 'images': shape {shape}, expected [N, {size}, {size}, 3] (NHWC, RGB)")
+    count = _count(shape, max_images * size * size * 3, "input 'images'")
+    if raw is None and not isinstance(data, list):
+        raise HTTPError(400, "input 'images': 'data' must be a list of numbers (or send binary data)")
     try:
-        array = (np.frombuffer(raw, NUMPY[dtype]) if raw is not None else
-                 np.asarray(tensor.get("data"), NUMPY[dtype])).reshape(shape)
-    except (ValueError, TypeError) as exc:
+        if raw is not None:
+            if len(raw) != count * np.dtype(NUMPY[dtype]).itemsize:
+                raise ValueError(f"{len(raw)} bytes")
+            array = np.frombuffer(raw, NUMPY[dtype]).reshape(shape)
+        else:
+            flat = np.asarray(data, np.float64 if dtype == "FP32" else np.int64)
+            if flat.ndim != 1 and flat.size == count:
+                flat = flat.ravel()  # nested lists, as some clients send them
+            if flat.ndim != 1 or flat.size != count:
+                raise ValueError(f"{flat.size} values")
+            if dtype == "UINT8" and flat.size and (flat.min() < 0 or flat.max() > 255):
+                raise HTTPError(400, "input 'images': UINT8 values must be 0..255")
+            array = flat.astype(NUMPY[dtype]).reshape(shape)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise HTTPError(400, f"input 'images': data does not fill shape {shape} as {dtype} ({exc})") from None
     if dtype == "FP32" and not np.isfinite(array).all():
         raise HTTPError(400, "input 'images': pixels must be finite")
@@ -139,28 +261,37 @@ def _images(tensor: dict, binary: bytes, offset: int, size: int) -> tuple[list, 
 @router.post("/models/{name}/infer", summary="Inference (JSON tensors or the binary tensor data extension)")
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str = VERSION):
-    s = _model(request, name)
+    s = _model(request, name, version)
     c = s.config
+    limit = c.max_files * c.max_batch
     body = await read_body(request, s.body_limits, s.bodies)
-    req, binary = _split(body, request.headers.get(HEADER))
-    images, offset = [], 0
-    for tensor in req["inputs"]:
-        got, offset = _images(tensor, binary, offset, s.predictor.size)
-        images += [(img, isinstance(img, bytes)) for img in got]
-    if len(images) > c.max_files * c.max_batch:
-        raise HTTPError(413, f"{len(images)} images in one request; at most {c.max_files * c.max_batch}")
+    # parsed off the event loop (health probes answer meanwhile), its memory held against the body budget
+    async with s.bodies.holding(PARSE_FACTOR * len(body)):
+        req, data, binary = await asyncio.to_thread(parse_request, body, request.headers.get(HEADER))
+        del body
+        images, offset = [], 0
+        for tensor, values in zip(req.inputs, data):
+            got, offset = await asyncio.to_thread(_images, tensor, values, binary, offset, s.predictor.size,
+                                                  limit - len(images))
+            images += [(img, isinstance(img, bytes)) for img in got]
+        del data
+    if not images:
+        raise HTTPError(400, "no images: every input's shape is empty")
+    if len(images) > limit:
+        raise HTTPError(413, f"{len(images)} images in one request; at most {limit}")
     results = await asyncio.gather(*(s.infer(img, i) if encoded else s.infer_pixels(img, i)
                                      for i, (img, encoded) in enumerate(images)))
-    wanted = req.get("outputs") or [{"name": "probabilities"}]
+    wanted = req.outputs or [Output(name="probabilities")]
     outputs, chunks = [], []
     for out in wanted:
-        which = out.get("name") if isinstance(out, dict) else None
+        which = out.name
         if which not in ("probabilities", "features"):
             raise HTTPError(400, f"unknown output {which!r}: the model gives 'probabilities' and 'features'")
         value = np.stack([r[0] if which == "probabilities" else r[1] for r, _ in results]).astype(np.float32)
+        value = value.reshape(len(value), -1)
         entry = {"name": which, "datatype": "FP32", "shape": list(value.shape)}
-        as_binary = bool((out.get("parameters") or {}).get("binary_data",
-                                                           (req.get("parameters") or {}).get("binary_data_output")))
+        as_binary = bool((out.parameters or {}).get("binary_data",
+                                                    (req.parameters or {}).get("binary_data_output")))
         if as_binary:
             data = value.tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
@@ -170,8 +301,8 @@ async def infer(request: Request, name: str, version: str = VERSION):
         outputs.append(entry)
     answer = {"model_name": name, "model_version": VERSION, "outputs": outputs,
               "parameters": {"cached": [cached for _, cached in results], "model_id": s.model_id}}
-    if "id" in req:
-        answer["id"] = req["id"]
+    if req.id is not None:
+        answer["id"] = req.id
     head = json.dumps(answer).encode()
     if not chunks:
         return Response(head, media_type="application/json")
