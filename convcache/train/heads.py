@@ -110,9 +110,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
+        from sklearn.utils.multiclass import check_classification_targets
         from sklearn.utils.validation import check_X_y
 
         X, y = check_X_y(X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(y)
         if not len(self.Cs):
             raise ConvcacheError("logreg needs at least one C")
         start = time.perf_counter()
@@ -204,10 +206,18 @@ class StreamingLogRegHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, X_val=None, y_val=None) -> StreamingLogRegHead:
         from sklearn.model_selection import train_test_split
+        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.validation import check_X_y
 
-        X, y = np.asarray(X), np.asarray(y)
-        if X_val is None:  # scikit-learn's fit(X, y): select on a stratified 10% of the rows
-            X, X_val, y, y_val = train_test_split(X, y, test_size=0.1, stratify=y, random_state=self.seed)
+        X, y = check_X_y(X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        if X_val is None:  # scikit-learn's fit(X, y): select on a stratified 10% of the rows (one per class at least)
+            labels, counts = np.unique(y, return_counts=True)
+            n_val = max(int(np.ceil(0.1 * len(y))), len(labels))
+            if counts.min() >= 2 and len(y) - n_val >= len(labels):
+                X, X_val, y, y_val = train_test_split(X, y, test_size=n_val, stratify=y, random_state=self.seed)
+            else:  # too few rows to hold any out: C is chosen on the training rows themselves
+                X_val, y_val = X, y
 
         def batches(epoch):
             order = np.random.default_rng([self.seed, epoch + 1]).permutation(len(y))  # epoch -1: the scaler pass
