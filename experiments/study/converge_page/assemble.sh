@@ -10,6 +10,8 @@ echo "<!-- the first paragraph and the tables are generated: experiments/study/c
 echo
 sed -n 1p /tmp/converge_generated.md
 echo
+cat experiments/study/converge_page/layers.md
+echo
 cat experiments/study/converge_page/corrections.md
 echo
 cat experiments/study/converge_page/practitioner.md
