@@ -56,6 +56,7 @@ COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full o
 DECODE_IN = ("auto", "threads", "processes")
 DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for their later copies (150 px: ~15,000 images)
 PROCESS_MIN_IMAGES = 256  # "auto" decodes in processes from this many images on (starting them costs ~1 s)
+PROCESS_MIN_WORKERS = 4  # ...and with this many workers: on 2 cores threads were faster (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,8 @@ class LocalExecutor:
     def _decoder(self, plan: list[Planned], s: BlockSettings):
         """decode(planned) -> (pixels, error): in this thread, or in a worker process."""
         if self._procs is None and self.workers > 1 and (
-                self.decode_in == "processes" or (self.decode_in == "auto" and len(plan) >= PROCESS_MIN_IMAGES)):
+                self.decode_in == "processes" or (self.decode_in == "auto" and len(plan) >= PROCESS_MIN_IMAGES
+                                                  and self.workers >= PROCESS_MIN_WORKERS)):
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
