@@ -5,6 +5,7 @@ read), and reads that touch only the chunks holding the rows asked for."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -30,6 +31,12 @@ def _extract(extractor, data, store, **kw):
                                      chunk_rows=4, **kw))
 
 
+def _counts_as_zero(text: bytes) -> bytes:
+    """Metadata with every hash and every number written as one symbol: two stores' commits then differ only if
+    one writes more entries, not because a count (a shape, a row total) has more digits."""
+    return re.sub(rb"\d+", b"0", re.sub(rb"[0-9a-f]{16,}", b"h", text))
+
+
 class _Writes:
     """Bytes written to a local store, by key (a hook on zarr's LocalStore.set)."""
 
@@ -40,7 +47,8 @@ class _Writes:
         original = LocalStore.set
 
         async def counting(store, key, value, *a, **k):
-            self.log.append((key, len(value.to_bytes())))
+            raw = value.to_bytes()
+            self.log.append((key, len(_counts_as_zero(raw) if key.endswith("zarr.json") else raw)))
             return await original(store, key, value, *a, **k)
 
         monkeypatch.setattr(LocalStore, "set", counting)
@@ -51,7 +59,7 @@ class _Writes:
 
 def test_a_commit_writes_the_same_metadata_whatever_the_store_holds(extractor, tmp_path, monkeypatch):
     """Two stores, one with 3x the rows and 10x the skipped files: adding one image writes the same
-    metadata bytes to both (to within the digits of a count). Skipped lists in the attributes that every
+    metadata bytes to both (counts and hashes each read as one symbol). Skipped lists in the attributes that every
     commit rewrites (and the consolidated snapshot) made this grow with the store."""
     per_store = {}
     for tag, images, bad in (("small", 3, 2), ("large", 9, 20)):
@@ -71,7 +79,7 @@ def test_a_commit_writes_the_same_metadata_whatever_the_store_holds(extractor, t
         monkeypatch.undo()
         assert s.rows_written == 2  # one commit of the new image's two rows, then the final commit
         per_store[tag] = writes.metadata()
-    assert abs(per_store["large"] - per_store["small"]) < 64, per_store
+    assert per_store["large"] == per_store["small"], per_store
 
 
 def _bmp(path, seed, size=24):

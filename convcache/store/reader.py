@@ -233,7 +233,12 @@ class FeatureStore:
         if got is None:
             return None
         n = self.rows(split)
-        at = got.lookup(self._group(split)["sha256"][:n])
+        sha = self._group(split)["sha256"][:n]
+        if len(sha) < n:  # committed_rows says more than the column holds: name the damage, not a shape clash
+            self.check(split, contents="none")
+            raise ConvcacheError(f"{self.path}: the '{split}' split is damaged (committed_rows is {n} but sha256 "
+                                 f"holds {len(sha)} rows); run `convcache extract --repair` on it")
+        at = got.lookup(sha)
         listed = at >= 0
         return listed, np.where(listed, got.label[np.maximum(at, 0)], -1), np.where(listed, got.path[np.maximum(at, 0)],
                                                                                        None)

@@ -63,6 +63,8 @@ def current_listing(store: FeatureStore, where, storage_options: dict | None = N
     (only files whose stat changed are read), photos moved to another class take that class's label, deleted
     ones are left out; photos not extracted yet are an error naming the command that adds them. Returns each
     split's listing digest (what the head is recorded as trained on); {} for a store older than listings."""
+    for split in store.splits:  # the structure first (no rows read): a damaged split is named as damaged
+        store.check(split, contents="none")
     changed = store.relist(storage_options)
     if changed and any(changed.values()):
         log.warning("%s: the data changed since it was extracted (%s): training on it as it is now", where,
@@ -70,6 +72,7 @@ def current_listing(store: FeatureStore, where, storage_options: dict | None = N
     for split in store.splits:
         st = store.status(split)
         if st["unextracted"]:
+            store.check(split, contents="keys")  # a damaged key column reads as missing photos: name the damage
             raise ConvcacheError(f"{where}: {st['unextracted']} photo(s) of '{split}' are in the data but not in the "
                                  "store; run `convcache extract` (it adds only them), then train")
     return {split: store.listing(split).digest for split in store.splits if store.listing(split) is not None}
