@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast lint demo bench clean check-extras
+.PHONY: install test test-fast test-measured test-loaded lint demo bench clean check-extras
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,18 @@ install: $(STAMP)
 # the whole suite (see the README for how long it takes)
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the whole suite with its peak memory (the sum of RSS over pytest and every process it starts, sampled from
+# /proc) and wall time, into test-peak.json; test-loaded does the same while `stress-ng --cpu 2` (Debian's
+# stress-ng) keeps both cores busy: the figures in the README's "Tests" section
+test-measured: $(STAMP)
+	python3 .ci/peak_rss.py --json test-peak.json -- $(PY) -m pytest -q -p no:cacheprovider
+
+test-loaded: $(STAMP)
+	command -v stress-ng >/dev/null || { echo "stress-ng is not installed (apt-get install stress-ng)"; exit 2; }
+	stress-ng --cpu 2 --quiet & load=$$!; \
+	python3 .ci/peak_rss.py --json test-peak-loaded.json -- $(PY) -m pytest -q -p no:cacheprovider; code=$$?; \
+	kill $$load; wait $$load; exit $$code
 
 # the everyday tier: every test without a tier marker (no TensorFlow training, no cluster, no S3 server, no
 # server process; the markers are in the test files, see tests/conftest.py)

@@ -22,7 +22,6 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from convcache.errors import ConvcacheError
@@ -100,9 +99,16 @@ PRESETS = {
     "book": AugmentPolicy(shear_units="radians", interpolation="nearest", center_offset=0.5, coordinates="rowcol"),
 }
 
-_BORDERS = {"nearest": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT, "constant": cv2.BORDER_CONSTANT,
-            "wrap": cv2.BORDER_WRAP}
-_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+
+def _cv2_flags(policy: AugmentPolicy) -> tuple:
+    """(cv2, interpolation flags, border mode): OpenCV is imported by the warp only (the `extract` extra);
+    the CLI's parsers and the serving side import this module without it."""
+    import cv2
+
+    borders = {"nearest": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT, "constant": cv2.BORDER_CONSTANT,
+               "wrap": cv2.BORDER_WRAP}
+    interpolation = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+    return cv2, interpolation[policy.interpolation] | cv2.WARP_INVERSE_MAP, borders[policy.fill_mode]
 
 
 def draw_params(policy: AugmentPolicy, seed: int, image_sha256: str, copy: int) -> dict:
@@ -149,5 +155,5 @@ def augment(image: np.ndarray, policy: AugmentPolicy, seed: int, image_sha256: s
         return image
     h, w = image.shape[:2]
     matrix = inverse_matrix(draw_params(policy, seed, image_sha256, copy), h, w, policy)
-    return cv2.warpAffine(image, matrix[:2], (w, h), flags=_INTERPOLATION[policy.interpolation] | cv2.WARP_INVERSE_MAP,
-                          borderMode=_BORDERS[policy.fill_mode])
+    cv2, flags, border = _cv2_flags(policy)
+    return cv2.warpAffine(image, matrix[:2], (w, h), flags=flags, borderMode=border)

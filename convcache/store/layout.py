@@ -36,6 +36,14 @@ import re
 
 from convcache.errors import ConvcacheError
 
+
+def require_zarr():
+    """Import zarr, outside any broad `except`: a missing `store` extra is then a ModuleNotFoundError the CLI
+    names as such, never a store that reads as corrupt."""
+    import zarr
+
+    return zarr
+
 FORMAT = "convcache-features/2"
 FORMAT_V1 = "convcache-features/1"  # bookkeeping inside the split's group (read; migrated by a writer)
 FORMATS = (FORMAT_V1, FORMAT)

@@ -88,6 +88,7 @@ class FeatureStore:
             raise ConvcacheError(f"{path}: cannot read the store ({exc.__class__.__name__}: {exc})") from None
         if not present:
             raise ConvcacheError(f"not a feature store: {path}")
+        layout.require_zarr()
         try:
             self._store = layout.zarr_store(self.location, read_only=True)
             self.root = layout.open_group(self._store)

@@ -75,6 +75,7 @@ def open_root(output: str, classes: list[str], storage_options: dict | None = No
     from convcache.location import resolve
 
     loc = resolve(output, storage_options, what="-o", write=True)
+    layout.require_zarr()
     try:
         if loc.exists() and not loc.child("zarr.json").isfile():
             raise ConvcacheError(f"-o {output}: exists and is not a Zarr store")
