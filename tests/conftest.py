@@ -182,3 +182,22 @@ def pytest_collection_modifyitems(config, items):
                        if fixture in getattr(item, "fixturenames", ()) and not item.get_closest_marker(mark)})
     if unmarked:
         raise pytest.UsageError("tests missing their tier marker:\n" + "\n".join(unmarked))
+
+
+# ---------------------------------------------------------------- memory
+# CONVCACHE_TEST_RSS=FILE: after each test, the pytest process's resident set (and its peak so far) is
+# appended to FILE as "nodeid rss_mib peak_mib": which tests make the process grow (see `make test-measured`).
+_RSS_LOG = os.environ.get("CONVCACHE_TEST_RSS")
+
+
+def _rss_mib() -> tuple[float, float]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+if _RSS_LOG:
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logfinish(nodeid, location):
+        rss, peak = _rss_mib()
+        with open(_RSS_LOG, "a") as f:
+            f.write(f"{nodeid} {rss:.0f} {peak:.0f}\n")

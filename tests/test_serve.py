@@ -486,6 +486,75 @@ def test_open_inference_protocol_with_the_real_tritonclient(oip_server, fused_mo
     assert 'endpoint="/v2/models/{name}/infer"' in text  # the same metrics as /v1, by route template
 
 
+def test_tritons_extensions_with_tritonclient_and_tritons_schemas(oip_server, fused_model, tmp_path):
+    """Issue 31, item 2: the model-configuration extension answers the configuration `convcache triton` writes
+    (with the server's batching), the statistics extension counts each phase, the repository index lists the
+    model; each answer parses into Triton's own message types (unknown fields are an error there)."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
+    from google.protobuf import json_format, text_format
+
+    from convcache.serve.config import ServeConfig
+    from convcache.serve.triton import write_repository
+
+    client = httpclient.InferenceServerClient(url=oip_server.url.removeprefix("http://"))
+    served = json_format.ParseDict(client.get_model_config("cats_dogs"), model_config_pb2.ModelConfig())
+    batch = ServeConfig.__dataclass_fields__["max_batch"].default
+    folder = write_repository(str(fused_model), str(tmp_path / "repo"), name="cats_dogs", max_batch=batch,
+                              preferred=(batch,), delay_us=10_000)
+    written = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert served == written, (served, written)
+    assert {"model_configuration", "statistics"} <= set(client.get_server_metadata()["extensions"])
+
+    before = client.get_inference_statistics("cats_dogs")["model_stats"][0]
+    predictor = Predictor(fused_model)
+    pixels = np.stack([predictor.to_pixels(jpeg(900 + i)) for i in range(4)]).astype(np.float32)
+    inp = httpclient.InferInput("images", list(pixels.shape), "FP32")
+    inp.set_data_from_numpy(pixels)
+    client.infer("cats_dogs", [inp])
+    stats = client.get_inference_statistics("cats_dogs")
+    json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())  # Triton's own message: every field known
+    after = stats["model_stats"][0]
+    phase = lambda s, p: (s["inference_stats"][p]["count"], s["inference_stats"][p]["ns"])
+    assert after["inference_count"] - before["inference_count"] == 4 and after["execution_count"] > 0
+    for p in ("success", "queue", "compute_infer", "cache_miss"):
+        (c0, ns0), (c1, ns1) = phase(before, p), phase(after, p)
+        assert c1 - c0 == 4 and ns1 > ns0, (p, before, after)
+    assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in after["batch_stats"]) == after["inference_count"]
+    assert httpx.get(oip_server.url + "/v2/models/nope/stats").status_code == 404
+    index = client.get_model_repository_index()
+    assert index == [{"name": "cats_dogs", "version": "1", "state": "READY"}], index
+    json_format.ParseDict({"models": index}, service_pb2.RepositoryIndexResponse())
+
+
+def test_metrics_a_dashboard_expects_pass_promtool(oip_server):
+    """Issue 31, item 7: request metrics by route template, method and status; the queue wait and the inference
+    call as separate histograms; images per call; the process's own metrics; clean under `promtool check
+    metrics` (Debian's prometheus; .ci/run installs it) and under prometheus_client's own parser."""
+    import shutil
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.post(oip_server.url + "/v1/predict", content=jpeg(1234), timeout=30).status_code == 200
+    assert httpx.get(oip_server.url + "/v1/predict").status_code == 405
+    text = httpx.get(oip_server.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("convcache_queue_seconds", "convcache_compute_seconds", "convcache_batch_size",
+                 "convcache_request_seconds", "process_resident_memory_bytes", "process_cpu_seconds",
+                 "python_gc_collections"):
+        assert name in families, (name, sorted(families))
+    assert families["convcache_queue_seconds"].type == families["convcache_compute_seconds"].type == "histogram"
+    labels = [s.labels for s in families["convcache_requests"].samples if s.name == "convcache_requests_total"]
+    assert {"endpoint": "/v1/predict", "method": "POST", "status": "200"} in labels, labels
+    assert {"endpoint": "/v1/predict", "method": "GET", "status": "405"} in labels, labels
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus); the parser check above ran")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (r.stdout, r.stderr)
+
+
 def test_the_predictor_names_its_answer_as_the_service_does(fused_model):
     p = Predictor(fused_model).predict(jpeg(7))
     assert p.to_dict()["class"] == p.class_ == p.label and set(p.probabilities) == set(Predictor(fused_model).classes)

@@ -4,6 +4,7 @@ seconds, then run as one inference call on a single inference thread."""
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,7 +19,8 @@ class MicroBatcher:
                  on_batch=None):
         self.run_batch = run_batch  # uint8 (n, h, w, 3) -> (probabilities, features)
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
-        self.on_batch = on_batch or (lambda n: None)
+        # on_batch(size, each request's queue ns, the inference call's ns, ok): after every call
+        self.on_batch = on_batch or (lambda n, queued, compute, ok: None)
         self.queue: asyncio.Queue | None = None
         self.pending = 0
         self._task = None
@@ -43,7 +45,7 @@ class MicroBatcher:
             raise QueueFull()
         self.pending += 1
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((pixels, future))
+        await self.queue.put((pixels, future, time.perf_counter_ns()))
         try:
             return await future
         finally:
@@ -61,18 +63,21 @@ class MicroBatcher:
                                  else self.queue.get_nowait())
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
-            batch = [(p, f) for p, f in batch if not f.cancelled()]
+            batch = [(p, f, t) for p, f, t in batch if not f.cancelled()]
             if not batch:
                 continue
-            self.on_batch(len(batch))
+            start = time.perf_counter_ns()
+            queued = [start - t for _, _, t in batch]
             try:
                 probs, feats = await loop.run_in_executor(self._executor, self.run_batch,
-                                                          np.stack([p for p, _ in batch]))
+                                                          np.stack([p for p, _, _ in batch]))
             except Exception as exc:  # hand the failure to each waiting request, keep serving
-                for _, f in batch:
+                self.on_batch(len(batch), queued, time.perf_counter_ns() - start, False)
+                for _, f, _ in batch:
                     if not f.done():
                         f.set_exception(exc)
                 continue
-            for i, (_, f) in enumerate(batch):
+            self.on_batch(len(batch), queued, time.perf_counter_ns() - start, True)
+            for i, (_, f, _) in enumerate(batch):
                 if not f.done():
                     f.set_result((probs[i], feats[i]))

@@ -10,6 +10,7 @@ run them:
 
 from __future__ import annotations
 
+import time
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -63,8 +64,7 @@ class ServingLoop:
 
         self.hooks, self.cache, self.metrics, self.decode_memory = hooks, cache, metrics, decode_memory
         self.max_queue = max_queue
-        self.batcher = MicroBatcher(hooks.infer, max_batch, max_wait_s, max_queue,
-                                    on_batch=metrics.batch_size.observe)
+        self.batcher = MicroBatcher(hooks.infer, max_batch, max_wait_s, max_queue, on_batch=metrics.on_batch)
         self.decoding = 0  # images being decoded now (they count against the queue bound)
 
     async def start(self) -> None:
@@ -103,18 +103,25 @@ class ServingLoop:
     async def _cached(self, key: str, pixels):
         from convcache.serve.batcher import QueueFull
 
+        start = time.perf_counter_ns()
         hit = self.cache.get(key)
         if hit is not None:
             self.metrics.cache_hits.inc()
+            self.metrics.stats.request(time.perf_counter_ns() - start, True, cached=True)
             return hit, True
         self.metrics.cache_misses.inc()
-        # overload is answered before any decoding work: images waiting for inference + being decoded
-        if self.batcher.pending + self.decoding >= self.max_queue:
-            raise Overloaded
+        ok = False
         try:
-            result = await self.batcher.submit(await pixels())
-        except QueueFull:
-            raise Overloaded from None
+            # overload is answered before any decoding work: images waiting for inference + being decoded
+            if self.batcher.pending + self.decoding >= self.max_queue:
+                raise Overloaded
+            try:
+                result = await self.batcher.submit(await pixels())
+            except QueueFull:
+                raise Overloaded from None
+            ok = True
+        finally:
+            self.metrics.stats.request(time.perf_counter_ns() - start, ok, cached=False if ok else None)
         self.cache.put(key, result)
         return result, False
 

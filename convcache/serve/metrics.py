@@ -11,20 +11,94 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 log = logging.getLogger(__name__)
 
 
+SECONDS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+
+
 class Metrics:
+    """Prometheus metrics (request count and latency by route template, method and status; the queue wait and
+    the inference call as separate histograms; images per call; cache; the process's own collectors) and the
+    same phases as Triton's statistics extension counts them (`stats`)."""
+
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("convcache_requests", "HTTP requests", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("convcache_request_seconds", "request latency", ["endpoint"], registry=r,
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.requests = Counter("convcache_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
+        self.latency = Histogram("convcache_request_seconds", "request latency, from the first byte of the request "
+                                 "to the end of the answer", ["endpoint", "method"], registry=r, buckets=SECONDS)
+        self.queue = Histogram("convcache_queue_seconds", "time an image waited for its inference call (the "
+                               "micro-batcher's gathering included)", registry=r, buckets=SECONDS)
+        self.compute = Histogram("convcache_compute_seconds", "duration of one inference call (one batch)",
+                                 registry=r, buckets=SECONDS)
         self.batch_size = Histogram("convcache_batch_size", "images per inference call", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.stats = InferenceStats()
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # with several workers these would be one worker's
+            from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(collector)
         self.cache_hits = Counter("convcache_cache_hits", "answers served from the cache", registry=r)
         self.cache_misses = Counter("convcache_cache_misses", "answers computed", registry=r)
         self.errors = Counter("convcache_errors", "requests answered with an error", ["status"], registry=r)
         self.model = Gauge("convcache_model_info", "the served model's id (its identity); always 1", ["model"],
                            registry=r, multiprocess_mode="max")
+
+
+    def on_batch(self, size: int, queued_ns: list[int], compute_ns: int, ok: bool) -> None:
+        """The micro-batcher's report after each inference call."""
+        self.batch_size.observe(size)
+        self.compute.observe(compute_ns / 1e9)
+        for q in queued_ns:
+            self.queue.observe(q / 1e9)
+        self.stats.batch(size, queued_ns, compute_ns, ok)
+
+
+class InferenceStats:
+    """Counts and cumulative nanoseconds per phase, as Triton's statistics extension reports them
+    (`GET /v2/models/{m}/stats`): `success`/`fail` (whole requests through the serving loop), `queue` (an
+    image's wait for its call), `compute_infer` (the call, counted once per image it served, as Triton counts
+    per request), `cache_hit`/`cache_miss`; `execution_count` counts calls, `inference_count` images. This
+    process's counts (with several workers, the worker that answers)."""
+
+    PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit",
+              "cache_miss")
+
+    def __init__(self):
+        self.phases = {p: [0, 0] for p in self.PHASES}
+        self.by_batch: dict[int, list[int]] = {}
+        self.inference_count = self.execution_count = self.last_inference_ms = 0
+
+    def _add(self, phase: str, ns: int, count: int = 1) -> None:
+        self.phases[phase][0] += count
+        self.phases[phase][1] += ns
+
+    def batch(self, size: int, queued_ns: list[int], compute_ns: int, ok: bool) -> None:
+        if not ok:
+            return
+        self.execution_count += 1
+        self.inference_count += size
+        self.last_inference_ms = int(time.time() * 1000)
+        for q in queued_ns:
+            self._add("queue", q)
+        self._add("compute_infer", compute_ns * size, size)
+        b = self.by_batch.setdefault(size, [0, 0])
+        b[0] += 1
+        b[1] += compute_ns
+
+    def request(self, ns: int, ok: bool, cached: bool | None = None) -> None:
+        self._add("success" if ok else "fail", ns)
+        if cached is not None:
+            self._add("cache_hit" if cached else "cache_miss", ns)
+
+    def report(self, name: str, version: str) -> dict:
+        duration = {p: {"count": c, "ns": ns} for p, (c, ns) in self.phases.items()}
+        return {"name": name, "version": version, "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count, "execution_count": self.execution_count,
+                "inference_stats": duration,
+                "batch_stats": [{"batch_size": n, "compute_input": {"count": c, "ns": 0},
+                                 "compute_infer": {"count": c, "ns": ns}, "compute_output": {"count": c, "ns": 0}}
+                                for n, (c, ns) in sorted(self.by_batch.items())],
+                "memory_usage": []}
 
 
 class ObserveMiddleware:
@@ -50,8 +124,9 @@ class ObserveMiddleware:
         finally:
             route = scope.get("route")  # set by the router: label by route template, never by raw path
             endpoint = getattr(route, "path", None) or "<unmatched>"
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            method = scope.get("method", "") if route is not None else "<other>"  # raw methods are unbounded
+            self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(endpoint, method, str(status[0])).inc()
             if status[0] >= 400:
                 self.metrics.errors.labels(str(status[0])).inc()
 

@@ -46,7 +46,8 @@ def _model(request: Request, name: str, version: str = "1") -> InferenceService:
 async def server_metadata(request: Request):
     from convcache import __version__
 
-    return {"name": "convcache", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return {"name": "convcache", "version": __version__,
+            "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
 
 
 @router.get("/health/live", summary="Liveness")
@@ -60,6 +61,12 @@ async def ready(request: Request):
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
+@router.get("/models/stats", summary="Triton's statistics extension: every model's counts and cumulative ns")
+async def all_stats(request: Request):
+    s = _service(request)
+    return {"model_stats": [s.metrics.stats.report(s.name, VERSION)]}
+
+
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs")
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def model_metadata(request: Request, name: str, version: str = VERSION):
@@ -70,6 +77,33 @@ async def model_metadata(request: Request, name: str, version: str = VERSION):
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
                         {"name": "features", "datatype": "FP32", "shape": [-1, s.n_features]}],
             "parameters": {"classes": s.predictor.classes, "model_id": s.model_id}}
+
+
+@router.get("/models/{name}/config", summary="Triton's model configuration extension: the served model's "
+            "configuration (the one `convcache triton` writes, with this server's batching)")
+@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+async def model_config(request: Request, name: str, version: str = VERSION):
+    from convcache.serve.triton import config_dict
+
+    s = _model(request, name, version)
+    c = s.config
+    gpu = "CUDA" in s.predictor.provider
+    return config_dict(c.model, name, max_batch=c.max_batch, preferred=(c.max_batch,),
+                       delay_us=int(c.max_wait_ms * 1000), devices=("gpu",) if gpu else ("cpu",))
+
+
+@router.get("/models/{name}/stats", summary="Triton's statistics extension: the model's counts and cumulative "
+            "ns per phase (success, fail, queue, compute_infer, cache_hit, cache_miss) and per batch size")
+@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+async def model_stats(request: Request, name: str, version: str = VERSION):
+    s = _model(request, name, version)
+    return {"model_stats": [s.metrics.stats.report(name, VERSION)]}
+
+
+@router.post("/repository/index", summary="Triton's model repository extension, its index: the served model")
+async def repository_index(request: Request):
+    s = _service(request)
+    return [{"name": s.name, "version": VERSION, "state": "READY" if s.ready else "UNAVAILABLE"}]
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")

@@ -26,9 +26,11 @@ def _dims(tensor: dict, where: str) -> list[int]:
     return shape
 
 
-def model_config(model: str, name: str, max_batch: int = 32, preferred: tuple = (8, 32), delay_us: int = 5000,
-                 backend: str = "onnxruntime", devices: tuple = ("cpu",), instances: int = 1) -> str:
-    """config.pbtxt for the fused model at `model` (read and checked as a fused convcache artifact)."""
+def config_dict(model: str, name: str, max_batch: int = 32, preferred: tuple = (8, 32), delay_us: int = 5000,
+                backend: str = "onnxruntime", devices: tuple = ("cpu",), instances: int = 1) -> dict:
+    """The fused model at `model` (read and checked as a fused convcache artifact) as Triton's model
+    configuration, in the JSON form Triton's model-configuration extension answers
+    (`GET /v2/models/{m}/config`); `to_pbtxt` writes the same configuration as config.pbtxt."""
     fused = artifacts.read(model, artifacts.KIND_FUSED)
     info = artifacts.describe(model)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -39,24 +41,56 @@ def model_config(model: str, name: str, max_batch: int = 32, preferred: tuple = 
     def tensor(t, role):
         if t["dtype"] not in DTYPES:
             raise ConvcacheError(f"{model}: {role} '{t['name']}' has dtype {t['dtype']}, not one Triton takes here")
-        dims = ", ".join(map(str, _dims(t, model)))
-        return f'  {{\n    name: "{t["name"]}"\n    data_type: {DTYPES[t["dtype"]]}\n    dims: [ {dims} ]\n  }}'
+        return {"name": t["name"], "data_type": DTYPES[t["dtype"]], "dims": _dims(t, model)}
 
-    inputs = ",\n".join(tensor(t, "input") for t in info["inputs"])
-    outputs = ",\n".join(tensor(t, "output") for t in info["outputs"])
     kinds = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-    groups = ",\n".join(f"  {{\n    count: {instances}\n    kind: {kinds[d]}\n  }}" for d in devices)
-    return (f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
-            f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
-            f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-            f"  max_queue_delay_microseconds: {delay_us}\n}}\n"
-            f"instance_group [\n{groups}\n]\n"
-            + _parameter("convcache_model_id", fused.identity)
-            + _parameter("convcache_classes", json.dumps(list(fused.classes))))
+    return {"name": name, "backend": backend, "max_batch_size": max_batch,
+            "input": [tensor(t, "input") for t in info["inputs"]],
+            "output": [tensor(t, "output") for t in info["outputs"]],
+            "dynamic_batching": {"preferred_batch_size": list(preferred), "max_queue_delay_microseconds": delay_us},
+            "instance_group": [{"count": instances, "kind": kinds[d]} for d in devices],
+            "parameters": {"convcache_model_id": {"string_value": fused.identity},
+                           "convcache_classes": {"string_value": json.dumps(list(fused.classes))}}}
 
 
-def _parameter(key: str, value: str) -> str:
-    return f"parameters {{\n  key: {json.dumps(key)}\n  value: {{ string_value: {json.dumps(value)} }}\n}}\n"
+# the fields whose values are protobuf enums (written bare in text format, quoted in JSON)
+_ENUMS = {"data_type", "kind"}
+
+
+def to_pbtxt(config: dict) -> str:
+    """A configuration from `config_dict` in protobuf text format (config.pbtxt): messages as blocks,
+    repeated fields as lists, maps (`parameters`) as key/value entries."""
+
+    def value(key, v, indent):
+        pad = "  " * indent
+        if isinstance(v, dict):
+            return "{\n" + "".join(field(k, x, indent + 1) for k, x in v.items()) + pad + "}"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return v if key in _ENUMS else json.dumps(v)
+        return str(v)
+
+    def field(key, v, indent):
+        pad = "  " * indent
+        if key == "parameters":  # map<string, ModelParameter>: one entry per key
+            return "".join(f"{pad}parameters {{\n{pad}  key: {json.dumps(k)}\n{pad}  value: "
+                           f"{value('value', x, indent + 1)}\n{pad}}}\n" for k, x in v.items())
+        if isinstance(v, list):
+            if v and isinstance(v[0], dict):
+                return f"{pad}{key} [\n" + ",\n".join(f"{pad}  " + value(key, x, indent + 1) for x in v) \
+                    + f"\n{pad}]\n"
+            return f"{pad}{key}: [ {', '.join(value(key, x, indent) for x in v)} ]\n"
+        if isinstance(v, dict):
+            return f"{pad}{key} {value(key, v, indent)}\n"
+        return f"{pad}{key}: {value(key, v, indent)}\n"
+
+    return "".join(field(k, v, 0) for k, v in config.items())
+
+
+def model_config(model: str, name: str, **options) -> str:
+    """config.pbtxt for the fused model at `model` (see `config_dict` for the options)."""
+    return to_pbtxt(config_dict(model, name, **options))
 
 
 def write_repository(model: str, output: str, name: str | None = None, **options) -> Path:
