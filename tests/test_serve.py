@@ -182,7 +182,7 @@ def test_queue_bound_gives_503_not_500(fused_model):
 
 
 def test_graceful_shutdown_drains_in_flight(fused_model):
-    s = Server(fused_model, "--max-wait-ms", 2000, "--cache-mb", 0)
+    s = Server(fused_model, "--max-wait-ms", 2000, "--batch-wait", "fixed", "--cache-mb", 0)
     result = {}
     t = threading.Thread(target=lambda: result.update(r=httpx.post(s.url + "/v1/predict", content=jpeg(3),
                                                                     timeout=30)))
@@ -252,6 +252,23 @@ def test_the_serving_extras_bring_no_store_extract_train_or_tf():
     banned = {"zarr", "opencv-python-headless", "opencv-python", "scikit-learn", "scipy", "matplotlib", "tensorflow",
               "keras", "tf2onnx", "dask"}
     assert seen and not banned & set(seen), sorted(banned & set(seen))
+
+
+def test_a_lone_request_does_not_wait_for_company(fused_model):
+    """--batch-wait adaptive (the default): a batch waits for more images only while more are on their way, so a
+    lone client's request is not held --max-wait-ms (Triton's statistics give each request's queue time);
+    fixed always waits it."""
+    waits = {}
+    for mode in ("adaptive", "fixed"):
+        s = Server(fused_model, "--max-wait-ms", 1000, "--batch-wait", mode, "--cache-mb", 0, "--name", "m")
+        try:
+            for i in range(2):
+                assert httpx.post(s.url + "/v1/predict", content=jpeg(40 + i), timeout=30).status_code == 200
+            queue = httpx.get(s.url + "/v2/models/m/stats").json()["model_stats"][0]["inference_stats"]["queue"]
+            waits[mode] = queue["ns"] / queue["count"] / 1e9
+        finally:
+            s.stop()
+    assert waits["fixed"] >= 0.99 and waits["adaptive"] < 0.5, waits
 
 
 def test_serve_rejects_a_non_fused_model(pooled_extractor):
@@ -518,7 +535,7 @@ def test_tritons_extensions_with_tritonclient_and_tritons_schemas(oip_server, fu
     after = stats["model_stats"][0]
     phase = lambda s, p: (s["inference_stats"][p]["count"], s["inference_stats"][p]["ns"])
     assert after["inference_count"] - before["inference_count"] == 4 and after["execution_count"] > 0
-    for p in ("success", "queue", "compute_infer", "cache_miss"):
+    for p in ("success", "queue", "compute_input", "compute_infer", "compute_output", "cache_miss"):
         (c0, ns0), (c1, ns1) = phase(before, p), phase(after, p)
         assert c1 - c0 == 4 and ns1 > ns0, (p, before, after)
     assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in after["batch_stats"]) == after["inference_count"]

@@ -16,10 +16,13 @@ class QueueFull(Exception):
 
 class MicroBatcher:
     def __init__(self, run_batch, max_batch: int = 32, max_wait: float = 0.005, max_queue: int = 256,
-                 on_batch=None):
+                 on_batch=None, coming=None):
         self.run_batch = run_batch  # uint8 (n, h, w, 3) -> (probabilities, features)
+        # coming(): images known to be on their way (being decoded). With none coming and none queued, a batch
+        # goes at once: a lone client's request never waits max_wait for company that cannot arrive
+        self.coming = coming or (lambda: 1)
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
-        # on_batch(size, each request's queue ns, the inference call's ns, ok): after every call
+        # on_batch(size, each request's queue ns, (input, inference, output) ns of the call, ok): after each call
         self.on_batch = on_batch or (lambda n, queued, compute, ok: None)
         self.queue: asyncio.Queue | None = None
         self.pending = 0
@@ -57,6 +60,8 @@ class MicroBatcher:
             batch = [await self.queue.get()]
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_batch:
+                if self.queue.empty() and not self.coming():
+                    break
                 timeout = deadline - loop.time()
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), timeout) if timeout > 0
@@ -68,16 +73,18 @@ class MicroBatcher:
                 continue
             start = time.perf_counter_ns()
             queued = [start - t for _, _, t in batch]
+            pixels = np.stack([p for p, _, _ in batch])  # the call's input: Triton's compute_input
+            ready = time.perf_counter_ns()
             try:
-                probs, feats = await loop.run_in_executor(self._executor, self.run_batch,
-                                                          np.stack([p for p, _, _ in batch]))
+                probs, feats = await loop.run_in_executor(self._executor, self.run_batch, pixels)
             except Exception as exc:  # hand the failure to each waiting request, keep serving
-                self.on_batch(len(batch), queued, time.perf_counter_ns() - start, False)
+                self.on_batch(len(batch), queued, (ready - start, time.perf_counter_ns() - ready, 0), False)
                 for _, f, _ in batch:
                     if not f.done():
                         f.set_exception(exc)
                 continue
-            self.on_batch(len(batch), queued, time.perf_counter_ns() - start, True)
+            done = time.perf_counter_ns()
             for i, (_, f, _) in enumerate(batch):
                 if not f.done():
                     f.set_result((probs[i], feats[i]))
+            self.on_batch(len(batch), queued, (ready - start, done - ready, time.perf_counter_ns() - done), True)

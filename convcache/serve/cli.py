@@ -31,6 +31,9 @@ def register(sub) -> None:
     s.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default="auto")
     s.add_argument("--max-batch", type=int, default=d["max_batch"], help="images per inference call")
     s.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="how long a batch waits to fill")
+    s.add_argument("--batch-wait", choices=("adaptive", "fixed"), default=d["batch_wait"],
+                   help="adaptive: a batch waits (up to --max-wait-ms) only while more images are on their way, so a "
+                        "lone client never waits; fixed: always waits, as Triton's max_queue_delay")
     s.add_argument("--max-queue", type=int, default=d["max_queue"], help="images waiting before 503")
     s.add_argument("--cache-mb", type=float, default=d["cache_bytes"] / (1 << 20),
                    help="cached answers, bounded by the memory they hold (default: %(default)g MiB; 0 disables)")
@@ -122,7 +125,7 @@ def run_serve(args) -> int:
         except OSError as exc:
             raise ConvcacheError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         max_queue=args.max_queue,
+                         batch_wait=args.batch_wait, max_queue=args.max_queue,
                          cache_bytes=int(args.cache_mb * (1 << 20)) if args.cache_mb >= 0 else -1,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
                          name=args.name, max_connections=args.max_connections, body_timeout_s=args.body_timeout,

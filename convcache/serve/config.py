@@ -14,6 +14,9 @@ class ServeConfig:
     device: str = "auto"
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    # "adaptive": a batch waits up to max_wait_ms only while more images are on their way (being decoded or
+    # queued); "fixed": always, as Triton's max_queue_delay (a lone client then pays max_wait_ms a request)
+    batch_wait: str = "adaptive"
     max_queue: int = 256
     cache_bytes: int = 256 << 20  # cached answers, by the bytes they hold (0 disables the cache)
     max_body_bytes: int = 20 << 20
@@ -51,6 +54,8 @@ class ServeConfig:
         for name in not_negative:
             if not _number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConvcacheError(f"--{_flag(name)} {getattr(self, name)}: must be >= 0")
+        if self.batch_wait not in ("adaptive", "fixed"):
+            raise ConvcacheError(f"--batch-wait {self.batch_wait!r}: adaptive or fixed")
 
 
 def _number(x) -> bool:

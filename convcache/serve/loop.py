@@ -59,12 +59,13 @@ class ServingLoop:
     being decoded count against `max_queue`."""
 
     def __init__(self, hooks: PredictorHooks, cache, metrics, decode_memory, max_batch: int, max_wait_s: float,
-                 max_queue: int):
+                 max_queue: int, adaptive: bool = True):
         from convcache.serve.batcher import MicroBatcher
 
         self.hooks, self.cache, self.metrics, self.decode_memory = hooks, cache, metrics, decode_memory
         self.max_queue = max_queue
-        self.batcher = MicroBatcher(hooks.infer, max_batch, max_wait_s, max_queue, on_batch=metrics.on_batch)
+        self.batcher = MicroBatcher(hooks.infer, max_batch, max_wait_s, max_queue, on_batch=metrics.on_batch,
+                                    coming=(lambda: self.decoding) if adaptive else None)
         self.decoding = 0  # images being decoded now (they count against the queue bound)
 
     async def start(self) -> None:

@@ -44,20 +44,22 @@ class Metrics:
                            registry=r, multiprocess_mode="max")
 
 
-    def on_batch(self, size: int, queued_ns: list[int], compute_ns: int, ok: bool) -> None:
-        """The micro-batcher's report after each inference call."""
+    def on_batch(self, size: int, queued_ns: list[int], phases_ns: tuple[int, int, int], ok: bool) -> None:
+        """The micro-batcher's report after each inference call: each image's wait, and the call's input
+        (stacking the batch), inference and output (handing each answer back) nanoseconds."""
         self.batch_size.observe(size)
-        self.compute.observe(compute_ns / 1e9)
+        self.compute.observe(phases_ns[1] / 1e9)
         for q in queued_ns:
             self.queue.observe(q / 1e9)
-        self.stats.batch(size, queued_ns, compute_ns, ok)
+        self.stats.batch(size, queued_ns, phases_ns, ok)
 
 
 class InferenceStats:
     """Counts and cumulative nanoseconds per phase, as Triton's statistics extension reports them
     (`GET /v2/models/{m}/stats`): `success`/`fail` (whole requests through the serving loop), `queue` (an
-    image's wait for its call), `compute_infer` (the call, counted once per image it served, as Triton counts
-    per request), `cache_hit`/`cache_miss`; `execution_count` counts calls, `inference_count` images. This
+    image's wait for its call), `compute_input`/`compute_infer`/`compute_output` (stacking the batch, the
+    inference call, handing the answers back; counted once per image the call served, as Triton counts per
+    request), `cache_hit`/`cache_miss`; `execution_count` counts calls, `inference_count` images. This
     process's counts (with several workers, the worker that answers)."""
 
     PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit",
@@ -72,7 +74,7 @@ class InferenceStats:
         self.phases[phase][0] += count
         self.phases[phase][1] += ns
 
-    def batch(self, size: int, queued_ns: list[int], compute_ns: int, ok: bool) -> None:
+    def batch(self, size: int, queued_ns: list[int], phases_ns: tuple[int, int, int], ok: bool) -> None:
         if not ok:
             return
         self.execution_count += 1
@@ -80,10 +82,11 @@ class InferenceStats:
         self.last_inference_ms = int(time.time() * 1000)
         for q in queued_ns:
             self._add("queue", q)
-        self._add("compute_infer", compute_ns * size, size)
-        b = self.by_batch.setdefault(size, [0, 0])
+        b = self.by_batch.setdefault(size, [0, 0, 0, 0])
         b[0] += 1
-        b[1] += compute_ns
+        for i, (phase, ns) in enumerate(zip(("compute_input", "compute_infer", "compute_output"), phases_ns)):
+            self._add(phase, ns * size, size)  # as Triton: per request, each request charged the whole call
+            b[i + 1] += ns
 
     def request(self, ns: int, ok: bool, cached: bool | None = None) -> None:
         self._add("success" if ok else "fail", ns)
@@ -95,9 +98,9 @@ class InferenceStats:
         return {"name": name, "version": version, "last_inference": self.last_inference_ms,
                 "inference_count": self.inference_count, "execution_count": self.execution_count,
                 "inference_stats": duration,
-                "batch_stats": [{"batch_size": n, "compute_input": {"count": c, "ns": 0},
-                                 "compute_infer": {"count": c, "ns": ns}, "compute_output": {"count": c, "ns": 0}}
-                                for n, (c, ns) in sorted(self.by_batch.items())],
+                "batch_stats": [{"batch_size": n, "compute_input": {"count": c, "ns": i},
+                                 "compute_infer": {"count": c, "ns": f}, "compute_output": {"count": c, "ns": o}}
+                                for n, (c, i, f, o) in sorted(self.by_batch.items())],
                 "memory_usage": []}
 
 

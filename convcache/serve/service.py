@@ -33,7 +33,7 @@ class InferenceService:
         self.cache = ResultCache(config.cache_bytes)
         self.decode_memory = MemoryBudget(config.decode_memory_bytes)  # every intermediate counted
         self.loop = ServingLoop(self.predictor, self.cache, self.metrics, self.decode_memory, config.max_batch,
-                                config.max_wait_ms / 1000, config.max_queue)
+                                config.max_wait_ms / 1000, config.max_queue, adaptive=config.batch_wait == "adaptive")
         return_freed_memory()  # so that the budget bounds the peak RSS (see convcache.imaging)
         self.body_limits = BodyLimits(config.max_body_bytes, config.body_timeout_s, config.body_min_rate,
                                       config.body_grace_s, config.body_deadline_s)
