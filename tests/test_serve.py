@@ -1,5 +1,6 @@
 import asyncio
 import io
+import re
 import signal
 import socket
 import subprocess
@@ -459,9 +460,67 @@ def test_triton_repository_config_parses_with_tritons_schema_and_matches_the_gra
 
 @pytest.fixture(scope="module")
 def oip_server(fused_model):
-    s = Server(fused_model, "--name", "cats_dogs", "--max-wait-ms", 10)
+    grpc_port = free_port()
+    s = Server(fused_model, "--name", "cats_dogs", "--max-wait-ms", 10, "--grpc-port", grpc_port)
+    s.grpc = f"127.0.0.1:{grpc_port}"
     yield s
     s.stop()
+
+
+def test_grpc_with_the_real_tritonclient(oip_server, fused_model):
+    """Issue 31, item 1: KServe's v2 GRPCInferenceService beside HTTP, one service behind both: health,
+    metadata, Triton's config, statistics and index, inference with raw and typed contents (FP32 and UINT8
+    pixels, BYTES files) equal to Predictor within 1e-5; errors as the protocol's status codes; the same metrics."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import grpc
+    from tritonclient.utils import InferenceServerException
+
+    predictor = Predictor(fused_model)
+    client = grpcclient.InferenceServerClient(url=oip_server.grpc)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("cats_dogs")
+    meta = client.get_model_metadata("cats_dogs", as_json=True)
+    size = predictor.size
+    assert meta["inputs"][0] == {"name": "images", "datatype": "FP32", "shape": [str(-1), str(size), str(size), "3"]}
+    http_config = httpx.get(oip_server.url + "/v2/models/cats_dogs/config").json()
+    grpc_config = client.get_model_config("cats_dogs", as_json=True)["config"]
+    assert grpc_config["name"] == http_config["name"] and grpc_config["max_batch_size"] == http_config[
+        "max_batch_size"] and [i["name"] for i in grpc_config["input"]] == ["images"]
+    files = [jpeg(700 + i) for i in range(3)]
+    pixels = np.stack([predictor.to_pixels(f) for f in files])
+    expected = np.stack([predictor.run_pixels(p[None])[0][0] for p in pixels])
+    for dtype, datatype in ((np.float32, "FP32"), (np.uint8, "UINT8")):
+        inp = grpcclient.InferInput("images", list(pixels.shape), datatype)
+        inp.set_data_from_numpy(pixels.astype(dtype))  # raw_input_contents
+        res = client.infer("cats_dogs", [inp], outputs=[grpcclient.InferRequestedOutput("probabilities"),
+                                                        grpcclient.InferRequestedOutput("features")])
+        np.testing.assert_allclose(res.as_numpy("probabilities"), expected, atol=1e-5)
+        assert res.as_numpy("features").shape[0] == 3
+    from tritonclient.grpc import service_pb2
+
+    typed = service_pb2.ModelInferRequest(model_name="cats_dogs")
+    t = typed.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
+    t.contents.uint_contents.extend(pixels.ravel().tolist())
+    stub = client._client_stub
+    got = stub.ModelInfer(typed)
+    np.testing.assert_allclose(np.frombuffer(got.raw_output_contents[0], np.float32).reshape(3, -1), expected,
+                               atol=1e-5)
+    encoded = grpcclient.InferInput("images", [len(files)], "BYTES")
+    encoded.set_data_from_numpy(np.array(files, dtype=np.object_))
+    np.testing.assert_allclose(client.infer("cats_dogs", [encoded]).as_numpy("probabilities"), expected, atol=1e-5)
+    stats = client.get_inference_statistics("cats_dogs", as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) >= 9
+    assert client.get_model_repository_index(as_json=True)["models"][0]["name"] == "cats_dogs"
+    bad = grpcclient.InferInput("images", [1, size + 1, size, 3], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, size + 1, size, 3), np.float32))
+    for call, code, words in ((lambda: client.infer("cats_dogs", [bad]), grpc.StatusCode.INVALID_ARGUMENT,
+                               "expected [N, "),
+                              (lambda: client.get_model_metadata("nope"), grpc.StatusCode.NOT_FOUND, "unknown model")):
+        with pytest.raises(InferenceServerException, match=re.escape(words)) as caught:
+            call()
+        assert caught.value.status() == f"StatusCode.{code.name}", caught.value.status()
+    text = httpx.get(oip_server.url + "/metrics").text
+    assert 'endpoint="/inference.GRPCInferenceService/ModelInfer",method="GRPC",status="OK"' in text
+    assert 'method="GRPC",status="INVALID_ARGUMENT"' in text
 
 
 def test_open_inference_protocol_with_the_real_tritonclient(oip_server, fused_model):

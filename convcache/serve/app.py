@@ -30,7 +30,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         await service.start()
+        grpc_server = None
+        if config.grpc_port:  # the same service behind gRPC (convcache.serve.grpc_service), in this event loop
+            from convcache.serve import grpc_service
+
+            grpc_server = await grpc_service.start(service, config.grpc_host, config.grpc_port)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=10)
         await service.stop()
 
     p = service.predictor

@@ -31,6 +31,9 @@ def register(sub) -> None:
     s.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default="auto")
     s.add_argument("--max-batch", type=int, default=d["max_batch"], help="images per inference call")
     s.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="how long a batch waits to fill")
+    s.add_argument("--grpc-port", type=int, default=0,
+                   help="also serve KServe's v2 gRPC inference protocol (tritonclient.grpc) on this port, behind the "
+                        "same batching, cache, limits and metrics (needs the 'grpc' extra)")
     s.add_argument("--batch-wait", choices=("adaptive", "fixed"), default=d["batch_wait"],
                    help="adaptive: a batch waits (up to --max-wait-ms) only while more images are on their way, so a "
                         "lone client never waits; fixed: always waits, as Triton's max_queue_delay")
@@ -114,6 +117,12 @@ def run_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise ConvcacheError(f"--port {args.port}: must be 1..65535")
+    if args.grpc_port and not 0 < args.grpc_port < 65536:
+        raise ConvcacheError(f"--grpc-port {args.grpc_port}: must be 1..65535")
+    if args.grpc_port == args.port:
+        raise ConvcacheError(f"--grpc-port {args.grpc_port}: the HTTP port; give another")
+    if args.grpc_port:
+        import convcache.serve.grpc_service  # noqa: F401  (a missing 'grpc' extra is one line, before anything starts)
     if args.workers < 1:
         raise ConvcacheError(f"--workers {args.workers}: must be at least 1")
     if not args.max_body_mb > 0:
@@ -125,7 +134,8 @@ def run_serve(args) -> int:
         except OSError as exc:
             raise ConvcacheError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         batch_wait=args.batch_wait, max_queue=args.max_queue,
+                         batch_wait=args.batch_wait, max_queue=args.max_queue, grpc_port=args.grpc_port,
+                         grpc_host=args.host,
                          cache_bytes=int(args.cache_mb * (1 << 20)) if args.cache_mb >= 0 else -1,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
                          name=args.name, max_connections=args.max_connections, body_timeout_s=args.body_timeout,
@@ -152,7 +162,9 @@ def run_serve(args) -> int:
         uvicorn.run("convcache.serve.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         app = create_app(config)  # load errors surface here, before the port opens
-        print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr, flush=True)
+        grpc_line = f", gRPC on {args.host}:{args.grpc_port}" if args.grpc_port else ""
+        print(f"serving {args.model} on http://{args.host}:{args.port} (docs at /docs){grpc_line}", file=sys.stderr,
+              flush=True)
         uvicorn.run(app, **common)
     return 0
 

@@ -35,6 +35,8 @@ class ServeConfig:
     max_header_bytes: int = 32 << 10  # request line + headers (431 past it; nginx: 4 x 8 KiB, h11: 16 KiB)
     max_header_fields: int = 100  # header lines (431 past it; Apache's LimitRequestFields)
     name: str | None = None  # the model's name on the Open Inference Protocol (default: the file's stem)
+    grpc_port: int = 0  # KServe's v2 GRPCInferenceService on this port as well (0: none)
+    grpc_host: str = "127.0.0.1"
 
     def __post_init__(self):
         """Limits that would refuse every request (or none) are refused at start-up, in one line."""

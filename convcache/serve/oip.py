@@ -70,7 +70,11 @@ async def all_stats(request: Request):
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs")
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def model_metadata(request: Request, name: str, version: str = VERSION):
-    s = _model(request, name, version)
+    return metadata(_model(request, name, version), name)
+
+
+def metadata(s: InferenceService, name: str) -> dict:
+    """The model's metadata (inputs, outputs), for either transport."""
     size, k = s.predictor.size, len(s.predictor.classes)
     return {"name": name, "versions": [VERSION], "platform": "onnxruntime_onnx",
             "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, size, size, 3]}],
@@ -83,9 +87,14 @@ async def model_metadata(request: Request, name: str, version: str = VERSION):
             "configuration (the one `convcache triton` writes, with this server's batching)")
 @router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
 async def model_config(request: Request, name: str, version: str = VERSION):
+    return served_config(_model(request, name, version), name)
+
+
+def served_config(s: InferenceService, name: str) -> dict:
+    """Triton's model configuration of the served model (what `convcache triton` writes, with this server's
+    batching), for either transport."""
     from convcache.serve.triton import config_dict
 
-    s = _model(request, name, version)
     c = s.config
     gpu = "CUDA" in s.predictor.provider
     return config_dict(c.model, name, max_batch=c.max_batch, preferred=(c.max_batch,),
