@@ -22,7 +22,7 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi():
-        return JSONResponse(app.openapi())
+        return JSONResponse(document(app))
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui():
@@ -36,3 +36,36 @@ def install_docs(app: FastAPI) -> None:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
                               redoc_js_url=f"{ASSETS}/redoc.standalone.js", redoc_favicon_url=f"{ASSETS}/favicon.png",
                               with_google_fonts=False)
+
+
+def document(app: FastAPI) -> dict:
+    """The OpenAPI document as the service really answers: the Open Inference Protocol's request model in the
+    components (its body is read raw, for the binary extension), and every 422 with the service's one error
+    body (`{"error": ...}`), not FastAPI's default validation-error shape, which this service never sends."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from convcache.serve.oip import EXTRA_SCHEMAS
+
+    spec = app.openapi()
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in EXTRA_SCHEMAS:
+        definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(definition.pop("$defs", {}))
+        schemas[model.__name__] = definition
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            answer = operation.get("responses", {}).get("422")
+            if answer is not None:
+                answer["content"] = {"application/json": {"schema": error}}
+                answer["description"] = answer.get("description", "").replace("Validation Error", "invalid request")
+    import json
+
+    paths = json.dumps(spec.get("paths", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f'/schemas/{unused}"' not in paths and f'/schemas/{unused}"' not in json.dumps(schemas):
+            schemas.pop(unused, None)
+    if "ValidationError" in schemas and "HTTPValidationError" not in schemas:
+        schemas.pop("ValidationError")
+    app.openapi_schema = spec
+    return spec

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from convcache.serve.body import read_body
 from convcache.serve.errors import HTTPError
+from convcache.serve.schemas import ErrorResponse
 from convcache.serve.service import InferenceService
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
@@ -40,86 +41,6 @@ def _model(request: Request, name: str, version: str = "1") -> InferenceService:
     if version != VERSION:
         raise HTTPError(404, f"model '{name}' has no version {version!r} (it has version {VERSION})")
     return service
-
-
-@router.get("", summary="Server metadata")
-async def server_metadata(request: Request):
-    from convcache import __version__
-
-    return {"name": "convcache", "version": __version__,
-            "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
-
-
-@router.get("/health/live", summary="Liveness")
-async def live():
-    return {"live": True}
-
-
-@router.get("/health/ready", summary="Readiness")
-async def ready(request: Request):
-    ok = _service(request).ready
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
-
-
-@router.get("/models/stats", summary="Triton's statistics extension: every model's counts and cumulative ns")
-async def all_stats(request: Request):
-    s = _service(request)
-    return {"model_stats": [s.metrics.stats.report(s.name, VERSION)]}
-
-
-@router.get("/models/{name}", summary="Model metadata: inputs and outputs")
-@router.get("/models/{name}/versions/{version}", include_in_schema=False)
-async def model_metadata(request: Request, name: str, version: str = VERSION):
-    return metadata(_model(request, name, version), name)
-
-
-def metadata(s: InferenceService, name: str) -> dict:
-    """The model's metadata (inputs, outputs), for either transport."""
-    size, k = s.predictor.size, len(s.predictor.classes)
-    return {"name": name, "versions": [VERSION], "platform": "onnxruntime_onnx",
-            "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, size, size, 3]}],
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
-                        {"name": "features", "datatype": "FP32", "shape": [-1, s.n_features]}],
-            "parameters": {"classes": s.predictor.classes, "model_id": s.model_id}}
-
-
-@router.get("/models/{name}/config", summary="Triton's model configuration extension: the served model's "
-            "configuration (the one `convcache triton` writes, with this server's batching)")
-@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
-async def model_config(request: Request, name: str, version: str = VERSION):
-    return served_config(_model(request, name, version), name)
-
-
-def served_config(s: InferenceService, name: str) -> dict:
-    """Triton's model configuration of the served model (what `convcache triton` writes, with this server's
-    batching), for either transport."""
-    from convcache.serve.triton import config_dict
-
-    c = s.config
-    gpu = "CUDA" in s.predictor.provider
-    return config_dict(c.model, name, max_batch=c.max_batch, preferred=(c.max_batch,),
-                       delay_us=int(c.max_wait_ms * 1000), devices=("gpu",) if gpu else ("cpu",))
-
-
-@router.get("/models/{name}/stats", summary="Triton's statistics extension: the model's counts and cumulative "
-            "ns per phase (success, fail, queue, compute_infer, cache_hit, cache_miss) and per batch size")
-@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
-async def model_stats(request: Request, name: str, version: str = VERSION):
-    s = _model(request, name, version)
-    return {"model_stats": [s.metrics.stats.report(name, VERSION)]}
-
-
-@router.post("/repository/index", summary="Triton's model repository extension, its index: the served model")
-async def repository_index(request: Request):
-    s = _service(request)
-    return [{"name": s.name, "version": VERSION, "state": "READY" if s.ready else "UNAVAILABLE"}]
-
-
-@router.get("/models/{name}/ready", summary="Model readiness")
-@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
-async def model_ready(request: Request, name: str, version: str = VERSION):
-    s = _model(request, name, version)
-    return JSONResponse({"name": name, "ready": s.ready}, status_code=200 if s.ready else 503)
 
 
 class Tensor(BaseModel):
@@ -169,6 +90,203 @@ class InferResponse(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = None
     outputs: list[OutputTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """KServe's `MetadataModelResponse`."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] | None = None
+
+
+class Duration(BaseModel):
+    count: int
+    ns: int
+
+
+class BatchStats(BaseModel):
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+class InferStats(BaseModel):
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    cache_hit: Duration
+    cache_miss: Duration
+
+
+class ModelStats(BaseModel):
+    """One model's entry in Triton's statistics extension."""
+
+    name: str
+    version: str
+    last_inference: int
+    inference_count: int
+    execution_count: int
+    inference_stats: InferStats
+    batch_stats: list[BatchStats]
+    memory_usage: list[dict[str, Any]]
+
+
+class StatsResponse(BaseModel):
+    model_stats: list[ModelStats]
+
+
+class IndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str
+
+
+class TensorWithData(Tensor):
+    """A request input with its data, as documented (the server checks `data` against `shape` and `datatype`
+    itself): a flat or nested list of numbers, or absent when the tensor travels as binary data."""
+
+    data: list[Any] | None = None
+
+
+class InferRequestDoc(InferRequest):
+    inputs: list[TensorWithData] = Field(min_length=1, max_length=16)
+
+
+ERROR = {"model": ErrorResponse}
+NOT_FOUND = {404: {**ERROR, "description": "unknown model or version"}}
+INFER_ERRORS = {200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                      "description": f"JSON; with binary outputs, the JSON answer then the tensors' bytes ({HEADER})"},
+                **NOT_FOUND, 400: {**ERROR, "description": "a malformed request or tensor"},
+                413: {**ERROR, "description": "body too large, or too many images"},
+                415: {**ERROR, "description": "a BYTES element that is not an image"},
+                422: {**ERROR, "description": "a BYTES image that cannot be used"},
+                503: {**ERROR, "description": "overloaded"}}
+NOT_READY = {503: {"description": "not ready"}}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequestDoc"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "the binary tensor data extension: the JSON request, then the "
+                                                f"tensors' bytes; {HEADER} gives the JSON's length"}}}}
+EXTRA_SCHEMAS = (InferRequestDoc,)  # put into the document's components by `convcache.serve.docs`
+
+
+@router.get("", summary="Server metadata", response_model=ServerMetadata)
+async def server_metadata(request: Request):
+    from convcache import __version__
+
+    return {"name": "convcache", "version": __version__,
+            "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
+
+
+@router.get("/health/live", summary="Liveness", response_model=Live)
+async def live():
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Readiness", response_model=Ready, responses=NOT_READY)
+async def ready(request: Request):
+    ok = _service(request).ready
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/models/stats", summary="Triton's statistics extension: every model's counts and cumulative ns",
+            response_model=StatsResponse)
+async def all_stats(request: Request):
+    s = _service(request)
+    return {"model_stats": [s.metrics.stats.report(s.name, VERSION)]}
+
+
+@router.get("/models/{name}", summary="Model metadata: inputs and outputs", response_model=ModelMetadata,
+            responses=NOT_FOUND)
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def model_metadata(request: Request, name: str, version: str = VERSION):
+    return metadata(_model(request, name, version), name)
+
+
+def metadata(s: InferenceService, name: str) -> dict:
+    """The model's metadata (inputs, outputs), for either transport."""
+    size, k = s.predictor.size, len(s.predictor.classes)
+    return {"name": name, "versions": [VERSION], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, size, size, 3]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+                        {"name": "features", "datatype": "FP32", "shape": [-1, s.n_features]}],
+            "parameters": {"classes": s.predictor.classes, "model_id": s.model_id}}
+
+
+@router.get("/models/{name}/config", summary="Triton's model configuration extension: the served model's "
+            "configuration (the one `convcache triton` writes, with this server's batching)",
+            response_model=dict[str, Any], responses=NOT_FOUND)
+@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+async def model_config(request: Request, name: str, version: str = VERSION):
+    return served_config(_model(request, name, version), name)
+
+
+def served_config(s: InferenceService, name: str) -> dict:
+    """Triton's model configuration of the served model (what `convcache triton` writes, with this server's
+    batching), for either transport."""
+    from convcache.serve.triton import config_dict
+
+    c = s.config
+    gpu = "CUDA" in s.predictor.provider
+    return config_dict(c.model, name, max_batch=c.max_batch, preferred=(c.max_batch,),
+                       delay_us=int(c.max_wait_ms * 1000), devices=("gpu",) if gpu else ("cpu",))
+
+
+@router.get("/models/{name}/stats", summary="Triton's statistics extension: the model's counts and cumulative "
+            "ns per phase (success, fail, queue, compute_infer, cache_hit, cache_miss) and per batch size",
+            response_model=StatsResponse, responses=NOT_FOUND)
+@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+async def model_stats(request: Request, name: str, version: str = VERSION):
+    s = _model(request, name, version)
+    return {"model_stats": [s.metrics.stats.report(name, VERSION)]}
+
+
+@router.post("/repository/index", summary="Triton's model repository extension, its index: the served model",
+             response_model=list[IndexEntry])
+async def repository_index(request: Request):
+    s = _service(request)
+    return [{"name": s.name, "version": VERSION, "state": "READY" if s.ready else "UNAVAILABLE"}]
+
+
+@router.get("/models/{name}/ready", summary="Model readiness", response_model=ModelReady,
+            responses={**NOT_FOUND, **NOT_READY})
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(request: Request, name: str, version: str = VERSION):
+    s = _model(request, name, version)
+    return JSONResponse({"name": name, "ready": s.ready}, status_code=200 if s.ready else 503)
 
 
 MAX_JSON_DEPTH = 64  # a v2 request nests 5 deep; 100,000-deep JSON is refused before the parser recurses
@@ -301,7 +419,8 @@ def _images(tensor: Tensor, data, binary: bytes, offset: int, size: int, max_ima
     return list(array), offset
 
 
-@router.post("/models/{name}/infer", summary="Inference (JSON tensors or the binary tensor data extension)")
+@router.post("/models/{name}/infer", summary="Inference (JSON tensors or the binary tensor data extension)",
+             response_model=InferResponse, responses=INFER_ERRORS, openapi_extra=INFER_BODY)
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str = VERSION):
     s = _model(request, name, version)
