@@ -63,8 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     stages = _Stages(sub, common)
     for module in STAGE_CLIS:
         module.register(stages)
+    for stage in sub.choices.values():  # -q on every command: the ones without progress of their own take it too
+        if "-q" not in stage._option_string_actions:
+            stage.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     parser.set_defaults(_stages=sub.choices)
     return parser
+
+
+def _quiet(args) -> bool:
+    """-q, or TQDM_DISABLE set as tqdm reads it (any value but empty, 0 or false)."""
+    env = os.environ.get("TQDM_DISABLE", "").strip().lower()
+    return bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False)
+                or env not in ("", "0", "false", "no"))
 
 
 # the extra that brings each optional module a stage may import (pyproject.toml)
@@ -79,6 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # a mistyped flag: the stage's own usage, not the top-level one
         args._stages[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    saved_tqdm = os.environ.get("TQDM_DISABLE")
+    if _quiet(args):  # every stage's progress flag, and any tqdm bar a library draws (for this call only)
+        args.quiet = True
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        return _run(args)
+    finally:
+        if saved_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved_tqdm
+
+
+def _run(args) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     # force: main() may run more than once in a process (an embedding program, the test suite); the
     # handler writes to the sys.stderr of this call

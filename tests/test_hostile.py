@@ -1,10 +1,12 @@
 """Hostile input: no single file or manifest row takes down a run, and bad input is one line, not a traceback."""
 
 import io
+import json
 import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -483,3 +485,37 @@ def test_round_four_invocations_are_one_line_and_non_zero(fused_model, extractor
         lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith(("WARNING", "INFO"))]
         assert r.returncode not in (0, 1) and "Traceback" not in r.stderr, (args, r.stderr[-800:])
         assert len(lines) == 1 and words in lines[0], (args, lines)
+
+
+def test_cli_habits_quiet_everywhere_tqdm_disable_and_predict_inputs(fused_model, extractor, tmp_path):
+    """Issue 31, item 9: -q on every command; TQDM_DISABLE=1 silences progress as -q does; `predict` takes a
+    folder, paths on standard input (-) and --format csv."""
+    import csv
+
+    from convcache.cli import build_parser
+
+    stages = build_parser()._subparsers._group_actions[0].choices
+    assert all("-q" in p._option_string_actions for p in stages.values()), \
+        [n for n, p in stages.items() if "-q" not in p._option_string_actions]
+    data = make_dataset(tmp_path / "d", splits={"train": 4, "validation": 2})
+    loud = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "a.zarr",
+                   env={"TQDM_DISABLE": ""})
+    quiet = run_cli("extract", "--model", extractor, "--data", data, "-o", tmp_path / "b.zarr",
+                    env={"TQDM_DISABLE": "1"})
+    assert loud.returncode == quiet.returncode == 0, (loud.stderr, quiet.stderr)
+    assert "row/s" in loud.stderr and "row/s" not in quiet.stderr and "%|" not in quiet.stderr, quiet.stderr
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    make_image(folder / "a.jpg", 1)
+    make_image(folder / "sub" / "b.jpg", 2)
+    (folder / ".hidden.jpg").write_bytes(b"skipped")
+    (folder / "sub" / "bad.jpg").write_bytes(b"not an image")
+    r = run_cli("predict", "--model", fused_model, folder, "--format", "csv")
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert r.returncode == 3 and rows[0][:2] == ["image", "class"] and rows[0][-1] == "error", r.stdout
+    assert [Path(x[0]).name for x in rows[1:]] == ["a.jpg", "b.jpg", "bad.jpg"] and rows[3][-1], rows
+    assert abs(sum(float(v) for v in rows[1][2:-1]) - 1) < 1e-5
+    piped = subprocess.run([sys.executable, "-m", "convcache", "predict", "--model", str(fused_model), "-"],
+                           input=f"{folder / 'a.jpg'}\n\n{folder / 'sub' / 'b.jpg'}\n", capture_output=True, text=True)
+    lines = [json.loads(x) for x in piped.stdout.splitlines()]
+    assert piped.returncode == 0 and [Path(x["image"]).name for x in lines] == ["a.jpg", "b.jpg"], piped.stderr

@@ -15,7 +15,11 @@ def register(sub) -> None:
     d = {f.name: f.default for f in fields(ServeConfig)}
     p = sub.add_parser("predict", help="classify images with a fused model (one JSON line per image)")
     p.add_argument("--model", required=True, help="fused .onnx from `convcache fuse`")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, folders (every file under them, sorted; hidden ones "
+                                             "skipped), or - for paths on standard input, one per line")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                   help="jsonl: one JSON object per image; csv: a header, then image, class, one probability column "
+                        "per class, error")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=run_predict)
@@ -87,18 +91,46 @@ def register(sub) -> None:
     t.set_defaults(func=run_triton)
 
 
+def _predict_paths(items: list[str]):
+    """The paths `predict` was given: files as they are, folders walked (sorted, hidden entries skipped), `-`
+    read from standard input (one path a line, blank lines skipped)."""
+    from pathlib import Path
+
+    for item in items:
+        if item == "-":
+            yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
+        elif Path(item).is_dir():
+            root = Path(item)
+            yield from (str(f) for f in sorted(root.rglob("*"))
+                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
+        else:
+            yield item
+
+
 def run_predict(args) -> int:
+    import csv
+
     from convcache.errors import ImageError
     from convcache.serve.predictor import Predictor
 
     predictor = Predictor(args.model, args.device, args.batch_size)
+    writer = None
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["image", "class", *predictor.classes, "error"])
     failed = 0
-    for path in args.images:  # one at a time, so one bad file does not hide the others' answers
+    for path in _predict_paths(args.images):  # one at a time: one bad file does not hide the others' answers
         try:
             out = {"image": path, **predictor.predict(path).to_dict()}
         except ImageError as exc:
             out, failed = {"image": path, "error": exc.reason}, failed + 1
-        print(json.dumps(out), flush=True)
+        if writer is None:
+            print(json.dumps(out), flush=True)
+        else:
+            probs = out.get("probabilities", {})
+            writer.writerow([path, out.get("class", ""), *(probs.get(c, "") for c in predictor.classes),
+                             out.get("error", "")])
+            sys.stdout.flush()
     return 3 if failed else 0
 
 
