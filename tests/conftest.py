@@ -16,7 +16,10 @@ def run_cli(*args, env=None, timeout=300, isolated=False):
     """Run `convcache ...` and return a CompletedProcess (returncode, stdout, stderr). In this process
     (`convcache.cli.main`, output captured) unless the test needs a process of its own: an environment
     (`env`) or `isolated=True` (imports, signals, exit at interpreter level). A fresh interpreter costs
-    seconds of imports per call; most CLI tests check arguments and messages."""
+    seconds of imports per call; most CLI tests check arguments and messages. `export` runs in the export
+    worker (`exporter`): a conversion holds gigabytes this process would keep."""
+    if env is None and not isolated and args and str(args[0]) == "export":
+        return exporter().submit(_cli_task, [str(a) for a in args]).result(timeout=timeout)
     if env is None and not isolated:
         return run_cli_in_process(*args)
     full_env = {**os.environ, **(env or {})}
@@ -79,23 +82,74 @@ def make_dataset(root: Path, classes=("cats", "dogs"), splits=None, seed=0) -> P
     return root
 
 
+# ---------------------------------------------------------------- exports
+# tf2onnx holds ~2.5 GB while it converts even this 32-px VGG16 (its graph optimizers copy the weights pass
+# after pass), and TensorFlow keeps much of it after: exports in the pytest process made it grow by GBs. They
+# run in one worker process instead (spawned, TensorFlow imported once, replaced after a few exports), so what
+# a conversion holds is given back. `export(...)` takes `export_extractor`'s arguments.
+_EXPORTER = None
+EXPORTS_PER_WORKER = 3
+
+
+def exporter():
+    global _EXPORTER
+    if _EXPORTER is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _EXPORTER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                        max_tasks_per_child=EXPORTS_PER_WORKER)
+    return _EXPORTER
+
+
+def _release_keras() -> None:
+    import gc
+
+    from convcache.tfquiet import import_keras
+
+    import_keras()[1].backend.clear_session()
+    gc.collect()
+
+
+def _export_task(args: tuple, kwargs: dict) -> dict:
+    from convcache.export.runner import export_extractor
+
+    try:
+        return export_extractor(*args, **kwargs)
+    finally:
+        _release_keras()
+
+
+def _cli_task(argv: list) -> subprocess.CompletedProcess:
+    try:
+        return run_cli_in_process(*argv)
+    finally:
+        _release_keras()
+
+
+def export(*args, **kwargs) -> dict:
+    """`convcache.export.runner.export_extractor(*args, **kwargs)` in the export worker."""
+    return exporter().submit(_export_task, args, kwargs).result(timeout=600)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _EXPORTER is not None:
+        _EXPORTER.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.fixture(scope="session")
 def extractor(tmp_path_factory) -> Path:
     """A tiny random-weight extractor (32x32, block5_pool), exported once per session."""
-    from convcache.export.runner import export_extractor
-
     path = tmp_path_factory.mktemp("models") / "extractor.onnx"
-    export_extractor("random", SIZE, str(path), seed=1)
+    export("random", SIZE, str(path), seed=1)
     return path
 
 
 @pytest.fixture(scope="session")
 def pooled_extractor(tmp_path_factory) -> Path:
     """A tiny extractor cut at block3_pool and average-pooled: 256 features that carry colour."""
-    from convcache.export.runner import export_extractor
-
     path = tmp_path_factory.mktemp("models") / "pooled.onnx"
-    export_extractor("random", SIZE, str(path), layer="block3_pool", pooling="avg", seed=1)
+    export("random", SIZE, str(path), layer="block3_pool", pooling="avg", seed=1)
     return path
 
 

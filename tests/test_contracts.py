@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import zarr
-from conftest import SIZE, make_dataset, run_cli
+from conftest import SIZE, export, make_dataset, run_cli
 from PIL import Image
 
 from convcache import artifacts
@@ -35,10 +35,8 @@ def small_store(pooled_extractor, tmp_path_factory):
 def test_identity_is_stable_across_exports_and_processes(tmp_path):
     """Two identical exports (one process, then another process) have one identity, whatever names
     the converter generated; other weights give another identity."""
-    from convcache.export.runner import export_extractor
-
-    a = export_extractor("random", SIZE, str(tmp_path / "a.onnx"), seed=5)
-    b = export_extractor("random", SIZE, str(tmp_path / "b.onnx"), seed=5)
+    a = export("random", SIZE, str(tmp_path / "a.onnx"), seed=5)
+    b = export("random", SIZE, str(tmp_path / "b.onnx"), seed=5)
     names_a = {n.name for n in onnx.load(tmp_path / "a.onnx").graph.node}
     names_b = {n.name for n in onnx.load(tmp_path / "b.onnx").graph.node}
     assert names_a != names_b  # tf2onnx/Keras named the nodes differently the second time
@@ -46,7 +44,7 @@ def test_identity_is_stable_across_exports_and_processes(tmp_path):
     r = run_cli("export", "--weights", "random", "--seed", "5", "--input-size", SIZE, "-o", tmp_path / "c.onnx")
     assert r.returncode == 0, r.stderr
     assert artifacts.read(tmp_path / "c.onnx").identity == a["graph_sha256"]
-    d = export_extractor("random", SIZE, str(tmp_path / "d.onnx"), seed=6)
+    d = export("random", SIZE, str(tmp_path / "d.onnx"), seed=6)
     assert d["graph_sha256"] != a["graph_sha256"]
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_dataset
+from conftest import export, make_dataset
 
 from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.store import FeatureStore
@@ -86,9 +86,7 @@ def test_bench_streaming_builds_a_tiled_store_that_verifies(tiny_store, tmp_path
 
 @pytest.mark.tf
 def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
-    from convcache.export.runner import export_extractor
-
-    export_extractor("random", 32, str(tmp_path / "taps.onnx"), taps=("block1_pool:avg", "block2_pool:max"), seed=1)
+    export("random", 32, str(tmp_path / "taps.onnx"), taps=("block1_pool:avg", "block2_pool:max"), seed=1)
     data = make_dataset(tmp_path / "data", splits={"train": 6, "validation": 4})
     run_extract(ExtractConfig(model=str(tmp_path / "taps.onnx"), data=str(data), output=str(tmp_path / "t.zarr"),
                               augment=2, augment_splits=("train", "validation"), progress=False))

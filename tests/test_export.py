@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SIZE, make_dataset, run_cli
+from conftest import SIZE, export, make_dataset, run_cli
 
 from convcache.artifacts import read
 from convcache.artifacts.metadata import get_metadata, graph_sha256, set_metadata
@@ -188,11 +188,9 @@ def test_missing_model_for_info(tmp_path):
 
 
 def test_int8_on_tiny_calibration_set(tmp_path):
-    from convcache.export.runner import export_extractor
-
     calib = make_dataset(tmp_path / "calib", splits={"train": 5})
     out = tmp_path / "int8.onnx"
-    meta = export_extractor("random", SIZE, str(out), precision="int8", calibration=str(calib), seed=1)
+    meta = export("random", SIZE, str(out), precision="int8", calibration=str(calib), seed=1)
     q = meta["quantization"]
     assert q["held_out_images"] >= 1 and 0.9 < q["cosine_mean"] <= 1.0001
     model = onnx.load(str(out))
@@ -201,7 +199,7 @@ def test_int8_on_tiny_calibration_set(tmp_path):
     assert "at least 6" in q["probe"]["skipped"]  # 5 images per class: too few for a probe, said so
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     assert q["keep_fp32"] == "first-last" and _fp32_convs(model) == [convs[0], convs[-1]]
-    export_extractor("random", SIZE, str(out), precision="int8", calibration=str(calib), seed=1, keep_fp32="none")
+    export("random", SIZE, str(out), precision="int8", calibration=str(calib), seed=1, keep_fp32="none")
     assert _fp32_convs(onnx.load(str(out))) == []
 
 
@@ -253,10 +251,8 @@ def test_probe_arguments(tmp_path, args, message):
 
 
 def test_fp16_variant(tmp_path):
-    from convcache.export.runner import export_extractor
-
     out = tmp_path / "fp16.onnx"
-    export_extractor("random", SIZE, str(out), precision="fp16", seed=1)
+    export("random", SIZE, str(out), precision="fp16", seed=1)
     model = onnx.load(str(out))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     from convcache.export.onnx_target import sample_images

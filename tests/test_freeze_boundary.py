@@ -7,7 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import SIZE, make_dataset, run_cli
+from conftest import SIZE, export, make_dataset, run_cli
 
 from convcache.augment import PRESETS
 from convcache.extract.runner import ExtractConfig, run_extract
@@ -22,12 +22,10 @@ COMMON = {"batch_size": 4, "learning_rate": 1e-3, "seed": 1}
 
 @pytest.fixture(scope="module")
 def boundary(tmp_path_factory):
-    from convcache.export.runner import export_extractor
-
     root = tmp_path_factory.mktemp("boundary")
     data = make_dataset(root / "data", splits={"train": 5, "validation": 4}, seed=3)
     model = root / "block4.onnx"
-    export_extractor("random", SIZE, str(model), layer="block4_pool", seed=COMMON["seed"])
+    export("random", SIZE, str(model), layer="block4_pool", seed=COMMON["seed"])
     store = root / "maps.zarr"
     run_extract(ExtractConfig(model=str(model), data=str(data), output=str(store), augment=FROZEN + FINE, seed=1,
                               policy=PRESETS["book"], progress=False))

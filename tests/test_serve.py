@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import export, run_cli
 from PIL import Image
 
 from convcache.serve import Predictor
@@ -370,7 +370,6 @@ def test_int8_extractor_end_to_end(pooled_extractor, tmp_path):
     from conftest import SIZE, make_dataset
 
     from convcache.artifacts.convert import session
-    from convcache.export.runner import export_extractor
     from convcache.extract.runner import ExtractConfig, run_extract
     from convcache.runtime import openvino_version
     from convcache.store import FeatureStore
@@ -379,7 +378,7 @@ def test_int8_extractor_end_to_end(pooled_extractor, tmp_path):
 
     data = make_dataset(tmp_path / "data", splits={"train": 6, "validation": 4})
     ext = tmp_path / "int8.onnx"
-    export_extractor("random", SIZE, str(ext), layer="block3_pool", pooling="avg", precision="int8",
+    export("random", SIZE, str(ext), layer="block3_pool", pooling="avg", precision="int8",
                      calibration=str(data / "train"), seed=1)
     run_extract(ExtractConfig(model=str(ext), data=str(data), output=str(tmp_path / "f.zarr"), progress=False,
                               device="cpu"))

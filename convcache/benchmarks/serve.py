@@ -2,6 +2,7 @@
 rate on the same images, in one run; cache-hit latency; RSS over 10,000 requests with 10% bad input.
 
     .venv/bin/convcache bench serve --model runs/model.onnx --data ../shared/data/cats_and_dogs_small
+    .venv/bin/convcache bench serve --model runs/model.onnx --data ... --peer litserve   # against LitServe
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -52,14 +54,19 @@ class Server:
         self.proc.wait(30)
 
 
-async def load(url: str, bodies: list[bytes], concurrency: int, n: int) -> tuple[float, list[float], dict]:
+async def load(url: str, bodies: list[bytes], concurrency: int, n: int, path: str = "/v1/predict",
+               multipart: bool = False) -> tuple[float, list[float], dict]:
     latencies, codes = [], {}
     counter = iter(range(n))
 
     async def worker(client):
         for i in counter:
             t = time.perf_counter()
-            r = await client.post(url + "/v1/predict", content=bodies[i % len(bodies)])
+            body = bodies[i % len(bodies)]
+            if multipart:
+                r = await client.post(url + path, files={"image": ("image.jpg", body, "image/jpeg")})
+            else:
+                r = await client.post(url + path, content=body)
             latencies.append(time.perf_counter() - t)
             codes[r.status_code] = codes.get(r.status_code, 0) + 1
 
@@ -88,6 +95,75 @@ def bad_inputs() -> list[bytes]:
             b"DDS " + bytes(hdr) + bytes(256)]
 
 
+class LitServePeer:
+    """The same model behind LitServe (`convcache.benchmarks.litserve_peer`), LitServe's batching set as ours."""
+
+    def __init__(self, model: str, max_batch: int, wait_s: float):
+        self.url = f"http://127.0.0.1:{(port := free_port())}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "convcache.benchmarks.litserve_peer", model, str(port),
+                                      str(max_batch), str(wait_s)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        for _ in range(1200):
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("LitServe did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def peer_litserve(model: str, bodies: list[bytes], rounds: int, clients=(1, 4, 16)) -> None:
+    """Both servers up, the same multipart uploads, interleaved: each round runs every client count against
+    convcache then LitServe, so drift in the machine's load falls on both."""
+    import statistics
+
+    ours = Server(model, "--cache-mb", "0", "--max-batch", "32", "--max-wait-ms", "5")
+    peer = LitServePeer(model, 32, 0.005)
+    rates: dict = {}
+    lat: dict = {}
+    try:
+        for target, path in ((ours, "/v1/predict"), (peer, "/predict")):  # warm-up
+            asyncio.run(load(target.url, bodies[:8], 4, 16, path, multipart=True))
+        for _ in range(rounds):
+            for c in clients:
+                n = max(2 * len(bodies), 8 * c) if c > 1 else len(bodies)
+                for name, target, path in (("convcache", ours, "/v1/predict"), ("litserve", peer, "/predict")):
+                    rate, latencies, codes = asyncio.run(load(target.url, bodies, c, n, path, multipart=True))
+                    if set(codes) != {200}:
+                        raise RuntimeError(f"{name} at {c} clients answered {codes}")
+                    rates.setdefault((name, c), []).append(rate)
+                    lat.setdefault((name, c), []).extend(latencies)
+    finally:
+        ours.stop()
+        peer.stop()
+    print(f"\nconvcache vs LitServe {_version('litserve')}, the same fused model and Predictor code, multipart "
+          f"uploads, {rounds} interleaved rounds (median img/s; latency over all rounds)\n")
+    print("| clients | convcache img/s | LitServe img/s | ratio | rounds ahead | convcache p50 / p99 ms | "
+          "LitServe p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for c in clients:
+        a, b = rates["convcache", c], rates["litserve", c]
+        ahead = sum(x >= y for x, y in zip(a, b))
+        print(f"| {c} | {statistics.median(a):.1f} | {statistics.median(b):.1f} | "
+              f"{statistics.median(a) / statistics.median(b):.2f}x | {ahead} of {len(a)} | "
+              f"{pct(lat['convcache', c], 50):.0f} / {pct(lat['convcache', c], 99):.0f} | "
+              f"{pct(lat['litserve', c], 50):.0f} / {pct(lat['litserve', c], 99):.0f} |")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="convcache bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,9 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--soak", type=int, default=10_000)
     p.add_argument("--soak-clients", type=int, default=32)
+    p.add_argument("--peer", choices=["litserve"], help="instead: the same model behind this peer, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds against --peer")
     a = p.parse_args(argv)
     files = sorted((Path(a.data) / "validation").rglob("*.jpg"))[:: 1000 // a.images][: a.images]
     bodies = [f.read_bytes() for f in files]
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    print(f"CPU: {cpu}, {os.cpu_count()} cores")
+    if a.peer == "litserve":
+        peer_litserve(a.model, bodies, a.rounds)
+        return
 
     predictor = Predictor(a.model, "cpu")
     predictor.predict(bodies[:8])
