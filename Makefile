@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast test-measured test-loaded lint demo bench clean check-extras
+.PHONY: install test test-long test-fast test-measured test-loaded lint demo bench clean check-extras
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,24 +15,29 @@ install: $(STAMP)
 
 # the whole suite (see the README for how long it takes)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not long"
+
+# the checks that take minutes (scikit-learn's whole check_estimator on the Keras head, as users construct it)
+test-long: $(STAMP)
+	$(PY) -m pytest -q -m long
 
 # the whole suite with its peak memory (the sum of RSS over pytest and every process it starts, sampled from
 # /proc) and wall time, into test-peak.json; test-loaded does the same while `stress-ng --cpu 2` (Debian's
 # stress-ng) keeps both cores busy: the figures in the README's "Tests" section
 test-measured: $(STAMP)
-	python3 .ci/peak_rss.py --json test-peak.json -- $(PY) -m pytest -q -p no:cacheprovider
+	python3 .ci/peak_rss.py --json test-peak.json -- $(PY) -m pytest -q -p no:cacheprovider -m "not long"
 
 test-loaded: $(STAMP)
 	command -v stress-ng >/dev/null || { echo "stress-ng is not installed (apt-get install stress-ng)"; exit 2; }
 	stress-ng --cpu 2 --quiet & load=$$!; \
-	python3 .ci/peak_rss.py --json test-peak-loaded.json -- $(PY) -m pytest -q -p no:cacheprovider; code=$$?; \
+	python3 .ci/peak_rss.py --json test-peak-loaded.json -- $(PY) -m pytest -q -p no:cacheprovider -m "not long"; \
+	code=$$?; \
 	kill $$load; wait $$load; exit $$code
 
 # the everyday tier: every test without a tier marker (no TensorFlow training, no cluster, no S3 server, no
 # server process; the markers are in the test files, see tests/conftest.py)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not (slow or tf or dask or s3 or serve)"
+	$(PY) -m pytest -q -m "not (slow or tf or dask or s3 or serve or long)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -226,7 +226,7 @@ def dask_cluster():
 # --strict-markers refuses a misspelt one). `make test` runs everything; `make test-fast` every test that
 # carries none of TIER_MARKS: no TensorFlow training, no cluster, no S3 server, no server process, seconds each.
 # A test that uses a fixture starting one of those must say so: checked here, never assigned here.
-TIER_MARKS = ("slow", "tf", "dask", "s3", "serve")
+TIER_MARKS = ("slow", "tf", "dask", "s3", "serve", "long")
 FIXTURE_TIERS = {"bucket": "s3", "s3_endpoint": "s3", "dask_cluster": "dask", "server": "serve"}
 
 

@@ -158,6 +158,39 @@ def test_logreg_passes_sklearn_estimator_checks():
     check_estimator(StreamingLogRegHead())
 
 
+@pytest.mark.long
+@pytest.mark.tf
+def test_dense_head_passes_sklearn_estimator_checks():
+    """DenseHead() as users construct it passes every check of scikit-learn's suite (3 minutes on 2 cores:
+    `make test-long`). It validates its input as scikit-learn's estimators do, takes any labels, and refuses
+    one class with a ValueError naming it."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    check_estimator(DenseHead())
+
+
+@pytest.mark.tf
+def test_dense_head_validates_and_encodes_as_scikit_learn_does():
+    """The checks above that fail fast, in `make test`: any labels, NaN, sparse input, one class, a wrong
+    number of features at predict time."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3)).astype(np.float32)
+    y = np.array(["dog", "cat"] * 20)
+    X[y == "dog", 0] += 3
+    head = DenseHead(units=8, epochs=3, batch_size=8).fit(X, y)
+    assert list(head.classes_) == ["cat", "dog"] and set(head.predict(X)) <= {"cat", "dog"}
+    with pytest.raises(ValueError, match="features"):
+        head.predict(X[:, :2])
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    for X_bad, y_bad, words in ((bad, y, "NaN"), (scipy.sparse.csr_matrix(X), y, "(?i)sparse"),
+                                (X, np.array(["cat"] * 40), "class"), (X, rng.normal(size=40), "Unknown label")):
+        with pytest.raises((ValueError, TypeError), match=words):
+            DenseHead(epochs=1).fit(X_bad, y_bad)
+
+
 def test_info_describes_any_onnx_file(tmp_path):
     from onnx import TensorProto, helper
 

@@ -338,12 +338,19 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
         if self.schedule not in SCHEDULES:
             raise ConvcacheError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.validation import check_X_y
+
         _, keras = import_keras()
-        X = np.asarray(X, np.float32)
-        y = np.asarray(y)
-        self.classes_ = np.unique(y)
-        if not np.array_equal(self.classes_, np.arange(len(self.classes_))):
-            raise ConvcacheError("labels must be 0..n_classes-1")
+        X, y = check_X_y(X, y, dtype=np.float32)  # finite, 2-d, dense, as many labels as rows
+        check_classification_targets(y)
+        self.classes_, y = np.unique(y, return_inverse=True)  # any labels; the network sees 0..n-1
+        if len(self.classes_) < 2:
+            raise ValueError(f"DenseHead needs at least 2 classes; y has {len(self.classes_)} class")
+        if y_val is not None:
+            y_val = np.searchsorted(self.classes_, np.asarray(y_val))
+        if y_curve is not None:
+            y_curve = np.searchsorted(self.classes_, np.asarray(y_curve))
         self.n_features_in_ = X.shape[1]
         n = len(self.classes_)
         image = np.arange(len(y)) if image is None else np.asarray(image)
@@ -411,7 +418,13 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return self._finish_fit(history, selector, start)
 
     def predict_proba(self, X) -> np.ndarray:
+        from sklearn.utils.validation import check_array
+
         check_is_fitted(self, "model_")
+        X = check_array(X, dtype=np.float32)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but DenseHead is expecting {self.n_features_in_} "
+                             "features as input")
         p = np.asarray(self.model_.predict(self._scaled(X), batch_size=256, verbose=0))
         return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p
 

@@ -150,11 +150,23 @@ def train_head(store: str, head: str, out_dir: str, copies: int | None = None, p
     req = TrainRequest(store, head, copies, params, **options)
     plan = plan_training(req)
     estimator = FIT[plan.mode](plan)
+    _check_classes(plan, estimator)
     metrics = _metrics(plan, estimator, req.memory_budget)
     if export:
         _export(plan, estimator, Path(out_dir), metrics)
     write_metrics(Path(out_dir) / "metrics.json", metrics)
     return metrics
+
+
+def _check_classes(plan: TrainPlan, estimator) -> None:
+    """The heads take any labels (scikit-learn's contract): a class with no training row would leave the head
+    with fewer outputs than the store has classes. Refused, naming the class."""
+    n = len(plan.data.classes)
+    fitted = [int(c) for c in getattr(estimator, "classes_", range(n))]
+    if fitted != list(range(n)):
+        missing = [plan.data.classes[i] for i in range(n) if i not in fitted]
+        raise ConvcacheError(f"the training rows hold no photo of {', '.join(map(repr, missing))}: every class "
+                             "needs training photos")
 
 
 def _metrics(plan: TrainPlan, estimator, memory_budget: int | None) -> dict:
