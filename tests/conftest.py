@@ -127,6 +127,19 @@ def _cli_task(argv: list) -> subprocess.CompletedProcess:
         _release_keras()
 
 
+def _call_task(fn, args: tuple):
+    try:
+        return fn(*args)
+    finally:
+        _release_keras()
+
+
+def in_worker(fn, *args):
+    """`fn(*args)` in the export worker (`fn` a module-level function of a test module): for a test that
+    converts with tf2onnx itself. Its assertion errors come back as raised there."""
+    return exporter().submit(_call_task, fn, args).result(timeout=600)
+
+
 def export(*args, **kwargs) -> dict:
     """`convcache.export.runner.export_extractor(*args, **kwargs)` in the export worker."""
     return exporter().submit(_export_task, args, kwargs).result(timeout=600)

@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SIZE, export, make_dataset, run_cli
+from conftest import SIZE, export, in_worker, make_dataset, run_cli
 
 from convcache.artifacts import read
 from convcache.artifacts.metadata import get_metadata, graph_sha256, set_metadata
@@ -18,6 +18,10 @@ def _run(path, images):
 
 @pytest.mark.parametrize("preprocess", ["caffe", "rescale"])
 def test_parity_with_keras_own_preprocessing_at_32px(preprocess):
+    in_worker(_parity_with_keras_own_preprocessing_at_32px, preprocess)  # converts: in the export worker
+
+
+def _parity_with_keras_own_preprocessing_at_32px(preprocess):
     """Each preprocessing is inside the graph and matches Keras' own: `vgg16.preprocess_input` for caffe,
     x/255 (ImageDataGenerator(rescale=1./255)) for rescale, both fed to the bare cut base."""
     from convcache.backbone import keras_model, weights
@@ -68,6 +72,10 @@ def test_export_cli_preprocess_rescale_is_recorded_and_never_mixed(extractor, tm
 
 
 def test_rgb_to_bgr_is_folded_into_the_first_conv():
+    in_worker(_rgb_to_bgr_is_folded_into_the_first_conv)  # converts: in the export worker
+
+
+def _rgb_to_bgr_is_folded_into_the_first_conv():
     """The Tensordot the converter makes of the RGB->BGR matmul is gone: the graph starts
     Sub(mean) -> Transpose -> Conv, and still equals Keras at saturated borders (mean subtracted
     before the Conv pads), on pure-colour images where a wrong channel order shows."""
@@ -97,6 +105,10 @@ def test_rgb_to_bgr_is_folded_into_the_first_conv():
 
 
 def test_parity_failure_is_detected():
+    in_worker(_parity_failure_is_detected)  # converts: in the export worker
+
+
+def _parity_failure_is_detected():
     from convcache.backbone import keras_model, weights
     from convcache.export import onnx_target
 
@@ -138,6 +150,10 @@ def test_pooling_and_layer(pooled_extractor):
 
 
 def test_hed_weights_load_and_differ_from_random():
+    in_worker(_hed_weights_load_and_differ_from_random)  # converts: in the export worker
+
+
+def _hed_weights_load_and_differ_from_random():
     from convcache.backbone import weights
 
     hed = weights.load_vgg16("hed", SIZE)
