@@ -7,7 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import SIZE, export, make_dataset, run_cli
+from conftest import SIZE, export, in_worker, make_dataset, run_cli
 
 from convcache.augment import PRESETS
 from convcache.extract.runner import ExtractConfig, run_extract
@@ -63,6 +63,10 @@ def _assert_same(ref, top):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_fine_tuning_block5_on_cached_maps_equals_end_to_end(boundary, dropout):
+    in_worker(_w_fine_tuning_block5_on_cached_maps_equals_end_to_end, boundary, dropout)
+
+
+def _w_fine_tuning_block5_on_cached_maps_equals_end_to_end(boundary, dropout):
     root, data, store, _ = boundary
     ref = _reference(root, data, dropout, f"d{dropout}")
     top = _top(root, store, dropout, f"d{dropout}")
@@ -72,6 +76,10 @@ def test_fine_tuning_block5_on_cached_maps_equals_end_to_end(boundary, dropout):
 
 
 def test_the_equivalence_can_fail(boundary):
+    in_worker(_w_the_equivalence_can_fail, boundary)
+
+
+def _w_the_equivalence_can_fail(boundary):
     """Feeding copy 1 every epoch instead of copies 1..4 drifts from the end-to-end run: the losses
     themselves differ from epoch 2 on (epoch 1 sees copy 1 in both)."""
     root, data, store, _ = boundary
@@ -85,6 +93,10 @@ def test_the_equivalence_can_fail(boundary):
 
 
 def test_trained_top_fuses_with_the_block4_extractor_and_serves_without_tensorflow(boundary):
+    in_worker(_w_trained_top_fuses_with_the_block4_extractor_and_serves_without_tensorflow, boundary)
+
+
+def _w_trained_top_fuses_with_the_block4_extractor_and_serves_without_tensorflow(boundary):
     """extractor-to-block4 + trained block5 + head as one ONNX model: pixels in, the reference's
     probabilities out."""
     from convcache.imaging import read_and_decode
@@ -115,15 +127,22 @@ def test_train_top_refuses_a_store_without_the_boundary_maps(pooled_extractor, t
     assert r.returncode == 2 and "block4_pool maps" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_reading_the_epoch_in_segments_changes_nothing(boundary, monkeypatch):
+def test_reading_the_epoch_in_segments_changes_nothing(boundary):
     """The pool schedule reads an epoch in bounded segments; the steps are the same as reading it at once."""
+    in_worker(_w_reading_the_epoch_in_segments_changes_nothing, boundary)
+
+
+def _w_reading_the_epoch_in_segments_changes_nothing(boundary):
     from convcache.train import top
 
     root, _, store, _ = boundary
     params = {**COMMON, "epochs": 1, "fine_tune_epochs": 1, "schedule": "pool", "dropout": 0.0}
     whole = train_head(str(store), "dense", str(root / "seg-whole"), train_top="block5", params=params)
-    monkeypatch.setattr(top, "SEGMENT_ROWS", 5)  # batches of 4: segments of 8 rows, several per epoch
-    parts = train_head(str(store), "dense", str(root / "seg-parts"), train_top="block5", params=params)
+    saved, top.SEGMENT_ROWS = top.SEGMENT_ROWS, 5  # batches of 4: segments of 8 rows, several per epoch
+    try:
+        parts = train_head(str(store), "dense", str(root / "seg-parts"), train_top="block5", params=params)
+    finally:
+        top.SEGMENT_ROWS = saved
     np.testing.assert_allclose([h["train_loss_mean"] for h in parts["selection"]["history"]],
                                [h["train_loss_mean"] for h in whole["selection"]["history"]], rtol=1e-6)
     assert parts["steps"] == whole["steps"] == 2 * -(-50 // 4)  # 10 images x 5 copies (0..4) per epoch

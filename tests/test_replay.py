@@ -4,7 +4,7 @@ computation. Same initial weights, batch order and copies -> the same per-epoch 
 
 import numpy as np
 import pytest
-from conftest import SIZE, make_dataset
+from conftest import SIZE, in_worker, make_dataset
 
 from convcache.augment import PRESETS
 from convcache.extract.runner import ExtractConfig, run_extract
@@ -53,6 +53,10 @@ def _assert_same(ref, head):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_replay_from_cache_equals_end_to_end_reference(replay_setup, dropout):
+    in_worker(_w_replay_from_cache_equals_end_to_end_reference, replay_setup, dropout)
+
+
+def _w_replay_from_cache_equals_end_to_end_reference(replay_setup, dropout):
     root, data, store = replay_setup
     ref = _reference(root, data, dropout, f"d{dropout}")
     head = _replay(root, store, dropout, f"d{dropout}")
@@ -60,6 +64,10 @@ def test_replay_from_cache_equals_end_to_end_reference(replay_setup, dropout):
 
 
 def test_replay_detects_a_shifted_copy(replay_setup):
+    in_worker(_w_replay_detects_a_shifted_copy, replay_setup)
+
+
+def _w_replay_detects_a_shifted_copy(replay_setup):
     """The test above can fail: a replay that feeds the wrong copies drifts from the reference. The
     losses themselves are compared (not the copies-used bookkeeping, which would differ by construction)."""
     root, data, store = replay_setup
@@ -74,6 +82,10 @@ def test_replay_detects_a_shifted_copy(replay_setup):
 
 
 def test_method_1_is_the_reference_without_augmentation(replay_setup):
+    in_worker(_w_method_1_is_the_reference_without_augmentation, replay_setup)
+
+
+def _w_method_1_is_the_reference_without_augmentation(replay_setup):
     """K=0: the cached dense head on originals is the reference with --no-augment."""
     root, data, store = replay_setup
     ref = _reference(root, data, 0.0, "plain", augment=False)

@@ -425,6 +425,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, but DenseHead is expecting {self.n_features_in_} "
                              "features as input")
+        return self._proba(X)
+
+    def _proba(self, X) -> np.ndarray:
+        """The network's class probabilities of already validated rows."""
         p = np.asarray(self.model_.predict(self._scaled(X), batch_size=256, verbose=0))
         return np.concatenate([1 - p, p], 1) if p.shape[1] == 1 else p
 

@@ -158,7 +158,7 @@ class TopHead(DenseHead):
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self, "model_")
-        return super().predict_proba(self._maps(X))
+        return self._proba(self._maps(X))  # boundary maps, not flat rows: DenseHead's row checks do not apply
 
     def summary(self) -> dict:
         return {"schedule": self.schedule, "top": self.top, "cached_boundary": TOPS[self.top][0],
