@@ -196,3 +196,25 @@ def test_the_serving_hooks_have_one_call_site():
                 if owner in ("predictor", "hooks", "p") or owner.endswith("predictor"):
                     bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {owner}.{node.attr}")
     assert not bad, "serving hooks called outside convcache/serve/loop.py:\n" + "\n".join(bad)
+
+
+def test_the_readme_commands_run_without_an_activated_venv():
+    """Every command line in the README's shell blocks that runs convcache, python or pytest goes through
+    `.venv/bin/` (what `make install` creates), and every `convcache <stage>` names a stage the CLI has."""
+    import re
+
+    from convcache.cli import build_parser
+
+    stages = set(build_parser()._subparsers._group_actions[0].choices)
+    readme = (ROOT.parent / "README.md").read_text()
+    bare, unknown = [], []
+    for block in readme.split("```")[1::2]:
+        if not block.startswith(("bash", "sh")):
+            continue
+        for line in block.splitlines()[1:]:
+            if re.match(r"\s*(convcache|python3?|pytest|dask) ", line):
+                bare.append(line.strip())
+            m = re.match(r"\s*\.venv/bin/convcache (\S+)", line)
+            if m and m.group(1) not in stages:
+                unknown.append(line.strip())
+    assert not bare and not unknown, (bare, unknown)

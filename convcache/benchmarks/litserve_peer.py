@@ -1,6 +1,7 @@
 """The peer for `convcache bench serve --peer litserve`: the same fused model behind LitServe, with the same
-decode and inference code (`convcache.serve.Predictor`), so that only the serving framework differs. LitServe's
-own batching (`max_batch_size`, `batch_timeout`) plays the part of convcache's micro-batcher.
+decode and inference code (`convcache.serve.Predictor.predict` on each batch), so that only the serving
+framework differs. LitServe's own batching (`max_batch_size`, `batch_timeout`) plays the part of convcache's
+micro-batcher; LitServe's default batch/unbatch hand `predict` a list of uploads and split its list of answers.
 
     python -m convcache.benchmarks.litserve_peer MODEL PORT MAX_BATCH BATCH_TIMEOUT_S
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import sys
 
 import litserve as ls
-import numpy as np
 
 
 class FusedModelAPI(ls.LitAPI):
@@ -25,21 +25,13 @@ class FusedModelAPI(ls.LitAPI):
 
     def decode_request(self, request):
         upload = request["image"]
-        data = upload.file.read() if hasattr(upload, "file") else upload
-        return self.predictor.to_pixels(data)
+        return upload.file.read() if hasattr(upload, "file") else upload
 
-    def batch(self, inputs):
-        return np.stack(inputs)
-
-    def predict(self, x):
-        return self.predictor.run_pixels(x)[0]
-
-    def unbatch(self, output):
-        return list(output)
+    def predict(self, x):  # a batch of encoded images: decoded and inferred by the Predictor, as convcache does
+        return self.predictor.predict(list(x))
 
     def encode_response(self, output):
-        p = self.predictor.postprocess(output)
-        return {"predictions": [p.to_dict()]}
+        return {"predictions": [output.to_dict()]}
 
 
 def main() -> None:
