@@ -25,12 +25,12 @@ test-long: $(STAMP)
 # /proc) and wall time, into test-peak.json; test-loaded does the same while `stress-ng --cpu 2` (Debian's
 # stress-ng) keeps both cores busy: the figures in the README's "Tests" section
 test-measured: $(STAMP)
-	python3 .ci/peak_rss.py --json test-peak.json -- $(PY) -m pytest -q -p no:cacheprovider -m "not long"
+	python3 .ci/peak_rss.py --json test-peak.json -- $(PY) -m pytest -q -p no:cacheprovider -m "not long" --durations=25
 
 test-loaded: $(STAMP)
 	command -v stress-ng >/dev/null || { echo "stress-ng is not installed (apt-get install stress-ng)"; exit 2; }
 	stress-ng --cpu 2 --quiet & load=$$!; \
-	python3 .ci/peak_rss.py --json test-peak-loaded.json -- $(PY) -m pytest -q -p no:cacheprovider -m "not long"; \
+	python3 .ci/peak_rss.py --json test-peak-loaded.json -- $(PY) -m pytest -q -p no:cacheprovider -m "not long" --durations=25; \
 	code=$$?; \
 	kill $$load; wait $$load; exit $$code
 
