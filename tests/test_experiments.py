@@ -85,6 +85,7 @@ def test_bench_streaming_builds_a_tiled_store_that_verifies(tiny_store, tmp_path
 
 
 @pytest.mark.tf
+@pytest.mark.long  # the study's stages on a tiny store, ~1 min: `make test-long`
 def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
     export("random", 32, str(tmp_path / "taps.onnx"), taps=("block1_pool:avg", "block2_pool:max"), seed=1)
     data = make_dataset(tmp_path / "data", splits={"train": 6, "validation": 4})
