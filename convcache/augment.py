@@ -17,6 +17,7 @@ Two presets say which Keras they mean (the same numbers read differently by diff
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -100,15 +101,15 @@ PRESETS = {
 }
 
 
-def _cv2_flags(policy: AugmentPolicy) -> tuple:
-    """(cv2, interpolation flags, border mode): OpenCV is imported by the warp only (the `extract` extra);
-    the CLI's parsers and the serving side import this module without it."""
+@functools.cache
+def _cv2_tables() -> tuple:
+    """(cv2, border modes, interpolations), built on the first warp: OpenCV is imported by the warp only (the
+    `extract` extra); the CLI's parsers and the serving side import this module without it."""
     import cv2
 
     borders = {"nearest": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT, "constant": cv2.BORDER_CONSTANT,
                "wrap": cv2.BORDER_WRAP}
-    interpolation = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
-    return cv2, interpolation[policy.interpolation] | cv2.WARP_INVERSE_MAP, borders[policy.fill_mode]
+    return cv2, borders, {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 
 
 def draw_params(policy: AugmentPolicy, seed: int, image_sha256: str, copy: int) -> dict:
@@ -155,5 +156,6 @@ def augment(image: np.ndarray, policy: AugmentPolicy, seed: int, image_sha256: s
         return image
     h, w = image.shape[:2]
     matrix = inverse_matrix(draw_params(policy, seed, image_sha256, copy), h, w, policy)
-    cv2, flags, border = _cv2_flags(policy)
-    return cv2.warpAffine(image, matrix[:2], (w, h), flags=flags, borderMode=border)
+    cv2, borders, interpolations = _cv2_tables()
+    return cv2.warpAffine(image, matrix[:2], (w, h), flags=interpolations[policy.interpolation] | cv2.WARP_INVERSE_MAP,
+                          borderMode=borders[policy.fill_mode])

@@ -19,7 +19,7 @@ def run_cli(*args, env=None, timeout=300, isolated=False):
     seconds of imports per call; most CLI tests check arguments and messages. `export` runs in the export
     worker (`exporter`): a conversion holds gigabytes this process would keep."""
     if env is None and not isolated and args and str(args[0]) == "export":
-        return exporter().submit(_cli_task, [str(a) for a in args]).result(timeout=timeout)
+        return in_worker(run_cli_in_process, *map(str, args))
     if env is None and not isolated:
         return run_cli_in_process(*args)
     full_env = {**os.environ, **(env or {})}
@@ -111,38 +111,24 @@ def _release_keras() -> None:
     gc.collect()
 
 
-def _export_task(args: tuple, kwargs: dict) -> dict:
-    from convcache.export.runner import export_extractor
-
+def _call_task(fn, args: tuple, kwargs: dict):
     try:
-        return export_extractor(*args, **kwargs)
+        return fn(*args, **kwargs)
     finally:
         _release_keras()
 
 
-def _cli_task(argv: list) -> subprocess.CompletedProcess:
-    try:
-        return run_cli_in_process(*argv)
-    finally:
-        _release_keras()
-
-
-def _call_task(fn, args: tuple):
-    try:
-        return fn(*args)
-    finally:
-        _release_keras()
-
-
-def in_worker(fn, *args):
-    """`fn(*args)` in the export worker (`fn` a module-level function of a test module): for a test that
-    converts with tf2onnx itself. Its assertion errors come back as raised there."""
-    return exporter().submit(_call_task, fn, args).result(timeout=600)
+def in_worker(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in the export worker (`fn` a module-level function, e.g. of a test module): for a
+    test that converts with tf2onnx or trains with TensorFlow. Its assertion errors come back as raised there."""
+    return exporter().submit(_call_task, fn, args, kwargs).result(timeout=600)
 
 
 def export(*args, **kwargs) -> dict:
     """`convcache.export.runner.export_extractor(*args, **kwargs)` in the export worker."""
-    return exporter().submit(_export_task, args, kwargs).result(timeout=600)
+    from convcache.export.runner import export_extractor
+
+    return in_worker(export_extractor, *args, **kwargs)
 
 
 def pytest_sessionfinish(session, exitstatus):

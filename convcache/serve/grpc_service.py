@@ -24,6 +24,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from convcache.serve import oip
 from convcache.serve.errors import HTTPError
+from convcache.serve.metrics import BUSY
 from convcache.serve.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def _observed(method):
         admitted = method.__name__ not in ("ServerLive", "ServerReady", "ModelReady")
         try:
             if admitted and s.in_flight >= s.config.max_connections:
-                raise HTTPError(503, "busy: every request slot is taken; retry later")
+                raise HTTPError(503, BUSY)
             s.in_flight += admitted
             try:
                 return await method(self, request, context)

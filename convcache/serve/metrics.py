@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 log = logging.getLogger(__name__)
 
 
+BUSY = "busy: every request slot is taken; retry later"  # every transport's answer past max_connections
 SECONDS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 
 
@@ -150,7 +152,7 @@ class AdmissionMiddleware:
             return await self.app(scope, receive, send)
         s = self.service
         if s.in_flight >= s.config.max_connections:
-            body = b'{"error":"busy: every request slot is taken; retry later"}'
+            body = json.dumps({"error": BUSY}).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                 (b"retry-after", b"1")]})

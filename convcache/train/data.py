@@ -63,8 +63,6 @@ def current_listing(store: FeatureStore, where, storage_options: dict | None = N
     (only files whose stat changed are read), photos moved to another class take that class's label, deleted
     ones are left out; photos not extracted yet are an error naming the command that adds them. Returns each
     split's listing digest (what the head is recorded as trained on); {} for a store older than listings."""
-    for split in store.splits:  # the structure first (no rows read): a damaged split is named as damaged
-        store.check(split, contents="none")
     changed = store.relist(storage_options)
     if changed and any(changed.values()):
         log.warning("%s: the data changed since it was extracted (%s): training on it as it is now", where,
