@@ -578,6 +578,10 @@ def test_tritons_extensions_with_tritonclient_and_tritons_schemas(oip_server, fu
     folder = write_repository(str(fused_model), str(tmp_path / "repo"), name="cats_dogs", max_batch=batch,
                               preferred=(batch,), delay_us=10_000)
     written = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert len(written.model_warmup) == 1 and [o.label_filename for o in written.output] == ["", "labels.txt"]
+    written.ClearField("model_warmup")  # a repository's own: the labels file and its warm-up request
+    for o in written.output:
+        o.ClearField("label_filename")
     assert served == written, (served, written)
     assert {"model_configuration", "statistics"} <= set(client.get_server_metadata()["extensions"])
 
@@ -600,6 +604,92 @@ def test_tritons_extensions_with_tritonclient_and_tritons_schemas(oip_server, fu
     index = client.get_model_repository_index()
     assert index == [{"name": "cats_dogs", "version": "1", "state": "READY"}], index
     json_format.ParseDict({"models": index}, service_pb2.RepositoryIndexResponse())
+
+
+@pytest.fixture(scope="module")
+def tritonserver(fused_model, tmp_path_factory):
+    """A real tritonserver (the binary in PyPI's nvidia-pytriton wheel, `make tritonserver`) serving the
+    repository `convcache triton --backend python` writes; skipped, with the reason, where it cannot run."""
+    from conftest import wait_for
+
+    from convcache.serve.tritonserver import default_distribution
+
+    dist = default_distribution(Path(__file__).resolve().parent.parent)
+    problem = dist.problem()
+    if problem:
+        pytest.skip(f"no runnable tritonserver: {problem}")
+    root = tmp_path_factory.mktemp("triton")
+    r = run_cli("triton", "--model", fused_model, "-o", root / "repo", "--name", "cats_dogs", "--backend", "python",
+                "--threads", "1", "--max-queue-delay-us", "20000")
+    assert r.returncode == 0, r.stderr
+    http, grpc_, metrics = free_port(), free_port(), free_port()
+    argv, env = dist.command(root / "repo", root, http, grpc_, metrics)
+    log = open(root / "tritonserver.log", "w")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{http}"
+
+    def ready():
+        assert proc.poll() is None, (root / "tritonserver.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"http://{url}/v2/health/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout=120, what="tritonserver to load the python-backend repository", interval=0.2)
+    yield {"http": url, "grpc": f"127.0.0.1:{grpc_}", "log": root / "tritonserver.log", "repo": root / "repo"}
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_a_real_tritonserver_serves_the_python_backend_repository(tritonserver, oip_server, fused_model):
+    """Issue 31, item 3: tritonserver loads what `convcache triton --backend python` writes (model.py running
+    ONNX Runtime, the labels file, the warm-up request) and answers tritonclient, over HTTP and gRPC, with the
+    probabilities `convcache serve` gives for the same pixels (<= 1e-5); Triton's classification extension
+    names the classes from labels.txt; requests that the dynamic batcher puts together each get their own rows."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+
+    predictor = Predictor(fused_model)
+    triton = httpclient.InferenceServerClient(url=tritonserver["http"], concurrency=8)
+    ours = httpclient.InferenceServerClient(url=oip_server.url.removeprefix("http://"))
+    assert triton.is_model_ready("cats_dogs")
+    config = triton.get_model_config("cats_dogs")
+    assert config["backend"] == "python" and config["model_warmup"][0]["batch_size"] == 1
+    labelled = [o["name"] for o in config["output"] if o.get("label_filename") == "labels.txt"]
+    assert labelled == ["probabilities"], config["output"]
+    assert (tritonserver["repo"] / "cats_dogs" / "labels.txt").read_text().split() == predictor.classes
+
+    pixels = np.stack([predictor.to_pixels(jpeg(1500 + i)) for i in range(6)]).astype(np.float32)
+
+    def infer(client, x, module=httpclient, **output):
+        inp = module.InferInput("images", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer("cats_dogs", [inp], outputs=[module.InferRequestedOutput("probabilities", **output)])
+
+    served = infer(ours, pixels).as_numpy("probabilities")
+    theirs = infer(triton, pixels).as_numpy("probabilities")
+    assert theirs.shape == (6, len(predictor.classes))
+    assert np.abs(theirs - served).max() <= 1e-5, np.abs(theirs - served).max()
+    via_grpc = infer(grpcclient.InferenceServerClient(url=tritonserver["grpc"]), pixels, grpcclient)
+    assert np.abs(via_grpc.as_numpy("probabilities") - served).max() <= 1e-5
+
+    top = infer(triton, pixels, class_count=1).as_numpy("probabilities").ravel()
+    expected = [predictor.classes[i] for i in served.argmax(1)]
+    assert [t.decode().split(":")[2] for t in top] == expected, top
+
+    pending = []
+    for i in range(len(pixels)):  # one image a request, all in flight at once: Triton may batch them
+        inp = httpclient.InferInput("images", [1, *pixels.shape[1:]], "FP32")
+        inp.set_data_from_numpy(pixels[i:i + 1])
+        pending.append(triton.async_infer("cats_dogs", [inp]))
+    one_by_one = np.concatenate([p.get_result().as_numpy("probabilities") for p in pending])
+    assert np.abs(one_by_one - served).max() <= 1e-5
+    stats = triton.get_inference_statistics("cats_dogs")["model_stats"][0]
+    assert int(stats["inference_count"]) >= 3 * len(pixels) + 6, stats
 
 
 def test_metrics_a_dashboard_expects_pass_promtool(oip_server):

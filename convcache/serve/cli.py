@@ -74,17 +74,23 @@ def register(sub) -> None:
     s.set_defaults(func=run_serve)
 
     t = sub.add_parser("triton", help="a Triton Inference Server model repository for a fused model",
-                       description="Writes DIR/<name>/1/model.onnx and DIR/<name>/config.pbtxt (the onnxruntime "
-                                   "backend; tensor names, datatypes and dims read from the graph; dynamic "
-                                   "batching; one instance group per device). Serve it with "
-                                   "`tritonserver --model-repository DIR`.")
+                       description="Writes DIR/<name>/1/model.onnx, DIR/<name>/labels.txt and "
+                                   "DIR/<name>/config.pbtxt (tensor names, datatypes and dims read from the graph; "
+                                   "dynamic batching; one instance group per device; the classification "
+                                   "extension's labels; a warm-up request). --backend python adds 1/model.py "
+                                   "(ONNX Runtime in Triton's python backend: the only backend in PyPI's "
+                                   "nvidia-pytriton; the stub's interpreter needs numpy and onnxruntime). Serve it "
+                                   "with `tritonserver --model-repository DIR`.")
     t.add_argument("--model", required=True, help="fused .onnx from `convcache fuse`")
     t.add_argument("-o", "--output", required=True, help="the model repository folder (created if absent)")
     t.add_argument("--name", help="the model's name in Triton (default: the file's stem)")
     t.add_argument("--max-batch", type=int, default=32, help="Triton's max_batch_size")
     t.add_argument("--preferred-batch", type=int, nargs="+", default=[8, 32], help="dynamic batching's sizes")
     t.add_argument("--max-queue-delay-us", type=int, default=5000, help="dynamic batching's queue delay")
-    t.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime")
+    t.add_argument("--backend", choices=["onnxruntime", "openvino", "python"], default="onnxruntime",
+                   help="Triton's backend (python: model.py running ONNX Runtime)")
+    t.add_argument("--threads", type=int, help="ONNX Runtime's intra-op threads per instance (python backend; "
+                                                "default: the runtime's)")
     t.add_argument("--device", choices=["cpu", "gpu"], nargs="+", default=["cpu"],
                    help="one instance group per device kind")
     t.add_argument("--instances", type=int, default=1, help="model instances per group")
@@ -206,7 +212,9 @@ def run_triton(args) -> int:
 
     folder = write_repository(args.model, args.output, args.name, max_batch=args.max_batch,
                               preferred=tuple(args.preferred_batch), delay_us=args.max_queue_delay_us,
-                              backend=args.backend, devices=tuple(args.device), instances=args.instances)
-    print(f"wrote {folder}/1/model.onnx and {folder}/config.pbtxt; serve with: "
+                              backend=args.backend, devices=tuple(args.device), instances=args.instances,
+                              threads=args.threads)
+    script = " 1/model.py," if args.backend == "python" else ""
+    print(f"wrote {folder}: 1/model.onnx,{script} labels.txt, config.pbtxt; serve with: "
           f"tritonserver --model-repository {args.output}")
     return 0

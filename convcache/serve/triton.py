@@ -1,10 +1,13 @@
-"""A Triton Inference Server model repository for a fused model: `DIR/<name>/1/model.onnx` and
-`DIR/<name>/config.pbtxt` for Triton's `onnxruntime` backend (the `openvino` backend optional).
+"""A Triton Inference Server model repository for a fused model: `DIR/<name>/1/model.onnx`,
+`DIR/<name>/config.pbtxt` and `DIR/<name>/labels.txt`, for Triton's `onnxruntime` backend (`openvino`
+optional) or its `python` backend (`1/model.py`, from convcache.serve.triton_python_model: ONNX Runtime
+inside Triton's python stub, for the tritonserver that PyPI's `nvidia-pytriton` ships).
 
 The config states what the graph states: input and output names, datatypes and dims (the batch axis
-left to `max_batch_size`), plus dynamic batching and one instance group per device. Nothing here runs
-Triton; the test parses the config with Triton's own schema (`tritonclient`'s `model_config_pb2`) and
-checks it against the ONNX graph."""
+left to `max_batch_size`), plus dynamic batching, one instance group per device, the classification
+extension's labels file on the probabilities output, and a warm-up request of zeros. The tests parse the
+config with Triton's own schema (`tritonclient`'s `model_config_pb2`) and start a real `tritonserver` on
+the python-backend repository."""
 
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from pathlib import Path
 from convcache import artifacts
 from convcache.errors import ConvcacheError
 
+BACKENDS = ("onnxruntime", "openvino", "python")
+
+LABELS = "labels.txt"  # Triton's classification extension: one class name a line, in the output's order
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int64": "TYPE_INT64"}
 
 
@@ -27,16 +33,25 @@ def _dims(tensor: dict, where: str) -> list[int]:
 
 
 def config_dict(model: str, name: str, max_batch: int = 32, preferred: tuple = (8, 32), delay_us: int = 5000,
-                backend: str = "onnxruntime", devices: tuple = ("cpu",), instances: int = 1) -> dict:
+                backend: str = "onnxruntime", devices: tuple = ("cpu",), instances: int = 1,
+                repository: bool = False, threads: int | None = None) -> dict:
     """The fused model at `model` (read and checked as a fused convcache artifact) as Triton's model
     configuration, in the JSON form Triton's model-configuration extension answers
-    (`GET /v2/models/{m}/config`); `to_pbtxt` writes the same configuration as config.pbtxt."""
+    (`GET /v2/models/{m}/config`); `to_pbtxt` writes the same configuration as config.pbtxt.
+
+    `repository`: the configuration of a written repository, which adds what only a repository has: the
+    labels file (`label_filename` on the output with one value per class) and a warm-up request of zeros
+    at batch size 1 (Triton runs it before the model reports ready)."""
     fused = artifacts.read(model, artifacts.KIND_FUSED)
     info = artifacts.describe(model)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConvcacheError(f"--name {name!r}: letters, digits, '_', '.', '-' only (a directory name)")
     if max_batch < 1 or any(p < 1 or p > max_batch for p in preferred):
         raise ConvcacheError("--max-batch must be >= 1 and each preferred batch size within 1..--max-batch")
+    if backend not in BACKENDS:
+        raise ConvcacheError(f"--backend {backend!r}: one of {', '.join(BACKENDS)}")
+    if threads is not None and threads < 1:
+        raise ConvcacheError(f"--threads {threads}: must be at least 1")
 
     def tensor(t, role):
         if t["dtype"] not in DTYPES:
@@ -44,17 +59,28 @@ def config_dict(model: str, name: str, max_batch: int = 32, preferred: tuple = (
         return {"name": t["name"], "data_type": DTYPES[t["dtype"]], "dims": _dims(t, model)}
 
     kinds = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-    return {"name": name, "backend": backend, "max_batch_size": max_batch,
-            "input": [tensor(t, "input") for t in info["inputs"]],
-            "output": [tensor(t, "output") for t in info["outputs"]],
-            "dynamic_batching": {"preferred_batch_size": list(preferred), "max_queue_delay_microseconds": delay_us},
-            "instance_group": [{"count": instances, "kind": kinds[d]} for d in devices],
-            "parameters": {"convcache_model_id": {"string_value": fused.identity},
-                           "convcache_classes": {"string_value": json.dumps(list(fused.classes))}}}
+    inputs = [tensor(t, "input") for t in info["inputs"]]
+    outputs = [tensor(t, "output") for t in info["outputs"]]
+    config = {"name": name, "backend": backend, "max_batch_size": max_batch, "input": inputs, "output": outputs,
+              "dynamic_batching": {"preferred_batch_size": list(preferred), "max_queue_delay_microseconds": delay_us},
+              "instance_group": [{"count": instances, "kind": kinds[d]} for d in devices],
+              "parameters": {"convcache_model_id": {"string_value": fused.identity},
+                             "convcache_classes": {"string_value": json.dumps(list(fused.classes))}}}
+    if threads is not None:
+        config["parameters"]["intra_op_threads"] = {"string_value": str(threads)}
+    if repository:
+        for t in outputs:
+            if t["dims"] == [len(fused.classes)] and t["name"] == artifacts.PROBABILITIES:
+                t["label_filename"] = LABELS
+        config["model_warmup"] = [{"name": "zeros", "batch_size": 1, "inputs": {
+            t["name"]: {"data_type": t["data_type"], "dims": t["dims"], "zero_data": True} for t in inputs}}]
+    return config
 
 
 # the fields whose values are protobuf enums (written bare in text format, quoted in JSON)
 _ENUMS = {"data_type", "kind"}
+# map<string, ...> fields: written as key/value entries
+_MAPS = {"parameters", "inputs"}
 
 
 def to_pbtxt(config: dict) -> str:
@@ -73,8 +99,8 @@ def to_pbtxt(config: dict) -> str:
 
     def field(key, v, indent):
         pad = "  " * indent
-        if key == "parameters":  # map<string, ModelParameter>: one entry per key
-            return "".join(f"{pad}parameters {{\n{pad}  key: {json.dumps(k)}\n{pad}  value: "
+        if key in _MAPS:  # map<string, message>: one entry per key
+            return "".join(f"{pad}{key} {{\n{pad}  key: {json.dumps(k)}\n{pad}  value: "
                            f"{value('value', x, indent + 1)}\n{pad}}}\n" for k, x in v.items())
         if isinstance(v, list):
             if v and isinstance(v[0], dict):
@@ -94,13 +120,26 @@ def model_config(model: str, name: str, **options) -> str:
 
 
 def write_repository(model: str, output: str, name: str | None = None, **options) -> Path:
-    """DIR/<name>/1/model.onnx and DIR/<name>/config.pbtxt; returns the model's folder."""
+    """DIR/<name>/1/model.onnx (and 1/model.py for the python backend), DIR/<name>/labels.txt and
+    DIR/<name>/config.pbtxt, the config last (a folder without it is not a model to Triton); returns the
+    model's folder."""
     name = name or Path(model).stem
-    config = model_config(model, name, **options)
+    config = config_dict(model, name, repository=True, **options)
+    classes = artifacts.read(model, artifacts.KIND_FUSED).classes
     folder = Path(output) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, folder / "1" / "model.onnx")
-    tmp = folder / "config.pbtxt.tmp"
-    tmp.write_text(config)
-    tmp.replace(folder / "config.pbtxt")
+    script = folder / "1" / "model.py"
+    if config["backend"] == "python":
+        shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), script)
+    elif script.exists():  # a repository rewritten for another backend keeps no stale script
+        script.unlink()
+    _write(folder / LABELS, "".join(f"{c}\n" for c in classes))
+    _write(folder / "config.pbtxt", to_pbtxt(config))
     return folder
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
