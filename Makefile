@@ -14,18 +14,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Triton Inference Server with its python backend, for the test that serves `convcache triton --backend python`'s
-# repository with a real tritonserver: the binary from PyPI's nvidia-pytriton wheel, unpacked (not installed: it
-# pins numpy<2 and brings its own tritonclient), and the interpreter Triton's python-backend stub runs model.py in
-# (numpy<2, which the stub's tensor interop needs, and onnxruntime). About 240 MB in .tools/; without it (no
-# registry) that test skips and says why.
+# repository with a real tritonserver: PyPI's nvidia-pytriton (its wheel carries the binary) in a venv of its own,
+# because it pins numpy<2, which Triton's python-backend stub also needs in the interpreter that runs model.py
+# (with onnxruntime). About 450 MB in .tools/; without it (no registry) that test skips and says why.
 TRITON := .tools/tritonserver
 $(TRITON)/.stamp: | $(STAMP)
-	rm -rf $(TRITON) && mkdir -p $(TRITON)
-	$(PY) -m pip download -q --no-deps -d $(TRITON)/wheel 'nvidia-pytriton==0.7.0'
-	unzip -q $(TRITON)/wheel/*.whl -d $(TRITON)/dist
-	python3 -m venv $(TRITON)/env
-	$(TRITON)/env/bin/pip install -q 'numpy<2' onnxruntime
-	rm -rf $(TRITON)/wheel
+	rm -rf $(TRITON) && python3 -m venv $(TRITON)/env
+	$(TRITON)/env/bin/pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2' onnxruntime
 	touch $@
 
 tritonserver: $(TRITON)/.stamp

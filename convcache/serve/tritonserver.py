@@ -1,6 +1,6 @@
 """How to start the `tritonserver` that PyPI's `nvidia-pytriton` wheel ships on a repository written by
-`convcache triton --backend python`, without PyTriton itself (which pins numpy<2 and wraps Python
-callables, not a repository).
+`convcache triton --backend python`, without PyTriton's Python API (which serves Python callables, not a
+repository).
 
 That wheel holds the binary (`pytriton/tritonserver/bin/tritonserver`), its python backend, one
 python-backend stub per Python version (`python_backend_stubs/3.X/triton_python_backend_stub`) and the
@@ -12,7 +12,8 @@ shared libraries they link (`nvidia_pytriton.libs`). Starting it needs what PyTr
   reads numpy 2 arrays as empty) and onnxruntime;
 - the wheel's libraries on LD_LIBRARY_PATH.
 
-`make tritonserver` unpacks the wheel into .tools/tritonserver/dist and builds .tools/tritonserver/env."""
+`make tritonserver` installs nvidia-pytriton, numpy<2 and onnxruntime into .tools/tritonserver/env: the
+package's folder is the distribution, the venv's python the stub's interpreter."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from convcache.errors import ConvcacheError
 
 @dataclass
 class Distribution:
-    """An unpacked nvidia-pytriton wheel (`root` holds `pytriton/` and `nvidia_pytriton.libs/`) and the
-    interpreter the python-backend stub runs model.py with (its environment's `bin/python`)."""
+    """An installed or unpacked nvidia-pytriton wheel (`root`, the folder holding `pytriton/` and
+    `nvidia_pytriton.libs/`: a site-packages) and the interpreter the python-backend stub runs model.py with
+    (its environment's `bin/python`)."""
 
     root: Path
     python: Path
@@ -90,7 +92,8 @@ class Distribution:
         target = Path(folder) / "python"
         target.mkdir(parents=True, exist_ok=True)
         for item in source.iterdir():
-            shutil.copy2(item, target / item.name)
+            if item.is_file():
+                shutil.copy2(item, target / item.name)
         shutil.copy2(self.stub(), target / "triton_python_backend_stub")
         return Path(folder)
 
@@ -105,8 +108,9 @@ class Distribution:
 
 
 def default_distribution(project: str | os.PathLike = ".") -> Distribution:
-    """`make tritonserver`'s layout under `project`, or CONVCACHE_TRITONSERVER (the unpacked wheel) and
-    CONVCACHE_TRITON_PYTHON (the stub's interpreter) where set."""
-    tools = Path(project) / ".tools" / "tritonserver"
-    return Distribution(Path(os.environ.get("CONVCACHE_TRITONSERVER", tools / "dist")),
-                        Path(os.environ.get("CONVCACHE_TRITON_PYTHON", tools / "env" / "bin" / "python")))
+    """`make tritonserver`'s venv under `project`, or CONVCACHE_TRITONSERVER (a folder holding `pytriton/`)
+    and CONVCACHE_TRITON_PYTHON (the stub's interpreter) where set."""
+    env = Path(project) / ".tools" / "tritonserver" / "env"
+    found = sorted(env.glob("lib/python3*/site-packages"))
+    root = os.environ.get("CONVCACHE_TRITONSERVER") or (found[0] if found else env / "lib" / "site-packages")
+    return Distribution(Path(root), Path(os.environ.get("CONVCACHE_TRITON_PYTHON", env / "bin" / "python")))
