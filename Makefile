@@ -17,9 +17,12 @@ install: $(STAMP)
 # repository with a real tritonserver: PyPI's nvidia-pytriton (its wheel carries the binary) in a venv of its own,
 # because it pins numpy<2, which Triton's python-backend stub also needs in the interpreter that runs model.py
 # (with onnxruntime). About 450 MB in .tools/; without it (no registry) that test skips and says why.
+# The stub embeds the system's libpython3.X: its venv is made from the system's own python3 (on Debian,
+# /usr/bin/python3), so that the runtime and the standard library it loads are one release.
 TRITON := .tools/tritonserver
+TRITON_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 $(TRITON)/.stamp: | $(STAMP)
-	rm -rf $(TRITON) && python3 -m venv $(TRITON)/env
+	rm -rf $(TRITON) && $(TRITON_PYTHON) -m venv $(TRITON)/env
 	$(TRITON)/env/bin/pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2' onnxruntime
 	touch $@
 

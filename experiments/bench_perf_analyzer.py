@@ -1,9 +1,19 @@
-"""Triton's own load generator, `perf_analyzer`, against `convcache serve` over HTTP (the Open Inference
-Protocol), at several concurrencies, for each batching mode in one run: `--batch-wait adaptive` (a batch waits
-for company only while more images are on their way) against `fixed` (always waits `--max-wait-ms`, as
-Triton's max_queue_delay). Each request is one real photo's pixels at the model's size (perf_analyzer's
---input-data JSON, cycling through the photos); the answer cache is off, so every request is inferred.
+"""Triton's own load generator, `perf_analyzer`, against `convcache serve` and against Triton serving the
+same fused model, over HTTP and gRPC, at several concurrencies, interleaved in rounds. Three servers, all up
+for the whole run:
+- `convcache`: `convcache serve --grpc-port` (`--batch-wait adaptive`, 5 ms, the answer cache off, so every
+  request is inferred);
+- `triton`: the real tritonserver (nvidia-pytriton's binary) on the repository `convcache triton --backend
+  python` writes (model.py running ONNX Runtime, Triton's dynamic batcher: preferred 8 and 32, 5 ms);
+- `pytriton`: the same model bound through PyTriton's Python API (experiments/pytriton_peer.py, the same
+  batcher).
+Each round runs every concurrency and protocol against each server, the servers' order rotating round to
+round. Each request is one real photo's pixels at the model's size (perf_analyzer's --input-data JSON,
+cycling through the photos). Every run's figures are kept (results.json), and the summary gives, per
+cell, the median over rounds and convcache's ratio to each peer with a 95% t-interval over rounds (paired
+by round) and how many rounds it was ahead.
 
+    make tritonserver
     python experiments/bench_perf_analyzer.py --model runs/model.onnx \
         --data ../shared/data/cats_and_dogs_small/validation --perf-analyzer PATH/perf_analyzer -o runs/pa
 
@@ -45,36 +55,77 @@ def input_data(model: str, data: str, n: int, out: Path) -> Path:
     return out
 
 
-def serve(model: str, mode: str, max_wait_ms: float):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "convcache", "serve", "--model", model, "--port", str(port),
-                             "--name", "m", "--cache-mb", "0", "--batch-wait", mode, "--max-wait-ms",
-                             str(max_wait_ms), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+def wait_ready(url: str, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(proc.stderr.read().decode())
+            raise SystemExit(f"{what} exited ({proc.returncode})")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, port
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.2)
-    raise SystemExit("the server did not become ready")
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{what} did not become ready")
 
 
-def perf_analyzer(binary: str, port: int, concurrency: int, interval_ms: int, data: Path, out: Path) -> dict:
-    csv_path = out / f"pa-{port}-{concurrency}.csv"
-    cmd = [binary, "-m", "m", "-u", f"127.0.0.1:{port}", "-i", "http", "--concurrency-range",
-           f"{concurrency}:{concurrency}", "--measurement-interval", str(interval_ms), "--input-data", str(data),
-           "-f", str(csv_path)]
+def start(arm: str, model: str, max_wait_ms: float, work: Path, log) -> tuple[subprocess.Popen, int, int]:
+    """One server, ready; returns it with its HTTP and gRPC ports. The model is named `m` everywhere."""
+    http, grpc_ = free_port(), free_port()
+    if arm == "convcache":
+        argv = [sys.executable, "-m", "convcache", "serve", "--model", model, "--port", str(http), "--grpc-port",
+                str(grpc_), "--name", "m", "--cache-mb", "0", "--max-wait-ms", str(max_wait_ms), "-q"]
+        env = None
+    elif arm == "triton":
+        from convcache.serve.triton import write_repository
+        from convcache.serve.tritonserver import default_distribution
+
+        dist = default_distribution(Path(__file__).resolve().parent.parent)
+        if problem := dist.problem():
+            raise SystemExit(f"tritonserver cannot run: {problem}")
+        repo = write_repository(model, str(work / "repo"), name="m", backend="python",
+                                delay_us=int(max_wait_ms * 1000)).parent
+        argv, env = dist.command(repo, work, http, grpc_, free_port())
+    elif arm == "pytriton":
+        from convcache.serve.tritonserver import default_distribution
+
+        python = default_distribution(Path(__file__).resolve().parent.parent).python
+        argv = [str(python), str(Path(__file__).with_name("pytriton_peer.py")), "--model", model, "--http-port",
+                str(http), "--grpc-port", str(grpc_), "--metrics-port", str(free_port()),
+                "--delay-us", str(int(max_wait_ms * 1000))]
+        env = None
+    else:
+        raise SystemExit(f"unknown arm {arm}")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wait_ready(f"http://127.0.0.1:{http}/v2/models/m/ready", proc, arm)
+    return proc, http, grpc_
+
+
+def perf_analyzer(binary: str, url: str, protocol: str, concurrency: int, interval_ms: int, data: Path,
+                  out: Path) -> dict:
+    csv_path = out / "pa.csv"
+    cmd = [binary, "-m", "m", "-u", url, "-i", protocol, "--concurrency-range", f"{concurrency}:{concurrency}",
+           "--measurement-interval", str(interval_ms), "--input-data", str(data), "-f", str(csv_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise SystemExit(f"perf_analyzer failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")
     with open(csv_path) as f:
         row = next(csv.DictReader(f))
-    return {"concurrency": concurrency, "throughput": float(row["Inferences/Second"]),
+    return {"concurrency": concurrency, "protocol": protocol, "throughput": float(row["Inferences/Second"]),
             "p50_ms": int(row["p50 latency"]) / 1000, "p99_ms": int(row["p99 latency"]) / 1000,
             "queue_ms": int(row["Server Queue"]) / 1000, "infer_ms": int(row["Server Compute Infer"]) / 1000}
+
+
+def ratio_interval(ratios: list[float]) -> str:
+    """The geometric mean of per-round ratios with a 95% t-interval (on log ratios)."""
+    from scipy import stats
+
+    logs = np.log(ratios)
+    mean = logs.mean()
+    if len(logs) < 2:
+        return f"{np.exp(mean):.2f}x"
+    half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+    return f"{np.exp(mean):.2f}x [{np.exp(mean - half):.2f}, {np.exp(mean + half):.2f}]"
 
 
 def main() -> int:
@@ -82,10 +133,12 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="a folder of JPEGs (searched recursively)")
     p.add_argument("--perf-analyzer", required=True, help="the perf_analyzer binary")
+    p.add_argument("--arms", nargs="+", default=["convcache", "triton", "pytriton"])
+    p.add_argument("--protocols", nargs="+", default=["http", "grpc"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--modes", nargs="+", default=["adaptive", "fixed"])
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--interval-ms", type=int, default=5000)
+    p.add_argument("--interval-ms", type=int, default=4000)
     p.add_argument("--photos", type=int, default=64)
     p.add_argument("-o", "--output", required=True)
     a = p.parse_args()
@@ -94,26 +147,52 @@ def main() -> int:
     data = input_data(a.model, a.data, a.photos, out / "input.json")
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True,
                 text=True).stdout.splitlines() if line.startswith("Model name")), "?")
-    results = {"cpu": cpu, "cores": os.cpu_count(), "max_wait_ms": a.max_wait_ms, "runs": []}
-    for mode in a.modes:
-        proc, port = serve(a.model, mode, a.max_wait_ms)
-        try:
+    results = {"cpu": cpu, "cores": os.cpu_count(), "max_wait_ms": a.max_wait_ms, "interval_ms": a.interval_ms,
+               "arms": a.arms, "runs": []}
+    servers = {}
+    try:
+        for arm in a.arms:
+            log = open(out / f"{arm}.log", "w")
+            servers[arm] = start(arm, a.model, a.max_wait_ms, out / f"work-{arm}", log)
+        for r in range(a.rounds):
+            order = a.arms[r % len(a.arms):] + a.arms[:r % len(a.arms)]
             for c in a.concurrency:
-                got = perf_analyzer(a.perf_analyzer, port, c, a.interval_ms, data, out) | {"mode": mode}
-                results["runs"].append(got)
-                print(json.dumps(got), flush=True)
-        finally:
+                for protocol in a.protocols:
+                    for arm in order:
+                        _, http, grpc_ = servers[arm]
+                        url = f"127.0.0.1:{http if protocol == 'http' else grpc_}"
+                        got = perf_analyzer(a.perf_analyzer, url, protocol, c, a.interval_ms, data, out)
+                        got |= {"arm": arm, "round": r}
+                        results["runs"].append(got)
+                        print(json.dumps(got), flush=True)
+                        (out / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        for proc, _, _ in servers.values():
             proc.terminate()
-            proc.wait(30)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    by = {(r["mode"], r["concurrency"]): r for r in results["runs"]}
-    print(f"\n{cpu}, {os.cpu_count()} cores, --max-wait-ms {a.max_wait_ms}\n")
-    print("| clients | " + " | ".join(f"{m} infer/s | {m} p50 / p99 ms" for m in a.modes) + " | ratio |")
-    print("|---" * (2 * len(a.modes) + 2) + "|")
-    for c in a.concurrency:
-        cells = [f"{by[m, c]['throughput']:.1f} | {by[m, c]['p50_ms']:.1f} / {by[m, c]['p99_ms']:.1f}" for m in a.modes]
-        ratio = by[a.modes[0], c]["throughput"] / by[a.modes[-1], c]["throughput"]
-        print(f"| {c} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    by = {(x["arm"], x["protocol"], x["concurrency"], x["round"]): x for x in results["runs"]}
+    rounds = range(a.rounds)
+    print(f"\n{cpu}, {os.cpu_count()} cores, {a.rounds} rounds, --max-wait-ms {a.max_wait_ms}; "
+          "median infer/s over rounds (p50 / p99 ms of the median round)\n")
+    peers = [x for x in a.arms if x != "convcache"]
+    print("| protocol | clients | " + " | ".join(a.arms) + " | " +
+          " | ".join(f"convcache / {x} (rounds ahead)" for x in peers) + " |")
+    print("|---" * (2 + len(a.arms) + len(peers)) + "|")
+    for protocol in a.protocols:
+        for c in a.concurrency:
+            cells = []
+            for arm in a.arms:
+                runs = sorted((by[arm, protocol, c, r] for r in rounds), key=lambda x: x["throughput"])
+                mid = runs[len(runs) // 2]
+                cells.append(f"{mid['throughput']:.1f} ({mid['p50_ms']:.0f} / {mid['p99_ms']:.0f})")
+            for peer in peers:
+                ratios = [by["convcache", protocol, c, r]["throughput"] / by[peer, protocol, c, r]["throughput"]
+                          for r in rounds]
+                cells.append(f"{ratio_interval(ratios)} ({sum(x > 1 for x in ratios)} of {len(ratios)})")
+            print(f"| {protocol} | {c} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -7,9 +7,11 @@ python-backend stub per Python version (`python_backend_stubs/3.X/triton_python_
 shared libraries they link (`nvidia_pytriton.libs`). Starting it needs what PyTriton does for it:
 - a backend folder whose `python/` holds the backend and the stub built for the interpreter that runs
   model.py (copied: Triton looks for the stub beside the backend);
-- that interpreter's `bin/` first on PATH: the stub embeds libpython3.X and finds its prefix, and so its
-  site-packages, from the `python3` on PATH. Its environment needs numpy<2 (the stub's tensor interop
-  reads numpy 2 arrays as empty) and onnxruntime;
+- that interpreter's `bin/` first on PATH: the stub embeds the system's libpython3.X and finds its prefix,
+  and so its standard library and site-packages, from the `python3` on PATH. That interpreter must be the
+  one whose libpython the stub loads (a pyenv 3.11.7 over Debian's 3.11.2 runtime breaks multiprocessing),
+  and its environment needs numpy<2 (the stub's tensor interop reads numpy 2 arrays as empty) and
+  onnxruntime;
 - the wheel's libraries on LD_LIBRARY_PATH.
 
 `make tritonserver` installs nvidia-pytriton, numpy<2 and onnxruntime into .tools/tritonserver/env: the
@@ -72,12 +74,28 @@ class Distribution:
             missing = [line.strip() for line in out.stdout.splitlines() if "not found" in line]
             if out.returncode != 0 or missing:
                 return f"{binary.name} cannot load here: {'; '.join(missing) or out.stderr.strip()}"
+        runtime = self._libpython(stub, env)
+        out = subprocess.run([str(self.python), "-c", "import os, sysconfig as s; v = s.get_config_var; print('\\n'.join("
+                              "os.path.realpath(os.path.join(v('LIBDIR'), *d, v('INSTSONAME') or '')) "
+                              "for d in ((), (v('MULTIARCH') or '',))))"], capture_output=True, text=True, timeout=60)
+        if runtime and runtime not in out.stdout.split():
+            return (f"the stub loads {runtime}, which is not {self.python}'s own libpython: build the stub's venv "
+                    f"from the system python3 (make tritonserver does), or its standard library and runtime differ")
         check = ("import numpy, onnxruntime, sys; "
                  "sys.exit(0 if int(numpy.__version__.split('.')[0]) < 2 else 'numpy %s: the stub needs numpy<2' "
                  "% numpy.__version__)")
         out = subprocess.run([str(self.python), "-c", check], capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             return f"{self.python}: {(out.stderr.strip().splitlines() or ['no numpy<2 or onnxruntime'])[-1]}"
+        return None
+
+    @staticmethod
+    def _libpython(binary: Path, env: dict) -> str | None:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env, timeout=60)
+        for line in out.stdout.splitlines():
+            name, _, rest = line.strip().partition(" => ")
+            if name.startswith("libpython") and rest:
+                return os.path.realpath(rest.split(" (")[0])
         return None
 
     def environment(self) -> dict:
