@@ -94,3 +94,28 @@ def small_half_warning(name: str, n: int) -> str | None:
     lo, hi = accuracy_interval(n // 2, n)
     return (f"warning: the {name} has only {n} images: an accuracy near 50% is uncertain by about "
             f"+-{100 * (hi - lo) / 2:.0f} points; add validation images")
+
+
+def ratio_interval(ratios, confidence: float = 0.95) -> dict:
+    """Paired per-round speed ratios (ours / peer, one per interleaved round) as their geometric mean with a
+    t-interval on the log ratios: {"ratio", "low", "high", "ahead", "rounds"} (low/high None for one round)."""
+    import math
+
+    from scipy import stats
+
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    mean = sum(logs) / n
+    out = {"ratio": math.exp(mean), "low": None, "high": None, "ahead": sum(r > 1 for r in ratios), "rounds": n}
+    if n > 1:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+        out["low"], out["high"] = math.exp(mean - half), math.exp(mean + half)
+    return out
+
+
+def ratio_text(ratios) -> str:
+    """`ratio_interval` as `1.03x [0.98, 1.08], ahead 3 of 3`."""
+    r = ratio_interval(ratios)
+    span = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
+    return f"{r['ratio']:.2f}x{span}, ahead {r['ahead']} of {r['rounds']}"

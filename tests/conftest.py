@@ -88,7 +88,10 @@ def make_dataset(root: Path, classes=("cats", "dogs"), splits=None, seed=0) -> P
 # run in one worker process instead (spawned, TensorFlow imported once, replaced after a few exports), so what
 # a conversion holds is given back. `export(...)` takes `export_extractor`'s arguments.
 _EXPORTER = None
-EXPORTS_PER_WORKER = 3
+# The export worker is replaced once its resident memory passes this after a task (each task's keras state is
+# cleared and freed heap handed back to the system first): conversions peak at ~3.4 GB inside it and fall back,
+# so a worker serves several tasks, and the suite pays TensorFlow's start-up only when memory says so.
+WORKER_RSS_LIMIT = int(os.environ.get("CONVCACHE_TEST_WORKER_RSS_MB", "2048")) << 20
 
 
 def exporter():
@@ -97,31 +100,50 @@ def exporter():
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        _EXPORTER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                        max_tasks_per_child=EXPORTS_PER_WORKER)
+        _EXPORTER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     return _EXPORTER
 
 
 def _release_keras() -> None:
+    import ctypes
     import gc
 
     from convcache.tfquiet import import_keras
 
     import_keras()[1].backend.clear_session()
     gc.collect()
-
-
-def _call_task(fn, args: tuple, kwargs: dict):
     try:
-        return fn(*args, **kwargs)
-    finally:
-        _release_keras()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas resident otherwise
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _task(fn, args: tuple, kwargs: dict):
+    """In the worker: (ok, the result or the exception, resident bytes after freeing the task's state)."""
+    try:
+        ok, value = True, fn(*args, **kwargs)
+    except Exception as exc:  # handed back to the test and raised there
+        ok, value = False, exc
+    _release_keras()
+    return ok, value, _rss()
 
 
 def in_worker(fn, *args, **kwargs):
     """`fn(*args, **kwargs)` in the export worker (`fn` a module-level function, e.g. of a test module): for a
     test that converts with tf2onnx or trains with TensorFlow. Its assertion errors come back as raised there."""
-    return exporter().submit(_call_task, fn, args, kwargs).result(timeout=600)
+    global _EXPORTER
+    ok, value, rss = exporter().submit(_task, fn, args, kwargs).result(timeout=600)
+    if rss > WORKER_RSS_LIMIT:
+        _EXPORTER.shutdown(wait=True)
+        _EXPORTER = None
+    if not ok:
+        raise value
+    return value
 
 
 def export(*args, **kwargs) -> dict:

@@ -52,3 +52,20 @@ def test_bench_extract_null_device_measures_the_input_pipeline_against_pillow(po
     shipped = next(x for x in r.stdout.splitlines() if x.startswith("| as it ships"))
     before = next(x for x in r.stdout.splitlines() if x.startswith("| every copy decoded, threads"))
     assert shipped.rstrip("| ").endswith("| 8") and before.rstrip("| ").endswith("| 24")  # decodes: 8 vs 8 x 3
+
+
+def test_ratio_interval_is_a_geometric_mean_with_a_t_interval_over_rounds():
+    """The peer benchmarks' summary (convcache.stats.ratio_interval): per-round ratios, paired by round."""
+    import math
+
+    from scipy import stats
+
+    from convcache.stats import ratio_interval, ratio_text
+
+    r = ratio_interval([2.0, 0.5])
+    assert math.isclose(r["ratio"], 1.0) and r["ahead"] == 1 and r["rounds"] == 2
+    half = stats.t.ppf(0.975, 1) * math.log(2) * math.sqrt(2) / math.sqrt(2)
+    assert math.isclose(r["high"], math.exp(half)) and math.isclose(r["low"] * r["high"], 1.0)
+    same = ratio_interval([1.1, 1.1, 1.1])
+    assert math.isclose(same["low"], 1.1) and math.isclose(same["high"], 1.1) and same["ahead"] == 3
+    assert ratio_text([0.9]) == "0.90x, ahead 0 of 1"

@@ -120,42 +120,50 @@ class LitServePeer:
             self.proc.kill()
 
 
-def peer_litserve(model: str, bodies: list[bytes], rounds: int, clients=(1, 4, 16)) -> None:
+def peer_litserve(model: str, bodies: list[bytes], rounds: int, clients=(1, 4, 16)) -> dict:
     """Both servers up, the same multipart uploads, interleaved: each round runs every client count against
-    convcache then LitServe, so drift in the machine's load falls on both."""
+    both servers, which goes first alternating round to round, so drift in the machine's load falls on both.
+    Prints each round's rates and, per client count, the geometric mean of the per-round ratios with a 95%
+    t-interval (paired by round); returns the rates."""
     import statistics
+
+    from convcache.stats import ratio_text
 
     ours = Server(model, "--cache-mb", "0", "--max-batch", "32", "--max-wait-ms", "5")
     peer = LitServePeer(model, 32, 0.005)
     rates: dict = {}
     lat: dict = {}
+    arms = [("convcache", ours, "/v1/predict"), ("litserve", peer, "/predict")]
     try:
-        for target, path in ((ours, "/v1/predict"), (peer, "/predict")):  # warm-up
+        for _, target, path in arms:  # warm-up
             asyncio.run(load(target.url, bodies[:8], 4, 16, path, multipart=True))
-        for _ in range(rounds):
+        for r in range(rounds):
             for c in clients:
                 n = max(2 * len(bodies), 8 * c) if c > 1 else len(bodies)
-                for name, target, path in (("convcache", ours, "/v1/predict"), ("litserve", peer, "/predict")):
+                for name, target, path in arms if r % 2 == 0 else arms[::-1]:
                     rate, latencies, codes = asyncio.run(load(target.url, bodies, c, n, path, multipart=True))
                     if set(codes) != {200}:
                         raise RuntimeError(f"{name} at {c} clients answered {codes}")
                     rates.setdefault((name, c), []).append(rate)
                     lat.setdefault((name, c), []).extend(latencies)
+                print(f"round {r + 1}, {c} clients: convcache {rates['convcache', c][-1]:.2f} img/s, "
+                      f"LitServe {rates['litserve', c][-1]:.2f}", flush=True)
     finally:
         ours.stop()
         peer.stop()
     print(f"\nconvcache vs LitServe {_version('litserve')}, the same fused model and Predictor code, multipart "
-          f"uploads, {rounds} interleaved rounds (median img/s; latency over all rounds)\n")
-    print("| clients | convcache img/s | LitServe img/s | ratio | rounds ahead | convcache p50 / p99 ms | "
+          f"uploads, {rounds} interleaved rounds (median img/s; the ratio is the geometric mean of the rounds' "
+          "ratios with a 95% t-interval; latency over all rounds)\n")
+    print("| clients | convcache img/s | LitServe img/s | convcache / LitServe | convcache p50 / p99 ms | "
           "LitServe p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for c in clients:
         a, b = rates["convcache", c], rates["litserve", c]
-        ahead = sum(x >= y for x, y in zip(a, b))
         print(f"| {c} | {statistics.median(a):.1f} | {statistics.median(b):.1f} | "
-              f"{statistics.median(a) / statistics.median(b):.2f}x | {ahead} of {len(a)} | "
+              f"{ratio_text([x / y for x, y in zip(a, b)])} | "
               f"{pct(lat['convcache', c], 50):.0f} / {pct(lat['convcache', c], 99):.0f} | "
               f"{pct(lat['litserve', c], 50):.0f} / {pct(lat['litserve', c], 99):.0f} |")
+    return rates
 
 
 def _version(package: str) -> str:

@@ -75,9 +75,9 @@ class Distribution:
             if out.returncode != 0 or missing:
                 return f"{binary.name} cannot load here: {'; '.join(missing) or out.stderr.strip()}"
         runtime = self._libpython(stub, env)
-        out = subprocess.run([str(self.python), "-c", "import os, sysconfig as s; v = s.get_config_var; print('\\n'.join("
-                              "os.path.realpath(os.path.join(v('LIBDIR'), *d, v('INSTSONAME') or '')) "
-                              "for d in ((), (v('MULTIARCH') or '',))))"], capture_output=True, text=True, timeout=60)
+        own = ("import os, sysconfig as s; v = s.get_config_var; print('\\n'.join(os.path.realpath(os.path.join("
+               "v('LIBDIR'), *d, v('INSTSONAME') or '')) for d in ((), (v('MULTIARCH') or '',))))")
+        out = subprocess.run([str(self.python), "-c", own], capture_output=True, text=True, timeout=60)
         if runtime and runtime not in out.stdout.split():
             return (f"the stub loads {runtime}, which is not {self.python}'s own libpython: build the stub's venv "
                     f"from the system python3 (make tritonserver does), or its standard library and runtime differ")
