@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--peer", choices=["litserve"], help="instead: the same model behind this peer, interleaved")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds against --peer")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="client counts against --peer")
     a = p.parse_args(argv)
     files = sorted((Path(a.data) / "validation").rglob("*.jpg"))[:: 1000 // a.images][: a.images]
     bodies = [f.read_bytes() for f in files]
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} cores")
     if a.peer == "litserve":
-        peer_litserve(a.model, bodies, a.rounds)
+        peer_litserve(a.model, bodies, a.rounds, tuple(a.clients))
         return
 
     predictor = Predictor(a.model, "cpu")
