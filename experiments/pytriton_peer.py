@@ -14,12 +14,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import onnxruntime as ort
-from pytriton.decorators import batch
-from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,6 +25,12 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--delay-us", type=int, default=5000)
     a = p.parse_args()
+    # imported after the arguments: `--help` answers in any venv (pytriton lives in .tools/tritonserver/env)
+    import numpy as np
+    import onnxruntime as ort
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     session = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"])
     (image,) = session.get_inputs()

@@ -88,6 +88,7 @@ def make_dataset(root: Path, classes=("cats", "dogs"), splits=None, seed=0) -> P
 # run in one worker process instead (spawned, TensorFlow imported once, replaced after a few exports), so what
 # a conversion holds is given back. `export(...)` takes `export_extractor`'s arguments.
 _EXPORTER = None
+_WORKER_COUNTS = {"processes": 0, "tasks": 0}
 # The export worker is replaced once its resident memory passes this after a task (each task's keras state is
 # cleared and freed heap handed back to the system first): conversions peak at ~3.4 GB inside it and fall back,
 # so a worker serves several tasks, and the suite pays TensorFlow's start-up only when memory says so.
@@ -101,6 +102,7 @@ def exporter():
         from concurrent.futures import ProcessPoolExecutor
 
         _EXPORTER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _WORKER_COUNTS["processes"] += 1
     return _EXPORTER
 
 
@@ -138,6 +140,7 @@ def in_worker(fn, *args, **kwargs):
     test that converts with tf2onnx or trains with TensorFlow. Its assertion errors come back as raised there."""
     global _EXPORTER
     ok, value, rss = exporter().submit(_task, fn, args, kwargs).result(timeout=600)
+    _WORKER_COUNTS["tasks"] += 1
     if rss > WORKER_RSS_LIMIT:
         _EXPORTER.shutdown(wait=True)
         _EXPORTER = None
@@ -156,6 +159,10 @@ def export(*args, **kwargs) -> dict:
 def pytest_sessionfinish(session, exitstatus):
     if _EXPORTER is not None:
         _EXPORTER.shutdown(wait=True, cancel_futures=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and _WORKER_COUNTS["tasks"]:
+        reporter.write_line(f"export worker: {_WORKER_COUNTS['tasks']} tasks in {_WORKER_COUNTS['processes']} "
+                            f"processes (replaced past {WORKER_RSS_LIMIT >> 20} MiB resident)")
 
 
 @pytest.fixture(scope="session")
