@@ -606,6 +606,56 @@ def test_tritons_extensions_with_tritonclient_and_tritons_schemas(oip_server, fu
     json_format.ParseDict({"models": index}, service_pb2.RepositoryIndexResponse())
 
 
+def test_the_classification_extension_names_the_top_classes(oip_server, fused_model):
+    """Triton's classification extension on both transports: `class_count=k` on `probabilities` answers a BYTES
+    tensor [rows, k] of `score:index:label`, best first (binary and JSON over HTTP, raw over gRPC), from the
+    same probabilities; a bad k or a classified `features` is a 400 / INVALID_ARGUMENT."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    predictor = Predictor(fused_model)
+    pixels = np.stack([predictor.to_pixels(jpeg(1700 + i)) for i in range(5)]).astype(np.float32)
+    probs = predictor.infer(pixels.astype(np.uint8))[0]
+    k = len(predictor.classes)
+    expected = [[f"{probs[r, i]:.6f}:{i}:{predictor.classes[i]}" for i in np.argsort(-probs[r], kind="stable")]
+                for r in range(len(probs))]
+    http = httpclient.InferenceServerClient(url=oip_server.url.removeprefix("http://"))
+    grpc_ = grpcclient.InferenceServerClient(url=oip_server.grpc)
+    assert "classification" in http.get_server_metadata()["extensions"]
+    assert "classification" in grpc_.get_server_metadata(as_json=True)["extensions"]
+
+    def ask(module, client, count, binary=True, name="probabilities"):
+        inp = module.InferInput("images", list(pixels.shape), "FP32")
+        inp.set_data_from_numpy(pixels)
+        out = module.InferRequestedOutput(name, class_count=count) if module is grpcclient else \
+            module.InferRequestedOutput(name, binary_data=binary, class_count=count)
+        return client.infer("cats_dogs", [inp], outputs=[out]).as_numpy(name)
+
+    def parsed(answer):  # BYTES elements come back as bytes (binary, gRPC) or str (JSON), as from Triton
+        text = [[e.decode() if isinstance(e, bytes) else e for e in row] for row in answer]
+        return [[(float(e.split(":")[0]), e.split(":", 1)[1]) for e in row] for row in text]
+
+    want = [[(float(e.split(":")[0]), e.split(":", 1)[1]) for e in row] for row in expected]
+    for module, client, binary in ((httpclient, http, True), (httpclient, http, False), (grpcclient, grpc_, True)):
+        answer = ask(module, client, k, binary)
+        assert answer.shape == (5, k), answer.shape
+        got = parsed(answer)
+        assert [[x[1] for x in row] for row in got] == [[x[1] for x in row] for row in want], (got, want)
+        assert np.allclose([[x[0] for x in row] for row in got], [[x[0] for x in row] for row in want], atol=2e-6)
+        assert ask(module, client, 1, binary).shape == (5, 1)
+        assert ask(module, client, k + 3, binary).shape == (5, k)  # Triton's rule: at most the class count
+        with pytest.raises(InferenceServerException) as err:
+            ask(module, client, 1, binary, "features")
+        assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT"), err.value.status()
+    for bad in (0, -1, True, "2", 1.5):  # what tritonclient never sends: posted as JSON
+        body = {"inputs": [{"name": "images", "datatype": "FP32", "shape": list(pixels[:1].shape),
+                            "data": pixels[:1].ravel().tolist()}],
+                "outputs": [{"name": "probabilities", "parameters": {"classification": bad}}]}
+        r = httpx.post(oip_server.url + "/v2/models/cats_dogs/infer", json=body, timeout=30)
+        assert r.status_code == 400 and "classification" in r.json()["error"], (bad, r.status_code, r.text)
+
+
 @pytest.fixture(scope="module")
 def tritonserver(fused_model, tmp_path_factory):
     """A real tritonserver (the binary in PyPI's nvidia-pytriton wheel, `make tritonserver`) serving the
@@ -680,6 +730,13 @@ def test_a_real_tritonserver_serves_the_python_backend_repository(tritonserver, 
     top = infer(triton, pixels, class_count=1).as_numpy("probabilities").ravel()
     expected = [predictor.classes[i] for i in served.argmax(1)]
     assert [t.decode().split(":")[2] for t in top] == expected, top
+    k = len(predictor.classes)  # the classification extension: convcache serve answers as Triton does
+    theirs_k = infer(triton, pixels, class_count=k).as_numpy("probabilities")
+    ours_k = infer(ours, pixels, class_count=k).as_numpy("probabilities")
+    split = lambda a: [[e.decode().split(":") for e in row] for row in a]  # noqa: E731
+    assert [[e[1:] for e in row] for row in split(ours_k)] == [[e[1:] for e in row] for row in split(theirs_k)]
+    assert np.allclose([[float(e[0]) for e in row] for row in split(ours_k)],
+                       [[float(e[0]) for e in row] for row in split(theirs_k)], atol=2e-6)
 
     pending = []
     for i in range(len(pixels)):  # one image a request, all in flight at once: Triton may batch them

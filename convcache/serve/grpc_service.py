@@ -5,8 +5,9 @@ the same `InferenceService`: one serving loop (batching, cache, limits), the sam
 The messages and the servicer base are the modules generated from the published protocol files that
 `tritonclient[grpc]` ships (`tritonclient.grpc.service_pb2`, `service_pb2_grpc`); nothing here is written by
 hand. Served: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelInfer (typed `contents`
-or `raw_input_contents`; FP32 or UINT8 pixels, BYTES image files), and Triton's extensions ModelConfig,
-ModelStatistics and RepositoryIndex. Errors map to the codes the protocol names: an unknown model NOT_FOUND, a
+or `raw_input_contents`; FP32 or UINT8 pixels, BYTES image files; the classification extension's
+`classification` parameter on an output), and Triton's extensions ModelConfig, ModelStatistics and
+RepositoryIndex. Errors map to the codes the protocol names: an unknown model NOT_FOUND, a
 bad tensor INVALID_ARGUMENT, too many images RESOURCE_EXHAUSTED, overload UNAVAILABLE."""
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         from convcache import __version__
 
         return service_pb2.ServerMetadataResponse(name="convcache", version=__version__,
-                                                  extensions=["model_configuration", "statistics"])
+                                                  extensions=["classification", "model_configuration",
+                                                              "statistics"])
 
     @_observed
     async def ModelMetadata(self, request, context):
@@ -148,21 +150,32 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise HTTPError(400, "no images: every input's shape is empty")
         results = await asyncio.gather(*(s.infer(img, i) if encoded else s.infer_pixels(img, i)
                                          for i, (img, encoded) in enumerate(images)))
-        wanted = [o.name for o in request.outputs] or ["probabilities"]
+        wanted = [(o.name, _parameters(o.parameters)) for o in request.outputs] or [("probabilities", {})]
         outputs, contents = [], []
-        for which in wanted:
+        for which, parameters in wanted:
             if which not in ("probabilities", "features"):
                 raise HTTPError(400, f"unknown output {which!r}: the model gives 'probabilities' and 'features'")
+            k = oip.classification(parameters, which, s.predictor.classes)
             value = np.stack([r[0] if which == "probabilities" else r[1] for r, _ in results]).astype(np.float32)
             value = value.reshape(len(value), -1)
-            outputs.append(service_pb2.ModelInferResponse.InferOutputTensor(name=which, datatype="FP32",
-                                                                           shape=list(value.shape)))
-            contents.append(value.tobytes())
+            tensor = service_pb2.ModelInferResponse.InferOutputTensor
+            if k is None:
+                outputs.append(tensor(name=which, datatype="FP32", shape=list(value.shape)))
+                contents.append(value.tobytes())
+            else:  # Triton's classification extension: BYTES [rows, k] of `score:index:label`
+                outputs.append(tensor(name=which, datatype="BYTES", shape=[len(value), k]))
+                contents.append(oip.bytes_tensor(oip.top_classes(value, k, s.predictor.classes)))
         answer = service_pb2.ModelInferResponse(model_name=s.name, model_version=oip.VERSION, id=request.id,
                                                 outputs=outputs, raw_output_contents=contents)
         answer.parameters["model_id"].string_param = s.model_id
         answer.parameters["cached"].string_param = ",".join("1" if cached else "0" for _, cached in results)
         return answer
+
+
+def _parameters(parameters) -> dict:
+    """A protobuf map of InferParameter as plain values (the one field each parameter sets)."""
+    return {key: getattr(p, p.WhichOneof("parameter_choice")) for key, p in parameters.items()
+            if p.WhichOneof("parameter_choice")}
 
 
 def _tensor_images(t, raw: bytes | None, size: int, max_images: int) -> list:

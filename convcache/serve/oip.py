@@ -77,7 +77,7 @@ class OutputTensor(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    data: list[float] | None = None
+    data: list[float] | list[str] | None = None  # FP32 values, or BYTES (the classification extension's)
     parameters: dict[str, Any] | None = None
 
 
@@ -208,7 +208,7 @@ async def server_metadata(request: Request):
     from convcache import __version__
 
     return {"name": "convcache", "version": __version__,
-            "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
+            "extensions": ["binary_tensor_data", "classification", "model_configuration", "statistics"]}
 
 
 @router.get("/health/live", summary="Liveness", response_model=Live)
@@ -419,6 +419,31 @@ def _images(tensor: Tensor, data, binary: bytes, offset: int, size: int, max_ima
     return list(array), offset
 
 
+def classification(parameters: dict | None, which: str, classes: list) -> int | None:
+    """Triton's classification extension: the `classification` parameter of a requested output (an integer
+    k >= 1, or absent: None). Only `probabilities` has classes to name."""
+    k = (parameters or {}).get("classification")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise HTTPError(400, f"output {which!r}: 'classification' must be an integer >= 1, got {k!r}")
+    if which != "probabilities":
+        raise HTTPError(400, f"output {which!r}: only 'probabilities' can be classified")
+    return min(k, len(classes))
+
+
+def top_classes(probabilities: np.ndarray, k: int, classes: list) -> list[bytes]:
+    """Each row's k most probable classes, best first, as Triton writes them: `score:index:label` (the score
+    as C++'s std::to_string writes a float, six decimals), row by row (the tensor's shape is [rows, k])."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [f"{probabilities[r, i]:.6f}:{i}:{classes[i]}".encode() for r in range(len(order)) for i in order[r]]
+
+
+def bytes_tensor(items: list[bytes]) -> bytes:
+    """BYTES elements in the binary tensor format: each a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
 @router.post("/models/{name}/infer", summary="Inference (JSON tensors or the binary tensor data extension)",
              response_model=InferResponse, responses=INFER_ERRORS, openapi_extra=INFER_BODY)
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
@@ -449,17 +474,20 @@ async def infer(request: Request, name: str, version: str = VERSION):
         which = out.name
         if which not in ("probabilities", "features"):
             raise HTTPError(400, f"unknown output {which!r}: the model gives 'probabilities' and 'features'")
+        k = classification(out.parameters, which, s.predictor.classes)
         value = np.stack([r[0] if which == "probabilities" else r[1] for r, _ in results]).astype(np.float32)
         value = value.reshape(len(value), -1)
-        entry = {"name": which, "datatype": "FP32", "shape": list(value.shape)}
+        labels = None if k is None else top_classes(value, k, s.predictor.classes)
+        entry = {"name": which, "datatype": "FP32" if k is None else "BYTES",
+                 "shape": list(value.shape) if k is None else [len(value), k]}
         as_binary = bool((out.parameters or {}).get("binary_data",
                                                     (req.parameters or {}).get("binary_data_output")))
         if as_binary:
-            data = value.tobytes()
+            data = value.tobytes() if labels is None else bytes_tensor(labels)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = value.ravel().tolist()
+            entry["data"] = value.ravel().tolist() if labels is None else [b.decode() for b in labels]
         outputs.append(entry)
     answer = {"model_name": name, "model_version": VERSION, "outputs": outputs,
               "parameters": {"cached": [cached for _, cached in results], "model_id": s.model_id}}
