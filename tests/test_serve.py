@@ -733,7 +733,7 @@ def test_a_real_tritonserver_serves_the_python_backend_repository(tritonserver, 
     k = len(predictor.classes)  # the classification extension: convcache serve answers as Triton does
     theirs_k = infer(triton, pixels, class_count=k).as_numpy("probabilities")
     ours_k = infer(ours, pixels, class_count=k).as_numpy("probabilities")
-    split = lambda a: [[e.decode().split(":") for e in row] for row in a]  # noqa: E731
+    split = lambda a: [[e.decode().split(":") for e in row] for row in a]
     assert [[e[1:] for e in row] for row in split(ours_k)] == [[e[1:] for e in row] for row in split(theirs_k)]
     assert np.allclose([[float(e[0]) for e in row] for row in split(ours_k)],
                        [[float(e[0]) for e in row] for row in split(theirs_k)], atol=2e-6)
