@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from convcache.errors import ConvcacheError
@@ -36,6 +36,7 @@ class Distribution:
 
     root: Path
     python: Path
+    _version: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def server(self) -> Path:
@@ -46,11 +47,14 @@ class Distribution:
         return self.root / "nvidia_pytriton.libs"
 
     def python_version(self) -> str:
-        out = subprocess.run([str(self.python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            raise ConvcacheError(f"{self.python}: does not run ({out.stderr.strip()[-200:]})")
-        return out.stdout.strip()
+        """The stub's interpreter's X.Y (asked once: every stub lookup needs it)."""
+        if self._version is None:
+            out = subprocess.run([str(self.python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                raise ConvcacheError(f"{self.python}: does not run ({out.stderr.strip()[-200:]})")
+            self._version = out.stdout.strip()
+        return self._version
 
     def stub(self) -> Path:
         return self.root / "pytriton" / "tritonserver" / "python_backend_stubs" / self.python_version() / \
@@ -69,12 +73,14 @@ class Distribution:
         if not stub.exists():
             return f"no python-backend stub for Python {self.python_version()} in {stub.parent.parent}"
         env = self.environment()
+        linked = {}
         for binary in (self.server, stub):
             out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env, timeout=60)
             missing = [line.strip() for line in out.stdout.splitlines() if "not found" in line]
             if out.returncode != 0 or missing:
                 return f"{binary.name} cannot load here: {'; '.join(missing) or out.stderr.strip()}"
-        runtime = self._libpython(stub, env)
+            linked[binary] = out.stdout
+        runtime = _libpython(linked[stub])
         own = ("import os, sysconfig as s; v = s.get_config_var; print('\\n'.join(os.path.realpath(os.path.join("
                "v('LIBDIR'), *d, v('INSTSONAME') or '')) for d in ((), (v('MULTIARCH') or '',))))")
         out = subprocess.run([str(self.python), "-c", own], capture_output=True, text=True, timeout=60)
@@ -87,15 +93,6 @@ class Distribution:
         out = subprocess.run([str(self.python), "-c", check], capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             return f"{self.python}: {(out.stderr.strip().splitlines() or ['no numpy<2 or onnxruntime'])[-1]}"
-        return None
-
-    @staticmethod
-    def _libpython(binary: Path, env: dict) -> str | None:
-        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env, timeout=60)
-        for line in out.stdout.splitlines():
-            name, _, rest = line.strip().partition(" => ")
-            if name.startswith("libpython") and rest:
-                return os.path.realpath(rest.split(" (")[0])
         return None
 
     def environment(self) -> dict:
@@ -123,6 +120,15 @@ class Distribution:
                 f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}",
                 "--allow-gpu-metrics=false", "--log-verbose=0"]
         return argv, self.environment()
+
+
+def _libpython(ldd_output: str) -> str | None:
+    """The libpython a binary loads, resolved, from `ldd`'s answer."""
+    for line in ldd_output.splitlines():
+        name, _, rest = line.strip().partition(" => ")
+        if name.startswith("libpython") and rest:
+            return os.path.realpath(rest.split(" (")[0])
+    return None
 
 
 def default_distribution(project: str | os.PathLike = ".") -> Distribution:
