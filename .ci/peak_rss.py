@@ -43,15 +43,24 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def tree_rss(root: int) -> tuple[int, int, int]:
-    """(sum of RSS over `root` and its descendants, the largest one, how many processes)."""
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return " ".join(a.decode(errors="replace") for a in f.read().split(b"\0")[:4] if a)[:200]
+    except OSError:
+        return "?"
+
+
+def tree_rss(root: int) -> tuple[int, int, int, int]:
+    """(sum of RSS over `root` and its descendants, the largest one, how many processes, the largest's pid)."""
     kids, todo, seen = _children(), [root], []
     while todo:
         pid = todo.pop()
         seen.append(pid)
         todo.extend(kids.get(pid, []))
     sizes = [_rss(p) for p in seen]
-    return sum(sizes), max(sizes, default=0), len(seen)
+    largest = max(range(len(seen)), key=sizes.__getitem__)
+    return sum(sizes), sizes[largest], len(seen), seen[largest]
 
 
 def main() -> int:
@@ -65,14 +74,15 @@ def main() -> int:
         p.error("no command given")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd)
-    peak = {"tree_bytes": 0, "process_bytes": 0, "processes": 0}
+    peak = {"tree_bytes": 0, "process_bytes": 0, "processes": 0, "largest_process": ""}
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            total, largest, n = tree_rss(proc.pid)
+            total, largest, n, pid = tree_rss(proc.pid)
             peak["tree_bytes"] = max(peak["tree_bytes"], total)
-            peak["process_bytes"] = max(peak["process_bytes"], largest)
+            if largest > peak["process_bytes"]:  # which process it was: its command line's first words
+                peak["process_bytes"], peak["largest_process"] = largest, _cmdline(pid)
             peak["processes"] = max(peak["processes"], n)
             stop.wait(a.interval)
 
@@ -83,7 +93,8 @@ def main() -> int:
     sampler.join()
     peak.update(seconds=round(time.monotonic() - t0, 1), exit=code, command=" ".join(cmd))
     print(f"peak_rss: tree {peak['tree_bytes'] / 2**30:.2f} GiB, largest process {peak['process_bytes'] / 2**30:.2f} "
-          f"GiB, up to {peak['processes']} processes, {peak['seconds']:.0f} s, exit {code}", file=sys.stderr)
+          f"GiB ({peak['largest_process']}), up to {peak['processes']} processes, {peak['seconds']:.0f} s, "
+          f"exit {code}", file=sys.stderr)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(peak, f, indent=1)

@@ -69,3 +69,37 @@ def test_ratio_interval_is_a_geometric_mean_with_a_t_interval_over_rounds():
     same = ratio_interval([1.1, 1.1, 1.1])
     assert math.isclose(same["low"], 1.1) and math.isclose(same["high"], 1.1) and same["ahead"] == 3
     assert ratio_text([0.9]) == "0.90x, ahead 0 of 1"
+
+
+def test_the_peer_bench_pauses_the_server_it_is_not_measuring():
+    """`bench serve --peer`: the idle server's whole process tree (a parent and its child here, as LitServe's
+    server and workers) uses no CPU while paused, and runs again after."""
+    import subprocess
+    import sys
+    import time
+
+    from convcache.benchmarks.serve import Paused, cpu_seconds, process_tree
+
+    spin = "import time\nwhile True: time.perf_counter()"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys\nsubprocess.Popen([sys.executable, "
+                                                    f"'-c', {spin!r}])\n{spin}"])
+    try:
+        deadline = time.monotonic() + 60
+        while len(process_tree(parent.pid)) < 2:  # the child has started
+            assert time.monotonic() < deadline, "the child process never started"
+            time.sleep(0.05)
+        with Paused(parent.pid) as paused:
+            assert len(paused.procs) == 2
+            time.sleep(0.2)  # a stop is delivered asynchronously: let it land before measuring
+            before = cpu_seconds(parent.pid)
+            time.sleep(0.5)
+            assert cpu_seconds(parent.pid) - before < 0.02  # stopped processes cannot run
+        before = cpu_seconds(parent.pid)
+        while cpu_seconds(parent.pid) - before < 0.1:  # both resumed: the tree uses CPU again
+            assert time.monotonic() < deadline, "the paused tree did not resume"
+            time.sleep(0.05)
+        assert all(p.status() != "stopped" for p in process_tree(parent.pid))
+    finally:
+        for p in reversed(process_tree(parent.pid)):
+            p.kill()
+        parent.wait(10)

@@ -120,9 +120,58 @@ class LitServePeer:
             self.proc.kill()
 
 
-def peer_litserve(model: str, bodies: list[bytes], rounds: int, clients=(1, 4, 16)) -> dict:
+def process_tree(pid: int) -> list:
+    """psutil.Process objects of `pid` and all its descendants (LitServe's server has several processes)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by `pid`'s process tree."""
+    import psutil
+
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class Paused:
+    """`with Paused(pid):` the process tree is stopped (SIGSTOP) inside the block and continued after it: a
+    server that is not being measured takes no CPU from the one that is (an idle server can poll: LitServe's
+    inference worker waits on its queue with 1-ms timeouts)."""
+
+    def __init__(self, pid: int | None):
+        self.procs = process_tree(pid) if pid is not None else []
+
+    def __enter__(self):
+        for p in self.procs:
+            p.suspend()
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self.procs):
+            p.resume()
+
+
+def idle_cpu(pids: dict, seconds: float = 5.0) -> dict:
+    """Each process tree's CPU use while nobody sends it anything, as a fraction of one core."""
+    before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    time.sleep(seconds)
+    return {k: (cpu_seconds(pid) - before[k]) / seconds for k, pid in pids.items()}
+
+
+def peer_litserve(model: str, bodies: list[bytes], rounds: int, clients=(1, 4, 16), pause: bool = True) -> dict:
     """Both servers up, the same multipart uploads, interleaved: each round runs every client count against
     both servers, which goes first alternating round to round, so drift in the machine's load falls on both.
+    With `pause` the server not being measured is stopped (SIGSTOP, its whole process tree) for the other's
+    turn, so that neither's idle work lands on the other's figure; each server's idle CPU is printed first.
     Prints each round's rates and, per client count, the geometric mean of the per-round ratios with a 95%
     t-interval (paired by round); returns the rates."""
     import statistics
@@ -137,11 +186,18 @@ def peer_litserve(model: str, bodies: list[bytes], rounds: int, clients=(1, 4, 1
     try:
         for _, target, path in arms:  # warm-up
             asyncio.run(load(target.url, bodies[:8], 4, 16, path, multipart=True))
+        idle = idle_cpu({name: target.proc.pid for name, target, _ in arms})
+        print("idle CPU, both servers up and unloaded, 5 s: "
+              + ", ".join(f"{name} {100 * v:.1f}% of a core" for name, v in idle.items())
+              + ("; the server not being measured is paused (SIGSTOP) for the other's turn" if pause
+                 else "; both stay running throughout (--no-pause)"), flush=True)
         for r in range(rounds):
             for c in clients:
                 n = max(2 * len(bodies), 8 * c) if c > 1 else len(bodies)
                 for name, target, path in arms if r % 2 == 0 else arms[::-1]:
-                    rate, latencies, codes = asyncio.run(load(target.url, bodies, c, n, path, multipart=True))
+                    other = next(t for k, t, _ in arms if k != name)
+                    with Paused(other.proc.pid if pause else None):
+                        rate, latencies, codes = asyncio.run(load(target.url, bodies, c, n, path, multipart=True))
                     if set(codes) != {200}:
                         raise RuntimeError(f"{name} at {c} clients answered {codes}")
                     rates.setdefault((name, c), []).append(rate)
@@ -183,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer", choices=["litserve"], help="instead: the same model behind this peer, interleaved")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds against --peer")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="client counts against --peer")
+    p.add_argument("--no-pause", action="store_true",
+                   help="against --peer: keep the server not being measured running (not paused) during the "
+                        "other's turn")
     a = p.parse_args(argv)
     files = sorted((Path(a.data) / "validation").rglob("*.jpg"))[:: 1000 // a.images][: a.images]
     bodies = [f.read_bytes() for f in files]
@@ -190,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} cores")
     if a.peer == "litserve":
-        peer_litserve(a.model, bodies, a.rounds, tuple(a.clients))
+        peer_litserve(a.model, bodies, a.rounds, tuple(a.clients), pause=not a.no_pause)
         return
 
     predictor = Predictor(a.model, "cpu")
