@@ -83,15 +83,17 @@ def make_dataset(root: Path, classes=("cats", "dogs"), splits=None, seed=0) -> P
 
 
 # ---------------------------------------------------------------- exports
-# tf2onnx holds ~2.5 GB while it converts even this 32-px VGG16 (its graph optimizers copy the weights pass
-# after pass), and TensorFlow keeps much of it after: exports in the pytest process made it grow by GBs. They
-# run in one worker process instead (spawned, TensorFlow imported once, replaced after a few exports), so what
-# a conversion holds is given back. `export(...)` takes `export_extractor`'s arguments.
+# Exports write the graph directly (convcache.export.direct, under 1 GB); a few tests still convert with tf2onnx,
+# which holds ~3.8 GB converting the whole VGG16 (its graph optimisers copy the weights pass after pass; those
+# tests cut the base early), and TensorFlow keeps much of what a task allocated. Exports, conversions and
+# TensorFlow training run in one worker process instead of the pytest process (spawned, TensorFlow imported
+# once, replaced when its memory grows), so what a task holds is given back. `export(...)` takes
+# `export_extractor`'s arguments.
 _EXPORTER = None
 _WORKER_COUNTS = {"processes": 0, "tasks": 0}
 # The export worker is replaced once its resident memory passes this after a task (each task's keras state is
-# cleared and freed heap handed back to the system first): conversions peak at ~3.4 GB inside it and fall back,
-# so a worker serves several tasks, and the suite pays TensorFlow's start-up only when memory says so.
+# cleared and freed heap handed back to the system first), so a worker serves several tasks, and the suite
+# pays TensorFlow's start-up only when memory says so.
 WORKER_RSS_LIMIT = int(os.environ.get("CONVCACHE_TEST_WORKER_RSS_MB", "2048")) << 20
 
 

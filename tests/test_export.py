@@ -104,6 +104,77 @@ def _rgb_to_bgr_is_folded_into_the_first_conv():
     assert not onnxcompose.fold_channel_permutation(proto)
 
 
+def test_the_direct_writer_gives_tf2onnx_graph_identity_and_outputs():
+    in_worker(_the_direct_writer_gives_tf2onnx_graph_identity_and_outputs)  # converts: in the export worker
+
+
+def _the_direct_writer_gives_tf2onnx_graph_identity_and_outputs():
+    """`convcache.export.direct` writes the graph tf2onnx's conversion (with the fold) makes: the same graph
+    identity, so stores made with either extractor are the same store's, and the same outputs, for both
+    preprocessings, pooled or not, and a tapped model; the converter is in the producer name. Caffe left
+    unfolded (not what export writes) gives the same outputs from another graph: a Gather where tf2onnx
+    has its Tensordot.
+    Cut at block2 so that tf2onnx converts in seconds and little memory; real weights (non-zero biases)."""
+    from convcache import artifacts
+    from convcache.artifacts import convert as onnxtools
+    from convcache.artifacts.metadata import graph_sha256
+    from convcache.backbone import keras_model, weights
+    from convcache.export import onnx_target
+
+    base = weights.load_vgg16("hed", SIZE)
+    images = onnx_target.sample_images(3, SIZE, seed=2)
+    taps = tuple(artifacts.Tap.parse(t) for t in ("block1_pool:max", "block2_pool:avg", "block2_pool"))
+    cases = [(keras_model.build_extractor(base, "block2_pool", pooling, pre), pre == "caffe" and fold, None)
+             for pre in ("caffe", "rescale") for pooling in (None, "avg", "max") for fold in (True, False)
+             if fold or pre == "caffe"]
+    cases.append((keras_model.build_tapped_extractor(base, taps), True, [t.name for t in taps]))
+    for model, fold, names in cases:
+        direct = onnx_target.extractor_to_onnx(model, fold_bgr=fold, output_names=names, converter="direct")
+        converted = onnx_target.extractor_to_onnx(model, fold_bgr=fold, output_names=names, converter="tf2onnx")
+        onnx.checker.check_model(direct, full_check=True)
+        assert onnx_target.converter_of(direct) == "direct" and onnx_target.converter_of(converted) == "tf2onnx"
+        unfolded_caffe = not fold and type(model.layers[1]).__name__ == "CaffePreprocess"
+        assert (graph_sha256(direct) == graph_sha256(converted)) != unfolded_caffe, (model.name, fold, names)
+        assert [o.name for o in direct.graph.output] == [o.name for o in converted.graph.output]
+        ours = onnxtools.session(direct).run(None, {"images": images})
+        theirs = onnxtools.session(converted).run(None, {"images": images})
+        for a, b in zip(ours, theirs):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
+        keras_out = model.predict(images, verbose=0)
+        for a, b in zip(ours, keras_out if names else [keras_out]):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    # a wrong channel order changes the identity (the check can fail): unfolded caffe is another graph
+    model = keras_model.build_extractor(base, "block1_pool", None, "caffe")
+    assert graph_sha256(onnx_target.extractor_to_onnx(model, converter="direct")) != graph_sha256(
+        onnx_target.extractor_to_onnx(model, fold_bgr=False, converter="direct"))
+
+
+def test_a_layer_the_direct_writer_does_not_cover_goes_to_tf2onnx():
+    in_worker(_a_layer_the_direct_writer_does_not_cover_goes_to_tf2onnx)
+
+
+def _a_layer_the_direct_writer_does_not_cover_goes_to_tf2onnx():
+    """`auto` converts a model with another kind of layer with tf2onnx (and it is right); `direct` refuses it
+    in one line."""
+    from convcache.artifacts import convert as onnxtools
+    from convcache.export import onnx_target
+    from convcache.tfquiet import import_keras
+
+    _, keras = import_keras()
+    inputs = keras.Input((SIZE, SIZE, 3), name="images")
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    proto = onnx_target.extractor_to_onnx(model, fold_bgr=False)
+    assert onnx_target.converter_of(proto) == "tf2onnx"
+    images = onnx_target.sample_images(2, SIZE, seed=1)
+    np.testing.assert_allclose(onnxtools.session(proto).run(None, {"images": images})[0],
+                               model.predict(images, verbose=0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConvcacheError, match="--converter direct: layer 'bn' of type BatchNormalization"):
+        onnx_target.extractor_to_onnx(model, fold_bgr=False, converter="direct")
+
+
 def test_parity_failure_is_detected():
     in_worker(_parity_failure_is_detected)  # converts: in the export worker
 
@@ -170,9 +241,19 @@ def test_cli_export_and_info(tmp_path):
     out = tmp_path / "m.onnx"
     r = run_cli("export", "--weights", "random", "--input-size", 32, "--pooling", "max", "-o", out)
     assert r.returncode == 0, r.stderr
-    assert "parity max abs diff" in r.stdout and "Traceback" not in r.stderr
+    assert "parity max abs diff" in r.stdout and "direct graph" in r.stdout and "Traceback" not in r.stderr
+    assert read(out).metadata["converter"] == "direct"
     info = run_cli("info", out)
     assert info.returncode == 0 and "block5_pool" in info.stdout
+    # tf2onnx on request (cut early: its conversion of the whole base holds ~3.8 GB): the same identity
+    small = [tmp_path / f"{c}.onnx" for c in ("direct", "tf2onnx")]
+    for path in small:
+        r = run_cli("export", "--weights", "random", "--input-size", 32, "--layer", "block1_pool", "--converter",
+                    path.stem, "-q", "-o", path)
+        assert r.returncode == 0, r.stderr
+    a, b = (read(p) for p in small)
+    assert a.metadata["converter"] == "direct" and b.metadata["converter"] == "tf2onnx"
+    assert a.identity == b.identity
 
 
 @pytest.mark.parametrize("args, message", [
@@ -181,6 +262,7 @@ def test_cli_export_and_info(tmp_path):
     (["--weights", "random", "--input-size", "31"], "minimum of 32"),
     (["--weights", "random", "--input-size", "32", "--layer", "block9_pool"], "unknown layer"),
     (["--weights", "random", "--input-size", "32", "--precision", "int8"], "needs --calibration"),
+    (["--weights", "random", "--input-size", "32", "--converter", "onnx2tf"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2(tmp_path, args, message):
     r = run_cli("export", *args, "-o", tmp_path / "x.onnx")

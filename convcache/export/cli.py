@@ -42,6 +42,12 @@ def register(sub) -> None:
                    help="seed for --weights random and the parity inputs")
     p.add_argument("--opset", type=int, default=d["opset"].default,
                    help="ONNX opset of the extractor (heads follow it)")
+    p.add_argument("--converter", choices=("auto", "direct", "tf2onnx"), default=d["converter"].default,
+                   help="how the Keras model becomes ONNX: direct (the graph written from the layers' weights: "
+                        "seconds, under 1 GB), tf2onnx (converts any Keras model; ~3.8 GB for VGG16, and the "
+                        "graph, so the identity, of exports before the direct writer), auto (direct, tf2onnx for "
+                        "any layer it does not cover). Either way the result is checked against Keras "
+                        "(default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="path of the .onnx file to write")
     p.set_defaults(func=run_export)
 
@@ -55,7 +61,7 @@ def run_export(args) -> int:
         t for t in args.taps.split(",") if t.strip())
     cfg = ExportConfig(args.weights, args.input_size, args.output, args.layer, args.pooling, args.precision,
                        args.calibration, args.seed, args.opset, args.keep_fp32, args.probe,
-                       args.probe_limit, preprocess=args.preprocess, taps=taps)  # validated before TensorFlow starts
+                       args.probe_limit, preprocess=args.preprocess, taps=taps, converter=args.converter)  # validated before TensorFlow starts
     meta = export(cfg)
     extra = ""
     if "quantization" in meta:
@@ -69,7 +75,7 @@ def run_export(args) -> int:
     outputs = ", ".join(f"{t['name']} {t['shape']}" for t in meta["taps"]) if meta.get("taps") else \
         f"output {meta['output']['shape']}"
     print(f"wrote {args.output}: {meta['weights']['source']} weights, {outputs}, "
-          f"{meta['precision']}, {meta['preprocess']} preprocessing, identity {meta['graph_sha256'][:12]}, "
+          f"{meta['precision']}, {meta['preprocess']} preprocessing, {meta.get('converter', '?')} graph, identity {meta['graph_sha256'][:12]}, "
           "parity max abs diff "
           f"{meta['parity_max_abs_diff']:.2g}{extra}")
     return 0

@@ -1,4 +1,5 @@
-"""Keras -> ONNX with tf2onnx, then verification: the full checker and parity with Keras."""
+"""Keras -> ONNX (written directly by `convcache.export.direct`, or converted by tf2onnx), then verification:
+the full checker and parity with Keras."""
 
 from __future__ import annotations
 
@@ -14,21 +15,48 @@ from convcache.artifacts import FEATURES as OUTPUT_NAME
 from convcache.artifacts import IMAGES as INPUT_NAME
 from convcache.artifacts import compose as onnxcompose
 from convcache.artifacts import convert as onnxtools
+from convcache.errors import ConvcacheError
 from convcache.tfquiet import import_keras
 
 log = logging.getLogger(__name__)
 
 PARITY_RTOL = 1e-4  # max abs diff allowed, relative to max |reference|
+CONVERTERS = ("auto", "direct", "tf2onnx")
 
 
-def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True, output_names=None) -> onnx.ModelProto:
-    """The extractor as ONNX; with caffe preprocessing (`fold_bgr`), the RGB->BGR permutation (a Tensordot
-    in the converted graph) folded into block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv."""
+def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True, output_names=None,
+                      converter: str = "auto") -> onnx.ModelProto:
+    """The extractor as ONNX; with caffe preprocessing (`fold_bgr`), the RGB->BGR permutation folded into
+    block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv.
+
+    `converter`: `direct` writes the graph from the Keras layers (`convcache.export.direct`: seconds, and
+    under 1 GB where tf2onnx holds ~3.8 GB); `tf2onnx` converts the TensorFlow graph (any Keras model);
+    `auto` writes directly and falls back to tf2onnx for a layer the direct writer does not cover. Which one
+    made the graph is in its producer name (`converter_of`)."""
+    from convcache.export import direct
+
+    if converter not in CONVERTERS:
+        raise ConvcacheError(f"unknown converter {converter!r}; choose one of {', '.join(CONVERTERS)}")
+    names = output_names or OUTPUT_NAME
+    if converter != "tf2onnx":
+        try:
+            return direct.extractor_to_onnx(model, INPUT_NAME, names, opset, fold_bgr)
+        except direct.Unsupported as exc:
+            if converter == "direct":
+                raise ConvcacheError(f"--converter direct: {exc}") from None
+            log.info("converting with tf2onnx: %s", exc)
     size = model.input_shape[1]
-    proto = onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), output_names or OUTPUT_NAME, opset)
+    proto = onnxtools.keras_to_onnx(model, INPUT_NAME, (size, size, 3), names, opset)
     if fold_bgr and not onnxcompose.fold_channel_permutation(proto):
         log.warning("the RGB->BGR permutation was not found in the converted graph; left unfolded")
     return proto
+
+
+def converter_of(proto: onnx.ModelProto) -> str:
+    """`direct` or `tf2onnx`: what made an extractor graph (its producer name)."""
+    from convcache.export import direct
+
+    return "direct" if proto.producer_name == direct.NAME else proto.producer_name or "unknown"
 
 
 def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -40,6 +40,7 @@ class ExportConfig:
     probe_limit: int = 1000
     preprocess: str = keras_model.DEFAULT_PREPROCESS  # caffe (Keras' preprocess_input) or rescale (the book's x/255)
     taps: tuple | None = None  # several outputs from one pass: "block4_pool:avg", "block5_pool", ... (artifacts.Tap)
+    converter: str = "auto"  # direct (the graph written from the layers), tf2onnx, or auto (direct, else tf2onnx)
 
     def __post_init__(self):
         if self.weights not in weights.NAMED_SOURCES and not Path(self.weights).is_file():
@@ -66,6 +67,9 @@ class ExportConfig:
         if self.probe_limit < 12:
             raise ConvcacheError("--probe-limit must be >= 12")
         keras_model.check_preprocess(self.preprocess)
+        if self.converter not in onnx_target.CONVERTERS:
+            raise ConvcacheError(f"unknown converter {self.converter!r}; choose one of "
+                                 f"{', '.join(onnx_target.CONVERTERS)}")
         if self.seed < 0 or not 13 <= self.opset <= 21:
             raise ConvcacheError("--seed must be >= 0 and --opset between 13 and 21")
         if self.taps is not None:
@@ -112,13 +116,14 @@ def run_export(cfg: ExportConfig) -> dict:
     if cfg.taps:
         return _export_taps(cfg, base)
     model = keras_model.build_extractor(base, layer, pooling, cfg.preprocess)
-    proto = onnx_target.extractor_to_onnx(model, opset, fold_bgr=cfg.preprocess == "caffe")
+    proto = onnx_target.extractor_to_onnx(model, opset, fold_bgr=cfg.preprocess == "caffe", converter=cfg.converter)
+    converter = onnx_target.converter_of(proto)
     onnx.checker.check_model(proto, full_check=True)
     # parity against Keras' own preprocessing (vgg16.preprocess_input, or x/255) and the cut base
     diff = onnx_target.check_extractor_parity(proto, keras_model.cut_base(base, layer, pooling),
                                     onnx_target.sample_images(4, input_size, seed), cfg.preprocess)
 
-    meta = {"precision": precision, "parity_max_abs_diff": diff, "opset": opset}
+    meta = {"precision": precision, "parity_max_abs_diff": diff, "opset": opset, "converter": converter}
     if precision == "fp16":
         proto = quantize.to_fp16(proto)
     elif precision == "int8":
@@ -154,7 +159,8 @@ def _export_taps(cfg: ExportConfig, base) -> dict:
     the base cut at that tap (as a one-output export is)."""
     model = keras_model.build_tapped_extractor(base, cfg.taps, cfg.preprocess)
     names = [t.name for t in cfg.taps]
-    proto = onnx_target.extractor_to_onnx(model, cfg.opset, fold_bgr=cfg.preprocess == "caffe", output_names=names)
+    proto = onnx_target.extractor_to_onnx(model, cfg.opset, fold_bgr=cfg.preprocess == "caffe", output_names=names,
+                                          converter=cfg.converter)
     onnx.checker.check_model(proto, full_check=True)
     images = onnx_target.sample_images(4, cfg.input_size, cfg.seed)
     diffs = {t.name: onnx_target.check_extractor_parity(proto, keras_model.cut_base(base, t.layer, t.pooling), images,
@@ -167,6 +173,7 @@ def _export_taps(cfg: ExportConfig, base) -> dict:
         preprocess=cfg.preprocess, weights_source=cfg.weights, weights_sha256=weights.weights_sha256(base),
         weights_seed=cfg.seed, opset=cfg.opset, input_name=artifacts.IMAGES, output_name=first.name, taps=taps,
         provenance={"parity_max_abs_diff": max(diffs.values()), "parity_per_tap": diffs,
+                    "converter": onnx_target.converter_of(proto),
                     "preprocessing": keras_model.PREPROCESSINGS[cfg.preprocess],
                     "versions": onnx_target.library_versions(), "created": onnx_target.now_iso()})
     meta = contract.write(proto).metadata
