@@ -61,7 +61,8 @@ def run_export(args) -> int:
         t for t in args.taps.split(",") if t.strip())
     cfg = ExportConfig(args.weights, args.input_size, args.output, args.layer, args.pooling, args.precision,
                        args.calibration, args.seed, args.opset, args.keep_fp32, args.probe,
-                       args.probe_limit, preprocess=args.preprocess, taps=taps, converter=args.converter)  # validated before TensorFlow starts
+                       args.probe_limit, preprocess=args.preprocess, taps=taps,
+                       converter=args.converter)  # validated before TensorFlow starts
     meta = export(cfg)
     extra = ""
     if "quantization" in meta:
@@ -75,7 +76,8 @@ def run_export(args) -> int:
     outputs = ", ".join(f"{t['name']} {t['shape']}" for t in meta["taps"]) if meta.get("taps") else \
         f"output {meta['output']['shape']}"
     print(f"wrote {args.output}: {meta['weights']['source']} weights, {outputs}, "
-          f"{meta['precision']}, {meta['preprocess']} preprocessing, {meta.get('converter', '?')} graph, identity {meta['graph_sha256'][:12]}, "
+          f"{meta['precision']}, {meta['preprocess']} preprocessing, {meta.get('converter', '?')} graph, "
+          f"identity {meta['graph_sha256'][:12]}, "
           "parity max abs diff "
           f"{meta['parity_max_abs_diff']:.2g}{extra}")
     return 0

@@ -5,19 +5,22 @@ tf2onnx freezes the whole model into a TensorFlow graph and runs optimiser passe
 weights pass after pass: converting VGG16's 58 MB conv base holds ~3.8 GB at its peak, for a graph of 30-odd
 nodes. The extractor is a chain of six kinds of layer, so it is written here directly:
 
-| Keras layer | ONNX |
-|---|---|
-| `CaffePreprocess` (RGB->BGR, minus the ImageNet mean) | `Sub(mean in RGB order)`, the channel swap folded into the first `Conv` |
-| `Rescaling` (scalar scale, offset) | `Mul`, `Add` |
-| `Conv2D` (channels_last, groups 1, relu or linear, valid or same) | `Conv` (NCHW, `auto_pad` SAME_UPPER as TensorFlow pads) (+ `Relu`) |
-| `MaxPooling2D` (valid or same) | `MaxPool` |
-| `GlobalAveragePooling2D` / `GlobalMaxPooling2D` | `GlobalAveragePool` / `GlobalMaxPool` + `Flatten` |
+- `CaffePreprocess` (RGB->BGR, minus the ImageNet mean): `Sub` of the mean in RGB order, the channel swap
+  folded into the first `Conv`'s weights;
+- `Rescaling` (scalar scale and offset): `Mul`, `Add`;
+- `Conv2D` (channels_last, groups 1, relu or linear, valid or same): `Conv` in NCHW (+ `Relu`), "same" padded
+  as TensorFlow pads (any odd pixel at the end);
+- `MaxPooling2D` (valid or same): `MaxPool`;
+- `GlobalAveragePooling2D` / `GlobalMaxPooling2D`: `GlobalAveragePool` / `GlobalMaxPool`, then `Squeeze`.
 
 Layout: the graph transposes the images to NCHW once, before the first `Conv`, and each unpooled output back
 to NHWC, so every output has Keras' shape and element order (what the store's rows and a head's features
 are). The graph is `images -> Sub -> Transpose -> Conv -> ...`, the form `artifacts.compose.
-fold_channel_permutation` makes of tf2onnx's. Any other layer raises `Unsupported`; the caller falls back
-to tf2onnx. Either way export checks the result against Keras itself (`onnx_target.check_extractor_parity`).
+fold_channel_permutation` makes of tf2onnx's: node for node the same operators, attributes and weights as
+tf2onnx's conversion (explicit pads where it knows the size, an all-zero bias left out, the ai.onnx.ml
+import it declares), so the graph identity is the same and stores keyed by it stay valid. Any other layer
+raises `Unsupported`; the caller falls back to tf2onnx. Either way export checks the result against Keras
+itself (`onnx_target.check_extractor_parity`).
 """
 
 from __future__ import annotations
