@@ -83,12 +83,12 @@ def make_dataset(root: Path, classes=("cats", "dogs"), splits=None, seed=0) -> P
 
 
 # ---------------------------------------------------------------- exports
-# Exports write the graph directly (convcache.export.direct, under 1 GB); a few tests still convert with tf2onnx,
-# which holds ~3.8 GB converting the whole VGG16 (its graph optimisers copy the weights pass after pass; those
-# tests cut the base early), and TensorFlow keeps much of what a task allocated. Exports, conversions and
-# TensorFlow training run in one worker process instead of the pytest process (spawned, TensorFlow imported
-# once, replaced when its memory grows), so what a task holds is given back. `export(...)` takes
-# `export_extractor`'s arguments.
+# Exports write the graph directly (convcache.artifacts.keras_onnx, under 1 GB), as `train --train-top` writes
+# its block5; a few tests still convert with tf2onnx, which holds ~3.8 GB converting the whole VGG16 (its
+# optimisers copy the weights pass after pass; those tests cut the base early), and TensorFlow keeps much of
+# what a task allocated. Exports, conversions and TensorFlow training run in one worker process instead of the
+# pytest process (spawned, TensorFlow imported once, replaced when its memory grows), so what a task holds is
+# given back. `export(...)` takes `export_extractor`'s arguments.
 _EXPORTER = None
 _WORKER_COUNTS = {"processes": 0, "tasks": 0}
 # The export worker is replaced once its resident memory passes this after a task (each task's keras state is
@@ -127,12 +127,28 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+# CONVCACHE_TEST_WORKER_LOG=FILE: each worker task's name and peak resident MiB (the kernel's high-water mark,
+# reset before the task through /proc/self/clear_refs) appended to FILE: which tasks make the worker's peak.
+_WORKER_LOG = os.environ.get("CONVCACHE_TEST_WORKER_LOG")
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def _task(fn, args: tuple, kwargs: dict):
     """In the worker: (ok, the result or the exception, resident bytes after freeing the task's state)."""
+    if _WORKER_LOG:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
     try:
         ok, value = True, fn(*args, **kwargs)
     except Exception as exc:  # handed back to the test and raised there
         ok, value = False, exc
+    if _WORKER_LOG:
+        with open(_WORKER_LOG, "a") as f:
+            f.write(f"{getattr(fn, '__qualname__', fn)} {args[:2]!r} {_peak_mib():.0f}\n")
     _release_keras()
     return ok, value, _rss()
 

@@ -109,7 +109,7 @@ def test_the_direct_writer_gives_tf2onnx_graph_identity_and_outputs():
 
 
 def _the_direct_writer_gives_tf2onnx_graph_identity_and_outputs():
-    """`convcache.export.direct` writes the graph tf2onnx's conversion (with the fold) makes: the same graph
+    """`convcache.artifacts.keras_onnx` writes the graph tf2onnx's conversion (with the fold) makes: the same graph
     identity, so stores made with either extractor are the same store's, and the same outputs, for both
     preprocessings, pooled or not, and a tapped model; the converter is in the producer name. Caffe left
     unfolded (not what export writes) gives the same outputs from another graph: a Gather where tf2onnx

@@ -1,4 +1,4 @@
-"""Keras -> ONNX (written directly by `convcache.export.direct`, or converted by tf2onnx), then verification:
+"""Keras -> ONNX (written directly by `convcache.artifacts.keras_onnx`, or converted by tf2onnx), then verification:
 the full checker and parity with Keras."""
 
 from __future__ import annotations
@@ -29,19 +29,19 @@ def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True, output_name
     """The extractor as ONNX; with caffe preprocessing (`fold_bgr`), the RGB->BGR permutation folded into
     block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv.
 
-    `converter`: `direct` writes the graph from the Keras layers (`convcache.export.direct`: seconds, and
+    `converter`: `direct` writes the graph from the Keras layers (`convcache.artifacts.keras_onnx`: seconds, and
     under 1 GB where tf2onnx holds ~3.8 GB); `tf2onnx` converts the TensorFlow graph (any Keras model);
     `auto` writes directly and falls back to tf2onnx for a layer the direct writer does not cover. Which one
     made the graph is in its producer name (`converter_of`)."""
-    from convcache.export import direct
+    from convcache.artifacts import keras_onnx
 
     if converter not in CONVERTERS:
         raise ConvcacheError(f"unknown converter {converter!r}; choose one of {', '.join(CONVERTERS)}")
     names = output_names or OUTPUT_NAME
     if converter != "tf2onnx":
         try:
-            return direct.extractor_to_onnx(model, INPUT_NAME, names, opset, fold_bgr)
-        except direct.Unsupported as exc:
+            return keras_onnx.to_onnx(model, INPUT_NAME, names, opset, fold_bgr)
+        except keras_onnx.Unsupported as exc:
             if converter == "direct":
                 raise ConvcacheError(f"--converter direct: {exc}") from None
             log.info("converting with tf2onnx: %s", exc)
@@ -54,9 +54,9 @@ def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True, output_name
 
 def converter_of(proto: onnx.ModelProto) -> str:
     """`direct` or `tf2onnx`: what made an extractor graph (its producer name)."""
-    from convcache.export import direct
+    from convcache.artifacts import keras_onnx
 
-    return "direct" if proto.producer_name == direct.NAME else proto.producer_name or "unknown"
+    return "direct" if proto.producer_name == keras_onnx.NAME else proto.producer_name or "unknown"
 
 
 def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:

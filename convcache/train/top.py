@@ -18,7 +18,7 @@ import onnx
 from sklearn.utils.validation import check_is_fitted
 
 from convcache.artifacts import FEATURES, PROBABILITIES
-from convcache.artifacts.convert import DEFAULT_OPSET, keras_to_onnx
+from convcache.artifacts.convert import DEFAULT_OPSET
 from convcache.errors import ConvcacheError
 from convcache.protocol import (
     BOOK_BATCH_SIZE,
@@ -172,13 +172,28 @@ class TopHead(DenseHead):
                 "history": self.history_}
 
     def to_onnx(self, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-        """The trained top + head: boundary maps `features` (n, h, w, c) -> `probabilities`."""
-        from convcache.tfquiet import import_keras
+        """The trained top + head: boundary maps `features` (n, h, w, c) -> `probabilities`. Written from the
+        weights, no converter: block5 by `artifacts.keras_onnx` (what export writes the extractor with), then
+        Flatten (Keras' NHWC order) and the dense head (`artifacts.convert.dense_to_onnx`, dropout the
+        identity at inference)."""
+        from onnx import helper
+
+        from convcache.artifacts import keras_onnx
+        from convcache.artifacts.convert import dense_to_onnx
 
         check_is_fitted(self, "model_")
-        _, keras = import_keras()
-        inputs = keras.Input(self.maps_shape_, name=FEATURES)
-        p = self.model_(inputs)
-        if p.shape[-1] == 1:
-            p = keras.layers.Concatenate()([keras.layers.Lambda(lambda t: 1.0 - t)(p), p])
-        return keras_to_onnx(keras.Model(inputs, p), FEATURES, self.maps_shape_, PROBABILITIES, opset)
+        top = keras_onnx.to_onnx(self.top_model_, FEATURES, "top_maps", opset, fold_bgr=False)
+        dense = [lay for lay in self.model_.get_layer("head").layers if lay.__class__.__name__ == "Dense"]
+        head = dense_to_onnx(tuple(dense[0].get_weights()), tuple(dense[1].get_weights()), "top_flat",
+                             PROBABILITIES, opset)
+        graph = top.graph
+        graph.node.append(helper.make_node("Flatten", ["top_maps"], ["top_flat"], axis=1, name="top_flatten"))
+        graph.node.extend(head.graph.node)
+        graph.initializer.extend(head.graph.initializer)
+        del graph.output[:]
+        graph.output.extend(head.graph.output)
+        del top.opset_import[:]
+        top.opset_import.extend(head.opset_import)  # the default domain only
+        top.producer_name = head.producer_name
+        onnx.checker.check_model(top, full_check=True)
+        return top

@@ -1,5 +1,5 @@
-"""Keras -> ONNX without a graph converter, for the layers a convcache extractor is made of: one ONNX node (or
-two) per Keras layer, the weights copied once.
+"""Keras -> ONNX without a graph converter, for the layers VGG16's conv base is made of (the extractor, and the
+block5 top `train --train-top` fine-tunes): one ONNX node (or two) per Keras layer, the weights copied once.
 
 tf2onnx freezes the whole model into a TensorFlow graph and runs optimiser passes over it that copy the
 weights pass after pass: converting VGG16's 58 MB conv base holds ~3.8 GB at its peak, for a graph of 30-odd
@@ -31,9 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convcache.backbone.keras_model import IMAGENET_BGR_MEAN
-
-NAME = "convcache.export.direct"  # what an extractor's provenance records as its converter
+NAME = "convcache.keras_onnx"  # the producer name of a graph written here (`converter_of` reads it)
 
 
 class Unsupported(Exception):
@@ -114,6 +112,8 @@ class _Writer:
         if cfg.get("data_format", "channels_last") != "channels_last":
             raise Unsupported(f"layer {op.name!r}: data_format {cfg['data_format']}")
         if kind == "CaffePreprocess":  # y = x[..., ::-1] - mean_bgr == (x - mean_rgb)[..., ::-1]
+            from convcache.backbone.keras_model import IMAGENET_BGR_MEAN
+
             if x.layout != "nhwc" or x.perm is not None:
                 raise Unsupported(f"layer {op.name!r} not on the images")
             mean_rgb = np.array(IMAGENET_BGR_MEAN[::-1], np.float32)
@@ -208,10 +208,11 @@ def _out_hw(padding: str, hw, kernel, strides, dilations):
     return tuple((n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(hw, kernel, strides, dilations))
 
 
-def extractor_to_onnx(model, input_name: str, output_names, opset: int, fold_bgr: bool = True) -> onnx.ModelProto:
-    """The Keras extractor `model` (single input, NHWC float32) as ONNX, outputs named `output_names` (one name or
-    one per output, in the model's order). `fold_bgr=False` keeps caffe's channel swap as a Gather instead of
-    folding it into the first Conv. Raises `Unsupported` for a model this writer does not cover."""
+def to_onnx(model, input_name: str, output_names, opset: int, fold_bgr: bool = True) -> onnx.ModelProto:
+    """The Keras model `model` (single input, NHWC float32: an extractor, or the block5 top on block4 maps) as
+    ONNX, outputs named `output_names` (one name or one per output, in the model's order). `fold_bgr=False`
+    keeps caffe's channel swap as a Gather instead of folding it into the first Conv. Raises `Unsupported`
+    for a model this writer does not cover."""
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         raise Unsupported("not a single 4-D image input")
     names = [output_names] if isinstance(output_names, str) else list(output_names)
@@ -226,11 +227,11 @@ def extractor_to_onnx(model, input_name: str, output_names, opset: int, fold_bgr
             w.nodes.append(helper.make_node("Identity", [v.name], [name], name=f"output/{name}"))
         else:  # made for this output alone (the last Transpose, or the pooling): it is the output
             producer.output[0] = producer.name = name
-        shape = ["batch", *(int(d) for d in tensor.shape[1:])]
+        shape = [None, *(int(d) for d in tensor.shape[1:])]  # the batch axis: unknown, unnamed
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
     size = [int(d) for d in model.inputs[0].shape[1:]]
     graph = helper.make_graph(w.nodes, model.name, [helper.make_tensor_value_info(
-        input_name, TensorProto.FLOAT, ["batch", *size])], outputs, w.inits)
+        input_name, TensorProto.FLOAT, [None, *size])], outputs, w.inits)
     # the opsets tf2onnx declares (it always adds ai.onnx.ml 2): an extractor's identity hashes the opset
     # imports with the graph, so a model written here has the identity tf2onnx's conversion of it has, and
     # stores made with either extractor are the same store's rows
