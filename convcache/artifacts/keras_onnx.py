@@ -72,26 +72,25 @@ class _Writer:
         return output
 
     # -- layout
+    _PERMS = {"nchw": [0, 3, 1, 2], "nhwc": [0, 2, 3, 1]}  # from the other layout to this one
+
     def nchw(self, v: _Value) -> _Value:
-        v = self.materialise(v)
-        if v.layout == "nchw":
-            return v
-        if v.layout != "nhwc":
+        if v.layout == "flat":
             raise Unsupported(f"a 4-D layer after a flattened tensor ({v.name})")
-        key = (v.name, "nchw")
-        if key not in self.transposed:
-            self.transposed[key] = _Value(self.node("Transpose", [v.name], f"{v.name}/nchw", perm=[0, 3, 1, 2]), "nchw",
-                                          hw=v.hw)
-        return self.transposed[key]
+        return self.layout(v, "nchw")
 
     def nhwc(self, v: _Value) -> _Value:
+        return self.layout(v, "nhwc") if v.layout != "flat" else self.materialise(v)
+
+    def layout(self, v: _Value, layout: str) -> _Value:
+        """`v` (its channel order applied) in `layout`: transposed once at most, whoever asks."""
         v = self.materialise(v)
-        if v.layout != "nchw":
+        if v.layout == layout:
             return v
-        key = (v.name, "nhwc")
+        key = (v.name, layout)
         if key not in self.transposed:
-            self.transposed[key] = _Value(self.node("Transpose", [v.name], f"{v.name}/nhwc", perm=[0, 2, 3, 1]), "nhwc",
-                                          hw=v.hw)
+            out = self.node("Transpose", [v.name], f"{v.name}/{layout}", perm=self._PERMS[layout])
+            self.transposed[key] = _Value(out, layout, hw=v.hw)
         return self.transposed[key]
 
     def materialise(self, v: _Value) -> _Value:
