@@ -48,7 +48,7 @@ class _Value:
     perm: tuple | None = None
     # the spatial size, where tf2onnx would know it statically: it pads a "same" Conv with explicit pads there
     # and with auto_pad SAME_UPPER where it does not (after caffe's matmul); both pad alike, and matching it
-    # keeps the identity (see extractor_to_onnx)
+    # keeps the identity (see `to_onnx`)
     hw: tuple | None = None
 
 
@@ -178,7 +178,8 @@ class _Writer:
         if key not in self.values:
             op, node_index, _ = tensor._keras_history
             if type(op).__name__ == "InputLayer":
-                self.values[key] = _Value(self.input_name, "nhwc", hw=tuple(int(d) for d in tensor.shape[1:3]))
+                hw = tuple(tensor.shape[1:3])
+                self.values[key] = _Value(self.input_name, "nhwc", hw=None if None in hw else tuple(map(int, hw)))
             else:
                 node = op._inbound_nodes[node_index]
                 self.values[key] = self.layer(op, [self.value(t) for t in node.input_tensors])
@@ -212,8 +213,8 @@ def to_onnx(model, input_name: str, output_names, opset: int, fold_bgr: bool = T
     ONNX, outputs named `output_names` (one name or one per output, in the model's order). `fold_bgr=False`
     keeps caffe's channel swap as a Gather instead of folding it into the first Conv. Raises `Unsupported`
     for a model this writer does not cover."""
-    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
-        raise Unsupported("not a single 4-D image input")
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4 or None in tuple(model.inputs[0].shape[1:]):
+        raise Unsupported("not a single 4-D input of a fixed size")
     names = [output_names] if isinstance(output_names, str) else list(output_names)
     if len(names) != len(model.outputs):
         raise Unsupported(f"{len(model.outputs)} outputs, {len(names)} names")
