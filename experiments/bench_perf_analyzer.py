@@ -140,6 +140,8 @@ def main() -> int:
     p.add_argument("--interval-ms", type=int, default=4000)
     p.add_argument("--photos", type=int, default=64)
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--idle-only", action="store_true",
+                   help="start the servers, print each one's CPU use while unloaded (5 s), and stop")
     a = p.parse_args()
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,14 @@ def main() -> int:
         for arm in a.arms:
             log = open(out / f"{arm}.log", "w")
             servers[arm] = start(arm, a.model, a.max_wait_ms, out / f"work-{arm}", log)
+        # an idle server that polls takes CPU from the one being measured (LitServe does: docs/benchmarks.md)
+        from convcache.benchmarks.serve import idle_cpu
+
+        results["idle_cpu_of_a_core"] = idle_cpu({arm: proc.pid for arm, (proc, _, _) in servers.items()})
+        print("idle CPU, all servers up and unloaded, 5 s: " + ", ".join(
+            f"{arm} {100 * v:.1f}% of a core" for arm, v in results["idle_cpu_of_a_core"].items()), flush=True)
+        if a.idle_only:
+            return 0
         for r in range(a.rounds):
             order = a.arms[r % len(a.arms):] + a.arms[:r % len(a.arms)]
             for c in a.concurrency:
