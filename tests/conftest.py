@@ -83,8 +83,8 @@ def make_dataset(root: Path, classes=("cats", "dogs"), splits=None, seed=0) -> P
 
 
 # ---------------------------------------------------------------- exports
-# Exports write the graph directly (convcache.artifacts.keras_onnx, under 1 GB), as `train --train-top` writes
-# its block5; a few tests still convert with tf2onnx, which holds ~3.8 GB converting the whole VGG16 (its
+# Exports write the graph directly (convcache.artifacts.keras_onnx), as `train --train-top` writes
+# its block5; a few tests still convert with tf2onnx, which holds ~3.4 GiB converting the whole VGG16 (its
 # optimisers copy the weights pass after pass; those tests cut the base early), and TensorFlow keeps much of
 # what a task allocated. Exports, conversions and TensorFlow training run in one worker process instead of the
 # pytest process (spawned, TensorFlow imported once, replaced when its memory grows), so what a task holds is

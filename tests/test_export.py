@@ -245,7 +245,7 @@ def test_cli_export_and_info(tmp_path):
     assert read(out).metadata["converter"] == "direct"
     info = run_cli("info", out)
     assert info.returncode == 0 and "block5_pool" in info.stdout
-    # tf2onnx on request (cut early: its conversion of the whole base holds ~3.8 GB): the same identity
+    # tf2onnx on request (cut early: its conversion of the whole base holds ~3.4 GiB): the same identity
     small = [tmp_path / f"{c}.onnx" for c in ("direct", "tf2onnx")]
     for path in small:
         r = run_cli("export", "--weights", "random", "--input-size", 32, "--layer", "block1_pool", "--converter",

@@ -2,8 +2,9 @@
 block5 top `train --train-top` fine-tunes): one ONNX node (or two) per Keras layer, the weights copied once.
 
 tf2onnx freezes the whole model into a TensorFlow graph and runs optimiser passes over it that copy the
-weights pass after pass: converting VGG16's 58 MB conv base holds ~3.8 GB at its peak, for a graph of 30-odd
-nodes. The extractor is a chain of six kinds of layer, so it is written here directly:
+weights pass after pass: an export of VGG16's 58 MB conv base peaks at ~3.4 GiB with it (1.3 GiB written
+here: experiments/bench_converter.py), for a graph of 30-odd nodes. The extractor is a chain of six kinds
+of layer, so it is written here directly:
 
 - `CaffePreprocess` (RGB->BGR, minus the ImageNet mean): `Sub` of the mean in RGB order, the channel swap
   folded into the first `Conv`'s weights;
@@ -178,8 +179,7 @@ class _Writer:
         if key not in self.values:
             op, node_index, _ = tensor._keras_history
             if type(op).__name__ == "InputLayer":
-                hw = tuple(tensor.shape[1:3])
-                self.values[key] = _Value(self.input_name, "nhwc", hw=None if None in hw else tuple(map(int, hw)))
+                self.values[key] = _Value(self.input_name, "nhwc", hw=tuple(int(d) for d in tensor.shape[1:3]))
             else:
                 node = op._inbound_nodes[node_index]
                 self.values[key] = self.layer(op, [self.value(t) for t in node.input_tensors])

@@ -44,7 +44,7 @@ def register(sub) -> None:
                    help="ONNX opset of the extractor (heads follow it)")
     p.add_argument("--converter", choices=("auto", "direct", "tf2onnx"), default=d["converter"].default,
                    help="how the Keras model becomes ONNX: direct (the graph written from the layers' weights: "
-                        "seconds, under 1 GB), tf2onnx (converts any Keras model; ~3.8 GB for VGG16, and the "
+                        "an export peaks ~1.3 GiB), tf2onnx (converts any Keras model; ~3.4 GiB for VGG16, and the "
                         "graph, so the identity, of exports before the direct writer), auto (direct, tf2onnx for "
                         "any layer it does not cover). Either way the result is checked against Keras "
                         "(default: %(default)s)")

@@ -29,10 +29,10 @@ def extractor_to_onnx(model, opset: int = 17, fold_bgr: bool = True, output_name
     """The extractor as ONNX; with caffe preprocessing (`fold_bgr`), the RGB->BGR permutation folded into
     block1_conv1's weights: images -> Sub(mean) -> Transpose -> Conv.
 
-    `converter`: `direct` writes the graph from the Keras layers (`convcache.artifacts.keras_onnx`: seconds, and
-    under 1 GB where tf2onnx holds ~3.8 GB); `tf2onnx` converts the TensorFlow graph (any Keras model);
-    `auto` writes directly and falls back to tf2onnx for a layer the direct writer does not cover. Which one
-    made the graph is in its producer name (`converter_of`)."""
+    `converter`: `direct` writes the graph from the Keras layers (`convcache.artifacts.keras_onnx`: a 150-px
+    VGG16 export peaks at 1.3 GiB against 3.4 GiB with tf2onnx, experiments/bench_converter.py); `tf2onnx`
+    converts the TensorFlow graph (any Keras model); `auto` writes directly and falls back to tf2onnx for a
+    layer the direct writer does not cover. Which one made the graph is in its producer name (`converter_of`)."""
     from convcache.artifacts import keras_onnx
 
     if converter not in CONVERTERS:
