@@ -325,6 +325,29 @@ def test_int8_probe_reports_the_task_effect(tmp_path):
     assert pr["accuracy_fp32"] > 0.8  # the fixture's classes differ in colour layout: a probe finds it
 
 
+def test_fp16_probe_reports_the_task_effect_and_where_it_ran(tmp_path):
+    """export --precision fp16 --probe DIR (issue 29): fp16 is a first-class precision, its cost to the task
+    measured by the same paired probe as int8's, on the device named in the report (CUDA where ONNX Runtime
+    has it, else the CPU); fp16's features stay within a cosine of 1 - 1e-4 of fp32's."""
+    from convcache.export.probe import probe_device
+
+    probe = make_dataset(tmp_path / "probe", splits={"validation": 9}, seed=3)
+    out = tmp_path / "fp16.onnx"
+    r = run_cli("export", "--weights", "random", "--input-size", SIZE, "--seed", 1, "--precision", "fp16",
+                "--probe", probe / "validation", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "fp16 cosine vs fp32" in r.stdout and "probe accuracy on 18 images" in r.stdout
+    meta = read(out).metadata
+    assert meta["precision"] == "fp16"
+    h = meta["fp16"]
+    assert h["sample_images"] == 4 and 1 - 1e-4 < h["cosine_min"] <= h["cosine_mean"] <= 1 + 1e-6
+    pr = h["probe"]
+    assert pr["precision"] == "fp16" and pr["device"] == probe_device("fp16") and pr["images"] == 18
+    assert pr["difference"] == pytest.approx(pr["accuracy_fp16"] - pr["accuracy_fp32"])
+    assert set(pr["discordant"]) == {"fp32_only", "fp16_only"} and pr["cosine_min"] > 1 - 1e-3
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(out)).graph.initializer)
+
+
 def test_probe_statistics_are_paired():
     from convcache.export.probe import probe_accuracy
 
@@ -340,7 +363,7 @@ def test_probe_statistics_are_paired():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--probe", "."], "needs --precision int8"),
+    (["--probe", "."], "needs --precision int8 or fp16"),
     (["--precision", "int8", "--calibration", ".", "--probe", "/nonexistent"], "not a directory"),
 ])
 def test_probe_arguments(tmp_path, args, message):

@@ -33,9 +33,9 @@ def register(sub) -> None:
                         "none: every conv int8, 3.0x, the same linear-probe accuracy but dense heads ~2 points lower "
                         "in one 3-seed study: check with --probe / compare)")
     p.add_argument("--probe", metavar="DIR",
-                   help="labelled images (class folders) on which --precision int8 reports a logistic-regression "
-                        "probe's accuracy on fp32 vs int8 features (default: --calibration, when it has class "
-                        "folders)")
+                   help="labelled images (class folders) on which --precision int8 or fp16 reports a "
+                        "logistic-regression probe's accuracy on fp32 vs int8 (fp16) features, paired (int8 default: "
+                        "--calibration, when it has class folders; fp16 runs on CUDA where there is one)")
     p.add_argument("--probe-limit", type=int, default=d["probe_limit"].default, metavar="N",
                    help="probe on at most N images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d["seed"].default,
@@ -73,6 +73,14 @@ def run_export(args) -> int:
             extra += (f"; probe accuracy on {pr['images']} images: fp32 {pr['accuracy_fp32']:.1%}, int8 "
                       f"{pr['accuracy_int8']:.1%}, difference {100 * pr['difference']:+.1f} "
                       f"± {100 * pr['difference_se']:.1f} points (SE)")
+    if "fp16" in meta:
+        h = meta["fp16"]
+        extra = f", fp16 cosine vs fp32 mean {h['cosine_mean']:.6f} (min {h['cosine_min']:.6f})"
+        pr = h.get("probe", {})
+        if "difference" in pr:
+            extra += (f"; probe accuracy on {pr['images']} images ({pr['device']}): fp32 {pr['accuracy_fp32']:.1%}, "
+                      f"fp16 {pr['accuracy_fp16']:.1%}, difference {100 * pr['difference']:+.1f} "
+                      f"± {100 * pr['difference_se']:.1f} points (SE), McNemar p {pr['mcnemar_p']:.2g}")
     outputs = ", ".join(f"{t['name']} {t['shape']}" for t in meta["taps"]) if meta.get("taps") else \
         f"output {meta['output']['shape']}"
     print(f"wrote {args.output}: {meta['weights']['source']} weights, {outputs}, "

@@ -83,6 +83,12 @@ def to_int8(proto: onnx.ModelProto, calibration: np.ndarray, per_channel: bool =
         return onnx.load(dst)
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Each row's cosine between two feature sets (rows flattened)."""
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
 def cosine_report(fp32: onnx.ModelProto, quantized: onnx.ModelProto, images: np.ndarray) -> dict:
     from convcache.artifacts.convert import session
 
@@ -90,6 +96,5 @@ def cosine_report(fp32: onnx.ModelProto, quantized: onnx.ModelProto, images: np.
         s = session(p)
         return s.run(None, {s.get_inputs()[0].name: images})[0].reshape(len(images), -1)
 
-    a, b = run(fp32), run(quantized)
-    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    cos = cosines(run(fp32), run(quantized))
     return {"held_out_images": int(len(images)), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}

@@ -36,7 +36,7 @@ class ExportConfig:
     seed: int = 0
     opset: int = 17
     keep_fp32: str = "first-last"  # int8: convs left in fp32 (first, last, first-last, none)
-    probe: str | None = None  # labelled images for the int8 probe report (default: --calibration, if labelled)
+    probe: str | None = None  # labelled images for the int8/fp16 probe (int8: default --calibration, if labelled)
     probe_limit: int = 1000
     preprocess: str = keras_model.DEFAULT_PREPROCESS  # caffe (Keras' preprocess_input) or rescale (the book's x/255)
     taps: tuple | None = None  # several outputs from one pass: "block4_pool:avg", "block5_pool", ... (artifacts.Tap)
@@ -60,8 +60,9 @@ class ExportConfig:
             raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
         if self.keep_fp32 not in KEEP_FP32:
             raise ConvcacheError(f"--keep-fp32 {self.keep_fp32!r}: choose one of {', '.join(KEEP_FP32)}")
-        if self.probe and self.precision != "int8":
-            raise ConvcacheError("--probe reports what int8 costs a linear probe: it needs --precision int8")
+        if self.probe and self.precision == "fp32":
+            raise ConvcacheError("--probe reports what int8 or fp16 costs a linear probe: it needs --precision "
+                                 "int8 or fp16")
         if self.probe and not Path(self.probe).is_dir():
             raise ConvcacheError(f"--probe {self.probe}: not a directory")
         if self.probe_limit < 12:
@@ -87,12 +88,12 @@ class ExportConfig:
 
 
 def _probe(cfg: ExportConfig, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> dict:
-    """The int8 task report: on --probe, else on the calibration images when they are labelled."""
+    """The int8 (fp16) task report: on --probe, else (int8) on the calibration images when they are labelled."""
     from convcache.export.probe import probe_report
 
     folder = cfg.probe or cfg.calibration
     try:
-        rep = probe_report(fp32, int8, folder, cfg.input_size, cfg.probe_limit, cfg.seed)
+        rep = probe_report(fp32, int8, folder, cfg.input_size, cfg.probe_limit, cfg.seed, cfg.precision)
     except ConvcacheError as exc:
         if cfg.probe:
             raise
@@ -125,7 +126,13 @@ def run_export(cfg: ExportConfig) -> dict:
 
     meta = {"precision": precision, "parity_max_abs_diff": diff, "opset": opset, "converter": converter}
     if precision == "fp16":
-        proto = quantize.to_fp16(proto)
+        fp32, proto = proto, quantize.to_fp16(proto)
+        sample = quantize.cosine_report(fp32, proto, onnx_target.sample_images(4, input_size, seed))
+        meta["fp16"] = {"format": "onnxconverter-common float16: fp16 weights and activations, float32 input and "
+                                  "output", "sample_images": sample["held_out_images"],
+                        "cosine_mean": sample["cosine_mean"], "cosine_min": sample["cosine_min"]}
+        if cfg.probe:
+            meta["fp16"]["probe"] = _probe(cfg, fp32, proto)
     elif precision == "int8":
         images = quantize.load_calibration(calibration, input_size)
         calib, held = quantize.split_held_out(images)
