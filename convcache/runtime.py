@@ -29,12 +29,132 @@ def cuda_options(exact: bool = False) -> dict:
     return {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1", "use_tf32": "0" if exact else "1"}
 
 
-def math_mode(provider: str, exact: bool = False, dtype: str = "float32") -> str:
+PRECISIONS = ("fp32", "fp16")  # what `extract --precision` runs an extractor in (int8 is an export of its own)
+DEVICE_BATCH = {"CUDAExecutionProvider": 256}  # `--batch-size auto`: images per call on each provider (else 32)
+CPU_BATCH = 32
+
+
+def math_mode(provider: str, exact: bool = False, precision: str = "fp32") -> str:
     """How a session's arithmetic is done, as the store's run log records it: rows made in different math modes
-    are not bitwise comparable."""
+    are not bitwise comparable. `precision`: the graph's (an fp16 or int8 export, or fp32 run as fp16)."""
+    if precision in ("fp16", "int8"):
+        return precision
     if provider == "CUDAExecutionProvider":
-        return "fp16" if dtype == "float16" else ("fp32" if exact else "tf32")
+        return "fp32" if exact else "tf32"
     return "fp32"
+
+
+def batch_size_for(provider: str) -> int:
+    """`--batch-size auto`: 256 on CUDA (an H200 ran fp32 at 7,413 / 7,472 images/s at batch 128 / 256 and
+    fp16 best at 128-256: a large GPU wants large batches), 32 on CPU runtimes (larger batches only cost memory
+    there: docs/benchmarks.md)."""
+    return DEVICE_BATCH.get(provider, CPU_BATCH)
+
+
+def to_fp16(proto):
+    """The graph in fp16 (weights and activations), float32 input and output: `export --precision fp16` stores
+    it; `extract --precision fp16` runs an fp32 extractor this way on CUDA (the store records the math mode)."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # a warning per weight below fp16's range, each rounded as fp16 must
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_float_to_float16(proto, keep_io_types=True)
+
+
+def uint8_input(proto):
+    """The graph fed uint8 pixels: a Cast to float32 in front of its float32 input (under the same name), put
+    there with `onnx.compose`. Pixels are whole numbers 0..255, so the features are the float graph's exactly;
+    what crosses to a GPU is a quarter of the bytes, and the host never builds the float batch."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    (inp,) = proto.graph.input
+    dims = [d.dim_param or d.dim_value or None for d in inp.type.tensor_type.shape.dim]
+    name = inp.name
+    cast = helper.make_graph([helper.make_node("Cast", [name + "_uint8"], [name + "_float"], to=TensorProto.FLOAT)],
+                             "uint8_input", [helper.make_tensor_value_info(name + "_uint8", TensorProto.UINT8, dims)],
+                             [helper.make_tensor_value_info(name + "_float", TensorProto.FLOAT, dims)])
+    default = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    front = helper.make_model(cast, opset_imports=[helper.make_opsetid("", default)], ir_version=proto.ir_version)
+    merged = compose.merge_models(front, proto, io_map=[(name + "_float", name)])
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def host_buffer(shape: tuple, dtype, pinned: bool = False) -> np.ndarray:
+    """An empty host array; page-locked (pinned) when asked and PyTorch with CUDA is importable (ONNX Runtime's
+    Python API allocates no pinned host memory): a copy to the GPU from pinned memory is one DMA, not staged
+    through a driver buffer. Without PyTorch it is ordinary memory (`pinned_host` says which)."""
+    if pinned:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                # the array's base is the tensor that owns the memory: it lives as long as the array does
+                return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), pin_memory=True).numpy()
+        except Exception as exc:  # no torch, a CPU-only torch, or no pinned memory: ordinary memory
+            log.debug("no pinned host memory (%s)", exc)
+    return np.empty(shape, dtype)
+
+
+def pinned_host(array: np.ndarray) -> bool:
+    """Whether `host_buffer` gave page-locked memory (a PyTorch tensor's)."""
+    return type(array.base).__module__.startswith("torch")
+
+
+class BoundRunner:
+    """Runs a session with IO binding: `stage(batch)` puts a host batch on the session's device (CUDA: a
+    copy into one of two device buffers, reused in turn; the CPU: no copy), `run(staged)` runs it with the
+    outputs bound to host memory. Staging on another thread than `run` overlaps the copy of batch n + 1 with
+    the inference of batch n. One `run` at a time; a buffer is reused two stages later, by which time the run
+    that read it has returned (the caller keeps at most one batch in flight besides the one staging)."""
+
+    def __init__(self, session, input_name: str, outputs: list[str], device: str = "cuda"):
+        self.session, self.input_name, self.outputs, self.device = session, input_name, list(outputs), device
+        self._buffers: dict = {}  # (shape, dtype) -> [two device OrtValues], for full batches
+        self._turn = 0
+
+    def stage(self, batch: np.ndarray):
+        if self.device == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cpu", 0)
+        key = (batch.shape, batch.dtype.str)
+        pair = self._buffers.get(key)
+        if pair is None and len(self._buffers) < 2:  # the full batch's shape (and at most one other)
+            pair = self._buffers[key] = [ort.OrtValue.ortvalue_from_shape_and_type(batch.shape, batch.dtype,
+                                                                                   self.device, 0) for _ in range(2)]
+        if pair is None:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), self.device, 0)
+        self._turn ^= 1
+        value = pair[self._turn]
+        value.update_inplace(np.ascontiguousarray(batch))
+        return value
+
+    def run(self, staged) -> list[np.ndarray]:
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, staged)
+        for name in self.outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return [v.numpy() for v in binding.get_outputs()]
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.run(self.stage(batch))
+
+
+def resolve_device(device: str) -> str:
+    """What `device` means here: cuda, openvino, cpu (or null), as `create_session` picks it."""
+    if device in (NULL_DEVICE, "cpu", "openvino"):
+        return device
+    if device not in DEVICES:
+        raise ConvcacheError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return "cuda"
+    if device == "cuda":
+        raise ConvcacheError("--device cuda: onnxruntime has no CUDA provider here "
+                             "(install the 'gpu' extra, onnxruntime-gpu, on a machine with a GPU)")
+    return "openvino" if openvino_version() else "cpu"
 
 
 class NullSession:

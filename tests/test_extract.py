@@ -117,21 +117,65 @@ def test_each_image_is_decoded_once_per_run_and_the_rows_are_the_same_bytes(extr
     assert runs[-1]["decode_in"] == "processes" and runs[-1]["math"] == "fp32"
 
 
-def test_a_resume_on_another_provider_or_math_mode_is_refused_without_allow_mixed(extractor, dataset, tmp_path,
-                                                                                    monkeypatch):
-    """Rows from two math modes are not bitwise comparable: a split made in fp32, extended by a run whose
-    session does TF32 (simulated: the math mode the runner reads), is refused with a one-line reason unless
-    --allow-mixed, and the refusal writes nothing; with it, the store records both."""
-    import convcache.extract.runner as runner
-
+def test_a_resume_on_another_provider_or_math_mode_is_refused_without_allow_mixed(extractor, dataset, tmp_path):
+    """Rows from two math modes are not bitwise comparable: a split made in fp32, extended by a run in fp16
+    (`--precision fp16`, run here on the CPU), is refused with a one-line reason unless --allow-mixed, and the
+    refusal writes nothing; with it, the store records both."""
     out = tmp_path / "m.zarr"
     extract(extractor, dataset, out, augment=0)
-    monkeypatch.setattr(runner, "math_mode", lambda provider, exact=False: "tf32")
     with pytest.raises(ConvcacheError, match="not be bitwise comparable.*--allow-mixed"):
-        extract(extractor, dataset, out, augment=1)
+        extract(extractor, dataset, out, augment=1, precision="fp16")
     assert FeatureStore(out).rows("train") == 12 and FeatureStore(out).load("train").copy.max() == 0
-    s = extract(extractor, dataset, out, augment=1, allow_mixed=True)
-    assert s.rows_written == 12 and FeatureStore(out).runs("train")[-1]["math"] == "tf32"
+    s = extract(extractor, dataset, out, augment=1, allow_mixed=True, precision="fp16")
+    assert s.rows_written == 12 and s.math == "fp16"
+    assert [r["math"] for r in FeatureStore(out).runs("train")] == ["fp32", "fp16"]
+
+
+def test_bound_io_feeds_uint8_and_gives_the_plain_runs_features_bitwise(extractor, dataset, tmp_path):
+    """The CUDA path's IO (issue 29), run on the CPU: uint8 pixels through a Cast in front of the graph and IO
+    binding (staged on one thread, run on another) write the same bytes as session.run on float32, and a
+    store started one way resumes the other way (same provider, same math)."""
+    from convcache.extract.engine import ExtractorSession
+
+    plain = ExtractorSession(str(extractor), "cpu", io="plain")
+    bound = ExtractorSession(str(extractor), "cpu", io="bound")
+    assert bound.input_dtype == np.uint8 and bound.session.get_inputs()[0].type == "tensor(uint8)"
+    x = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
+    a, b = plain(x), bound(x)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for way in ("plain", "bound"):
+        extract(extractor, dataset, tmp_path / f"{way}.zarr", augment=2, io=way, batch_size=5)
+    p, q = FeatureStore(tmp_path / "plain.zarr").load("train"), FeatureStore(tmp_path / "bound.zarr").load("train")
+    assert np.array_equal(p.features, q.features) and len(p.features) == 36
+    extract(extractor, dataset, tmp_path / "mixed.zarr", augment=1, io="bound", batch_size=5)
+    s = extract(extractor, dataset, tmp_path / "mixed.zarr", augment=2, io="plain")  # no refusal: same math
+    r = FeatureStore(tmp_path / "mixed.zarr").load("train")
+    assert s.rows_written == 12 and np.array_equal(r.features, p.features)
+
+
+def test_fp16_runs_the_fp32_extractor_in_fp16_close_to_fp32(extractor):
+    """--precision fp16 converts the fp32 graph in memory (the graph export --precision fp16 stores): its
+    features are within fp16's rounding of fp32's, recorded as math mode fp16; an extractor that is not
+    fp32 is refused, as is fp16 where ONNX Runtime does not run (OpenVINO, null)."""
+    from convcache.extract.engine import ExtractorSession
+
+    x = np.random.default_rng(1).integers(0, 256, (4, SIZE, SIZE, 3)).astype(np.float32)
+    f32 = ExtractorSession(str(extractor), "cpu")
+    f16 = ExtractorSession(str(extractor), "cpu", precision="fp16")
+    (a,), (b,) = f32(x).values(), f16(x).values()
+    assert f32.math == "fp32" and f16.math == "fp16" and not np.array_equal(a, b)
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
+    with pytest.raises(ConvcacheError, match="not --device null"):
+        ExtractorSession(str(extractor), "null", precision="fp16")
+
+
+def test_the_batch_size_follows_the_device_unless_given(extractor, dataset, tmp_path):
+    from convcache.runtime import batch_size_for
+
+    assert batch_size_for("CUDAExecutionProvider") == 256 and batch_size_for("CPUExecutionProvider") == 32
+    s = extract(extractor, dataset, tmp_path / "a.zarr", augment=0)
+    assert s.batch_size == 32 and FeatureStore(tmp_path / "a.zarr").runs("train")[-1]["batch_size"] == 32
+    assert extract(extractor, dataset, tmp_path / "b.zarr", augment=0, batch_size=7).batch_size == 7
 
 
 def test_the_null_device_returns_zeros_of_every_outputs_shape(extractor):

@@ -64,23 +64,8 @@ def run_export(args) -> int:
                        args.probe_limit, preprocess=args.preprocess, taps=taps,
                        converter=args.converter)  # validated before TensorFlow starts
     meta = export(cfg)
-    extra = ""
-    if "quantization" in meta:
-        q = meta["quantization"]
-        extra = f", int8 cosine vs fp32 mean {q['cosine_mean']:.5f} (min {q['cosine_min']:.5f})"
-        pr = q.get("probe", {})
-        if "difference" in pr:
-            extra += (f"; probe accuracy on {pr['images']} images: fp32 {pr['accuracy_fp32']:.1%}, int8 "
-                      f"{pr['accuracy_int8']:.1%}, difference {100 * pr['difference']:+.1f} "
-                      f"± {100 * pr['difference_se']:.1f} points (SE)")
-    if "fp16" in meta:
-        h = meta["fp16"]
-        extra = f", fp16 cosine vs fp32 mean {h['cosine_mean']:.6f} (min {h['cosine_min']:.6f})"
-        pr = h.get("probe", {})
-        if "difference" in pr:
-            extra += (f"; probe accuracy on {pr['images']} images ({pr['device']}): fp32 {pr['accuracy_fp32']:.1%}, "
-                      f"fp16 {pr['accuracy_fp16']:.1%}, difference {100 * pr['difference']:+.1f} "
-                      f"± {100 * pr['difference_se']:.1f} points (SE), McNemar p {pr['mcnemar_p']:.2g}")
+    name, section = ("int8", meta["quantization"]) if "quantization" in meta else ("fp16", meta.get("fp16"))
+    extra = _precision_report(name, section) if section else ""
     outputs = ", ".join(f"{t['name']} {t['shape']}" for t in meta["taps"]) if meta.get("taps") else \
         f"output {meta['output']['shape']}"
     print(f"wrote {args.output}: {meta['weights']['source']} weights, {outputs}, "
@@ -89,3 +74,15 @@ def run_export(args) -> int:
           "parity max abs diff "
           f"{meta['parity_max_abs_diff']:.2g}{extra}")
     return 0
+
+
+def _precision_report(name: str, section: dict) -> str:
+    """What int8 or fp16 costs, as printed: the features' cosine to fp32, and the probe's paired accuracies."""
+    extra = f", {name} cosine vs fp32 mean {section['cosine_mean']:.6f} (min {section['cosine_min']:.6f})"
+    pr = section.get("probe", {})
+    if "difference" in pr:
+        where = f" ({pr['device']})" if "device" in pr else ""
+        extra += (f"; probe accuracy on {pr['images']} images{where}: fp32 {pr['accuracy_fp32']:.1%}, {name} "
+                  f"{pr[f'accuracy_{name}']:.1%}, difference {100 * pr['difference']:+.1f} "
+                  f"± {100 * pr['difference_se']:.1f} points (SE), McNemar p {pr['mcnemar_p']:.2g}")
+    return extra

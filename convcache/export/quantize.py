@@ -18,10 +18,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxconverter_common import float16
+    """fp16 weights and activations; callers still feed float32 pixels and get float32 features (the graph
+    `extract --precision fp16` runs: one function, `runtime.to_fp16`)."""
+    from convcache.runtime import to_fp16 as half
 
-    # keep_io_types: callers still feed float32 pixels and get float32 features
-    return float16.convert_float_to_float16(proto, keep_io_types=True)
+    return half(proto)
 
 
 def load_calibration(folder: str, size: int, limit: int = 200) -> np.ndarray:

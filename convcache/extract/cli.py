@@ -36,7 +36,8 @@ def register(sub) -> None:
                         "ran it) or JSON overrides, a file or a string, e.g. '{\"preset\": \"book\", "
                         "\"rotation_range\": 20}' (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d["seed"], help="augmentation seed: copy c of an image depends on it")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per inference call")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="images per inference call (default: by device, 256 on CUDA, 32 on CPU runtimes)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode/augment workers (default: the cores this process may use)")
     p.add_argument("--decode-in", choices=["auto", "processes", "threads"], default=d["decode_in"],
@@ -47,6 +48,10 @@ def register(sub) -> None:
                         "(default: %(default)s MiB; 150 px images take 66 KiB each)")
     p.add_argument("--exact", action="store_true",
                    help="CUDA: TF32 off, for parity runs (the math mode is recorded in the store's run log)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default=d["precision"],
+                   help="fp16: run the fp32 extractor in fp16, for CUDA (its cost to the task: export --precision "
+                        "fp16 --probe DIR); recorded as the run's math mode, so a store is never silently mixed "
+                        "(default: %(default)s)")
     p.add_argument("--allow-mixed", action="store_true",
                    help="extend a split whose rows were made on another provider or math mode (refused by "
                         "default: rows would not be bitwise comparable)")
@@ -110,7 +115,7 @@ def run(args) -> int:
                         seed=args.seed, batch_size=args.batch_size, device=args.device,
                         **({"workers": args.workers} if args.workers is not None else {}),
                         decode_in=args.decode_in, decode_cache_mb=args.decode_cache_mb, exact=args.exact,
-                        allow_mixed=args.allow_mixed,
+                        allow_mixed=args.allow_mixed, precision=args.precision,
                         dtype=args.dtype, policy=_policy(args.policy),
                         max_pixels=args.max_pixels, chunk_rows=args.chunk_rows, max_bytes=args.max_bytes,
                         repair=args.repair, storage_options=options, scheduler=args.scheduler,
@@ -122,7 +127,8 @@ def run(args) -> int:
         print(f"\n{_committed(args.output, options)}; the same command resumes from there", file=sys.stderr)
         raise
     print(f"extracted {s.rows_written} rows ({s.rows_cached} cached, {s.inference_calls} inference calls) from "
-          f"{s.images} files in {s.seconds:.1f}s, {s.rows_per_second:.1f} rows/s on {s.provider}; "
+          f"{s.images} files in {s.seconds:.1f}s, {s.rows_per_second:.1f} rows/s on {s.provider} ({s.math}, "
+          f"batch {s.batch_size}); "
           f"{len(s.skipped)} skipped, {len(s.duplicates)} duplicates -> {args.output}")
     print(f"  files: {s.files_hashed} read and hashed, {s.files_from_stat_cache} unchanged (stat cache, not read)")
     changed = {split: c for split, c in s.changes.items() if c}

@@ -31,6 +31,7 @@ client can plan.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections import deque
@@ -45,12 +46,22 @@ from convcache import artifacts
 from convcache.datasets import Item
 from convcache.extract.mapper import DecodeSpec, Hashed, decode_base, decode_copies, hash_file, warp_copy
 from convcache.imaging import printable_path
-from convcache.runtime import create_session
+from convcache.runtime import (
+    NULL_DEVICE,
+    PRECISIONS,
+    BoundRunner,
+    create_session,
+    math_mode,
+    resolve_device,
+    to_fp16,
+    uint8_input,
+)
 from convcache.store import FeatureSink, statcache
 from convcache.store.integrity import block_digest
 from convcache.store.layout import COORDINATES
 from convcache.store.listing import Changes, changes, data_location, listing_of
 
+log = logging.getLogger(__name__)
 COMMIT_ROWS = 64  # the local executor's blocks (its pipeline's unit, and a block digest each)
 COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full or this long has passed
 DECODE_IN = ("auto", "threads", "processes")
@@ -142,21 +153,68 @@ def store_variables(contract) -> dict:
     return {"features": tuple(contract.feature_shape)}
 
 
-class ExtractorSession:
-    """An extractor's contract (`artifacts.Extractor`) and an inference session for it, on this process."""
+IO = ("auto", "plain", "bound")
 
-    def __init__(self, path: str, device: str, threads: int | None = None, exact: bool = False):
+
+class ExtractorSession:
+    """An extractor's contract (`artifacts.Extractor`) and an inference session for it, on this process.
+
+    `precision`: fp32 runs the graph as stored; fp16 runs an fp32 extractor converted to fp16 in memory
+    (`runtime.to_fp16`, the graph `export --precision fp16` stores: a GPU precision, recorded as the run's math
+    mode). `io`: plain is `session.run` on a float32 batch; bound feeds uint8 pixels (a Cast in front of the
+    graph: the same features, a quarter of the bytes to move) through IO binding (`runtime.BoundRunner`),
+    staged by `stage` apart from `run_staged`; auto is bound on CUDA, plain elsewhere."""
+
+    def __init__(self, path: str, device: str, threads: int | None = None, exact: bool = False,
+                 precision: str = "fp32", io: str = "auto"):
+        from convcache.errors import ConvcacheError
+
+        if precision not in PRECISIONS or io not in IO:
+            raise ConvcacheError(f"--precision: one of {', '.join(PRECISIONS)}; io: one of {', '.join(IO)}")
         self.contract = artifacts.read(path, artifacts.KIND_EXTRACTOR)
-        self.session = create_session(path, device, threads, exact=exact)
+        where = resolve_device(device)
+        if precision == "fp16" and self.contract.precision != "fp32":
+            raise ConvcacheError(f"--precision fp16 runs an fp32 extractor in fp16; {path} is "
+                                 f"{self.contract.precision} already")
+        if precision == "fp16" and where in ("openvino", NULL_DEVICE):
+            raise ConvcacheError(f"--precision fp16 runs on ONNX Runtime (CUDA, or the CPU), not --device {where}")
+        if precision == "fp16" and where != "cuda":
+            log.warning("--precision fp16 on the CPU: ONNX Runtime computes it in fp32 between fp16 roundings, "
+                        "slower than fp32; fp16 is for CUDA")
+        self.bound = io == "bound" or (io == "auto" and where == "cuda")
+        if self.bound and where in ("openvino", NULL_DEVICE):
+            raise ConvcacheError(f"io binding runs on ONNX Runtime (CUDA, or the CPU), not --device {where}")
+        source = path
+        if precision == "fp16" or self.bound:
+            proto = artifacts.load_model(path)
+            proto = to_fp16(proto) if precision == "fp16" else proto
+            source = (uint8_input(proto) if self.bound else proto).SerializeToString()
+        self.session = create_session(source, where, threads, exact=exact)
         self.provider = self.session.get_providers()[0]
         self.outputs, self.variables = self.contract.output_names, list(store_variables(self.contract))
+        self.input_dtype = np.uint8 if self.bound else np.float32
+        self.math = math_mode(self.provider, exact, precision if precision != "fp32" else self.contract.precision)
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self._runner = BoundRunner(self.session, self.session.get_inputs()[0].name, self.outputs, self.device) \
+            if self.bound else None
         self.calls = 0
+
+    def stage(self, images: np.ndarray):
+        """A batch made ready to run (bound: on the session's device; plain: float32)."""
+        if self._runner is not None:
+            return self._runner.stage(np.asarray(images, self.input_dtype))
+        return np.asarray(images, dtype=np.float32)
+
+    def run_staged(self, staged) -> dict:
+        """One pass over a staged batch: store variable -> its features."""
+        self.calls += 1
+        if self._runner is not None:
+            return dict(zip(self.variables, self._runner.run(staged)))
+        return dict(zip(self.variables, self.session.run(self.outputs, {self.contract.input_name: staged})))
 
     def __call__(self, images: np.ndarray) -> dict:
         """One pass: store variable -> its features."""
-        self.calls += 1
-        got = self.session.run(self.outputs, {self.contract.input_name: np.asarray(images, dtype=np.float32)})
-        return dict(zip(self.variables, got))
+        return self.run_staged(self.stage(images))
 
 
 # ---------------------------------------------------------------- plan
@@ -374,11 +432,13 @@ class LocalExecutor:
         self.decodes = 0  # images decoded (one file read + decode each) in this executor's life
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="convcache-decode")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-infer")
+        self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-stage")
         self._procs = None  # decoders in processes, started on the first plan that is worth them
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
         self._infer_pool.shutdown(cancel_futures=True)
+        self._stage_pool.shutdown(cancel_futures=True)
         if self._procs is not None:
             self._procs.shutdown(cancel_futures=True)
 
@@ -478,8 +538,13 @@ class LocalExecutor:
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
         # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
         # touched): a fresh 8 MiB array per batch costs more CPU in page faults than decoding does.
-        side = s.decode.size
-        buffers = itertools.cycle([np.empty((s.batch_size, side, side, 3), np.float32) for _ in range(2)])
+        from convcache.runtime import host_buffer
+
+        side, session = s.decode.size, self.session
+        pinned = getattr(session, "device", "cpu") == "cuda"  # page-locked where the batch goes to a GPU
+        buffers = itertools.cycle([host_buffer((s.batch_size, side, side, 3), getattr(session, "input_dtype",
+                                                                                     np.float32), pinned)
+                                   for _ in range(2)])
         shapes = store_variables(self.session.contract)
         open_blocks: deque[_Open] = deque()
         pending: list[tuple[_Open, int, np.ndarray]] = []
@@ -489,7 +554,8 @@ class LocalExecutor:
             batch = next(buffers)[: len(rows)]
             for i, (_, _, px) in enumerate(rows):
                 batch[i] = px
-            return rows, self._infer_pool.submit(self.session, batch)
+            staged = self._stage_pool.submit(self.session.stage, batch)  # batch n+1's copy beside n's run
+            return rows, self._infer_pool.submit(lambda: self.session.run_staged(staged.result()))
 
         def finish(job) -> list[_Open]:
             """Collect a batch's features into their blocks; the blocks that are now complete."""

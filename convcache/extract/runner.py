@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -25,7 +25,7 @@ from convcache.extract.engine import (
 )
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
-from convcache.runtime import math_mode
+from convcache.runtime import batch_size_for, math_mode
 from convcache.store import SplitSpec, SplitWriter, open_root, writer_lock
 from convcache.store.layout import zarr_version
 
@@ -41,7 +41,7 @@ class ExtractConfig:
     augment: int = 0
     augment_splits: tuple = ("train",)
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int | None = None  # images per inference call (None: by device, `runtime.batch_size_for`)
     workers: int = field(default_factory=lambda: available_cores())  # decode/augment workers: every core
     device: str = "auto"
     dtype: str = "float32"
@@ -61,13 +61,15 @@ class ExtractConfig:
     decode_cache_mb: int = 1024  # decoded images kept for their later copies (each image decoded once per run)
     exact: bool = False  # CUDA: TF32 off (parity runs); the math mode is recorded, a resume in another refused
     allow_mixed: bool = False  # extend a split whose rows were made on another provider or math mode
+    precision: str = "fp32"  # fp16: an fp32 extractor run in fp16 (CUDA), recorded as the run's math mode
+    io: str = "auto"  # bound: uint8 pixels through IO binding; plain: session.run on float32 (auto: bound on CUDA)
 
     def __post_init__(self):
         if isinstance(self.policy, (str, dict)):
             self.policy = AugmentPolicy.parse(self.policy)
         if self.augment < 0 or self.seed < 0:
             raise ConvcacheError("--augment and --seed must be >= 0")
-        if self.batch_size < 1 or self.workers < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.workers < 1:
             raise ConvcacheError("--batch-size and --workers must be >= 1")
         if self.decode_in not in DECODE_IN or self.decode_cache_mb < 0:
             raise ConvcacheError(f"--decode-in: one of {', '.join(DECODE_IN)}; --decode-cache-mb >= 0")
@@ -106,6 +108,7 @@ class ExtractSummary:
     decodes: int = 0  # images decoded (each once per run while the decode cache holds them)
     changes: dict = field(default_factory=dict)  # split -> listing changes since the last run (store.listing)
     math: str = ""  # the session's math mode (fp32, tf32, fp16): recorded in the run log
+    batch_size: int = 0  # images per inference call (chosen by device unless given)
 
     @property
     def rows_per_second(self) -> float:
@@ -116,11 +119,18 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     start = time.perf_counter()
     distributed = bool(cfg.scheduler or cfg.cluster)
     if distributed:  # the client needs the model's contract and bytes, not a session
+        if cfg.precision != "fp32":
+            raise ConvcacheError("--precision fp16 runs on this machine's GPU, not on a Dask cluster")
         proto = artifacts.load_model(cfg.model)
         contract = artifacts.Extractor.from_proto(proto, str(cfg.model))
+        if cfg.batch_size is None:
+            cfg = replace(cfg, batch_size=batch_size_for(""))
     else:
-        session = ExtractorSession(cfg.model, cfg.device, cfg.threads, exact=cfg.exact)
+        session = ExtractorSession(cfg.model, cfg.device, cfg.threads, exact=cfg.exact, precision=cfg.precision,
+                                   io=cfg.io)
         contract = session.contract
+        if cfg.batch_size is None:  # a copy: the caller's config is not changed
+            cfg = replace(cfg, batch_size=batch_size_for(session.provider))
     t_list = time.perf_counter()
     items, classes, ignored = discover_all(cfg.data, cfg.storage_options, progress=cfg.progress)
     listed = time.perf_counter() - t_list
@@ -136,7 +146,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         executor = LocalExecutor(session, cfg.workers, cfg.decode_in, cfg.decode_cache_mb << 20)
     t0 = time.perf_counter()
     with executor as ex:
-        summary = ExtractSummary(provider=ex.provider, images=len(items), math=math_mode(ex.provider, cfg.exact),
+        math = session.math if not distributed else math_mode(ex.provider, cfg.exact, contract.precision)
+        summary = ExtractSummary(provider=ex.provider, images=len(items), math=math, batch_size=cfg.batch_size,
                                  phases={"list": listed, "start": time.perf_counter() - t0})
         ex.preflight(items, cfg)  # before the lease and the store: a failure here creates nothing
         with writer_lock(cfg.output, cfg.storage_options) as guard:
