@@ -110,3 +110,24 @@ def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
     f = [x for x in lines if x["stage"] == "F"]
     assert len(f) == 2 and all(len(x["correct"]) == 20 and x["fit"]["steps"][0] == 0 for x in f)
     assert all(len(x["correct"]) == 20 and len(x["best_epochs"]) == 5 for x in c)
+
+
+def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
+    """experiments/gpu/measure.py is what a 15-minute GPU loan runs, with no time to debug it there: its dry run
+    on the CPU goes through every section that needs no GPU tool, records each section's result (a fp16 resume
+    refused, fp16 features beside fp32's), and fails no section."""
+    data = make_dataset(tmp_path / "data", splits={"train": 7})
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(EXPERIMENTS / "gpu" / "measure.py"), "--device", "cpu", "--quick",
+                        "--model", str(extractor), "--data", str(data), "--out", str(out), "--images", "14",
+                        "--size", "32", "--sections", "env", "bare", "null", "pipeline", "parity", "resume",
+                        "probe"], capture_output=True, text=True, timeout=600, cwd=EXPERIMENTS.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "gpu.json").read_text())
+    assert res["errors"] == {}, res["errors"]
+    assert {"fp32 batch 4 bound", "fp16 batch 4 prestaged"} <= set(res["bare"])
+    assert res["pipeline"]["fp16"]["math"] == "fp16" and res["pipeline"]["as it ships"]["math"] == "fp32"
+    assert res["resume"]["refused"] and "--allow-mixed" in res["resume"]["message"]
+    assert res["parity"]["fp16"]["relative_to_max"] > 0 and res["parity"]["tf32"]["max_abs_diff"] == 0
+    assert res["probe"]["images"] == 14 and "fp32" in dict(__import__("numpy").load(out / "features.npz"))
+    assert "| pipeline on cpu, as it ships" in (out / "gpu.md").read_text()

@@ -238,12 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--peer", choices=["litserve"], help="instead: the same model behind this peer, interleaved")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds against --peer")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="client counts against --peer")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="client counts")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "openvino", "auto"],
+                   help="where the bare Predictor and the server run (default: %(default)s)")
     p.add_argument("--no-pause", action="store_true",
                    help="against --peer: keep the server not being measured running (not paused) during the "
                         "other's turn")
     a = p.parse_args(argv)
-    files = sorted((Path(a.data) / "validation").rglob("*.jpg"))[:: 1000 // a.images][: a.images]
+    folder = Path(a.data) / "validation" if (Path(a.data) / "validation").is_dir() else Path(a.data)
+    files = sorted(folder.rglob("*.jpg"))
+    files = files[:: max(1, len(files) // a.images)][: a.images]
     bodies = [f.read_bytes() for f in files]
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
@@ -252,20 +256,20 @@ def main(argv: list[str] | None = None) -> None:
         peer_litserve(a.model, bodies, a.rounds, tuple(a.clients), pause=not a.no_pause)
         return
 
-    predictor = Predictor(a.model, "cpu")
+    predictor = Predictor(a.model, a.device)
     predictor.predict(bodies[:8])
     t = time.perf_counter()
     predictor.predict(bodies)
     bare = len(bodies) / (time.perf_counter() - t)
     del predictor
 
-    print(f"bare Predictor (decode + batch-32 inference), {len(bodies)} images: {bare:.1f} img/s\n")
+    print(f"bare Predictor (decode + batch-32 inference) on {a.device}, {len(bodies)} images: {bare:.1f} img/s\n")
     print("| clients | requests | img/s | vs bare Predictor | p50 ms | p99 ms | statuses |")
     print("|---|---|---|---|---|---|---|")
-    server = Server(a.model, "--cache-mb", "0", "--max-batch", "32", "--max-wait-ms", "5")
+    server = Server(a.model, "--cache-mb", "0", "--max-batch", "32", "--max-wait-ms", "5", "--device", a.device)
     try:
         asyncio.run(load(server.url, bodies[:4], 1, 4))  # warm-up
-        for c in (1, 4, 16):
+        for c in a.clients:
             n = max(2 * len(bodies), 8 * c) if c > 1 else len(bodies)
             rate, lat, codes = asyncio.run(load(server.url, bodies, c, n))
             print(f"| {c} | {n} | {rate:.1f} | {rate / bare:.2f}x | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} "
@@ -273,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.stop()
 
-    server = Server(a.model, "--cache-mb", "256")
+    if not a.soak:  # --soak 0: the load table only
+        return
+    server = Server(a.model, "--cache-mb", "256", "--device", a.device)
     try:
         asyncio.run(load(server.url, bodies[:1], 1, 1))
         _, lat, _ = asyncio.run(load(server.url, bodies[:1], 1, 1000))

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Here, before a GPU loan: fills .gpu/ (git-ignored) for experiments/gpu/measure.py, through the shared recipe
+# (../shared/gpu/prepare.sh: onnxruntime-gpu in 60 MiB parts, zarr's wheels, this project's wheel, setup.sh), plus
+#   .gpu/m    the fp32 extractor (EXTRACTOR, default runs/ext.onnx)       - its own call: cp .gpu/m/* /tmp/parts/
+#   .gpu/m2   the fused model for the serve section (FUSED, runs/model.onnx) - its own call: cp .gpu/m2/* /tmp/parts/
+#   .gpu/data PHOTOS photos per class from DATA/train (default 160: 320 photos, ~14 MB; travels with .gpu/w)
+#   .gpu/w    + onnxconverter-common (fp16), pure Python
+# Then, one `run` per part (carry [".gpu/pK"]: mkdir -p /tmp/parts && cp .gpu/pK/* /tmp/parts/), the same for m
+# and m2, and the measuring call (carry [".gpu/w", ".gpu/data"], timeout_s 540):
+#   . .gpu/w/setup.sh && python3 experiments/gpu/measure.py --model /tmp/parts/ext.onnx \
+#       --fused /tmp/parts/model.onnx --data .gpu/data --out $OUT
+set -euo pipefail
+top=$(git rev-parse --show-toplevel); cd "$top"
+EXTRACTOR=${EXTRACTOR:-runs/ext.onnx}; FUSED=${FUSED:-runs/model.onnx}
+DATA=${DATA:-../shared/data/cats_and_dogs_small}; PHOTOS=${PHOTOS:-160}
+pick=$(mktemp -d)
+for cls in "$DATA"/train/*/; do
+  name=$(basename "$cls"); mkdir -p "$pick/train/$name"
+  find "$cls" -maxdepth 1 -name '*.jpg' | sort | head -n "$PHOTOS" | xargs -r cp -t "$pick/train/$name"
+done
+MODEL="$EXTRACTOR" DATA="$pick" bash ../shared/gpu/prepare.sh
+mkdir -p .gpu/m2 && cp "$FUSED" .gpu/m2/
+plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --platform any)
+python3 -m pip download -q --no-deps "${plat[@]}" -d .gpu/w onnxconverter-common
+rm -rf "$pick"
+du -sh .gpu/* | sed 's/^/  /'
