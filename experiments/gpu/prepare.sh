@@ -16,7 +16,8 @@ DATA=${DATA:-../shared/data/cats_and_dogs_small}; PHOTOS=${PHOTOS:-160}
 pick=$(mktemp -d)
 for cls in "$DATA"/train/*/; do
   name=$(basename "$cls"); mkdir -p "$pick/train/$name"
-  find "$cls" -maxdepth 1 -name '*.jpg' | sort | head -n "$PHOTOS" | xargs -r cp -t "$pick/train/$name"
+  mapfile -t files < <(find "$cls" -maxdepth 1 -name '*.jpg' | sort)
+  cp -t "$pick/train/$name" "${files[@]:0:$PHOTOS}"
 done
 MODEL="$EXTRACTOR" DATA="$pick" bash ../shared/gpu/prepare.sh
 mkdir -p .gpu/m2 && cp "$FUSED" .gpu/m2/
