@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,27 @@ def test_same_seed_same_features_across_workers_and_batches(extractor, dataset, 
     extract(extractor, dataset, tmp_path / "d.zarr", augment=2, seed=9)
     d = FeatureStore(tmp_path / "d.zarr").load("train")
     assert not np.allclose(a.features[a.copy == 1], d.features[d.copy == 1])
+
+
+def test_warp_maps_made_where_the_image_decodes_give_the_dask_paths_bytes(dataset):
+    """decode_base computes the copies' warp maps beside the decode (in a worker process, off the extracting
+    process's GIL); the warps made from them equal decode_copies' (the Dask path: decode and augment in one
+    call) byte for byte, for the copies asked for and for one that was not."""
+    import hashlib
+
+    from convcache.augment import AugmentPolicy
+    from convcache.datasets import discover
+    from convcache.extract.mapper import DecodeSpec, decode_base, decode_copies, warp_copy
+
+    item = sorted(discover(str(dataset))[0], key=lambda i: i.path)[0]
+    sha = hashlib.sha256(Path(item.path).read_bytes()).hexdigest()
+    spec = DecodeSpec(SIZE, AugmentPolicy(), seed=3)
+    base = decode_base(item, sha, spec, (0, 1, 2, 5))
+    assert base.error is None and set(base.matrices) == {0, 1, 2, 5} and base.matrices[0] is None
+    want = decode_copies(item, sha, [0, 1, 2, 5, 7], spec).images
+    got = [warp_copy(base, sha, c, spec) for c in (0, 1, 2, 5, 7)]
+    assert all(np.array_equal(a, b) for a, b in zip(want, got)) and not np.array_equal(got[1], got[2])
+    assert decode_base(item, "0" * 64, spec).error == "changed while reading"
 
 
 def test_each_image_is_decoded_once_per_run_and_the_rows_are_the_same_bytes(extractor, dataset, tmp_path):

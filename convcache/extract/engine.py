@@ -43,6 +43,7 @@ from typing import Protocol
 import numpy as np
 
 from convcache import artifacts
+from convcache.augment import warp_threads
 from convcache.datasets import Item
 from convcache.extract.mapper import DecodeSpec, Hashed, decode_base, decode_copies, hash_file, warp_copy
 from convcache.imaging import printable_path
@@ -434,6 +435,7 @@ class LocalExecutor:
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-infer")
         self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-stage")
         self._procs = None  # decoders in processes, started on the first plan that is worth them
+        self._warp_threads = warp_threads(1)  # one warp per pool thread: OpenCV's own pool only costs CPU here
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -441,6 +443,8 @@ class LocalExecutor:
         self._stage_pool.shutdown(cancel_futures=True)
         if self._procs is not None:
             self._procs.shutdown(cancel_futures=True)
+        warp_threads(self._warp_threads)  # OpenCV's setting as it was
+        self._warp_threads = None
 
     def __enter__(self):
         return self
@@ -495,15 +499,17 @@ class LocalExecutor:
 
         def job(p: Planned, c: int):
             base = kept.get(p.sha256)
-            if base is None:
-                base, error = decode(p)
-                if error:
-                    return p, c, None, error
+            if base is None:  # the maps of every copy still to come when the image may be kept, else of this one
+                keep = remaining[p.sha256] > 1 and held[0] < self.cache_bytes
+                base = decode(p, tuple(x for x in p.copies if x >= c) if keep else (c,))
+                if base.error:
+                    return p, c, None, base.error
                 with lock:
                     self.decodes += 1
-                    if remaining[p.sha256] > 1 and p.sha256 not in kept and held[0] + base.nbytes <= self.cache_bytes:
+                    size = base.pixels.nbytes
+                    if remaining[p.sha256] > 1 and p.sha256 not in kept and held[0] + size <= self.cache_bytes:
                         kept[p.sha256] = base
-                        held[0] += base.nbytes
+                        held[0] += size
             return p, c, warp_copy(base, p.sha256, c, s.decode), None
 
         jobs = ((p, c) for p, c in copy_major(plan) if p.item.path not in failed)
@@ -511,7 +517,7 @@ class LocalExecutor:
             with lock:
                 remaining[p.sha256] -= 1
                 if not remaining[p.sha256] and p.sha256 in kept:
-                    held[0] -= kept.pop(p.sha256).nbytes
+                    held[0] -= kept.pop(p.sha256).pixels.nbytes
             if p.item.path in failed:
                 continue
             if error:
@@ -521,7 +527,8 @@ class LocalExecutor:
                 yield Planned(p.item, p.sha256, (c,), [pixels], p.image)
 
     def _decoder(self, plan: list[Planned], s: BlockSettings):
-        """decode(planned) -> (pixels, error): in this thread, or in a worker process."""
+        """decode(planned, copies) -> `Base` (pixels and the copies' warp maps, or an error): in this thread,
+        or in a worker process."""
         if self._procs is None and self.workers > 1 and (
                 self.decode_in == "processes" or (self.decode_in == "auto" and len(plan) >= PROCESS_MIN_IMAGES
                                                   and self.workers >= PROCESS_MIN_WORKERS)):
@@ -531,9 +538,9 @@ class LocalExecutor:
             # forkserver: never fork this process, whose runtime threads hold locks
             self._procs = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
         if self._procs is None:
-            return lambda p: decode_base(p.item, p.sha256, s.decode)
+            return lambda p, copies: decode_base(p.item, p.sha256, s.decode, copies)
         procs = self._procs
-        return lambda p: procs.submit(decode_base, p.item, p.sha256, s.decode).result()
+        return lambda p, copies: procs.submit(decode_base, p.item, p.sha256, s.decode, copies).result()
 
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
         # Batches are filled into two reused float32 buffers (alternating: the one in flight is never

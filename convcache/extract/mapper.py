@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convcache.augment import AugmentPolicy, augment
+from convcache.augment import AugmentPolicy, augment, copy_matrix, warp
 from convcache.datasets import Item
 from convcache.errors import ImageError
 from convcache.imaging import DEFAULT_MAX_BYTES, decode_image, read_bytes
@@ -65,22 +65,40 @@ def decode_copies(item: Item, sha256: str, copies: list[int], spec: DecodeSpec) 
         return Decoded(item, sha256, copies, None, f"failed ({exc.__class__.__name__}: {exc})")
 
 
-def decode_base(item: Item, sha256: str, spec: DecodeSpec) -> tuple[np.ndarray | None, str | None]:
-    """An image's model-size pixels (its copy 0), decoded once: every other copy is a warp of them
-    (`warp_copy`). Returns (pixels, None) or (None, why not). Runs in a worker thread or process."""
+@dataclass(slots=True)
+class Base:
+    """An image decoded once: its model-size pixels (copy 0), and the warp maps of the copies asked for (copy ->
+    2x3 matrix, `augment.copy_matrix`), or why it could not be decoded."""
+
+    pixels: np.ndarray | None
+    matrices: dict
+    error: str | None = None
+
+
+def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = ()) -> Base:
+    """An image's model-size pixels, decoded once, and the warp maps of `copies` (every other copy is a warp of
+    the pixels: `warp_copy`). Runs in a worker thread or process; the maps are computed there too (numpy
+    under the GIL: in a process it holds no thread of the extracting process)."""
     try:
         data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
         if hashlib.sha256(data).hexdigest() != sha256:
-            return None, "changed while reading"
-        return decode_image(data, spec.size, spec.max_pixels), None
+            return Base(None, {}, "changed while reading")
+        pixels = decode_image(data, spec.size, spec.max_pixels)
     except ImageError as exc:
-        return None, exc.reason
+        return Base(None, {}, exc.reason)
     except Exception as exc:  # one bad file never stops a run
-        return None, f"failed ({exc.__class__.__name__}: {exc})"
+        return Base(None, {}, f"failed ({exc.__class__.__name__}: {exc})")
+    h, w = pixels.shape[:2]
+    return Base(pixels, {c: copy_matrix(spec.policy, spec.seed, sha256, c, h, w) for c in copies})
 
 
-def warp_copy(base: np.ndarray, sha256: str, copy: int, spec: DecodeSpec) -> np.ndarray:
-    """Copy `copy` of an image from its decoded pixels (the same bytes `decode_copies` gives)."""
+def warp_copy(base: Base | np.ndarray, sha256: str, copy: int, spec: DecodeSpec) -> np.ndarray:
+    """Copy `copy` of an image from its decoded pixels (the same bytes `decode_copies` gives), with the map
+    `decode_base` computed for it when there is one."""
+    if isinstance(base, Base):
+        if copy in base.matrices:
+            return warp(base.pixels, base.matrices[copy], spec.policy)
+        base = base.pixels
     return augment(base, spec.policy, spec.seed, sha256, copy)
 
 
