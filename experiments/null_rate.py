@@ -1,0 +1,53 @@
+"""One null-device extract run (no inference: zeros of the extractor's output shape) with whichever convcache
+is importable first, printing rows, rows/s and the extracting process's CPU µs per row (its main thread and the
+whole process; decoder processes are not counted). Run from two checkouts in turn for an interleaved A/B of the
+input pipeline across commits, as docs/benchmarks.md does ("The CUDA path without a GPU"):
+
+    git worktree add /tmp/before <commit>
+    for r in 1 2 3 4 5; do for dir in /tmp/before .; do for way in processes threads; do
+      (cd $dir && /path/to/.venv/bin/python /path/to/experiments/null_rate.py --model runs/ext.onnx \\
+         --augment 15 --images 320 --decode-in $way --work /tmp/nab); done; done; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="an extractor (its output shape is all the null device uses)")
+    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
+    p.add_argument("--images", type=int, default=320)
+    p.add_argument("--augment", type=int, default=15)
+    p.add_argument("--decode-in", default="processes", choices=["processes", "threads", "auto"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
+    a = p.parse_args(argv)
+    from convcache.benchmarks.extract import subset
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    work = Path(a.work)
+    data = work / f"data-{a.images}"
+    if not data.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        subset(a.data, a.images, data)
+    out = Path(tempfile.mkdtemp(dir=work)) / "s.zarr"
+    cfg = ExtractConfig(model=str(Path(a.model).resolve()), data=str(data), output=str(out), augment=a.augment,
+                        batch_size=128, progress=False, device="null", workers=a.workers, decode_in=a.decode_in)
+    r0, t0, m0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.thread_time()
+    s = run_extract(cfg)
+    wall, main_cpu = time.perf_counter() - t0, time.thread_time() - m0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    own = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    n = s.rows_written
+    print(f"rows {n} rows/s {n / wall:.1f} main-thread-us/row {1e6 * main_cpu / n:.1f} "
+          f"process-us/row {1e6 * own / n:.1f} decodes {s.decodes} decode_in {a.decode_in}")
+
+
+if __name__ == "__main__":
+    main()
