@@ -105,8 +105,8 @@ def pinned_host(array: np.ndarray) -> bool:
 
 
 class BoundRunner:
-    """Runs a session with IO binding: `stage(batch)` puts a host batch on the session's device (CUDA: a
-    copy into one of two device buffers, reused in turn; the CPU: no copy), `run(staged)` runs it with the
+    """Runs a session with IO binding: `stage(batch)` puts a host batch on the session's device (a copy into
+    one of two device buffers of its shape, reused in turn), `run(staged)` runs it with the
     outputs bound to host memory. Staging on another thread than `run` overlaps the copy of batch n + 1 with
     the inference of batch n. One `run` at a time; a buffer is reused two stages later, by which time the run
     that read it has returned (the caller keeps at most one batch in flight besides the one staging)."""
@@ -117,13 +117,12 @@ class BoundRunner:
         self._turn = 0
 
     def stage(self, batch: np.ndarray):
-        if self.device == "cpu":
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cpu", 0)
+        """The batch in one of the two device buffers of its shape (the CPU: the same code, a host copy)."""
         key = (batch.shape, batch.dtype.str)
         pair = self._buffers.get(key)
         if pair is None and len(self._buffers) < 2:  # the full batch's shape (and at most one other)
-            pair = self._buffers[key] = [ort.OrtValue.ortvalue_from_shape_and_type(batch.shape, batch.dtype,
-                                                                                   self.device, 0) for _ in range(2)]
+            pair = self._buffers[key] = [ort.OrtValue.ortvalue_from_shape_and_type(
+                list(batch.shape), batch.dtype.type, self.device, 0) for _ in range(2)]
         if pair is None:
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), self.device, 0)
         self._turn ^= 1
