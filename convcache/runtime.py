@@ -111,13 +111,17 @@ class BoundRunner:
     the inference of batch n. One `run` at a time; a buffer is reused two stages later, by which time the run
     that read it has returned (the caller keeps at most one batch in flight besides the one staging)."""
 
-    def __init__(self, session, input_name: str, outputs: list[str], device: str = "cuda"):
+    def __init__(self, session, input_name: str, outputs: list[str], device: str = "cuda", reuse: bool = True):
         self.session, self.input_name, self.outputs, self.device = session, input_name, list(outputs), device
+        self.reuse = reuse  # False: a fresh device buffer per stage (callers on many threads: serving)
         self._buffers: dict = {}  # (shape, dtype) -> [two device OrtValues], for full batches
         self._turn = 0
 
     def stage(self, batch: np.ndarray):
-        """The batch in one of the two device buffers of its shape (the CPU: the same code, a host copy)."""
+        """The batch in one of the two device buffers of its shape (the CPU: the same code, a host copy), or
+        in a fresh one (`reuse` off, or a third shape)."""
+        if not self.reuse:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), self.device, 0)
         key = (batch.shape, batch.dtype.str)
         pair = self._buffers.get(key)
         if pair is None and len(self._buffers) < 2:  # the full batch's shape (and at most one other)

@@ -127,6 +127,21 @@ def test_predictor_inputs_agree(fused_model, tmp_path):
     assert r.returncode == 3 and len(lines) == 2 and '"class"' in lines[0] and '"error"' in lines[1]
 
 
+def test_bound_io_serves_the_same_answers_from_uint8_and_keeps_float_pixels_exact(fused_model):
+    """The CUDA serving path (issue 29) run on the CPU: decoded uint8 pixels go through IO binding to the graph
+    with a Cast in front, features and probabilities bitwise the plain session's; float pixels (the Open
+    Inference Protocol's FP32, not necessarily whole numbers) still go the plain way, so they are not
+    rounded."""
+    plain, bound = Predictor(fused_model, "cpu", io="plain"), Predictor(fused_model, "cpu", io="bound")
+    assert (plain.io, bound.io) == ("plain", "bound") and Predictor(fused_model, "cpu").io == "plain"
+    px = np.stack([plain.decode(jpeg(i)) for i in range(5)])
+    a, b = plain.infer(px), bound.infer(px)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    half = px.astype(np.float32) + 0.5
+    assert all(np.array_equal(x, y) for x, y in zip(plain.infer(half), bound.infer(half)))
+    assert not np.array_equal(bound.infer(half)[1], b[1])
+
+
 @pytest.mark.parametrize("body, status", [
     (b"hello, not an image", 415),
     (b"", 415),

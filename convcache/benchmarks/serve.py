@@ -261,9 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     predictor.predict(bodies)
     bare = len(bodies) / (time.perf_counter() - t)
+    where = f"{a.device} ({predictor.provider}, {predictor.io} io)"
     del predictor
 
-    print(f"bare Predictor (decode + batch-32 inference) on {a.device}, {len(bodies)} images: {bare:.1f} img/s\n")
+    print(f"bare Predictor (decode + batch-32 inference) on {where}, {len(bodies)} images: {bare:.1f} img/s\n")
     print("| clients | requests | img/s | vs bare Predictor | p50 ms | p99 ms | statuses |")
     print("|---|---|---|---|---|---|---|")
     server = Server(a.model, "--cache-mb", "0", "--max-batch", "32", "--max-wait-ms", "5", "--device", a.device)
