@@ -215,7 +215,8 @@ def test_cli_conventions(pooled_extractor, tmp_path):
     r = run_cli("info", str(pooled_extractor), "-v")
     assert r.returncode == 0
     h = " ".join(run_cli("extract", "--help").stdout.split())
-    assert "(default: 32)" in h and "(default: keras3)" in h
+    assert "(default: by device, 256 on CUDA, 32 on CPU runtimes)" in h and "(default: keras3)" in h
+    assert "(default: 0)" in h  # --augment
     top = run_cli("--help").stdout
     assert "serve one fused ONNX model." in " ".join(top.split())
     # validated before TensorFlow starts: an unknown weights name fails fast and names the choices
