@@ -24,9 +24,10 @@ mkdir -p .gpu/m2 && cp "$FUSED" .gpu/m2/
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform any)
 python3 -m pip download -q --no-deps "${plat[@]}" -d .gpu/w onnxconverter-common
-# the serve section's stack (fastapi, uvicorn, httpx, ...), at this checkout's versions; not typing_extensions,
-# which the device's PyTorch brings
-serve='^(fastapi|starlette|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|uvicorn|h11|anyio|'
+# the serve section's stack (fastapi, uvicorn, httpx, ...), at this checkout's versions (typing_extensions too:
+# pydantic needs a recent one, and a newer one serves the device's PyTorch as well)
+serve='^(fastapi|starlette|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions|'
+serve+='uvicorn|h11|anyio|'
 serve+='sniffio|httpx|httpcore|idna|certifi|python[-_]multipart|prometheus[-_]client)=='
 mapfile -t pins < <(.venv/bin/python -m pip freeze 2>/dev/null | grep -i -E "$serve" || true)
 [ ${#pins[@]} -gt 0 ] && python3 -m pip download -q --no-deps "${plat[@]}" -d .gpu/w "${pins[@]}"
