@@ -81,6 +81,9 @@ def _store_info(path: str, as_json: bool) -> int:
             print(f"{'':>16}  extractor {e['identity'][:12]} ({e['weights']}, {e['layer']}"
                   f"{', ' + e['pooling'] if e['pooling'] else ''}, {e['preprocess']}, {e['precision']}, "
                   f"{e['size']}px); augment seed {a.get('seed')}, policy {json.dumps(a.get('policy'))}")
+            if s["made_on"]:
+                print(f"{'':>16}  made on {', '.join(s['made_on'])}"
+                      f"{' (mixed: not bitwise comparable)' if len(s['made_on']) > 1 else ''}")
             for file, reason in sorted(s["skipped"].items()):
                 print(f"{'':>16}  skipped {file}: {reason}")
     damaged = [n for n, s in info["splits"].items() if s["integrity"] != "intact"]

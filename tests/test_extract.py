@@ -151,6 +151,10 @@ def test_a_resume_on_another_provider_or_math_mode_is_refused_without_allow_mixe
     s = extract(extractor, dataset, out, augment=1, allow_mixed=True, precision="fp16")
     assert s.rows_written == 12 and s.math == "fp16"
     assert [r["math"] for r in FeatureStore(out).runs("train")] == ["fp32", "fp16"]
+    from convcache.store.info import describe_store
+
+    made = describe_store(str(out))["splits"]["train"]["made_on"]
+    assert made == ["CPUExecutionProvider (fp16)", "CPUExecutionProvider (fp32)"]
 
 
 def test_bound_io_feeds_uint8_and_gives_the_plain_runs_features_bitwise(extractor, dataset, tmp_path):

@@ -37,7 +37,9 @@ def describe_store(path: str, storage_options: dict | None = None) -> dict:
             "augment": attrs.get("augment"), "skipped": fs.skipped(split),
             "integrity": "intact" if not damage and not note else (note or "; ".join(str(d) for d in damage)),
             "extract_runs": len(runs), "rows_per_second": [round(r["rows"] / r["seconds"], 1) for r in runs
-                                                            if r.get("seconds")]}
+                                                            if r.get("seconds")],
+            # where the rows were made: rows of two providers or math modes are not bitwise comparable
+            "made_on": sorted({f"{r.get('provider', '?')} ({r.get('math') or '?'})" for r in runs})}
     return {"store": str(fs.path), "format": fs.format, "classes": fs.classes, "splits": splits}
 
 
