@@ -125,8 +125,10 @@ def read_bytes(path, max_bytes: int = DEFAULT_MAX_BYTES, storage_options: dict |
             raise ImageError(f"not a regular file ({kind})")
         if st.st_size > max_bytes:
             raise ImageError(f"file too large: {st.st_size} bytes > {max_bytes}")
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        with open(path, "rb") as f:  # what stat said, and a byte more to see growth: a read of max_bytes + 1
+            data = f.read(st.st_size + 1)  # would allocate that much first (~45 µs a photo for 64 MiB)
+            if len(data) > st.st_size:  # it grew since stat: read on, still bounded
+                data += f.read(max_bytes + 1 - len(data))
     except OSError as exc:
         raise ImageError(f"unreadable: {exc.strerror or exc}") from None
     if len(data) > max_bytes:  # it grew while we read it

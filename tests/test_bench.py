@@ -48,7 +48,8 @@ def test_bench_extract_null_device_measures_the_input_pipeline_against_pillow(po
     r = run_cli("bench", "extract", "--device", "null", "--data", data, "--images", 8, "--augment", 2, "--model",
                 pooled_extractor, "--size", SIZE, "--rounds", 1, "--batch-size", 4, "--workers", 2)
     assert r.returncode == 0, r.stderr
-    assert "| pillow, 2 processes |" in r.stdout and "| as it ships (decode once, processes) |" in r.stdout
+    assert "| pillow, 2 processes |" in r.stdout and "| as it ships (decode_in auto: threads) |" in r.stdout
+    assert "| decode once, processes |" in r.stdout  # 8 images, 2 workers: auto decodes in threads
     shipped = next(x for x in r.stdout.splitlines() if x.startswith("| as it ships"))
     before = next(x for x in r.stdout.splitlines() if x.startswith("| every copy decoded, threads"))
     assert shipped.rstrip("| ").endswith("| 8") and before.rstrip("| ").endswith("| 24")  # decodes: 8 vs 8 x 3

@@ -131,6 +131,12 @@ def test_each_image_is_decoded_once_per_run_and_the_rows_are_the_same_bytes(extr
     assert again.decodes == 12 * 3 + 8
     procs = extract(extractor, dataset, tmp_path / "procs.zarr", augment=2, decode_in="processes", workers=2)
     assert procs.decodes == 20
+    # a cache for 5 images: the first 5 train images are kept for all their copies, the other 7 decoded for
+    # each of their 3 (the look-ahead is 4 x 2 workers, so the 12 copy-0 rows are consumed before copy 1 asks)
+    some = extract(extractor, dataset, tmp_path / "some.zarr", augment=2, decode_in="threads", workers=2,
+                   decode_cache_mb=5 * SIZE * SIZE * 3 / 2**20)
+    assert some.decodes == 5 + 7 * 3 + 8
+    assert_same_store(tmp_path / "once.zarr", tmp_path / "some.zarr")
     assert_same_store(tmp_path / "once.zarr", tmp_path / "every.zarr")
     assert_same_store(tmp_path / "once.zarr", tmp_path / "procs.zarr")
     train = FeatureStore(tmp_path / "procs.zarr").load("train")

@@ -119,6 +119,34 @@ def test_a_16_bit_decode_bomb_stays_bounded(tmp_path):
         decode_image(path.read_bytes(), 150, max_decode_bytes=32 << 20)
 
 
+
+def test_reading_a_file_allocates_its_size_and_still_sees_it_grow(tmp_path, monkeypatch):
+    """read_bytes asks for what stat said (plus a byte), not for its 64 MiB ceiling: an allocation of the
+    ceiling cost ~45 µs a photo (hashing and decoding each read every file). A file that grew after stat is
+    read on, and refused once past the ceiling."""
+    import tracemalloc
+
+    import convcache.imaging as imaging
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 1000)
+    tracemalloc.start()
+    assert imaging.read_bytes(str(path), 64 << 20) == b"x" * 1000
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, f"reading 1 KB allocated {peak} bytes"
+    real = os.stat
+
+    class Shrunk:  # what stat said before the file grew to its 1000 bytes
+        def __init__(self, p):
+            self._st = real(p)
+            self.st_mode, self.st_size = self._st.st_mode, 10
+
+    monkeypatch.setattr(imaging.os, "stat", Shrunk)
+    assert imaging.read_bytes(str(path), 64 << 20) == b"x" * 1000
+    with pytest.raises(ImageError, match="file too large: over 500 bytes"):
+        imaging.read_bytes(str(path), 500)
+
 @pytest.mark.parametrize("content, message", [
     (b"\xef\xbb\xbfpath,label\n{img},cats\n", None),  # a BOM is fine
     (b"path,label\n{img}\n", ":2: expected 2 fields"),

@@ -93,3 +93,18 @@ def test_info_shows_the_taps_and_their_sizes(tapped, tmp_path):
     assert "taps: block1_pool_avg [64]" in run_cli("info", tmp_path / "t.zarr").stdout
     r = run_cli("info", path)
     assert "output: block2_pool float32 [None, 8, 8, 128]" in r.stdout
+
+
+def test_the_null_device_gives_each_tap_the_shape_its_graph_infers(tapped):
+    """Extract's null device takes the outputs' shapes from the contract (no model loaded); they are the ones
+    shape inference gives the graph, for every tap, in the runtime's output order."""
+    from convcache.extract.engine import ExtractorSession
+    from convcache.runtime import NullSession
+
+    path, _, _ = tapped
+    s = ExtractorSession(str(path), "null")
+    x = np.zeros((2, SIZE, SIZE, 3), np.float32)
+    inferred = NullSession(str(path)).run(s.outputs, {"images": x})
+    got = s(x)
+    assert list(got) == [t.name for t in s.contract.taps]
+    assert [v.shape for v in got.values()] == [v.shape for v in inferred] == [v.shape for v in _run(path, x).values()]

@@ -123,8 +123,10 @@ def null(a) -> None:
     """The input pipeline's own ceiling (issue 29), on this machine's cores, in one run: the runtime replaced
     by the `null` device (zeros of the right shape; real reads, hashes, decodes, warps and store writes),
     against Pillow's decode + resize rate on the same files, in one process and in `--workers` processes.
-    The pipeline is run as it ships (each image decoded once, decoders in processes), and with each choice
-    undone: threads; no decode cache (every copy decoded, as before issue 29)."""
+    The pipeline is run as it ships (each image decoded once; `--decode-in auto`, which decodes in threads
+    below PROCESS_MIN_WORKERS workers, in processes from there on: the row names which it took), and with
+    each choice made both ways: threads or processes; the decode cache or none (every copy decoded, as
+    before issue 29)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -148,12 +150,13 @@ def null(a) -> None:
                 list(ex.map(_decode_file, paths, [a.size] * len(paths), chunksize=8))
         return len(paths) / (time.perf_counter() - t)
 
-    arms = {"as it ships (decode once, processes)": {"decode_in": "processes"},
+    arms = {"as it ships": {"decode_in": "auto"},
+            "decode once, processes": {"decode_in": "processes"},
             "decode once, threads": {"decode_in": "threads"},
             "every copy decoded, processes": {"decode_in": "processes", "decode_cache_mb": 0},
             "every copy decoded, threads (before issue 29)": {"decode_in": "threads", "decode_cache_mb": 0}}
     got = {"pillow, 1 process": [], f"pillow, {a.workers} processes": [], **{k: [] for k in arms}}
-    decodes = {}
+    decodes, shipped = {}, ""
     for r in range(a.rounds):
         got["pillow, 1 process"].append(pillow(1))
         got[f"pillow, {a.workers} processes"].append(pillow(a.workers))
@@ -164,6 +167,10 @@ def null(a) -> None:
                                           workers=a.workers, **kw))
             got[name].append(s.rows_per_second)
             decodes[name] = s.decodes
+            shipped = s.decode_in if name == "as it ships" else shipped
+    label = f"as it ships (decode_in auto: {shipped})"
+    got = {label if k == "as it ships" else k: v for k, v in got.items()}
+    decodes = {label if k == "as it ships" else k: v for k, v in decodes.items()}
     ref = np.median(got[f"pillow, {a.workers} processes"])
     rows = len(paths) * (a.augment + 1)
     print(f"{len(paths)} images x {a.augment + 1} copies = {rows} rows at {a.size}x{a.size}, device null (no "

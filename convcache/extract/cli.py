@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--decode-in", choices=["auto", "processes", "threads"], default=d["decode_in"],
                    help="where images are decoded: worker processes, or threads; auto = processes for 256+ "
                         "images and 4+ workers")
-    p.add_argument("--decode-cache-mb", type=int, default=d["decode_cache_mb"],
+    p.add_argument("--decode-cache-mb", type=float, default=d["decode_cache_mb"],
                    help="decoded images kept for their later copies, so each is decoded once per run "
                         "(default: %(default)s MiB; 150 px images take 66 KiB each)")
     p.add_argument("--exact", action="store_true",

@@ -51,6 +51,7 @@ from convcache.runtime import (
     NULL_DEVICE,
     PRECISIONS,
     BoundRunner,
+    NullSession,
     create_session,
     math_mode,
     resolve_device,
@@ -190,10 +191,16 @@ class ExtractorSession:
             proto = artifacts.load_model(path)
             proto = to_fp16(proto) if precision == "fp16" else proto
             source = (uint8_input(proto) if self.bound else proto).SerializeToString()
-        self.session = create_session(source, where, threads, exact=exact)
+        if where == NULL_DEVICE:  # the contract has the outputs' shapes: no model to load
+            self.session = NullSession(shapes=dict(zip(self.contract.output_names,
+                                                       store_variables(self.contract).values())))
+        else:
+            self.session = create_session(source, where, threads, exact=exact)
         self.provider = self.session.get_providers()[0]
         self.outputs, self.variables = self.contract.output_names, list(store_variables(self.contract))
-        self.input_dtype = np.uint8 if self.bound else np.float32
+        # uint8 batches where the runtime takes them: bound IO (a Cast in the graph), and the null device, which
+        # stands for the CUDA path's input pipeline (bound on CUDA: no float batch is built on the host there)
+        self.input_dtype = np.uint8 if self.bound or where == NULL_DEVICE else np.float32
         self.math = math_mode(self.provider, exact, precision if precision != "fp32" else self.contract.precision)
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self._runner = BoundRunner(self.session, self.session.get_inputs()[0].name, self.outputs, self.device) \
@@ -204,7 +211,7 @@ class ExtractorSession:
         """A batch made ready to run (bound: on the session's device; plain: float32)."""
         if self._runner is not None:
             return self._runner.stage(np.asarray(images, self.input_dtype))
-        return np.asarray(images, dtype=np.float32)
+        return np.asarray(images, dtype=self.input_dtype)
 
     def run_staged(self, staged) -> dict:
         """One pass over a staged batch: store variable -> its features."""
@@ -417,6 +424,27 @@ class _Open:
     t0: float = field(default_factory=time.perf_counter)
 
 
+class _Decode:
+    """One image's decode (`mapper.decode_base`): running in a worker process (`future`), or to be run by the
+    first thread that asks (`call`, once: the copies of one image may be warped by two threads at once)."""
+
+    __slots__ = ("_future", "_call", "_lock", "_base", "counted")
+
+    def __init__(self, future=None, call=None):
+        from threading import Lock
+
+        self._future, self._call, self._base, self.counted = future, call, None, False
+        self._lock = Lock() if future is None else None
+
+    def get(self):
+        if self._future is not None:
+            return self._future.result()
+        with self._lock:
+            if self._base is None:
+                self._base, self._call = self._call(), None
+            return self._base
+
+
 class LocalExecutor:
     """Blocks on this machine: decoding and augmentation in `workers` threads (bounded look-ahead),
     inference of one batch on its own thread while this one gathers the next batch, blocks written as
@@ -472,12 +500,20 @@ class LocalExecutor:
         """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write`)."""
 
     def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
-        jobs = ((item, cfg.max_bytes, cfg.storage_options) for item in items)
+        """Every item's hash, in item order, read and hashed by the pool's threads (both release the GIL).
+        Local files go 16 to a job: one future a file cost more than reading and hashing a 45 KB photo
+        (~50 µs); a URL is a job of its own, so object-storage latency overlaps."""
+        per_job = 1 if any("://" in str(item.path) for item in items[:1]) else 16
+
+        def some(chunk):
+            return [hash_file(item, cfg.max_bytes, cfg.storage_options) for item in chunk]
+
+        jobs = ((items[k:k + per_job],) for k in range(0, len(items), per_job))
         out = []
-        for hashed in _ordered(self._pool, hash_file, jobs, window=16 * self.workers):
-            out.append(hashed)
+        for chunk in _ordered(self._pool, some, jobs, window=max(4, 16 // per_job) * self.workers):
+            out += chunk
             if bar is not None:
-                bar.update()
+                bar.update(len(chunk))
         return out
 
     def usable(self, plan: list[Planned], writer, s: BlockSettings) -> Iterator[Planned]:
@@ -488,47 +524,56 @@ class LocalExecutor:
         while they fit `cache_bytes` (in plan order: with copy-major rows every kept image is reused K times,
         so keeping the first that fit is the best a cache can do); its other copies are warps of them. Images
         past the budget are decoded again for each copy. Decoding runs in worker processes for plans large
-        enough to pay for starting them (`decode_in`), warps in threads (OpenCV releases the GIL)."""
-        from threading import Lock
+        enough to pay for starting them (`decode_in`), warps in threads (OpenCV releases the GIL).
 
-        decode = self._decoder(plan, s)
+        Decodes are started here, in row order, as the look-ahead window admits their first copy: in
+        processes they run ahead of the threads that warp them (a thread waiting on its own process's
+        decode left that process idle for each round trip: at K = 0 processes ran at half of threads' rate
+        on 2 cores); in threads the first copy to need them decodes them."""
+        start = self._decoder(plan, s)
         failed: set = set()
         remaining = {p.sha256: len(p.copies) for p in plan}  # copies still to come, per image
-        kept: dict = {}  # sha256 -> decoded pixels, while more copies of it are to come
-        held, lock = [0], Lock()
+        kept: dict = {}  # sha256 -> _Decode, while more copies of it are to come
+        size = s.decode.size * s.decode.size * 3  # model-size uint8 pixels: every decode's size
+        held = [0]
 
-        def job(p: Planned, c: int):
-            base = kept.get(p.sha256)
-            if base is None:  # the maps of every copy still to come when the image may be kept, else of this one
-                keep = remaining[p.sha256] > 1 and held[0] < self.cache_bytes
-                base = decode(p, tuple(x for x in p.copies if x >= c) if keep else (c,))
-                if base.error:
-                    return p, c, None, base.error
-                with lock:
-                    self.decodes += 1
-                    size = base.pixels.nbytes
-                    if remaining[p.sha256] > 1 and p.sha256 not in kept and held[0] + size <= self.cache_bytes:
-                        kept[p.sha256] = base
+        def jobs():
+            for p, c in copy_major(plan):
+                if p.item.path in failed:
+                    continue
+                pending = kept.get(p.sha256)
+                if pending is None:  # the maps of every copy still to come when the image is kept, else of this one
+                    keep = remaining[p.sha256] > 1 and held[0] + size <= self.cache_bytes
+                    pending = start(p, tuple(x for x in p.copies if x >= c) if keep else (c,))
+                    if keep:
+                        kept[p.sha256] = pending
                         held[0] += size
-            return p, c, warp_copy(base, p.sha256, c, s.decode), None
+                yield p, c, pending
 
-        jobs = ((p, c) for p, c in copy_major(plan) if p.item.path not in failed)
-        for p, c, pixels, error in _ordered(self._pool, job, jobs, window=4 * self.workers):
-            with lock:
-                remaining[p.sha256] -= 1
-                if not remaining[p.sha256] and p.sha256 in kept:
-                    held[0] -= kept.pop(p.sha256).pixels.nbytes
+        def job(p: Planned, c: int, pending: _Decode):
+            base = pending.get()
+            if base.error:
+                return p, c, pending, None, base.error
+            return p, c, pending, warp_copy(base, p.sha256, c, s.decode), None
+
+        for p, c, pending, pixels, error in _ordered(self._pool, job, jobs(), window=4 * self.workers):
+            remaining[p.sha256] -= 1
+            if (error or not remaining[p.sha256]) and kept.pop(p.sha256, None) is not None:
+                held[0] -= size
             if p.item.path in failed:
                 continue
             if error:
                 failed.add(p.item.path)
                 writer.skip(p.item.path, error)
-            else:
-                yield Planned(p.item, p.sha256, (c,), [pixels], p.image)
+                continue
+            if not pending.counted:
+                pending.counted = True
+                self.decodes += 1
+            yield Planned(p.item, p.sha256, (c,), [pixels], p.image)
 
     def _decoder(self, plan: list[Planned], s: BlockSettings):
-        """decode(planned, copies) -> `Base` (pixels and the copies' warp maps, or an error): in this thread,
-        or in a worker process."""
+        """start(planned, copies) -> `_Decode` of a `Base` (pixels and the copies' warp maps, or an error):
+        submitted to a worker process now, or decoded by the first pool thread that asks for it."""
         if self._procs is None and self.workers > 1 and (
                 self.decode_in == "processes" or (self.decode_in == "auto" and len(plan) >= PROCESS_MIN_IMAGES
                                                   and self.workers >= PROCESS_MIN_WORKERS)):
@@ -538,9 +583,9 @@ class LocalExecutor:
             # forkserver: never fork this process, whose runtime threads hold locks
             self._procs = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
         if self._procs is None:
-            return lambda p, copies: decode_base(p.item, p.sha256, s.decode, copies)
+            return lambda p, copies: _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies))
         procs = self._procs
-        return lambda p, copies: procs.submit(decode_base, p.item, p.sha256, s.decode, copies).result()
+        return lambda p, copies: _Decode(future=procs.submit(decode_base, p.item, p.sha256, s.decode, copies))
 
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
         # Batches are filled into two reused float32 buffers (alternating: the one in flight is never

@@ -58,7 +58,7 @@ class ExtractConfig:
     threads: int | None = None  # ONNX Runtime threads per session (None: its default; 1 per local:N worker)
     rehash: bool = False  # read and hash every file, ignoring the stat cache (which is written afresh)
     decode_in: str = "auto"  # decoders in processes or threads (auto: processes for plans of 256+ images)
-    decode_cache_mb: int = 1024  # decoded images kept for their later copies (each image decoded once per run)
+    decode_cache_mb: float = 1024  # decoded images kept for their later copies (each image decoded once per run)
     exact: bool = False  # CUDA: TF32 off (parity runs); the math mode is recorded, a resume in another refused
     allow_mixed: bool = False  # extend a split whose rows were made on another provider or math mode
     precision: str = "fp32"  # fp16: an fp32 extractor run in fp16 (CUDA), recorded as the run's math mode
@@ -109,6 +109,7 @@ class ExtractSummary:
     changes: dict = field(default_factory=dict)  # split -> listing changes since the last run (store.listing)
     math: str = ""  # the session's math mode (fp32, tf32, fp16): recorded in the run log
     batch_size: int = 0  # images per inference call (chosen by device unless given)
+    decode_in: str = ""  # where images were decoded: threads or processes (this machine), "" on Dask
 
     @property
     def rows_per_second(self) -> float:
@@ -143,7 +144,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 
         executor = dask_executor(cfg, proto.SerializeToString(), contract)
     else:
-        executor = LocalExecutor(session, cfg.workers, cfg.decode_in, cfg.decode_cache_mb << 20)
+        executor = LocalExecutor(session, cfg.workers, cfg.decode_in, int(cfg.decode_cache_mb * (1 << 20)))
     t0 = time.perf_counter()
     with executor as ex:
         math = session.math if not distributed else math_mode(ex.provider, cfg.exact, contract.precision)
@@ -159,6 +160,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                                      "kept, re-run to resume once that is fixed") from None
     summary.seconds = time.perf_counter() - start
     summary.decodes = getattr(executor, "decodes", 0)
+    summary.decode_in = executor.describe().get("decode_in", "") if not distributed else ""
     return summary
 
 
