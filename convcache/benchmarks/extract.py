@@ -157,31 +157,38 @@ def null(a) -> None:
             "every copy decoded, threads (before issue 29)": {"decode_in": "threads", "decode_cache_mb": 0}}
     got = {"pillow, 1 process": [], f"pillow, {a.workers} processes": [], **{k: [] for k in arms}}
     decodes, shipped = {}, ""
-    for r in range(a.rounds):
-        got["pillow, 1 process"].append(pillow(1))
-        got[f"pillow, {a.workers} processes"].append(pillow(a.workers))
-        for n, (name, kw) in enumerate(arms.items()):
-            out = tmp / f"null-{r}-{n}.zarr"
-            s = run_extract(ExtractConfig(model=model, data=str(data), output=str(out), augment=a.augment,
-                                          batch_size=a.batch_size, progress=False, device="null",
-                                          workers=a.workers, **kw))
-            got[name].append(s.rows_per_second)
-            decodes[name] = s.decodes
-            shipped = s.decode_in if name == "as it ships" else shipped
+    def extract(r: int, name: str, kw: dict) -> float:
+        nonlocal shipped
+        out = tmp / f"null-{r}-{len(list(tmp.glob('null-*')))}.zarr"
+        s = run_extract(ExtractConfig(model=model, data=str(data), output=str(out), augment=a.augment,
+                                      batch_size=a.batch_size, progress=False, device="null",
+                                      workers=a.workers, **kw))
+        decodes[name] = s.decodes
+        shipped = s.decode_in if name == "as it ships" else shipped
+        return s.rows_per_second
+
+    runs = {"pillow, 1 process": lambda r: pillow(1), f"pillow, {a.workers} processes": lambda r: pillow(a.workers),
+            **{name: (lambda r, name=name, kw=kw: extract(r, name, kw)) for name, kw in arms.items()}}
+    order = list(runs)
+    for r in range(a.rounds):  # the order rotates round to round: no arm always follows the same one
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            got[name].append(runs[name](r))
     label = f"as it ships (decode_in auto: {shipped})"
     got = {label if k == "as it ships" else k: v for k, v in got.items()}
     decodes = {label if k == "as it ships" else k: v for k, v in decodes.items()}
-    ref = np.median(got[f"pillow, {a.workers} processes"])
+    ref = got[f"pillow, {a.workers} processes"]
     rows = len(paths) * (a.augment + 1)
     print(f"{len(paths)} images x {a.augment + 1} copies = {rows} rows at {a.size}x{a.size}, device null (no "
-          f"inference), {a.workers} workers, batch {a.batch_size}, {a.rounds} interleaved rounds, {cpu_model()}\n")
-    print(f"| what | images or rows/s (median) | vs Pillow in {a.workers} processes | rounds | decodes |")
+          f"inference), {a.workers} workers, batch {a.batch_size}, {a.rounds} rounds, the order rotating round to "
+          f"round, {cpu_model()}\n")
+    print(f"| what | images or rows/s (median) | vs Pillow in {a.workers} processes: median of per-round ratios "
+          "(lowest-highest) | rounds | decodes |")
     print("|---|---|---|---|---|")
     for name, rates in got.items():
         unit = "images" if name.startswith("pillow") else "rows"
-        print(f"| {name} | {np.median(rates):,.0f} {unit}/s | {np.median(rates) / ref:.2f}x | "
-              f"{', '.join(f'{x:,.0f}' for x in rates)} | {decodes.get(name, '')} |")
-
+        ratios = [x / y for x, y in zip(rates, ref)]
+        print(f"| {name} | {np.median(rates):,.0f} {unit}/s | {np.median(ratios):.2f}x ({min(ratios):.2f}-"
+              f"{max(ratios):.2f}) | {', '.join(f'{x:,.0f}' for x in rates)} | {decodes.get(name, '')} |")
 
 if __name__ == "__main__":
     main()
