@@ -92,6 +92,11 @@ def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = ()) -
     return Base(pixels, {c: copy_matrix(spec.policy, spec.seed, sha256, c, h, w) for c in copies})
 
 
+def decode_bases(images: list[tuple[Item, str, tuple]], spec: DecodeSpec) -> list[Base]:
+    """`decode_base` for several (item, sha256, copies): a worker process's task."""
+    return [decode_base(item, sha256, spec, copies) for item, sha256, copies in images]
+
+
 def warp_copy(base: Base | np.ndarray, sha256: str, copy: int, spec: DecodeSpec) -> np.ndarray:
     """Copy `copy` of an image from its decoded pixels (the same bytes `decode_copies` gives), with the map
     `decode_base` computed for it when there is one."""
