@@ -145,6 +145,34 @@ def test_each_image_is_decoded_once_per_run_and_the_rows_are_the_same_bytes(extr
     assert runs[-1]["decode_in"] == "processes" and runs[-1]["math"] == "fp32"
 
 
+def test_a_decoding_process_killed_mid_run_loses_no_image(extractor, dataset, tmp_path, monkeypatch, caplog):
+    """A decoding process killed (SIGKILL, as the OOM killer does) right after the first task is sent breaks the
+    pool: every task in flight fails. The pool is replaced, the images of the failed tasks are decoded again
+    alone, later tasks go to the new pool, and the store is bitwise a threads run's, nothing skipped."""
+    from convcache.extract import engine
+
+    real, killed = engine._Group._send, []
+
+    def send_then_kill(self):
+        real(self)
+        procs = self._executor._procs
+        deadline = time.time() + 60
+        while not killed and len(getattr(procs, "_processes", None) or {}) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        if not killed:
+            pid = next(iter(procs._processes))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    monkeypatch.setattr(engine._Group, "_send", send_then_kill)
+    hit = extract(extractor, dataset, tmp_path / "hit.zarr", augment=2, decode_in="processes", workers=2)
+    assert killed and not hit.skipped and hit.rows_written == 12 * 3 + 8
+    assert "a decoding process died" in caplog.text
+    monkeypatch.undo()
+    extract(extractor, dataset, tmp_path / "threads.zarr", augment=2, decode_in="threads")
+    assert_same_store(tmp_path / "hit.zarr", tmp_path / "threads.zarr")
+
+
 def test_a_resume_on_another_provider_or_math_mode_is_refused_without_allow_mixed(extractor, dataset, tmp_path):
     """Rows from two math modes are not bitwise comparable: a split made in fp32, extended by a run in fp16
     (`--precision fp16`, run here on the CPU), is refused with a one-line reason unless --allow-mixed, and the

@@ -47,6 +47,7 @@ from convcache import artifacts
 from convcache.augment import warp_threads
 from convcache.datasets import Item
 from convcache.extract.mapper import (
+    Base,
     DecodeSpec,
     Hashed,
     decode_base,
@@ -438,16 +439,22 @@ class _Decode:
     """One image's decode (`mapper.decode_base`): run by the first thread that asks for it (`call`, once: the
     copies of one image may be warped by two threads at once), or in a worker process as one of a `_Group`."""
 
-    __slots__ = ("_call", "_lock", "_base", "_group", "_future", "_index", "counted")
+    __slots__ = ("_call", "_lock", "_base", "_group", "_future", "_index", "_args", "counted")
 
-    def __init__(self, call=None, group: _Group | None = None):
-        self._call, self._base, self._group, self._future, self._index, self.counted = call, None, group, None, 0, False
+    def __init__(self, call=None, group: _Group | None = None, args: tuple = ()):
+        self._call, self._base, self._group, self._future, self._index = call, None, group, None, 0
+        self._args, self.counted = args, False
         self._lock = Lock() if group is None else None
 
     def get(self):
         if self._group is not None:
+            from concurrent.futures.process import BrokenProcessPool
+
             self._group.submitted(self)
-            return self._future.result()[self._index]
+            try:
+                return self._future.result()[self._index]
+            except BrokenProcessPool:  # a decoding process died with this image's task in flight
+                return self._group.alone(self)
         with self._lock:
             if self._base is None:
                 self._base, self._call = self._call(), None
@@ -458,16 +465,20 @@ class _Group:
     """Decodes for worker processes, `per_task` images to a task (`mapper.decode_bases`): one task an image
     cost the extracting process more than decoding did (a future, a wake-up of the pool's manager thread, a
     message each way: at K = 0, 777 µs of its CPU a row on 2 cores). A group is sent when it is full or as soon
-    as a thread needs one of its images."""
+    as a thread needs one of its images.
 
-    def __init__(self, procs, spec: DecodeSpec, per_task: int):
-        self._procs, self._spec, self._per_task = procs, spec, per_task
+    A decoding process that dies (a decoder crash, the OOM killer) breaks the pool and fails every task in
+    flight: the pool is replaced, and each image of those tasks is decoded again alone, in a process of its own,
+    so that the one that kills its decoder is skipped with that reason and the run goes on."""
+
+    def __init__(self, executor: LocalExecutor, spec: DecodeSpec, per_task: int):
+        self._executor, self._spec, self._per_task = executor, spec, per_task
         self._lock, self._open = Lock(), []
 
     def start(self, p: Planned, copies: tuple) -> _Decode:
-        pending = _Decode(group=self)
+        pending = _Decode(group=self, args=(p.item, p.sha256, copies))
         with self._lock:
-            self._open.append((p, copies, pending))
+            self._open.append(pending)
             if len(self._open) >= self._per_task:
                 self._send()
         return pending
@@ -478,10 +489,30 @@ class _Group:
                 self._send()
 
     def _send(self) -> None:  # under the lock
+        from concurrent.futures.process import BrokenProcessPool
+
         group, self._open = self._open, []
-        future = self._procs.submit(decode_bases, [(p.item, p.sha256, copies) for p, copies, _ in group], self._spec)
-        for k, (_, _, pending) in enumerate(group):
+        images = [pending._args for pending in group]
+        procs = self._executor._procs
+        try:
+            future = procs.submit(decode_bases, images, self._spec)
+        except BrokenProcessPool:  # broken since the last task: a new pool
+            future = self._executor._restart_processes(procs).submit(decode_bases, images, self._spec)
+        for k, pending in enumerate(group):
             pending._future, pending._index = future, k
+
+    def alone(self, pending: _Decode) -> Base:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        self._executor._restart_processes(None)
+        item, sha256, copies = pending._args
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as one:
+            try:
+                return one.submit(decode_base, item, sha256, self._spec, copies).result()
+            except BrokenProcessPool:
+                return Base(None, {}, "its decoding process died (a decoder crash, or killed for memory)")
 
 
 class LocalExecutor:
@@ -502,6 +533,7 @@ class LocalExecutor:
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-infer")
         self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-stage")
         self._procs = None  # decoders in processes, started on the first plan that is worth them
+        self._procs_lock = Lock()
         self._warp_threads = warp_threads(1)  # one warp per pool thread: OpenCV's own pool only costs CPU here
 
     def close(self) -> None:
@@ -532,6 +564,18 @@ class LocalExecutor:
     def _wants_processes(self, images: int) -> bool:
         return self.workers > 1 and (self.decode_in == "processes" or (
             self.decode_in == "auto" and images >= PROCESS_MIN_IMAGES and self.workers >= PROCESS_MIN_WORKERS))
+
+    def _restart_processes(self, broken):
+        """The decoding pool, replaced if it is broken (or is `broken`): once, whichever thread finds it first."""
+        with self._procs_lock:
+            procs = self._procs
+            if procs is broken or getattr(procs, "_broken", False):
+                log.warning("a decoding process died: its pool is replaced, and the images it had in flight are "
+                            "decoded again, each in a process of its own")
+                procs.shutdown(wait=False, cancel_futures=True)
+                self._procs = None
+                self._start_processes()
+            return self._procs
 
     def _start_processes(self) -> None:
         if self._procs is not None:
@@ -636,7 +680,7 @@ class LocalExecutor:
             self._start_processes()
         if self._procs is None:
             return lambda p, copies: _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies))
-        return _Group(self._procs, s.decode, PROCESS_TASK_IMAGES).start
+        return _Group(self, s.decode, PROCESS_TASK_IMAGES).start
 
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
         # Batches are filled into two reused float32 buffers (alternating: the one in flight is never
