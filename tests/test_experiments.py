@@ -131,3 +131,7 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     assert res["parity"]["fp16"]["relative_to_max"] > 0 and res["parity"]["tf32"]["max_abs_diff"] == 0
     assert res["probe"]["images"] == 14 and "fp32" in dict(__import__("numpy").load(out / "features.npz"))
     assert "| pipeline on cpu, as it ships" in (out / "gpu.md").read_text()
+    null = res["null"]  # with copies and without, as it ships and each way
+    assert {k: v["decode_in"] for k, v in null.items() if k.startswith("null, K=0")} == {
+        "null, K=0, auto": "threads", "null, K=0, processes": "processes", "null, K=0, threads": "threads"}
+    assert null["null, K=0, auto"]["decodes"] == null["null, K=0, auto"]["rows"] == 14

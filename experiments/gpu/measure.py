@@ -175,11 +175,12 @@ def decode(a, items) -> dict:
 def extract_rate(a, data: str, out: Path, **kw) -> dict:
     from convcache.extract.runner import ExtractConfig, run_extract
 
-    s = run_extract(ExtractConfig(model=a.model, data=data, output=str(out), augment=a.augment, progress=False,
-                                  workers=a.workers, **kw))
+    kw.setdefault("augment", a.augment)
+    s = run_extract(ExtractConfig(model=a.model, data=data, output=str(out), progress=False, workers=a.workers,
+                                  **kw))
     return {"rows": s.rows_written, "rows_per_s": round(s.rows_per_second, 1), "seconds": round(s.seconds, 2),
             "provider": s.provider, "math": s.math, "batch_size": s.batch_size, "decodes": s.decodes,
-            "phases": {k: round(v, 2) for k, v in s.phases.items()}}
+            "decode_in": s.decode_in, "phases": {k: round(v, 2) for k, v in s.phases.items()}}
 
 
 def subset(items, dst: Path) -> str:
@@ -191,8 +192,11 @@ def subset(items, dst: Path) -> str:
 
 
 def null(a, data: str, tmp: Path) -> dict:
-    return {f"null, {way}": extract_rate(a, data, tmp / f"null-{way}.zarr", device="null", decode_in=way)
-            for way in ("processes", "threads")}
+    """The input pipeline without inference, with copies (--augment) and without (K = 0: every row a decode,
+    what an nvJPEG path would be for), as it ships (auto) and each way."""
+    return {f"null, K={k}, {way}": extract_rate(a, data, tmp / f"null-{k}-{way}.zarr", device="null",
+                                                decode_in=way, augment=k)
+            for k in dict.fromkeys((a.augment, 0)) for way in ("auto", "processes", "threads")}
 
 
 def pipeline(a, data: str, tmp: Path, bare_rates: dict) -> dict:
@@ -315,7 +319,7 @@ def markdown(res: dict, a) -> str:
     for k, v in res.get("decode", {}).items():
         lines.append(f"| decode: {k} | {v['images_per_s']:,.0f} | |" if isinstance(v, dict) else f"| {k} | | {v} |")
     for k, v in res.get("null", {}).items():
-        lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | {v['decodes']} decodes |")
+        lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | {v['decodes']} decodes in {v['decode_in']} |")
     for k, v in res.get("pipeline", {}).items():
         lines.append(f"| pipeline on {a.device}, {k} (batch {v['batch_size']}, {v['math']}) | {v['rows_per_s']:,.0f} "
                      f"| {v['vs_bare_bound']}x the bare bound rate at batch {v['bare_batch']} |")
