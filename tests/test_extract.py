@@ -173,6 +173,44 @@ def test_a_decoding_process_killed_mid_run_loses_no_image(extractor, dataset, tm
     assert_same_store(tmp_path / "hit.zarr", tmp_path / "threads.zarr")
 
 
+def test_decoding_processes_exit_when_the_extract_is_killed(extractor, tmp_path):
+    """kill -9 of an extract must not leave its decoding processes behind (a pool's workers hold their own call
+    queue's write end, so without a watch on the parent they wait for work forever)."""
+    script = ("import os, sys, time\n"
+              "from convcache.extract.engine import ExtractorSession, LocalExecutor\n"
+              "if __name__ == '__main__':\n"
+              f"    ex = LocalExecutor(ExtractorSession({str(extractor)!r}, 'null'), 2, 'processes')\n"
+              "    ex._start_processes()\n"
+              "    while len(ex._procs._processes) < 2: time.sleep(0.05)\n"
+              "    print(*ex._procs._processes, flush=True)\n"
+              "    time.sleep(600)\n")
+    (tmp_path / "hold.py").write_text(script)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "hold.py")], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    p.kill()
+    p.wait()
+    deadline = time.time() + 20
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if _alive(pid)]
+    for pid in left:  # not to leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"decoding processes {left} outlived their extract"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def test_a_resume_on_another_provider_or_math_mode_is_refused_without_allow_mixed(extractor, dataset, tmp_path):
     """Rows from two math modes are not bitwise comparable: a split made in fp32, extended by a run in fp16
     (`--precision fp16`, run here on the CPU), is refused with a one-line reason unless --allow-mixed, and the

@@ -55,6 +55,7 @@ from convcache.extract.mapper import (
     decode_copies,
     hash_file,
     warp_copy,
+    watch_parent,
 )
 from convcache.imaging import printable_path
 from convcache.runtime import (
@@ -509,7 +510,8 @@ class _Group:
 
         self._executor._restart_processes(None)
         item, sha256, copies = pending._args
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as one:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=watch_parent,
+                                 initargs=(os.getpid(),)) as one:
             try:
                 return one.submit(decode_base, item, sha256, self._spec, copies).result()
             except BrokenProcessPool:
@@ -585,7 +587,8 @@ class LocalExecutor:
         from concurrent.futures import ProcessPoolExecutor
 
         # forkserver: never fork this process, whose runtime threads hold locks
-        self._procs = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        self._procs = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                                          initializer=watch_parent, initargs=(os.getpid(),))
         for _ in range(self.workers):  # each process started, its imports done, without waiting for them
             self._procs.submit(decode_bases, [], None)
 

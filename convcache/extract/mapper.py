@@ -92,6 +92,36 @@ def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = ()) -
     return Base(pixels, {c: copy_matrix(spec.policy, spec.seed, sha256, c, h, w) for c in copies})
 
 
+def watch_parent(pid: int, every: float = 1.0) -> None:
+    """A decoding process's initializer: it exits once the extracting process `pid` is gone (or a zombie). A
+    process pool's workers otherwise outlive an extract killed with SIGKILL: each holds its call queue's write
+    end, so it never reads EOF, and waits for work forever (measured: 2 workers, the forkserver and the resource
+    tracker still there long after `kill -9`)."""
+    import os
+    import threading
+    import time
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        try:  # a zombie answers signal 0 until its parent reaps it
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except OSError:
+            return False
+
+    def watch():
+        while not gone():
+            time.sleep(every)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="convcache-watch-parent").start()
+
+
 def decode_bases(images: list[tuple[Item, str, tuple]], spec: DecodeSpec) -> list[Base]:
     """`decode_base` for several (item, sha256, copies): a worker process's task."""
     return [decode_base(item, sha256, spec, copies) for item, sha256, copies in images]
