@@ -367,6 +367,7 @@ def test_bad_files_are_skipped_with_reasons(extractor, dataset, tmp_path):
     r = run_cli("extract", "--model", extractor, "--data", dataset, "-o", tmp_path / "g.zarr", "--max-pixels",
                 1_000_000, "--no-progress")
     assert r.returncode == 3 and "skipped" in r.stdout and "Traceback" not in r.stderr
+    assert "; 20 decoded, in threads" in r.stdout  # the images that decoded, each once; the summary says where
 
 
 def test_odd_modes_are_converted_not_skipped(tmp_path):

@@ -130,7 +130,8 @@ def run(args) -> int:
           f"{s.images} files in {s.seconds:.1f}s, {s.rows_per_second:.1f} rows/s on {s.provider} ({s.math}, "
           f"batch {s.batch_size}); "
           f"{len(s.skipped)} skipped, {len(s.duplicates)} duplicates -> {args.output}")
-    print(f"  files: {s.files_hashed} read and hashed, {s.files_from_stat_cache} unchanged (stat cache, not read)")
+    print(f"  files: {s.files_hashed} read and hashed, {s.files_from_stat_cache} unchanged (stat cache, not read)"
+          + (f"; {s.decodes} decoded, in {s.decode_in}" if s.decode_in else ""))
     changed = {split: c for split, c in s.changes.items() if c}
     if changed:
         print("  listing: " + "; ".join(f"{split} {c}" for split, c in changed.items())
