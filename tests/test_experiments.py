@@ -135,3 +135,4 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     assert {k: v["decode_in"] for k, v in null.items() if k.startswith("null, K=0")} == {
         "null, K=0, auto": "threads", "null, K=0, processes": "processes", "null, K=0, threads": "threads"}
     assert null["null, K=0, auto"]["decodes"] == null["null, K=0, auto"]["rows"] == 14
+    assert all(v["thread_cpu_s"].get("MainThread", 0) > 0 and 0 < v["main_thread_busy"] <= 1.5 for v in null.values())

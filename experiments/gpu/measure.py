@@ -172,15 +172,60 @@ def decode(a, items) -> dict:
     return out
 
 
+class ThreadCPU:
+    """CPU seconds of this process's threads, by Python thread name (numbered pools folded: `convcache-decode_N`),
+    sampled from /proc/self/task every 20 ms while the block runs: which thread of the extracting process is
+    saturated (MainThread near 1 s a second is the GIL-bound ceiling; the decode threads' sum is the warps)."""
+
+    def __enter__(self):
+        import threading
+
+        self._first, self._last, self._names, self._stop = {}, {}, {}, threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="measure-sampler")
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import re
+        import threading
+
+        while True:
+            names = {str(t.native_id): re.sub(r"_\d+$", "_N", t.name) for t in threading.enumerate()}
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                cpu = (int(fields[11]) + int(fields[12])) / self._tick
+                self._first.setdefault(tid, cpu)
+                self._last[tid] = cpu
+                self._names[tid] = names.get(tid, self._names.get(tid, "other"))
+            if self._stop.wait(0.02):
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.seconds = {}
+        for tid, cpu in self._last.items():
+            name = self._names[tid]
+            if name != "measure-sampler" and cpu > self._first[tid]:
+                self.seconds[name] = round(self.seconds.get(name, 0.0) + cpu - self._first[tid], 3)
+
+
 def extract_rate(a, data: str, out: Path, **kw) -> dict:
     from convcache.extract.runner import ExtractConfig, run_extract
 
     kw.setdefault("augment", a.augment)
-    s = run_extract(ExtractConfig(model=a.model, data=data, output=str(out), progress=False, workers=a.workers,
-                                  **kw))
+    with ThreadCPU() as cpu:
+        s = run_extract(ExtractConfig(model=a.model, data=data, output=str(out), progress=False, workers=a.workers,
+                                      **kw))
     return {"rows": s.rows_written, "rows_per_s": round(s.rows_per_second, 1), "seconds": round(s.seconds, 2),
             "provider": s.provider, "math": s.math, "batch_size": s.batch_size, "decodes": s.decodes,
-            "decode_in": s.decode_in, "phases": {k: round(v, 2) for k, v in s.phases.items()}}
+            "decode_in": s.decode_in, "phases": {k: round(v, 2) for k, v in s.phases.items()},
+            "thread_cpu_s": dict(sorted(cpu.seconds.items(), key=lambda kv: -kv[1])),
+            "main_thread_busy": round(cpu.seconds.get("MainThread", 0.0) / s.seconds, 2) if s.seconds else None}
 
 
 def subset(items, dst: Path) -> str:
@@ -319,7 +364,8 @@ def markdown(res: dict, a) -> str:
     for k, v in res.get("decode", {}).items():
         lines.append(f"| decode: {k} | {v['images_per_s']:,.0f} | |" if isinstance(v, dict) else f"| {k} | | {v} |")
     for k, v in res.get("null", {}).items():
-        lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | {v['decodes']} decodes in {v['decode_in']} |")
+        lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | {v['decodes']} decodes in {v['decode_in']}; main "
+                     f"thread busy {v['main_thread_busy']} |")
     for k, v in res.get("pipeline", {}).items():
         lines.append(f"| pipeline on {a.device}, {k} (batch {v['batch_size']}, {v['math']}) | {v['rows_per_s']:,.0f} "
                      f"| {v['vs_bare_bound']}x the bare bound rate at batch {v['bare_batch']} |")
