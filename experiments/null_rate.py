@@ -27,8 +27,12 @@ def main(argv=None) -> None:
     p.add_argument("--decode-in", default="processes", choices=["processes", "threads", "auto"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
+    p.add_argument("--warm", action="store_true", help="measure a second run in this process")
     a = p.parse_args(argv)
+    from dataclasses import replace
+
     from convcache.benchmarks.extract import subset
+    from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
 
     work = Path(a.work)
@@ -39,14 +43,19 @@ def main(argv=None) -> None:
     out = Path(tempfile.mkdtemp(dir=work)) / "s.zarr"
     cfg = ExtractConfig(model=str(Path(a.model).resolve()), data=str(data), output=str(out), augment=a.augment,
                         batch_size=128, progress=False, device="null", workers=a.workers, decode_in=a.decode_in)
+    if a.warm:  # a first run in this process: imports and the forkserver out of the measured one
+        run_extract(replace(cfg, output=str(out.parent / "warm.zarr")))
     r0, t0, m0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.thread_time()
-    s = run_extract(cfg)
+    with ThreadCPU() as threads:
+        s = run_extract(cfg)
     wall, main_cpu = time.perf_counter() - t0, time.thread_time() - m0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     own = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     n = s.rows_written
     print(f"rows {n} rows/s {n / wall:.1f} main-thread-us/row {1e6 * main_cpu / n:.1f} "
-          f"process-us/row {1e6 * own / n:.1f} decodes {s.decodes} decode_in {a.decode_in}")
+          f"process-us/row {1e6 * own / n:.1f} decodes {s.decodes} decode_in {s.decode_in}")
+    print("  CPU us/row by thread: " + ", ".join(f"{name} {1e6 * sec / n:.0f}" for name, sec in
+                                                 sorted(threads.seconds.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":

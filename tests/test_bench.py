@@ -104,3 +104,31 @@ def test_the_peer_bench_pauses_the_server_it_is_not_measuring():
         for p in reversed(process_tree(parent.pid)):
             p.kill()
         parent.wait(10)
+
+
+def test_thread_cpu_tells_a_busy_thread_from_a_waiting_one():
+    """convcache.benchmarks.threadcpu: CPU seconds by thread name (numbered pools folded), from /proc. Each spinner
+    stops once it has used 0.4 s of CPU by its own clock, so a loaded machine changes only how long it takes."""
+    import threading
+    import time
+
+    from convcache.benchmarks.threadcpu import ThreadCPU
+
+    def spin():
+        t = time.thread_time()
+        while time.thread_time() - t < 0.4:
+            pass
+
+    done = threading.Event()
+    with ThreadCPU() as cpu:
+        busy = [threading.Thread(target=spin, name=f"spin_{i}") for i in range(2)]
+        idle = threading.Thread(target=done.wait, name="idle")
+        for t in (*busy, idle):
+            t.start()
+        for t in busy:
+            t.join()
+        done.set()
+        idle.join()
+    # 0.8 s used (at the kernel's 10 ms ticks); each spinner may end up to one 50 ms sample after the last
+    assert 0.65 <= cpu.seconds.get("spin_N", 0) <= 0.85, cpu.seconds
+    assert cpu.seconds.get("idle", 0) <= 0.05, cpu.seconds

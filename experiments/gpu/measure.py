@@ -172,49 +172,8 @@ def decode(a, items) -> dict:
     return out
 
 
-class ThreadCPU:
-    """CPU seconds of this process's threads, by Python thread name (numbered pools folded: `convcache-decode_N`),
-    sampled from /proc/self/task every 20 ms while the block runs: which thread of the extracting process is
-    saturated (MainThread near 1 s a second is the GIL-bound ceiling; the decode threads' sum is the warps)."""
-
-    def __enter__(self):
-        import threading
-
-        self._first, self._last, self._names, self._stop = {}, {}, {}, threading.Event()
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self._thread = threading.Thread(target=self._sample, daemon=True, name="measure-sampler")
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        import re
-        import threading
-
-        while True:
-            names = {str(t.native_id): re.sub(r"_\d+$", "_N", t.name) for t in threading.enumerate()}
-            for tid in os.listdir("/proc/self/task"):
-                try:
-                    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                cpu = (int(fields[11]) + int(fields[12])) / self._tick
-                self._first.setdefault(tid, cpu)
-                self._last[tid] = cpu
-                self._names[tid] = names.get(tid, self._names.get(tid, "other"))
-            if self._stop.wait(0.02):
-                return
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.seconds = {}
-        for tid, cpu in self._last.items():
-            name = self._names[tid]
-            if name != "measure-sampler" and cpu > self._first[tid]:
-                self.seconds[name] = round(self.seconds.get(name, 0.0) + cpu - self._first[tid], 3)
-
-
 def extract_rate(a, data: str, out: Path, **kw) -> dict:
+    from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
 
     kw.setdefault("augment", a.augment)
