@@ -173,6 +173,26 @@ def test_a_decoding_process_killed_mid_run_loses_no_image(extractor, dataset, tm
     assert_same_store(tmp_path / "hit.zarr", tmp_path / "threads.zarr")
 
 
+def test_batches_carry_each_rows_own_pixels_whatever_the_batch_size(extractor, dataset, tmp_path, monkeypatch):
+    """The batcher (rows filled into two reused buffers by the staging thread while the batch before runs) gives
+    every row its own pixels: with a session whose features are each row's pixel mean, 44 rows in batches of 3
+    (buffers reused 7 times) or in one batch give the same store, row for row, and rows differ."""
+    from convcache.extract import engine
+
+    def means(self, staged):
+        m = np.asarray(staged, np.float64).reshape(len(staged), -1).mean(1).astype(np.float32)
+        return {v: np.broadcast_to(m.reshape(-1, *[1] * len(shape)), (len(m), *shape)).copy()
+                for v, shape in engine.store_variables(self.contract).items()}
+
+    monkeypatch.setattr(engine.ExtractorSession, "run_staged", means)
+    for name, batch in (("three", 3), ("one", 64)):
+        extract(extractor, dataset, tmp_path / f"{name}.zarr", augment=2, device="null", batch_size=batch,
+                decode_in="threads")
+    assert_same_store(tmp_path / "three.zarr", tmp_path / "one.zarr")
+    feats = np.asarray(FeatureStore(tmp_path / "three.zarr").load("train").features).reshape(36, -1)[:, 0]
+    assert len(np.unique(feats)) > 30
+
+
 def test_decoding_processes_exit_when_the_extract_is_killed(extractor, tmp_path):
     """kill -9 of an extract must not leave its decoding processes behind (a pool's workers hold their own call
     queue's write end, so without a watch on the parent they wait for work forever)."""

@@ -703,11 +703,17 @@ class LocalExecutor:
         pending: list[tuple[_Open, int, np.ndarray]] = []
         in_flight = None
 
-        def submit(rows):
-            batch = next(buffers)[: len(rows)]
-            for i, (_, _, px) in enumerate(rows):
+        def fill_and_stage(batch, pixels):
+            for i, px in enumerate(pixels):
                 batch[i] = px
-            staged = self._stage_pool.submit(self.session.stage, batch)  # batch n+1's copy beside n's run
+            return self.session.stage(batch)
+
+        def submit(rows):
+            # batch n+1 is filled and staged by a thread of its own, beside n's run, not by this one: each row's
+            # copy releases the GIL and must win it back from the threads doing Python meanwhile (measured: 11 µs
+            # a row alone, 2.5 ms beside a thread running Python), and this thread is the one every row waits on
+            batch = next(buffers)[: len(rows)]
+            staged = self._stage_pool.submit(fill_and_stage, batch, [px for _, _, px in rows])
             return rows, self._infer_pool.submit(lambda: self.session.run_staged(staged.result()))
 
         def finish(job) -> list[_Open]:
