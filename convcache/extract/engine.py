@@ -81,6 +81,7 @@ DECODE_IN = ("auto", "threads", "processes")
 DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for their later copies (150 px: ~15,000 images)
 PROCESS_MIN_IMAGES = 256  # "auto" decodes in processes from this many images on (starting them costs ~1 s)
 PROCESS_TASK_IMAGES = 8  # images a decoding process is sent at a time
+ROWS_PER_JOB = 8  # rows (decode if first, warp) a thread of the pool is given at a time
 WINDOW_BYTES = 256 << 20  # decoded rows held ahead of the batcher with decoders in processes (at 150 px: 3,900)
 PROCESS_MIN_WORKERS = 4  # ...and with this many workers: on 2 cores threads were faster (docs/benchmarks.md)
 
@@ -661,10 +662,17 @@ class LocalExecutor:
                 return p, c, pending, None, base.error
             return p, c, pending, warp_copy(base, p.sha256, c, s.decode), None
 
+        def some(rows):  # ROWS_PER_JOB rows a job: one future a row cost more Python than a warp does
+            return [job(*row) for row in rows]
+
         window = 4 * self.workers
         if self._procs is not None:  # full groups ahead, while the rows held ahead stay within WINDOW_BYTES
             window = max(window, min(window * PROCESS_TASK_IMAGES, WINDOW_BYTES // size))
-        for p, c, pending, pixels, error in _ordered(self._pool, job, jobs(), window=window):
+        rows = iter(jobs())
+        parts = iter(lambda: (list(itertools.islice(rows, ROWS_PER_JOB)),), ([],))
+        done = (r for part in _ordered(self._pool, some, parts, window=max(2 * self.workers, window // ROWS_PER_JOB))
+                for r in part)
+        for p, c, pending, pixels, error in done:
             remaining[p.sha256] -= 1
             if (error or not remaining[p.sha256]) and kept.pop(p.sha256, None) is not None:
                 held[0] -= size
