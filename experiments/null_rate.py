@@ -1,5 +1,5 @@
-"""One null-device extract run (no inference: zeros of the extractor's output shape) with whichever convcache
-is importable first, printing rows, rows/s and the extracting process's CPU µs per row (its main thread and the
+"""One null-device extract run (no inference: zeros of the extractor's output shape) with the convcache of the
+directory it runs in (printed first), printing rows, rows/s and the extracting process's CPU µs per row (its main thread and the
 whole process; decoder processes are not counted). Run from two checkouts in turn for an interleaved A/B of the
 input pipeline across commits, as docs/benchmarks.md does ("The CUDA path without a GPU"):
 
@@ -29,8 +29,16 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
     p.add_argument("--warm", action="store_true", help="measure a second run in this process")
     a = p.parse_args(argv)
+    import os
+    import sys
     from dataclasses import replace
 
+    # the convcache of the directory this runs in, not the one the environment installed (an editable install
+    # points every checkout's run at one tree: an A/B across commits would compare a commit with itself)
+    sys.path.insert(0, os.getcwd())
+    import convcache
+
+    print(f"convcache from {Path(convcache.__file__).parent}")
     from convcache.benchmarks.extract import subset
     from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
