@@ -1,11 +1,11 @@
 """One null-device extract run (no inference: zeros of the extractor's output shape) with the convcache of the
-directory it runs in (printed first), printing rows, rows/s and the extracting process's CPU µs per row (its main thread and the
-whole process; decoder processes are not counted). Run from two checkouts in turn for an interleaved A/B of the
+checkout it runs in (with PYTHONPATH=., checked; printed first), printing rows, rows/s and the extracting
+process's CPU µs per row (its main thread, the whole process, and by thread; decoder processes are not counted). Run from two checkouts in turn for an interleaved A/B of the
 input pipeline across commits, as docs/benchmarks.md does ("The CUDA path without a GPU"):
 
     git worktree add /tmp/before <commit>
     for r in 1 2 3 4 5; do for dir in /tmp/before .; do for way in processes threads; do
-      (cd $dir && /path/to/.venv/bin/python /path/to/experiments/null_rate.py --model runs/ext.onnx \\
+      (cd $dir && PYTHONPATH=. /path/to/.venv/bin/python /path/to/experiments/null_rate.py --model runs/ext.onnx \\
          --augment 15 --images 320 --decode-in $way --work /tmp/nab); done; done; done
 """
 
@@ -30,15 +30,17 @@ def main(argv=None) -> None:
     p.add_argument("--warm", action="store_true", help="measure a second run in this process")
     a = p.parse_args(argv)
     import os
-    import sys
     from dataclasses import replace
 
-    # the convcache of the directory this runs in, not the one the environment installed (an editable install
-    # points every checkout's run at one tree: an A/B across commits would compare a commit with itself)
-    sys.path.insert(0, os.getcwd())
     import convcache
 
-    print(f"convcache from {Path(convcache.__file__).parent}")
+    # an A/B across commits must run each checkout's convcache, not the one the environment installed (an editable
+    # install points every checkout's run at one tree: the A/B would compare a commit with itself): PYTHONPATH=.
+    here = Path(convcache.__file__).resolve().parent.parent
+    if here != Path(os.getcwd()).resolve() and (Path(os.getcwd()) / "convcache").is_dir():
+        raise SystemExit(f"null_rate.py: convcache is imported from {here}, not from this checkout "
+                         f"({os.getcwd()}); run it with PYTHONPATH=.")
+    print(f"convcache from {here}")
     from convcache.benchmarks.extract import subset
     from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
