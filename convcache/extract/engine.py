@@ -609,14 +609,13 @@ class LocalExecutor:
         """Every item's hash, in item order, read and hashed by the pool's threads (both release the GIL).
         Local files go 16 to a job: one future a file cost more than reading and hashing a 45 KB photo
         (~50 µs); a URL is a job of its own, so object-storage latency overlaps."""
-        per_job = 1 if any("://" in str(item.path) for item in items[:1]) else 16
+        per_job = 1 if items and "://" in str(items[0].path) else 16  # one data root: all URLs or none
 
         def some(chunk):
             return [hash_file(item, cfg.max_bytes, cfg.storage_options) for item in chunk]
 
-        jobs = ((items[k:k + per_job],) for k in range(0, len(items), per_job))
         out = []
-        for chunk in _ordered(self._pool, some, jobs, window=max(4, 16 // per_job) * self.workers):
+        for chunk in _ordered(self._pool, some, _chunks(items, per_job), window=max(4, 16 // per_job) * self.workers):
             out += chunk
             if bar is not None:
                 bar.update(len(chunk))
@@ -668,10 +667,9 @@ class LocalExecutor:
         window = 4 * self.workers
         if self._procs is not None:  # full groups ahead, while the rows held ahead stay within WINDOW_BYTES
             window = max(window, min(window * PROCESS_TASK_IMAGES, WINDOW_BYTES // size))
-        rows = iter(jobs())
-        parts = iter(lambda: (list(itertools.islice(rows, ROWS_PER_JOB)),), ([],))
-        done = (r for part in _ordered(self._pool, some, parts, window=max(2 * self.workers, window // ROWS_PER_JOB))
-                for r in part)
+        parts = _ordered(self._pool, some, _chunks(jobs(), ROWS_PER_JOB), window=max(2 * self.workers,
+                                                                                   window // ROWS_PER_JOB))
+        done = (r for part in parts for r in part)
         for p, c, pending, pixels, error in done:
             remaining[p.sha256] -= 1
             if (error or not remaining[p.sha256]) and kept.pop(p.sha256, None) is not None:
@@ -775,6 +773,13 @@ class LocalExecutor:
             done, in_flight = finish(in_flight), None
             yield from written(done)
         yield from written([], final=True)
+
+
+def _chunks(iterable, n: int) -> Iterator[tuple[list]]:
+    """Lists of n items (the last shorter), each as a one-argument job for `_ordered`."""
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield (chunk,)
 
 
 def _ordered(pool, fn, jobs, window: int):
