@@ -176,8 +176,9 @@ def decode_opened(img: Image.Image, size: int, max_decode_bytes: int = DEFAULT_M
                          f"{max_decode_bytes >> 20} MiB")
     with budget.hold(need) if budget is not None else _nothing():
         img.load()
-        if w * h <= REDUCE_ABOVE:
-            return prepare_image(ImageOps.exif_transpose(img), size)
+        if w * h <= REDUCE_ABOVE:  # in place: an upright image is not copied (~100 µs a 250 x 188 photo)
+            ImageOps.exif_transpose(img, in_place=True)
+            return prepare_image(img, size)
         orientation = img.getexif().get(0x0112)
         small = _reduce(img, reduce_factor(w, h))
         if orientation in _TRANSPOSE:

@@ -145,6 +145,46 @@ def test_each_image_is_decoded_once_per_run_and_the_rows_are_the_same_bytes(extr
     assert runs[-1]["decode_in"] == "processes" and runs[-1]["math"] == "fp32"
 
 
+def test_each_file_is_read_once_per_run_and_decoded_from_the_bytes_hashed(extractor, dataset, tmp_path,
+                                                                            monkeypatch):
+    """Decoding in threads, the bytes read to hash a file are the ones decoded: 20 files are read 20 times, not
+    40 (with no budget for them: 40); the stores are bitwise equal. A file rewritten after it was hashed is
+    stored as it was hashed (its row and its sha256 agree), not skipped as changed."""
+    from convcache.extract import engine, mapper
+
+    reads = []
+    real_read = mapper.read_bytes
+    monkeypatch.setattr(mapper, "read_bytes", lambda path, *a, **k: reads.append(path) or real_read(path, *a, **k))
+    once = extract(extractor, dataset, tmp_path / "once.zarr", augment=2, decode_in="threads")
+    assert len(reads) == 20 and len(set(reads)) == 20 and once.decodes == 20
+    reads.clear()
+    monkeypatch.setattr(engine, "READ_ONCE_BYTES", 0)
+    twice = extract(extractor, dataset, tmp_path / "twice.zarr", augment=2, decode_in="threads")
+    assert len(reads) == 40 and twice.decodes == 20
+    assert_same_store(tmp_path / "once.zarr", tmp_path / "twice.zarr")
+    monkeypatch.undo()
+
+    changed = tmp_path / "changed"
+    make_dataset(changed)
+    first = sorted((changed / "train" / "cats").iterdir())[0]
+    real_plan = engine.plan_rows
+
+    def plan_then_rewrite(*a, **k):  # hashed, not yet decoded: the file now holds another photo
+        first.write_bytes(b"".join(p.read_bytes() for p in sorted((changed / "train" / "dogs").iterdir())[:1]))
+        return real_plan(*a, **k)
+
+    monkeypatch.setattr(engine, "plan_rows", plan_then_rewrite)
+    got = extract(extractor, changed, tmp_path / "changed.zarr", decode_in="threads")
+    assert not got.skipped
+    monkeypatch.undo()
+    make_dataset(tmp_path / "unchanged")
+    extract(extractor, tmp_path / "unchanged", tmp_path / "unchanged.zarr", decode_in="threads")
+    a, b = arrays(tmp_path / "changed.zarr"), arrays(tmp_path / "unchanged.zarr")
+    for split in a:
+        for x, y in zip(a[split][:5], b[split][:5]):  # features, labels, image, copy, sha256 (not the paths)
+            np.testing.assert_array_equal(x, y)
+
+
 def test_a_decoding_process_killed_mid_run_loses_no_image(extractor, dataset, tmp_path, monkeypatch, caplog):
     """A decoding process killed (SIGKILL, as the OOM killer does) right after the first task is sent breaks the
     pool: every task in flight fails. The pool is replaced, the images of the failed tasks are decoded again

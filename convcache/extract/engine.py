@@ -82,6 +82,7 @@ DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for their later copies (150 
 PROCESS_MIN_IMAGES = 256  # "auto" decodes in processes from this many images on (starting them costs ~1 s)
 PROCESS_TASK_IMAGES = 8  # images a decoding process is sent at a time
 ROWS_PER_JOB = 8  # rows (decode if first, warp) a thread of the pool is given at a time
+READ_ONCE_BYTES = 128 << 20  # files' bytes kept from hashing to decoding, in threads (45 KB photos: ~2,900)
 WINDOW_BYTES = 256 << 20  # decoded rows held ahead of the batcher with decoders in processes (at 150 px: 3,900)
 PROCESS_MIN_WORKERS = 4  # ...and with this many workers: on 2 cores threads were faster (docs/benchmarks.md)
 
@@ -539,8 +540,12 @@ class LocalExecutor:
         self._procs = None  # decoders in processes, started on the first plan that is worth them
         self._procs_lock = Lock()
         self._warp_threads = warp_threads(1)  # one warp per pool thread: OpenCV's own pool only costs CPU here
+        self.read_once_bytes = READ_ONCE_BYTES
+        self._read: dict = {}  # path -> (sha256, bytes hashed): read once, decoded from these (`hash_files`)
+        self._read_held, self._read_lock = 0, Lock()
 
     def close(self) -> None:
+        self._forget_bytes()
         self._pool.shutdown(cancel_futures=True)
         self._infer_pool.shutdown(cancel_futures=True)
         self._stage_pool.shutdown(cancel_futures=True)
@@ -610,9 +615,14 @@ class LocalExecutor:
         Local files go 16 to a job: one future a file cost more than reading and hashing a 45 KB photo
         (~50 µs); a URL is a job of its own, so object-storage latency overlaps."""
         per_job = 1 if items and "://" in str(items[0].path) else 16  # one data root: all URLs or none
+        # Read once: with decoders in threads, the bytes hashed are kept (the first `read_once_bytes` of them, in
+        # item order, as rows are planned) and decoded from there: neither read nor hashed again (~65 µs a 45 KB
+        # photo here, a GET on object storage). Worker processes read the files themselves: sending them the
+        # bytes would cost the extracting process more than a read costs theirs.
+        keep = self._keep if self._procs is None and self.read_once_bytes > 0 else None
 
         def some(chunk):
-            return [hash_file(item, cfg.max_bytes, cfg.storage_options) for item in chunk]
+            return [hash_file(item, cfg.max_bytes, cfg.storage_options, keep) for item in chunk]
 
         out = []
         for chunk in _ordered(self._pool, some, _chunks(items, per_job), window=max(4, 16 // per_job) * self.workers):
@@ -621,7 +631,32 @@ class LocalExecutor:
                 bar.update(len(chunk))
         return out
 
+    def _keep(self, item: Item, sha256: str, data: bytes) -> None:
+        with self._read_lock:
+            if self._read_held + len(data) <= self.read_once_bytes:
+                self._read[item.path] = (sha256, data)
+                self._read_held += len(data)
+
+    def _bytes_of(self, p: Planned) -> bytes | None:
+        """The bytes hashed for `p` in this run (then forgotten), or None: the decode reads the file."""
+        with self._read_lock:
+            got = self._read.pop(p.item.path, None)
+            if got is None:
+                return None
+            self._read_held -= len(got[1])
+        return got[1] if got[0] == p.sha256 else None
+
+    def _forget_bytes(self) -> None:
+        with self._read_lock:
+            self._read, self._read_held = {}, 0
+
     def usable(self, plan: list[Planned], writer, s: BlockSettings) -> Iterator[Planned]:
+        try:
+            yield from self._usable(plan, writer, s)
+        finally:  # bytes of images not planned (rows already committed, duplicates) go too
+            self._forget_bytes()
+
+    def _usable(self, plan: list[Planned], writer, s: BlockSettings) -> Iterator[Planned]:
         """Each planned (image, copy) that decodes, with its pixels, copy by copy (`copy_major`); an image
         that does not decode is skipped (and not tried again for its other copies).
 
@@ -691,7 +726,8 @@ class LocalExecutor:
         if self._wants_processes(len(plan)):
             self._start_processes()
         if self._procs is None:
-            return lambda p, copies: _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies))
+            return lambda p, copies: _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies,
+                                                                      self._bytes_of(p)))
         return _Group(self, s.decode, PROCESS_TASK_IMAGES).start
 
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:

@@ -21,9 +21,16 @@ class Hashed:
     decode_error: str | None = None  # read and hashed, but it does not decode (probe_file only)
 
 
-def hash_file(item: Item, max_bytes: int = DEFAULT_MAX_BYTES, storage_options: dict | None = None) -> Hashed:
+def hash_file(item: Item, max_bytes: int = DEFAULT_MAX_BYTES, storage_options: dict | None = None,
+              keep=None) -> Hashed:
+    """A file's sha256, or why it could not be read. `keep(item, sha256, data)`, when given, is handed the bytes
+    that were hashed (so that the decode need not read and hash them again: `decode_base(..., data=)`)."""
     try:
-        return Hashed(item, hashlib.sha256(read_bytes(item.path, max_bytes, storage_options)).hexdigest())
+        data = read_bytes(item.path, max_bytes, storage_options)
+        hashed = Hashed(item, hashlib.sha256(data).hexdigest())
+        if keep is not None:
+            keep(item, hashed.sha256, data)
+        return hashed
     except ImageError as exc:
         return Hashed(item, None, exc.reason)
     except Exception as exc:  # one bad file never stops a run
@@ -75,14 +82,16 @@ class Base:
     error: str | None = None
 
 
-def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = ()) -> Base:
+def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = (), data: bytes | None = None) -> Base:
     """An image's model-size pixels, decoded once, and the warp maps of `copies` (every other copy is a warp of
     the pixels: `warp_copy`). Runs in a worker thread or process; the maps are computed there too (numpy
-    under the GIL: in a process it holds no thread of the extracting process)."""
+    under the GIL: in a process it holds no thread of the extracting process). `data`: the bytes hashed to
+    `sha256` in this run (read once); without them the file is read, and refused if it no longer hashes so."""
     try:
-        data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            return Base(None, {}, "changed while reading")
+        if data is None:
+            data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                return Base(None, {}, "changed while reading")
         pixels = decode_image(data, spec.size, spec.max_pixels)
     except ImageError as exc:
         return Base(None, {}, exc.reason)
