@@ -53,6 +53,12 @@ def test_bench_extract_null_device_measures_the_input_pipeline_against_pillow(po
     shipped = next(x for x in r.stdout.splitlines() if x.startswith("| as it ships"))
     before = next(x for x in r.stdout.splitlines() if x.startswith("| every copy decoded, threads"))
     assert shipped.rstrip("| ").endswith("| 8") and before.rstrip("| ").endswith("| 24")  # decodes: 8 vs 8 x 3
+    # the stricter peer (plain Pillow), and the marginal rate from a run on a quarter of the photos (2 of them)
+    assert "| plain Pillow (open, draft, RGB, resize), 2 processes |" in r.stdout
+    assert "plain Pillow gives convcache's pixels for 8 of the 8 photos" in r.stdout
+    quarter = next(x for x in r.stdout.splitlines() if x.startswith("| as it ships, a quarter of the photos |"))
+    assert quarter.rstrip("| ").endswith("| 2")
+    assert "| as it ships, marginal (fixed costs out) |" in r.stdout  # its value: noise at 8 vs 2 photos
 
 
 def test_ratio_interval_is_a_geometric_mean_with_a_t_interval_over_rounds():
