@@ -11,7 +11,9 @@ Sections (rows/s and images/s are medians of --repeats; every ratio is against a
              batched) when torchvision is there
   null       `convcache extract --device null --augment K`: the input pipeline without inference
   pipeline   `convcache extract --device cuda --augment K` as it ships (bound IO, batch by device), plain IO,
-             and fp16; each as rows/s and as a ratio to the bare bound rate at the same batch and precision
+             and fp16; each as rows/s and as a ratio to the bare bound rate at the same batch and precision,
+             three ways: end to end (the CUDA session's creation included), the run phase (decode, infer,
+             write), and for as it ships the marginal rate (every photo against a quarter of them)
   parity     CUDA features (TF32, and --exact) against the CPU's on the same pixels: max abs diff / max |x|
   resume     a store made in one math mode, extended in another: the refusal's text
   probe      fp32 (CPU) and fp16 (CUDA) features of the labelled photos, saved (features.npz) and, when
@@ -180,7 +182,9 @@ def extract_rate(a, data: str, out: Path, **kw) -> dict:
     with ThreadCPU() as cpu:
         s = run_extract(ExtractConfig(model=a.model, data=data, output=str(out), progress=False, workers=a.workers,
                                       **kw))
+    run = s.phases.get("run", 0.0)  # decode, infer, write: from the first block to the last commit
     return {"rows": s.rows_written, "rows_per_s": round(s.rows_per_second, 1), "seconds": round(s.seconds, 2),
+            "run_rows_per_s": round(s.rows_written / run, 1) if run else None,
             "provider": s.provider, "math": s.math, "batch_size": s.batch_size, "decodes": s.decodes,
             "decode_in": s.decode_in, "phases": {k: round(v, 2) for k, v in s.phases.items()},
             "thread_cpu_s": dict(sorted(cpu.seconds.items(), key=lambda kv: -kv[1])),
@@ -203,22 +207,43 @@ def null(a, data: str, tmp: Path) -> dict:
             for k in dict.fromkeys((a.augment, 0)) for way in ("auto", "processes", "threads")}
 
 
-def pipeline(a, data: str, tmp: Path, bare_rates: dict) -> dict:
+QUARTER = "as it ships, a quarter of the photos"
+
+
+def pipeline(a, data: str, tmp: Path, bare_rates: dict, quarter: str) -> dict:
+    """Each arm's rows/s three ways, each against the bare bound rate at its batch and precision: end to end
+    (`rows_per_s`: the whole command, the CUDA session's creation included), the run phase (`run_rows_per_s`:
+    decode, infer, write, from the first block to the last commit) and, as it ships, the marginal rate (the rows a
+    run of every photo adds over a run of a quarter of them, over the seconds it adds: the fixed costs out)."""
     out = {}
-    arms = {"as it ships": {}, "plain io": {"io": "plain"}, "fp16": {"precision": "fp16"}}
-    for name, kw in arms.items():
-        for r in range(a.repeats):
-            got = extract_rate(a, data, tmp / f"p-{name.replace(' ', '-')}-{r}.zarr", device=a.device, **kw)
+    arms = {"as it ships": {}, "plain io": {"io": "plain"}, "fp16": {"precision": "fp16"}, QUARTER: {}}
+    for r in range(a.repeats):  # arms interleaved, repeat by repeat
+        for name, kw in arms.items():
+            got = extract_rate(a, quarter if name == QUARTER else data,
+                               tmp / f"p-{name.replace(' ', '-').replace(',', '')}-{r}.zarr", device=a.device, **kw)
             out.setdefault(name, []).append(got)
     summary = {}
     for name, runs in out.items():
         rate = float(np.median([x["rows_per_s"] for x in runs]))
+        run_rate = float(np.median([x["run_rows_per_s"] or 0.0 for x in runs]))
         batch, precision = runs[0]["batch_size"], "fp16" if name == "fp16" else "fp32"
         measured = sorted(int(k.split()[2]) for k in bare_rates if k.startswith(precision) and k.endswith(" bound"))
         at = batch if batch in measured else (measured[-1] if measured else None)  # else the largest bare batch
         ref = bare_rates[f"{precision} batch {at} bound"]["images_per_s"] if at else None
         summary[name] = {"rows_per_s": round(rate, 1), "batch_size": batch, "math": runs[0]["math"],
-                         "vs_bare_bound": round(rate / ref, 3) if ref else None, "bare_batch": at, "runs": runs}
+                         "vs_bare_bound": round(rate / ref, 3) if ref else None, "bare_batch": at,
+                         "run_rows_per_s": round(run_rate, 1),
+                         "run_vs_bare_bound": round(run_rate / ref, 3) if ref else None, "runs": runs}
+        if name == "as it ships":
+            whole, part = runs, out[QUARTER]
+            marginal = [(w["rows"] - q["rows"]) / (w["seconds"] - q["seconds"]) for w, q in zip(whole, part)
+                        if w["seconds"] > q["seconds"]]
+            m = float(np.median(marginal)) if marginal else None
+            summary[name].update({"marginal_rows_per_s": round(m, 1) if m else None,
+                                  "marginal_vs_bare_bound": round(m / ref, 3) if m and ref else None,
+                                  "fixed_s": [round(w["seconds"] - w["rows"] * (w["seconds"] - q["seconds"]) /
+                                                    (w["rows"] - q["rows"]), 2)
+                                              for w, q in zip(whole, part) if w["rows"] > q["rows"]]})
     return summary
 
 
@@ -301,7 +326,7 @@ def run_section(section: str, a, items, data: str, tmp: Path, out_dir: Path, res
     if section == "null":
         return null(a, data, tmp)
     if section == "pipeline":
-        return pipeline(a, data, tmp, res.get("bare", {}))
+        return pipeline(a, data, tmp, res.get("bare", {}), subset(items[::4], tmp / "quarter"))
     if section == "parity":
         return parity(a, rows)
     if section == "resume":
@@ -323,11 +348,14 @@ def markdown(res: dict, a) -> str:
     for k, v in res.get("decode", {}).items():
         lines.append(f"| decode: {k} | {v['images_per_s']:,.0f} | |" if isinstance(v, dict) else f"| {k} | | {v} |")
     for k, v in res.get("null", {}).items():
-        lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | {v['decodes']} decodes in {v['decode_in']}; main "
-                     f"thread busy {v['main_thread_busy']} |")
+        lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | run phase {v['run_rows_per_s']:,.0f}; "
+                     f"{v['decodes']} decodes in {v['decode_in']}; main thread busy {v['main_thread_busy']} |")
     for k, v in res.get("pipeline", {}).items():
+        marginal = (f"; marginal {v['marginal_rows_per_s']:,.0f} = {v['marginal_vs_bare_bound']}x (fixed "
+                    f"{v['fixed_s']} s)" if v.get("marginal_rows_per_s") else "")
         lines.append(f"| pipeline on {a.device}, {k} (batch {v['batch_size']}, {v['math']}) | {v['rows_per_s']:,.0f} "
-                     f"| {v['vs_bare_bound']}x the bare bound rate at batch {v['bare_batch']} |")
+                     f"| end to end {v['vs_bare_bound']}x the bare bound rate at batch {v['bare_batch']}; run phase "
+                     f"{v['run_rows_per_s']:,.0f} = {v['run_vs_bare_bound']}x{marginal} |")
     lines += ["", "Other sections (parity, resume, probe, serve, errors): gpu.json.", ""]
     return "\n".join(lines)
 
