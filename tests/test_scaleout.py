@@ -174,6 +174,29 @@ def test_images_listed_from_s3(bucket, tmp_path):
 
 
 @pytest.mark.s3
+def test_images_on_object_storage_are_fetched_once_per_run(extractor, bucket, tmp_path, monkeypatch):
+    """Read once (issue 29): the bytes fetched to hash an object are the ones decoded, so each image costs one GET
+    a run, not two; the features are a local run's."""
+    from convcache import location
+    from convcache.extract import FeatureStore
+    from convcache.extract.runner import ExtractConfig, run_extract
+
+    data = make_dataset(tmp_path / "data", splits={"train": 3, "validation": 2})
+    _upload(data, f"{bucket}/imgs")
+    fetched, real = [], location.read_url
+    monkeypatch.setattr(location, "read_url", lambda url, *a, **k: fetched.append(url) or real(url, *a, **k))
+    s = run_extract(ExtractConfig(model=str(extractor), data=f"s3://{bucket}/imgs/", output=str(tmp_path / "s3.zarr"),
+                                  augment=1, decode_in="threads", progress=False))
+    assert s.rows_written == 6 * 2 + 4 and sorted(fetched) == sorted(set(fetched)) and len(fetched) == 10
+    monkeypatch.undo()
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=str(tmp_path / "local.zarr"), augment=1,
+                              decode_in="threads", progress=False))
+    a, b = FeatureStore(tmp_path / "s3.zarr").load("train"), FeatureStore(tmp_path / "local.zarr").load("train")
+    np.testing.assert_array_equal(a.features, b.features)
+    assert list(a.sha256) == list(b.sha256)
+
+
+@pytest.mark.s3
 @pytest.mark.long  # minutes under load: `make test-long`
 def test_s3_store_written_killed_resumed_and_trained(extractor, bucket, tmp_path):
     """Images and store on the S3 endpoint: a run killed mid-way resumes to the same rows as a local
