@@ -36,6 +36,7 @@ _CHUNK_ROWS = 256  # high-bit-depth images are converted to 8 bits this many row
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 REDUCE_ABOVE = 2_000_000  # pixels: larger images are reduced before orientation, conversion and compositing
 _TAIL_BYTES = 20  # bytes a pixel the steps after decoding may hold at once (5 copies at 4 bytes)
+_TAIL_BYTES_RGB = 4  # an RGB frame: only an EXIF-oriented one is copied (transposed in place, then swapped)
 _FIXED_BYTES = 4 << 20  # the decoder's own buffers, the resized output and the array handed back
 _STRIP_BYTES = 8 << 20  # a reduced image's strips: at most about this much each, converted
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -56,7 +57,7 @@ def decode_cost(w: int, h: int, mode: str) -> int:
     bound, checked against measured peaks in the tests)."""
     px = w * h
     if px <= REDUCE_ABOVE:  # decoded frame + orientation copy + RGBA, background, composite, RGB
-        return px * mode_bytes(mode) + px * _TAIL_BYTES + _FIXED_BYTES
+        return px * mode_bytes(mode) + px * (_TAIL_BYTES_RGB if mode == "RGB" else _TAIL_BYTES) + _FIXED_BYTES
     f = reduce_factor(w, h)
     small = math.ceil(w / f) * math.ceil(h / f)
     return px * mode_bytes(mode) + 2 * _STRIP_BYTES + small * (4 + _TAIL_BYTES) + _FIXED_BYTES

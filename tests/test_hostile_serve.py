@@ -48,6 +48,7 @@ def _pngs(n: int) -> dict:
     save("I;16", Image.fromarray(np.add.outer(y.astype(np.uint16), y.astype(np.uint16)) * 100))
     save("LA", Image.fromarray(rgba[..., 0].copy()).convert("LA"))
     save("RGB", Image.fromarray(rgba[..., :3].copy()))
+    save("RGB+EXIF", Image.fromarray(rgba[..., :3].copy()), exif=exif)  # transposed: the one copy RGB makes
     return out
 
 
