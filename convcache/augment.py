@@ -128,6 +128,179 @@ def draw_params(policy: AugmentPolicy, seed: int, image_sha256: str, copy: int) 
     }
 
 
+# ---------------------------------------------------------------- many copies at once
+# `draw_params` costs ~40 µs a copy, nearly all of it building a generator (SeedSequence, PCG64, Generator) to
+# draw 7 numbers; `inverse_matrix` ~30 µs more in 3x3 numpy calls. Below, the same numbers for many (image, copy)
+# keys at once: numpy's SeedSequence and PCG64 (XSL-RR 128/64) written out over arrays of keys, then every map
+# composed as stacks of 3x3 matrices. Bitwise the scalar path's (tests/test_augment.py checks draws and maps
+# against it over presets, seeds and keys); the scalar path stays the definition.
+
+_M32 = 0xFFFFFFFF
+_SS_INIT_A, _SS_MULT_A, _SS_INIT_B, _SS_MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_SS_MIX_L, _SS_MIX_R, _SS_POOL = 0xCA01F9DD, 0x4973F715, 4
+_PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341
+_U64 = np.uint64
+
+
+def _words(n: int) -> list[int]:
+    """An int as SeedSequence takes it: 32-bit words, least significant first ([0] for 0)."""
+    out = []
+    while True:
+        out.append(n & _M32)
+        n >>= 32
+        if not n:
+            return out
+
+
+def _consts(count: int, init: int, mult: int) -> list[int]:
+    out, h = [], init
+    for _ in range(count):
+        out.append(h)
+        h = (h * mult) & _M32
+    return out
+
+
+def _seed_states(entropy: np.ndarray) -> np.ndarray:
+    """(N, L) uint32 entropy words -> (N, 4) uint64: `SeedSequence(words).generate_state(4, np.uint64)` of each
+    row (no spawn key), in uint32 arithmetic that wraps as numpy's C code does."""
+    n, length = entropy.shape
+    consts = iter(_consts(_SS_POOL * _SS_POOL + max(0, length - _SS_POOL) * _SS_POOL, _SS_INIT_A, _SS_MULT_A))
+
+    def hashmix(v):
+        h = next(consts)
+        v = (v ^ np.uint32(h)) * np.uint32((h * _SS_MULT_A) & _M32)
+        return v ^ (v >> np.uint32(16))
+
+    def mix(x, y):
+        r = np.uint32(_SS_MIX_L) * x - np.uint32(_SS_MIX_R) * y
+        return r ^ (r >> np.uint32(16))
+
+    e = entropy.astype(np.uint32)
+    pool = [hashmix(e[:, i] if i < length else np.zeros(n, np.uint32)) for i in range(_SS_POOL)]
+    for src in range(_SS_POOL):
+        for dst in range(_SS_POOL):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(_SS_POOL, length):
+        for dst in range(_SS_POOL):
+            pool[dst] = mix(pool[dst], hashmix(e[:, src]))
+    words = []
+    for i, h in enumerate(_consts(8, _SS_INIT_B, _SS_MULT_B)):
+        v = (pool[i % _SS_POOL] ^ np.uint32(h)) * np.uint32((h * _SS_MULT_B) & _M32)
+        words.append((v ^ (v >> np.uint32(16))).astype(np.uint64))
+    return np.stack([words[2 * k] | (words[2 * k + 1] << _U64(32)) for k in range(4)], 1)
+
+
+def _mul128(ah, al, bh: int, bl: int):
+    """(ah, al) * (bh, bl) mod 2**128 over uint64 arrays (b a constant)."""
+    m = _U64(_M32)
+    a0, a1, b0, b1 = al & m, al >> _U64(32), _U64(bl & _M32), _U64(bl >> 32)
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+    mid = (p00 >> _U64(32)) + (p01 & m) + (p10 & m)
+    hi = p11 + (p01 >> _U64(32)) + (p10 >> _U64(32)) + (mid >> _U64(32))
+    return hi + al * _U64(bh) + ah * _U64(bl), (p00 & m) | (mid << _U64(32))
+
+
+def _add128(ah, al, bh, bl):
+    lo = al + bl
+    return ah + bh + (lo < al).astype(np.uint64), lo
+
+
+def _pcg64_doubles(states: np.ndarray, count: int) -> np.ndarray:
+    """(N, 4) seed states -> (N, count): `np.random.Generator(PCG64(state)).random(count)` of each row."""
+    mh, ml = _PCG_MULT >> 64, _PCG_MULT & ((1 << 64) - 1)
+    with np.errstate(over="ignore"):
+        seed_h, seed_l, inc_h, inc_l = (np.ascontiguousarray(states[:, k]) for k in range(4))
+        ih, il = (inc_h << _U64(1)) | (inc_l >> _U64(63)), (inc_l << _U64(1)) | _U64(1)
+
+        def step(sh, sl):
+            return _add128(*_mul128(sh, sl, mh, ml), ih, il)
+
+        sh, sl = step(np.zeros_like(seed_h), np.zeros_like(seed_l))
+        sh, sl = step(*_add128(sh, sl, seed_h, seed_l))
+        out = np.empty((len(states), count))
+        for j in range(count):
+            sh, sl = step(sh, sl)
+            x, rot = sh ^ sl, sh >> _U64(58)
+            v = (x >> rot) | (x << ((_U64(64) - rot) & _U64(63)))
+            out[:, j] = (v >> _U64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+    return out
+
+
+def draw_params_many(policy: AugmentPolicy, seed: int, keys: list[tuple[str, int]]) -> dict:
+    """`draw_params` of many (image sha256, copy) keys at once: name -> array over the keys, bitwise equal."""
+    entropy = [_words(int(seed)) + _words(int(sha[:32], 16)) + _words(int(c)) for sha, c in keys]
+    count = 7 if policy.horizontal_flip else 6
+    d = np.empty((len(keys), count))
+    by_length: dict = {}
+    for i, words in enumerate(entropy):  # 6 words but for a rare hash with 32 leading zero bits
+        by_length.setdefault(len(words), []).append(i)
+    for rows in by_length.values():
+        d[rows] = _pcg64_doubles(_seed_states(np.array([entropy[i] for i in rows], np.uint32)), count)
+
+    def u(low, high, col):  # Generator.uniform: low + (high - low) * a double, in C doubles
+        low, high = float(low), float(high)
+        return low + (high - low) * d[:, col]
+
+    z = policy.zoom_range
+    return {"theta": u(-policy.rotation_range, policy.rotation_range, 2),
+            "tx": u(-policy.height_shift_range, policy.height_shift_range, 3),
+            "ty": u(-policy.width_shift_range, policy.width_shift_range, 4),
+            "shear": u(-policy.shear_range, policy.shear_range, 5),
+            "zx": u(1 - z, 1 + z, 0), "zy": u(1 - z, 1 + z, 1),
+            "flip": d[:, 6] < 0.5 if policy.horizontal_flip else np.zeros(len(keys), bool)}
+
+
+@functools.cache
+def _centre(height: int, width: int, policy: AugmentPolicy) -> tuple:
+    o1, o2 = height / 2 + policy.center_offset, width / 2 + policy.center_offset
+    centre = np.array([[1, 0, o1], [0, 1, o2], [0, 0, 1]])
+    return centre, np.linalg.inv(centre)
+
+
+def copy_matrices(policy: AugmentPolicy, seed: int, keys: list[tuple[str, int]], height: int,
+                  width: int) -> list[np.ndarray | None]:
+    """`copy_matrix` of each (image sha256, copy) key, computed together (None for copy 0), bitwise equal.
+    Below VECTOR_MIN keys the per-copy path is the faster one (numpy's per-call cost)."""
+    todo = [i for i, (_, c) in enumerate(keys) if c != 0]
+    out: list = [None] * len(keys)
+    if len(todo) < VECTOR_MIN or int(seed) < 0 or any(keys[i][1] < 0 for i in todo):
+        for i in todo:  # (a negative seed or copy: the scalar path's own error)
+            out[i] = copy_matrix(policy, seed, keys[i][0], keys[i][1], height, width)
+        return out
+    p = draw_params_many(policy, seed, [keys[i] for i in todo])
+    n = len(todo)
+    to_rad = math.radians
+    t = [to_rad(x) for x in p["theta"].tolist()]
+    s = [to_rad(x) if policy.shear_units == "degrees" else float(x) for x in p["shear"].tolist()]
+    m = np.zeros((4, n, 3, 3))
+    m[:, :, 2, 2] = 1
+    rotation, shift, shear, zoom = m  # as inverse_matrix builds each, one copy a layer
+    rotation[:, 0, 0] = rotation[:, 1, 1] = [math.cos(x) for x in t]
+    rotation[:, 1, 0] = [math.sin(x) for x in t]
+    rotation[:, 0, 1] = -rotation[:, 1, 0]
+    shift[:, 0, 0] = shift[:, 1, 1] = 1
+    shift[:, 0, 2], shift[:, 1, 2] = p["tx"] * height, p["ty"] * width
+    shear[:, 0, 0] = 1
+    shear[:, 0, 1] = [-math.sin(x) for x in s]
+    shear[:, 1, 1] = [math.cos(x) for x in s]
+    zoom[:, 0, 0], zoom[:, 1, 1] = p["zx"], p["zy"]
+    centre, back = _centre(height, width, policy)
+    xy = centre @ (rotation @ shift @ shear @ zoom) @ back
+    if policy.coordinates == "rowcol":
+        swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+        xy = swap @ xy @ swap
+    flip = p["flip"]
+    if flip.any():
+        xy[flip] = xy[flip] @ np.array([[-1, 0, width - 1], [0, 1, 0], [0, 0, 1]])
+    for k, i in enumerate(todo):
+        out[i] = xy[k, :2]
+    return out
+
+
+VECTOR_MIN = 8  # keys from which `copy_matrices` computes them together
+
+
 def inverse_matrix(params: dict, height: int, width: int, policy: AugmentPolicy = PRESETS["keras3"]) -> np.ndarray:
     """3x3 map from output (x, y) to input (x, y), composed in Keras' order about the centre."""
     t = math.radians(params["theta"])

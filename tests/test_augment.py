@@ -76,3 +76,34 @@ def test_policy_parsing_and_validation():
                 '{"preset": "keras1"}', "[1, 2]", "not json", '{"horizontal_flip": "yes"}'):
         with pytest.raises(ConvcacheError):
             AugmentPolicy.parse(bad)
+
+
+def test_many_copies_drawn_and_mapped_at_once_are_the_per_copy_ones_bitwise():
+    """`draw_params_many` and `copy_matrices` (numpy's SeedSequence and PCG64 written out over arrays of keys, maps
+    as stacks of 3x3 products) give every draw and every map bit for bit as `draw_params` and `copy_matrix` do:
+    both presets, no flip, integer ranges, seeds past 32 bits, copies 0 and past 2**32, and hashes whose first
+    128 bits have leading zero words (shorter entropy), at 1, 8, 15 and 300 keys a call."""
+    import hashlib
+    import random
+    from dataclasses import replace
+
+    import numpy as np
+
+    from convcache.augment import PRESETS, AugmentPolicy, copy_matrices, copy_matrix, draw_params, draw_params_many
+
+    rnd = random.Random(0)
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(100)] + ["0" * 8 + "f" * 56, "0" * 64]
+    policies = [*PRESETS.values(), replace(PRESETS["keras3"], horizontal_flip=False),
+                AugmentPolicy(rotation_range=30, zoom_range=0.5, shear_range=3)]
+    for policy in policies:
+        for seed in (0, 7, 2**33 + 5):
+            keys = [(rnd.choice(shas), rnd.choice([0, 1, 15, 2**32 + 3, rnd.randint(0, 99)])) for _ in range(300)]
+            keys += [(shas[-1], 3), (shas[-2], 4)]
+            many = draw_params_many(policy, seed, keys)
+            for i, (sha, c) in enumerate(keys):
+                one = draw_params(policy, seed, sha, c)
+                assert all(one[k] == many[k][i] for k in one), (policy, seed, sha, c)
+            for n in (1, 8, 15, len(keys)):
+                for (sha, c), m in zip(keys[:n], copy_matrices(policy, seed, keys[:n], 150, 150)):
+                    one = copy_matrix(policy, seed, sha, c, 150, 150)
+                    assert (m is None) == (one is None) and (m is None or np.array_equal(m, one)), (policy, sha, c)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convcache.augment import AugmentPolicy, augment, copy_matrix, warp
+from convcache.augment import AugmentPolicy, augment, copy_matrices, warp
 from convcache.datasets import Item
 from convcache.errors import ImageError
 from convcache.imaging import DEFAULT_MAX_BYTES, decode_image, read_bytes
@@ -65,7 +65,9 @@ def decode_copies(item: Item, sha256: str, copies: list[int], spec: DecodeSpec) 
         if hashlib.sha256(data).hexdigest() != sha256:
             return Decoded(item, sha256, copies, None, "changed while reading")
         image = decode_image(data, spec.size, spec.max_pixels)
-        return Decoded(item, sha256, copies, [augment(image, spec.policy, spec.seed, sha256, c) for c in copies])
+        h, w = image.shape[:2]
+        maps = copy_matrices(spec.policy, spec.seed, [(sha256, c) for c in copies], h, w)
+        return Decoded(item, sha256, copies, [warp(image, m, spec.policy) for m in maps])
     except ImageError as exc:
         return Decoded(item, sha256, copies, None, exc.reason)
     except Exception as exc:  # one bad file never stops a run
@@ -75,7 +77,7 @@ def decode_copies(item: Item, sha256: str, copies: list[int], spec: DecodeSpec) 
 @dataclass(slots=True)
 class Base:
     """An image decoded once: its model-size pixels (copy 0), and the warp maps of the copies asked for (copy ->
-    2x3 matrix, `augment.copy_matrix`), or why it could not be decoded."""
+    2x3 matrix, `augment.copy_matrices`), or why it could not be decoded."""
 
     pixels: np.ndarray | None
     matrices: dict
@@ -85,20 +87,27 @@ class Base:
 def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = (), data: bytes | None = None) -> Base:
     """An image's model-size pixels, decoded once, and the warp maps of `copies` (every other copy is a warp of
     the pixels: `warp_copy`). Runs in a worker thread or process; the maps are computed there too (numpy
-    under the GIL: in a process it holds no thread of the extracting process). `data`: the bytes hashed to
-    `sha256` in this run (read once); without them the file is read, and refused if it no longer hashes so."""
+    under the GIL: in a process it holds no thread of the extracting process), all of them at once
+    (`augment.copy_matrices`). `data`: the bytes hashed to `sha256` in this run (read once); without them the
+    file is read, and refused if it no longer hashes so."""
+    base = _decoded(item, sha256, spec, data)
+    if base.pixels is not None:
+        h, w = base.pixels.shape[:2]
+        base.matrices = dict(zip(copies, copy_matrices(spec.policy, spec.seed, [(sha256, c) for c in copies], h, w)))
+    return base
+
+
+def _decoded(item: Item, sha256: str, spec: DecodeSpec, data: bytes | None) -> Base:
     try:
         if data is None:
             data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
             if hashlib.sha256(data).hexdigest() != sha256:
                 return Base(None, {}, "changed while reading")
-        pixels = decode_image(data, spec.size, spec.max_pixels)
+        return Base(decode_image(data, spec.size, spec.max_pixels), {})
     except ImageError as exc:
         return Base(None, {}, exc.reason)
     except Exception as exc:  # one bad file never stops a run
         return Base(None, {}, f"failed ({exc.__class__.__name__}: {exc})")
-    h, w = pixels.shape[:2]
-    return Base(pixels, {c: copy_matrix(spec.policy, spec.seed, sha256, c, h, w) for c in copies})
 
 
 def watch_parent(pid: int, every: float = 1.0) -> None:
@@ -132,8 +141,19 @@ def watch_parent(pid: int, every: float = 1.0) -> None:
 
 
 def decode_bases(images: list[tuple[Item, str, tuple]], spec: DecodeSpec) -> list[Base]:
-    """`decode_base` for several (item, sha256, copies): a worker process's task."""
-    return [decode_base(item, sha256, spec, copies) for item, sha256, copies in images]
+    """`decode_base` for several (item, sha256, copies): a worker process's task. The warp maps of all their
+    copies are computed together (at 8 images x 15 copies, ~7x faster than a copy at a time)."""
+    bases = [_decoded(item, sha256, spec, None) for item, sha256, _ in images]
+    by_shape: dict = {}  # model-size pixels: one shape
+    for base, (_, sha256, copies) in zip(bases, images):
+        if base.pixels is not None:
+            by_shape.setdefault(base.pixels.shape[:2], []).append((base, sha256, copies))
+    for (h, w), group in by_shape.items():
+        keys = [(sha256, c) for _, sha256, copies in group for c in copies]
+        maps = iter(copy_matrices(spec.policy, spec.seed, keys, h, w))
+        for base, _, copies in group:
+            base.matrices = {c: next(maps) for c in copies}
+    return bases
 
 
 def warp_copy(base: Base | np.ndarray, sha256: str, copy: int, spec: DecodeSpec) -> np.ndarray:
