@@ -213,6 +213,21 @@ def test_a_decoding_process_killed_mid_run_loses_no_image(extractor, dataset, tm
     assert_same_store(tmp_path / "hit.zarr", tmp_path / "threads.zarr")
 
 
+def test_a_script_without_a_main_guard_gets_one_clear_error_not_endless_respawns(extractor, dataset, tmp_path):
+    """Decoding processes start by importing the script that started them: one that runs an extract at its top
+    level (no `if __name__ == "__main__":`) makes every new process fail as it starts. That was pool after pool
+    replaced and every image lost in a process of its own (minutes, then a traceback); now one error, at once."""
+    script = tmp_path / "noguard.py"
+    script.write_text("from convcache.extract.runner import ExtractConfig, run_extract\n"
+                      f"run_extract(ExtractConfig(model={str(extractor)!r}, data={str(dataset)!r}, "
+                      f"output={str(tmp_path / 'out.zarr')!r}, augment=1, progress=False, workers=2, "
+                      "decode_in='processes'))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "ConvcacheError: the decoding processes could not start" in r.stderr
+    assert 'if __name__ == "__main__":' in r.stderr and "a decoding process died" not in r.stderr
+
+
 def test_batches_carry_each_rows_own_pixels_whatever_the_batch_size(extractor, dataset, tmp_path, monkeypatch):
     """The batcher (rows filled into two reused buffers by the staging thread while the batch before runs) gives
     every row its own pixels: with a session whose features are each row's pixel mean, 44 rows in batches of 3

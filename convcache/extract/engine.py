@@ -538,6 +538,7 @@ class LocalExecutor:
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-infer")
         self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-stage")
         self._procs = None  # decoders in processes, started on the first plan that is worth them
+        self._warm: list = []  # the current pool's start-up tasks, one a process
         self._procs_lock = Lock()
         self._warp_threads = warp_threads(1)  # one warp per pool thread: OpenCV's own pool only costs CPU here
         self.read_once_bytes = READ_ONCE_BYTES
@@ -582,21 +583,42 @@ class LocalExecutor:
                 log.warning("a decoding process died: its pool is replaced, and the images it had in flight are "
                             "decoded again, each in a process of its own")
                 procs.shutdown(wait=False, cancel_futures=True)
-                self._procs = None
-                self._start_processes()
+                self._procs = self._new_pool()  # swapped whole: other threads never see no pool
             return self._procs
 
     def _start_processes(self) -> None:
-        if self._procs is not None:
-            return
+        if self._procs is None:
+            self._procs = self._new_pool()
+
+    def _new_pool(self):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # forkserver: never fork this process, whose runtime threads hold locks
-        self._procs = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                          initializer=watch_parent, initargs=(os.getpid(),))
-        for _ in range(self.workers):  # each process started, its imports done, without waiting for them
-            self._procs.submit(decode_bases, [], None)
+        procs = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                                    initializer=watch_parent, initargs=(os.getpid(),))
+        # each process started, its imports done, without waiting for them (`_check_started` waits)
+        self._warm = [procs.submit(decode_bases, [], None) for _ in range(self.workers)]
+        return procs
+
+    def _check_started(self) -> None:
+        """Before the first image is sent: the decoding processes came up. A process that cannot even start (a
+        script that runs convcache at its top level, without `if __name__ == "__main__":`, is imported again by
+        each new process, which then fails) would otherwise break pool after pool, each image then decoded, and
+        lost, in a process of its own: minutes of respawns for nothing."""
+        from concurrent.futures import wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        from convcache.errors import ConvcacheError
+
+        done, _ = wait(self._warm)
+        if not any(f.exception() is None for f in done):
+            exc = next(f.exception() for f in done)
+            why = ("each exited as it started; a Python script that runs convcache must guard its top level with "
+                   "`if __name__ == \"__main__\":` (each new process imports it)" if isinstance(exc, BrokenProcessPool)
+                   else f"{exc.__class__.__name__}: {exc}")
+            raise ConvcacheError(f"the decoding processes could not start ({why}); or decode in threads "
+                                 "(--decode-in threads)")
 
     commit_seconds = COMMIT_SECONDS
 
@@ -725,6 +747,8 @@ class LocalExecutor:
         submitted to a worker process now, or decoded by the first pool thread that asks for it."""
         if self._wants_processes(len(plan)):
             self._start_processes()
+        if self._procs is not None:
+            self._check_started()
         if self._procs is None:
             return lambda p, copies: _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies,
                                                                       self._bytes_of(p)))
