@@ -317,7 +317,7 @@ def row_columns(rows: list[Row]) -> dict:
         "label": np.array([r.label for r in rows], np.int32),
         "image": np.array([r.image for r in rows], np.int64),
         "copy": np.array([r.copy for r in rows], np.int16),
-        "sha256": np.stack([np.frombuffer(bytes.fromhex(r.sha256), np.uint8) for r in rows]),
+        "sha256": np.frombuffer(bytes.fromhex("".join(r.sha256 for r in rows)), np.uint8).reshape(len(rows), 32),
         "path": np.array([r.path for r in rows], dtype=object),
     }
 
@@ -786,10 +786,16 @@ class LocalExecutor:
             """Collect a batch's features into their blocks; the blocks that are now complete."""
             rows, future = job
             out = future.result()
-            for k, (entry, i, _) in enumerate(rows):
+            k, n = 0, len(rows)
+            while k < n:  # a batch is a run of consecutive rows of one block or a few: a slice each, not a row each
+                entry, i, _ = rows[k]
+                j = k + 1
+                while j < n and rows[j][0] is entry:
+                    j += 1
                 for name, values in out.items():
-                    entry.features[name][i] = values[k]
-                entry.filled += 1
+                    entry.features[name][i : i + j - k] = values[k:j]
+                entry.filled += j - k
+                k = j
             rows[-1][0].calls += 1
             done = []
             while open_blocks and open_blocks[0].filled == len(open_blocks[0].block.rows):
