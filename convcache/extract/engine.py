@@ -780,22 +780,28 @@ class LocalExecutor:
             # a row alone, 2.5 ms beside a thread running Python), and this thread is the one every row waits on
             batch = next(buffers)[: len(rows)]
             staged = self._stage_pool.submit(fill_and_stage, batch, [px for _, _, px in rows])
-            return rows, self._infer_pool.submit(lambda: self.session.run_staged(staged.result()))
+            return rows, self._infer_pool.submit(lambda: scatter(rows, self.session.run_staged(staged.result())))
 
-        def finish(job) -> list[_Open]:
-            """Collect a batch's features into their blocks; the blocks that are now complete."""
-            rows, future = job
-            out = future.result()
+        def scatter(rows, out) -> None:
+            """A batch's features into their blocks, on the inference thread (a copy this size gives up the GIL
+            and waits to win it back: on the main thread, every row waited with it). A batch is a run of
+            consecutive rows of one block or a few: a slice each, not a row each."""
             k, n = 0, len(rows)
-            while k < n:  # a batch is a run of consecutive rows of one block or a few: a slice each, not a row each
+            while k < n:
                 entry, i, _ = rows[k]
                 j = k + 1
                 while j < n and rows[j][0] is entry:
                     j += 1
                 for name, values in out.items():
                     entry.features[name][i : i + j - k] = values[k:j]
-                entry.filled += j - k
                 k = j
+
+        def finish(job) -> list[_Open]:
+            """Count a batch's rows into their blocks (`scatter` wrote them); the blocks now complete."""
+            rows, future = job
+            future.result()
+            for entry, _, _ in rows:
+                entry.filled += 1
             rows[-1][0].calls += 1
             done = []
             while open_blocks and open_blocks[0].filled == len(open_blocks[0].block.rows):
