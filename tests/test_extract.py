@@ -228,6 +228,36 @@ def test_a_script_without_a_main_guard_gets_one_clear_error_not_endless_respawns
     assert 'if __name__ == "__main__":' in r.stderr and "a decoding process died" not in r.stderr
 
 
+def test_commits_wait_out_their_own_cost_end_on_chunk_boundaries_and_change_no_byte(extractor, dataset, tmp_path,
+                                                                                     monkeypatch):
+    """Finished blocks are committed at the last chunk boundary they reach, but a boundary reached sooner than
+    COMMIT_COST_RATIO x the last commit's time waits (with wide features a commit a chunk was most of the run),
+    unless HOLD_BYTES are held. Every cadence gives the same store, and every commit but a split's last ends on
+    a chunk boundary."""
+    from convcache.extract import engine
+    from convcache.store.writer import SplitWriter
+
+    stops, real = [], SplitWriter.commit_blocks
+    monkeypatch.setattr(SplitWriter, "commit_blocks", lambda self, blocks: stops.append(
+        (self.split, blocks[-1][1], self.chunk_rows)) or real(self, blocks))
+    monkeypatch.setattr(engine.LocalExecutor, "commit_seconds", 1e9)  # no timer: boundaries and the end only
+    runs = {"every boundary": (0, engine.HOLD_BYTES), "cost waits": (1e9, engine.HOLD_BYTES),
+            "bytes cap": (1e9, 1)}
+    counts = {}
+    for name, (ratio, cap) in runs.items():
+        monkeypatch.setattr(engine, "COMMIT_COST_RATIO", ratio)
+        monkeypatch.setattr(engine, "HOLD_BYTES", cap)
+        stops.clear()
+        extract(extractor, dataset, tmp_path / f"{name}.zarr", augment=2, batch_size=4, chunk_rows=2)
+        counts[name] = len(stops)
+        last = {split: stop for split, stop, _ in stops}
+        assert all(stop % chunk == 0 or stop == last[split] for split, stop, chunk in stops), (name, stops)
+    assert counts["cost waits"] == 4  # a split's first boundary (no cost known yet) and its end: train, validation
+    assert counts["every boundary"] > 10 and counts["bytes cap"] > 10, counts
+    assert_same_store(tmp_path / "every boundary.zarr", tmp_path / "cost waits.zarr")
+    assert_same_store(tmp_path / "every boundary.zarr", tmp_path / "bytes cap.zarr")
+
+
 def test_batches_carry_each_rows_own_pixels_whatever_the_batch_size(extractor, dataset, tmp_path, monkeypatch):
     """The batcher (rows filled into two reused buffers by the staging thread while the batch before runs) gives
     every row its own pixels: with a session whose features are each row's pixel mean, 44 rows in batches of 3

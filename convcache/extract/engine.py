@@ -77,6 +77,8 @@ from convcache.store.listing import Changes, changes, data_location, listing_of
 log = logging.getLogger(__name__)
 COMMIT_ROWS = 64  # the local executor's blocks (its pipeline's unit, and a block digest each)
 COMMIT_SECONDS = 1.0  # ...written and committed together once a chunk is full or this long has passed
+COMMIT_COST_RATIO = 4  # ...but a full chunk waits until 4x the last commit's time has passed (commits <= ~20%)
+HOLD_BYTES = 256 << 20  # ...or until this many bytes of features are held
 DECODE_IN = ("auto", "threads", "processes")
 DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for their later copies (150 px: ~15,000 images)
 PROCESS_MIN_IMAGES = 256  # "auto" decodes in processes from this many images on (starting them costs ~1 s)
@@ -809,20 +811,41 @@ class LocalExecutor:
             return done
 
         held: list[_Open] = []  # finished blocks not written yet
-        last = [time.monotonic()]
+        cut = [0]  # how many of them end on a chunk boundary, the last such one included
+        last = [time.monotonic(), 0.0]  # when the last commit ended, and what it took (s)
+        row_bytes = sum(int(np.prod(shape)) for shape in shapes.values()) * np.dtype(s.dtype).itemsize
 
         def written(done: list[_Open], final: bool = False) -> Iterator[list[BlockResult]]:
-            """Write the finished blocks together, and hand them to the committer (one commit), once they
-            fill a chunk or `commit_seconds` has passed: the shape never runs ahead of a commit."""
-            held.extend(done)
-            if not held or not (final or held[-1].block.stop % writer.chunk_rows == 0
-                                or time.monotonic() - last[0] >= self.commit_seconds):
+            """Write finished blocks together, and hand them to the committer (one commit): up to the last chunk
+            boundary they reach (a chunk written whole, once), or all of them when `commit_seconds` has passed
+            with no boundary among them (durability: an interrupt loses ~a second) or at the end; the shape never
+            runs ahead of a commit. A boundary reached sooner than COMMIT_COST_RATIO times the last commit's own
+            time waits, with more chunks behind it, unless HOLD_BYTES are held: with wide features (block5_pool:
+            128 rows a 4 MiB chunk) a commit a chunk made commits, ~70 ms each, most of the run."""
+            for e in done:
+                held.append(e)
+                if e.block.stop % writer.chunk_rows == 0:
+                    cut[0] = len(held)
+            if not held:
                 return
-            writer.write(held[0].block.start, {v: np.concatenate([e.features[v] for e in held]) for v in shapes})
+            now = time.monotonic()
+            if final:
+                take = len(held)
+            elif now - last[0] >= self.commit_seconds:
+                take = cut[0] or len(held)
+            elif cut[0] and (now - last[0] >= COMMIT_COST_RATIO * last[1] or
+                             row_bytes * sum(len(e.block.rows) for e in held[: cut[0]]) >= HOLD_BYTES):
+                take = cut[0]
+            else:
+                return
+            out = held[:take]
+            writer.write(out[0].block.start, {v: np.concatenate([e.features[v] for e in out]) for v in shapes})
             yield [BlockResult(e.block.start, e.block.stop, digest(e.block.rows, e.features), e.calls,
-                               time.perf_counter() - e.t0, self.provider, os.getpid()) for e in held]
-            held.clear()
-            last[0] = time.monotonic()
+                               time.perf_counter() - e.t0, self.provider, os.getpid()) for e in out]
+            del held[:take]
+            cut[0] = 0 if cut[0] <= take else cut[0] - take
+            end = time.monotonic()
+            last[:] = [end, end - now]
 
         def flush(rows) -> list[_Open]:  # one batch infers while the one before it is collected
             nonlocal in_flight
