@@ -114,6 +114,9 @@ def test_a_crash_before_commit_leaves_no_visible_rows(pooled_extractor, tmp_path
         return real_commit(self, rows, **kwargs)
 
     monkeypatch.setattr(writer.SplitWriter, "commit", crash_on_third)
+    from convcache.extract import engine
+
+    monkeypatch.setattr(engine, "COMMIT_COST_RATIO", 0)  # a commit at every chunk boundary: blocks of 4 rows
     with pytest.raises(KeyboardInterrupt):
         run_extract(ExtractConfig(model=str(pooled_extractor), data=str(data), output=str(tmp_path / "f.zarr"),
                                   augment=2, progress=False, chunk_rows=4, batch_size=4))
