@@ -119,3 +119,13 @@ def ratio_text(ratios) -> str:
     r = ratio_interval(ratios)
     span = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
     return f"{r['ratio']:.2f}x{span}, ahead {r['ahead']} of {r['rounds']}"
+
+
+def marginal_rate(rows: int, seconds: float, rows_part: int, seconds_part: float) -> tuple[float, float]:
+    """The line through two runs of one pipeline, a larger and a smaller (rows, seconds): its slope as a rate
+    (the rows the larger run adds over the seconds it adds: the per-row cost, fixed costs out) and its intercept
+    (the fixed seconds of a run). NaN for both when the larger run took no longer: noise, no line."""
+    if rows <= rows_part or seconds <= seconds_part:
+        return float("nan"), float("nan")
+    rate = (rows - rows_part) / (seconds - seconds_part)
+    return rate, seconds - rows / rate

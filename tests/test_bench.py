@@ -61,6 +61,16 @@ def test_bench_extract_null_device_measures_the_input_pipeline_against_pillow(po
     assert "| as it ships, marginal (fixed costs out) |" in r.stdout  # its value: noise at 8 vs 2 photos
 
 
+def test_marginal_rate_is_the_slope_and_fixed_seconds_the_intercept_of_two_runs():
+    import math
+
+    from convcache.stats import marginal_rate
+
+    rate, fixed = marginal_rate(2000, 2.36, 500, 0.86)  # 1,500 more rows in 1.5 more seconds
+    assert math.isclose(rate, 1000.0) and math.isclose(fixed, 0.36)
+    assert all(math.isnan(x) for x in marginal_rate(2000, 0.8, 500, 0.86))  # the larger run no slower: no line
+
+
 def test_ratio_interval_is_a_geometric_mean_with_a_t_interval_over_rounds():
     """The peer benchmarks' summary (convcache.stats.ratio_interval): per-round ratios, paired by round."""
     import math

@@ -151,6 +151,7 @@ def null(a) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from convcache.runtime import cpu_model
+    from convcache.stats import marginal_rate
 
     tmp = Path(tempfile.mkdtemp())
     data = subset(a.data, a.images, tmp / "data")
@@ -210,10 +211,9 @@ def null(a) -> None:
     # marginal: the rate of the rows a larger run adds, (rows - rows of a quarter) / (seconds - its seconds), per
     # round: the per-row cost with the run's fixed costs (model identity, creating the store, the listing and stat
     # cache, the last commit) taken out; their seconds are the line's intercept
-    pairs = list(zip(seconds["as it ships"], seconds[QUARTER]))
-    got["as it ships, marginal (fixed costs out)"] = [(n - q) / (t - tq) if t > tq else float("nan")
-                                                     for (n, t), (q, tq) in pairs]
-    fixed = [t - n * (t - tq) / (n - q) if t > tq else float("nan") for (n, t), (q, tq) in pairs]
+    lines = [marginal_rate(*whole, *part) for whole, part in zip(seconds["as it ships"], seconds[QUARTER])]
+    got["as it ships, marginal (fixed costs out)"] = [rate for rate, _ in lines]
+    fixed = [f for _, f in lines]
     label = f"as it ships (decode_in auto: {shipped})"
     got = {label if k == "as it ships" else k: v for k, v in got.items()}
     decodes = {label if k == "as it ships" else k: v for k, v in decodes.items()}

@@ -752,11 +752,10 @@ class LocalExecutor:
         submitted to a worker process now, or decoded by the first pool thread that asks for it."""
         if self._wants_processes(len(plan)):
             self._start_processes()
-        if self._procs is not None:
-            self._check_started()
         if self._procs is None:
             return lambda p, copies: _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies,
                                                                       self._bytes_of(p)))
+        self._check_started()
         return _Group(self, s.decode, PROCESS_TASK_IMAGES).start
 
     def run(self, blocks: Iterable[Block], s: BlockSettings, writer) -> Iterator[list[BlockResult]]:
@@ -848,7 +847,7 @@ class LocalExecutor:
             yield [BlockResult(e.block.start, e.block.stop, e.digest.result(), e.calls,
                                time.perf_counter() - e.t0, self.provider, os.getpid()) for e in out]
             del held[:take]
-            cut[0] = 0 if cut[0] <= take else cut[0] - take
+            cut[0] = 0  # take reaches the last boundary held, or past it
             end = time.monotonic()
             last[:] = [end, end - now]
 

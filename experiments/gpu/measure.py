@@ -235,15 +235,14 @@ def pipeline(a, data: str, tmp: Path, bare_rates: dict, quarter: str) -> dict:
                          "run_rows_per_s": round(run_rate, 1),
                          "run_vs_bare_bound": round(run_rate / ref, 3) if ref else None, "runs": runs}
         if name == "as it ships":
-            whole, part = runs, out[QUARTER]
-            marginal = [(w["rows"] - q["rows"]) / (w["seconds"] - q["seconds"]) for w, q in zip(whole, part)
-                        if w["seconds"] > q["seconds"]]
-            m = float(np.median(marginal)) if marginal else None
+            from convcache.stats import marginal_rate
+
+            lines = [marginal_rate(w["rows"], w["seconds"], q["rows"], q["seconds"]) for w, q in zip(runs, out[QUARTER])]
+            rates = [rate for rate, _ in lines if rate == rate]  # NaN: the larger run took no longer (noise)
+            m = float(np.median(rates)) if rates else None
             summary[name].update({"marginal_rows_per_s": round(m, 1) if m else None,
                                   "marginal_vs_bare_bound": round(m / ref, 3) if m and ref else None,
-                                  "fixed_s": [round(w["seconds"] - w["rows"] * (w["seconds"] - q["seconds"]) /
-                                                    (w["rows"] - q["rows"]), 2)
-                                              for w, q in zip(whole, part) if w["rows"] > q["rows"]]})
+                                  "fixed_s": [round(f, 2) for _, f in lines if f == f]})
     return summary
 
 
