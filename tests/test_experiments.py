@@ -134,7 +134,8 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     shipped = res["pipeline"]["as it ships"]  # end to end, the run phase, and the marginal rate (14 against 4)
     assert shipped["run_rows_per_s"] >= shipped["rows_per_s"] > 0 and shipped["run_vs_bare_bound"] > 0
     assert res["pipeline"]["as it ships, a quarter of the photos"]["runs"][0]["rows"] == 4 * 3
-    assert "marginal_rows_per_s" in shipped and len(shipped["fixed_s"]) == 1
+    # a line through the two runs only where the larger took longer: on 14 photos a loaded machine can reverse them
+    assert "marginal_rows_per_s" in shipped and len(shipped["fixed_s"]) == (1 if shipped["marginal_rows_per_s"] else 0)
     null = res["null"]  # with copies and without, as it ships and each way
     assert {k: v["decode_in"] for k, v in null.items() if k.startswith("null, K=0")} == {
         "null, K=0, auto": "threads", "null, K=0, processes": "processes", "null, K=0, threads": "threads"}
