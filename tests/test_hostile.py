@@ -371,6 +371,25 @@ def test_a_malformed_lease_is_taken_over_not_a_traceback(content):
         guard()  # held: the lease is ours
 
 
+def test_taking_the_fencing_token_keeps_the_snapshot_for_its_readers(extractor, tmp_path):
+    """A writer on object storage records its fencing token in the root's metadata when it starts. Written
+    through the writer's handle (opened without the snapshot), that dropped the consolidated snapshot until the
+    run's first consolidation: readers of the snapshot found none. The token goes in beside the snapshot."""
+    import fsspec
+
+    from convcache.store.lease import writer_lock
+    from convcache.store.writer import open_root
+
+    url = "memory://fence-snapshot/s.zarr"
+    data = make_dataset(tmp_path / "d", splits={"train": 2})
+    run_extract(ExtractConfig(model=str(extractor), data=str(data), output=url, progress=False))
+    with writer_lock(url) as guard:
+        guard.fence(open_root(url, ["cats", "dogs"]))
+        doc = json.loads(fsspec.filesystem("memory").cat_file("/fence-snapshot/s.zarr/zarr.json"))
+        assert doc["attributes"]["writer_fence"] == 2 and "train" in doc["consolidated_metadata"]["metadata"]
+        assert FeatureStore(url).rows("train") == 4
+
+
 @pytest.mark.parametrize("edit, message", [
     (("root", "classes", "cats"), "classes attribute is 'cats'"),
     (("root", "classes", ["cats", "cats", "cats"]), "not a list of at least 2 distinct names"),

@@ -86,3 +86,48 @@ def test_a_store_without_a_listing_reads_as_before(extractor, tmp_path):
     np.testing.assert_array_equal(full.label, old.label)
     assert fs.status("train")["listed"] is None
     assert listing.changes(None, fs.listing("validation")).new == 8
+
+
+def _files(store):
+    return {p.relative_to(store).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def test_a_run_that_finds_nothing_new_writes_nothing_but_the_snapshot(extractor, tmp_path, monkeypatch):
+    """A re-run over unchanged folders rewrites no listing (a rewrite is a window in which a concurrent reader
+    finds none, and reads every row as current), no skipped list, no split attribute: every file of the store
+    is as it was, the root's snapshot refreshed to the same bytes. What did change is written: a rename within
+    a class (the listing's paths), a bad file gone (the skipped list)."""
+    monkeypatch.setattr("convcache.datasets.RACY_SECONDS", 0)  # fixtures written just now are in the stat cache
+    data = make_dataset(tmp_path / "data", splits={"train": 4})
+    (data / "train" / "cats" / "bad.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "s.zarr"
+    extract(extractor, data, out)
+    before = _files(out)
+    again = extract(extractor, data, out)
+    assert again.rows_written == 0 and again.skipped  # the bad file is still skipped, and still said
+    after = _files(out)
+    assert after.keys() == before.keys()
+    assert {k for k in after if after[k] != before[k]} <= {"zarr.json"}  # only the root's snapshot: rewritten,
+    assert after["zarr.json"][0] == before["zarr.json"][0]                # to the same bytes
+    assert list(FeatureStore(out).skipped("train")) == [str(data / "train" / "cats" / "bad.jpg")]
+    (data / "train" / "cats" / "cats.0.jpg").rename(data / "train" / "cats" / "renamed.jpg")
+    (data / "train" / "cats" / "bad.jpg").unlink()
+    extract(extractor, data, out)
+    fs = FeatureStore(out)
+    assert "renamed.jpg" in labels_by_path(fs.load("train")) and fs.skipped("train") == {}
+
+
+def test_a_snapshot_left_behind_by_a_killed_run_is_brought_level_by_a_run_with_nothing_to_do(extractor, tmp_path):
+    """A run killed after its last commit and before its consolidation leaves the root's snapshot (what
+    FeatureStore and xarray read) behind the split. The next run, though it has nothing to extract, refreshes it."""
+    data = make_dataset(tmp_path / "data", splits={"train": 3})
+    out = tmp_path / "s.zarr"
+    extract(extractor, data, out)
+    old_root = (out / "zarr.json").read_bytes()
+    make_image(data / "train" / "cats" / "new.0.jpg", seed=4242, kind=0)
+    extract(extractor, data, out)
+    (out / "zarr.json").write_bytes(old_root)  # as if killed before the last consolidation
+    assert FeatureStore(out).rows("train") == 6
+    assert extract(extractor, data, out).rows_written == 0
+    assert FeatureStore(out).rows("train") == 7 and "new.0.jpg" in labels_by_path(FeatureStore(out).load("train"))

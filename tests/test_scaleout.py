@@ -541,4 +541,6 @@ def test_a_writer_stopped_past_its_lease_damages_nothing(extractor, bucket, tmp_
     assert rows == len(list(Path(data).rglob("*.jpg"))) * 12
     assert all(group[n].shape[0] == rows for n in ("features", "label", "copy", "sha256"))
     root_fence = zarr.open_group(f"s3://{bucket}/s.zarr", mode="r", use_consolidated=False).attrs["writer_fence"]
-    assert group.attrs["writer_fence"] == root_fence >= 2
+    # the root never behind a split (a run with nothing to commit, like the third above, takes a token and
+    # refreshes the snapshot without writing the split)
+    assert root_fence >= group.attrs["writer_fence"] >= 2

@@ -923,7 +923,7 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
                      data_location(cfg.data))
     before = writer.listing()
     summary.changes[split] = changes(before, now) if before is not None else Changes()
-    writer.save_listing(now)  # before any row: what is trained on is this listing, whatever is extracted
+    writer.save_listing(now)  # before any row: what is trained on is this listing (unless it is the one stored)
     del hashed
     summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
     settings = BlockSettings(sink=writer.sink(), split=split,
@@ -937,17 +937,19 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     failed, task_seconds, n_blocks = _run_blocks(executor, plan, settings, writer, committed.next_image, cfg,
                                                  summary)
     summary.phases["run"] = summary.phases.get("run", 0.0) + time.perf_counter() - t_run
+    written = writer.committed - start
+    run = None
+    if written and not failed:  # the cost of the cache, for compute accounting (seconds per row on this machine)
+        run = {"rows": written, "seconds": round(time.perf_counter() - t_start, 3), "provider": summary.provider,
+               "math": summary.math, "cpu": cpu_model(), "batch_size": cfg.batch_size, **executor.describe(),
+               "blocks": n_blocks,
+               "block_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
+               "copies": list(job.copies), "finished": _now()}
+    writer.commit(run=run)  # the run's last commit: its skipped files, its record, one consolidation
+    summary.skipped.update(writer.skipped)
     if failed:
         raise ConvcacheError(f"'{split}': {len(failed)} of {n_blocks} blocks failed (first: {failed[0].error}); rows "
                              f"0..{writer.committed - 1} are committed, re-run to extract the rest")
-    written = writer.committed - start
-    if written:  # the cost of the cache, for compute accounting (seconds per row on this machine)
-        writer.record_run({"rows": written, "seconds": round(time.perf_counter() - t_start, 3),
-                           "provider": summary.provider, "math": summary.math, "cpu": cpu_model(),
-                           "batch_size": cfg.batch_size,
-                           **executor.describe(), "blocks": n_blocks,
-                           "block_seconds_mean": round(float(np.mean(task_seconds)), 3) if task_seconds else None,
-                           "copies": list(job.copies), "finished": _now()})
 
 
 def check_device(writer, device: dict, allow_mixed: bool) -> None:
@@ -970,8 +972,8 @@ def check_device(writer, device: dict, allow_mixed: bool) -> None:
 
 def _run_blocks(executor: Executor, plan: list[Planned], settings: BlockSettings, writer, next_image: int, cfg,
                 summary) -> tuple[list, list, int]:
-    """Cut the plan into blocks, run them on `executor`, commit what completes in row order, then the run's
-    final commit. Returns (failed blocks, block seconds, blocks run)."""
+    """Cut the plan into blocks, run them on `executor`, commit what completes in row order (the run's final
+    commit is the caller's). Returns (failed blocks, block seconds, blocks run)."""
     from tqdm import tqdm
 
     total = sum(len(p.copies) for p in plan)
@@ -992,8 +994,6 @@ def _run_blocks(executor: Executor, plan: list[Planned], settings: BlockSettings
         n_blocks += len(results)
         summary.rows_written += committer.add(ok)
     bar.close()
-    writer.commit()
-    summary.skipped.update(writer.skipped)
     summary.provider = ", ".join(sorted(providers)) or summary.provider
     return failed, task_seconds, n_blocks
 
@@ -1017,8 +1017,8 @@ def hash_with_cache(executor, items: list[Item], writer, cfg, summary) -> list[H
     del cached
     keep = [i for i, (h, key) in enumerate(zip(hashed, keys)) if key is not None and h.sha256]
     if todo or len(keep) != n_cached:  # an unchanged listing, all from the cache: nothing to write
-        statcache.save(writer.group, [items[i].path for i in keep], [keys[i] for i in keep],
-                       [hashed[i].sha256 for i in keep])
+        writer.save_stat_cache([items[i].path for i in keep], [keys[i] for i in keep],
+                               [hashed[i].sha256 for i in keep])
     return hashed
 
 

@@ -199,12 +199,14 @@ class Lease:
     def fence(self, root) -> None:
         """Take the store's next fencing token (`writer_fence` in the root's attributes) and record it there;
         every commit carries it (`SplitWriter`), and `check` refuses once a higher one is recorded."""
+        from convcache.store.layout import update_root_attributes
+
         if not self.held:
             return
         self.check()
         self._root = root
         self.token = int(_fence_of(root) or 0) + 1
-        root.update_attributes({"writer_fence": self.token})
+        update_root_attributes(root, {"writer_fence": self.token})  # the snapshot stays for its readers
 
     def __call__(self) -> None:
         self.check()

@@ -9,7 +9,8 @@ nothing), and a new photo is extracted by the next run. Rows of content no longe
 
 Kept in the split's `bookkeeping/listing` group: arrays `sha256` (n x 32 uint8, sorted), `label` (int32) and
 `path`, and attributes `digest` (SHA-256 over the sorted (sha256, label) pairs: a rename within a class does
-not change it, a move between classes does), `data` (where the split was listed from) and `listed` (when).
+not change it, a move between classes does), `data` (where the split was listed from) and `listed` (when this
+listing was first found: a run that finds the same listing again leaves it as it is, written once).
 Content listed under two labels is in no listing (extract skips it, saying so).
 """
 
@@ -21,7 +22,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from convcache.store.layout import bookkeeping, create_bookkeeping_array
+from convcache.store.layout import bookkeeping, create_bookkeeping_array, writing
 
 GROUP = "listing"
 
@@ -69,6 +70,12 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def same_as(self, other: Listing) -> bool:
+        """The same listing found again: the same contents with the same labels, at the same paths, listed from
+        the same place (when it was listed aside)."""
+        return (self.digest == other.digest and self.data == other.data and len(self) == len(other)
+                and np.array_equal(self.sha256, other.sha256) and bool(np.all(self.path == other.path)))
 
     def lookup(self, row_sha: np.ndarray) -> np.ndarray:
         """For each row's sha256 (n x 32 uint8): its position in the listing, or -1 where not listed."""
@@ -128,14 +135,20 @@ def changes(old: Listing | None, new: Listing) -> Changes:
 def save(group, listing: Listing) -> None:
     """Replace the split's listing (invalid, hence ignored, until its arrays and digest are all in)."""
     book = bookkeeping(group, create=True)
-    g = book[GROUP] if GROUP in book else book.create_group(GROUP)
-    g.update_attributes({"digest": None})
+    if GROUP in book:
+        g = book[GROUP]
+        g.update_attributes({"digest": None})
+    else:
+        g = book.create_group(GROUP, attributes={"digest": None})
     n = len(listing)
-    for name, values, shape, chunks, dtype in (("sha256", listing.sha256, (0, 32), (65536, 32), "uint8"),
-                                               ("label", listing.label, (0,), (65536,), "int32"),
-                                               ("path", listing.path, (0,), (65536,), str)):
-        arr = g[name] if name in g else create_bookkeeping_array(g, name, shape, chunks, dtype)
-        arr.resize((n, *arr.shape[1:]))
+    for name, values, shape, chunks, dtype in (("sha256", listing.sha256, (n, 32), (65536, 32), "uint8"),
+                                               ("label", listing.label, (n,), (65536,), "int32"),
+                                               ("path", listing.path, (n,), (65536,), str)):
+        if name in g:
+            arr = writing(g[name])
+            arr.resize((n, *arr.shape[1:]))
+        else:
+            arr = create_bookkeeping_array(g, name, shape, chunks, dtype)
         if n:
             arr[:] = values
     g.update_attributes({"digest": listing.digest, "rows": n, "data": listing.data, "listed": listing.listed})

@@ -24,7 +24,7 @@ import numpy as np
 
 from convcache.datasets import local_key
 from convcache.store.layout import STAT_CACHE as GROUP
-from convcache.store.layout import bookkeeping, create_bookkeeping_array
+from convcache.store.layout import bookkeeping, create_bookkeeping_array, writing
 
 _NAMES = ("path", "key", "sha256")
 
@@ -113,16 +113,20 @@ def save(group, paths: list[str], keys: list[str], shas: list[str]) -> None:
         part = shas[a : a + 65536]
         sha_bytes[a : a + len(part)] = np.frombuffer(bytes.fromhex("".join(part)), np.uint8).reshape(-1, 32)
     book = bookkeeping(group, create=True)
-    g = book[GROUP] if GROUP in book else book.create_group(GROUP)
-    g.update_attributes({"sha256": None, "rows": len(paths)})  # invalid until the arrays and the digest are in
+    if GROUP in book:
+        g = book[GROUP]
+        g.update_attributes({"sha256": None, "rows": len(paths)})  # invalid until the arrays and digest are in
+    else:
+        g = book.create_group(GROUP, attributes={"sha256": None, "rows": len(paths)})
+    n = len(paths)
     for name, values in zip(_NAMES, (paths, keys, sha_bytes)):
         if name in g:
-            arr = g[name]
+            arr = writing(g[name])
+            arr.resize((n, *arr.shape[1:]))
         elif name == "sha256":
-            arr = create_bookkeeping_array(g, name, (0, 32), (65536, 32), "uint8")
+            arr = create_bookkeeping_array(g, name, (n, 32), (65536, 32), "uint8")
         else:
-            arr = create_bookkeeping_array(g, name, (0,), (65536,), str)
-        arr.resize((len(paths), *arr.shape[1:]))
+            arr = create_bookkeeping_array(g, name, (n,), (65536,), str)
         if len(paths):
             arr[:] = values if name == "sha256" else np.array(values, dtype=object)
     g.update_attributes({"sha256": _digest(paths, keys, sha_bytes), "rows": len(paths)})

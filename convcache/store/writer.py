@@ -24,7 +24,7 @@ import numpy as np
 
 from convcache.errors import ConvcacheError
 from convcache.imaging import printable_path
-from convcache.store import layout
+from convcache.store import layout, statcache
 from convcache.store import listing as listing_mod
 from convcache.store.integrity import (
     CHAIN_START,
@@ -39,7 +39,7 @@ from convcache.store.integrity import (
     verify,
 )
 from convcache.store.layout import committed_rows
-from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS, read_runs
+from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS, read_runs, read_skipped
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,12 @@ class SplitWriter:
         self.guard = guard  # called before every mutation: raises if this writer lost its lease
         self.consolidate_seconds = 0.0  # see commit()
         self._consolidated = 0.0
+        self.changed = False  # has this writer changed the split's rows (their shape, data or commit)?
         if guard:
             guard()
         self.group = self._open(root, split, spec, repair, where)
         self.variables = layout.variables(self.group)
-        self.arrays = {name: self.group[name] for name in layout.columns(self.group)}
+        self.arrays = {name: layout.writing(self.group[name]) for name in layout.columns(self.group)}
         self.chunk_rows = self.arrays[self.variables[0]].chunks[0]
         self.committed = committed_rows(self.group.attrs, where)
         self.skipped: dict = {}  # this run's (written at its end: see commit)
@@ -205,6 +206,8 @@ class SplitWriter:
         self.digests = digest_arrays(self.group)
         if self.digests is None:  # a store from before block digests
             self.digests = create_digest_arrays(self.group, self.committed)
+            self.changed = True
+        self.digests = {name: layout.writing(arr) for name, arr in self.digests.items()}
         self._check_integrity(repair)  # before anything is dropped: a damaged split is left as it is
         self._drop_uncommitted_blocks()
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
@@ -236,6 +239,7 @@ class SplitWriter:
         row_bytes = max(int(np.prod(shape)) for shape in spec.shapes.values()) * np.dtype(spec.dtype).itemsize
         args = (root, split, {**spec.provenance, "identity": spec.identity}, spec.shapes, spec.dtype,
                 spec.chunk_rows or max(1, CHUNK_BYTES // row_bytes), list(spec.identity.get("classes") or []))
+        self.changed = True
         try:
             return layout.create_split(*args)
         except layout.contains_errors():
@@ -253,6 +257,7 @@ class SplitWriter:
         for arr in self.digests.values():
             if arr.shape[0] != keep:
                 arr.resize((keep, *arr.shape[1:]))
+                self.changed = True
 
     def _check_integrity(self, repair: bool) -> None:
         """What this writer reads to decide (the small columns, by their keys digests), the structure and
@@ -267,6 +272,7 @@ class SplitWriter:
         first = min(d.start for d in damage)
         log.warning("repair: '%s' keeps rows 0..%d and recomputes the rest (%s)", self.split, first - 1, where)
         self.committed = first  # everything from the first damaged row is recomputed from the images
+        self.changed = True
         self._drop_uncommitted_blocks()
         chain = CHAIN_START
         for digest in self.digests["block_sha256"][:]:
@@ -298,6 +304,7 @@ class SplitWriter:
         for arr in self.arrays.values():
             if arr.shape[0] != rows:
                 arr.resize((rows, *arr.shape[1:]))
+                self.changed = True
 
     def write(self, start: int, features) -> None:
         """Write a block's features (rows start..; an array, or name -> array for every feature variable) on
@@ -312,7 +319,7 @@ class SplitWriter:
         self._resize(stop)
         for name, values in features.items():
             self.arrays[name][start:stop] = values
-        self._written = stop
+        self._written, self.changed = stop, True
 
     # --- Dask: workers write whole feature chunks in reserved rows; this writer alone commits ---
 
@@ -352,17 +359,30 @@ class SplitWriter:
             self._chain = chain_next(self._chain, digest)
         self.commit(stop, final=False)
 
-    def commit(self, rows: int | None = None, final: bool = True) -> None:
+    def commit(self, rows: int | None = None, final: bool = True, run: dict | None = None) -> None:
         """Move `committed_rows`: what a commit writes is O(block), whatever the split's size (the
-        attributes hold no list that grows with the data). The run's skipped files are written on the
-        final commit (`rows` None), in arrays of their own. The consolidated metadata (a snapshot for
-        xarray-style readers) is refreshed on every commit, or with `consolidate_seconds` set, at most
-        that often and on a final commit: a plain reader then sees an older commit, still a consistent one."""
+        attributes hold no list that grows with the data). The run's final commit (`rows` None) writes its
+        skipped files (in arrays of their own, when they differ from the last run's) and `run`, its record in
+        the run log. The consolidated metadata (a snapshot for xarray-style readers) is refreshed on every
+        commit, or with `consolidate_seconds` set, at most that often and on a final commit: a plain reader
+        then sees an older commit, still a consistent one.
+
+        A run that changed no row leaves the split's attributes as they are on its final commit; with the same
+        skipped files and no record to add it writes nothing there: only the snapshot is refreshed (a run killed
+        before its last consolidation leaves it behind the split: the next run, even one with nothing to do,
+        brings it level)."""
         if self.guard:
             self.guard()
         self.committed = self.committed if rows is None else rows
         if rows is None:
             self._write_skipped()
+            if run is not None:
+                self._record_run(run)
+            if not self.changed:
+                with interrupts_deferred():
+                    self._consolidate()
+                return
+        self.changed = True
         fence = {"writer_fence": self.guard.token} if getattr(self.guard, "token", None) is not None else {}
         with interrupts_deferred():  # a Ctrl-C between the two leaves readers of the snapshot behind the split
             self.group.update_attributes({"committed_rows": self.committed,
@@ -384,10 +404,21 @@ class SplitWriter:
         """The split's listing as the last run saved it (None: none yet)."""
         return listing_mod.load(self.group)
 
-    def save_listing(self, listing) -> None:
-        """Replace the split's listing (what a run trains on: `convcache.store.listing`)."""
+    def save_listing(self, listing) -> bool:
+        """Replace the split's listing (what a run trains on: `convcache.store.listing`), unless the stored one
+        is the same (contents, labels, paths and where it was listed from): rewriting it would only open a
+        window in which a concurrent reader finds no finished listing (and reads every row as current).
+        Returns whether it was written."""
+        before = self.listing()
+        if before is not None and before.same_as(listing):
+            return False
         listing_mod.save(self.group, listing)
         self._consolidate()
+        return True
+
+    def save_stat_cache(self, paths: list[str], keys: list[str], shas: list[str]) -> None:
+        """Replace the split's stat cache (`convcache.store.statcache`)."""
+        statcache.save(self.group, paths, keys, shas)
 
     def devices(self) -> list[dict]:
         """Every (provider, math mode) the split's rows were made with: the split's `devices` attribute, or for a
@@ -411,23 +442,31 @@ class SplitWriter:
         if device not in seen:
             self.group.attrs["devices"] = [*seen, dict(device)]
 
-    def record_run(self, run: dict) -> None:
+    def _record_run(self, run: dict) -> None:
         """Append a finished run's cost (rows, seconds, where) to the split's run log: one JSON record a run,
-        in the bookkeeping group."""
+        in the bookkeeping group (its final commit's consolidation shows it to snapshot readers)."""
         book = layout.bookkeeping(self.group, create=True)
-        arr = book[RUN_LOG] if RUN_LOG in book else layout.create_bookkeeping_array(book, RUN_LOG, (0,), (1024,), str)
-        n = arr.shape[0]
-        arr.resize((n + 1,))
+        if RUN_LOG in book:
+            arr = layout.writing(book[RUN_LOG])
+            n = arr.shape[0]
+            arr.resize((n + 1,))
+        else:
+            arr, n = layout.create_bookkeeping_array(book, RUN_LOG, (1,), (1024,), str), 0
         arr[n:] = np.array([json.dumps(run, sort_keys=True)], dtype=object)
-        self._consolidate()  # readers of the consolidated metadata (FeatureStore, xarray) see it too
 
     def _write_skipped(self) -> None:
-        """Replace the split's skipped-file list (path -> reason) with this run's, in the bookkeeping group."""
+        """Replace the split's skipped-file list (path -> reason) with this run's, in the bookkeeping group,
+        unless it is the list already there (none is an empty list)."""
+        if "skipped" not in self.group.attrs and read_skipped(self.group) == self.skipped:
+            return
         book = layout.bookkeeping(self.group, create=True)
         paths = sorted(self.skipped)
         for name, values in zip(SKIPPED_ARRAYS, (paths, [self.skipped[p] for p in paths])):
-            arr = book[name] if name in book else layout.create_bookkeeping_array(book, name, (0,), (65536,), str)
-            arr.resize((len(values),))
+            if name in book:
+                arr = layout.writing(book[name])
+                arr.resize((len(values),))
+            else:
+                arr = layout.create_bookkeeping_array(book, name, (len(values),), (65536,), str)
             if values:
                 arr[:] = np.array(values, dtype=object)
         if "skipped" in self.group.attrs:  # a store from before: its attribute is superseded
