@@ -71,7 +71,7 @@ def moto_endpoint() -> None:
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
     import boto3
 
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="sw")
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="store-writes")
 
 
 def main(argv=None) -> None:
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     outs = {"local": str(run_dir / "s.zarr")}
     if a.s3:
         moto_endpoint()
-        outs["s3"] = f"s3://sw/{run_dir.name}/s.zarr"
+        outs["s3"] = f"s3://store-writes/{run_dir.name}/s.zarr"
     counts = counting()
     result = {"convcache": str(here), "cpu": cpu_model(), "images": a.images, "added": a.add}
     cfg = {k: ExtractConfig(model=str(Path(a.model).resolve()), data=str(data), output=out, progress=False,

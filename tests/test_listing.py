@@ -96,16 +96,31 @@ def _files(store):
 def test_a_run_that_finds_nothing_new_writes_nothing_but_the_snapshot(extractor, tmp_path, monkeypatch):
     """A re-run over unchanged folders rewrites no listing (a rewrite is a window in which a concurrent reader
     finds none, and reads every row as current), no skipped list, no split attribute: every file of the store
-    is as it was, the root's snapshot refreshed to the same bytes. What did change is written: a rename within
-    a class (the listing's paths), a bad file gone (the skipped list)."""
+    is as it was, the root's snapshot refreshed to the same bytes; and it reads each node's metadata about
+    twice. What did change is written: a rename within a class (the listing's paths), a bad file gone (the
+    skipped list)."""
     monkeypatch.setattr("convcache.datasets.RACY_SECONDS", 0)  # fixtures written just now are in the stat cache
     data = make_dataset(tmp_path / "data", splits={"train": 4})
     (data / "train" / "cats" / "bad.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "s.zarr"
     extract(extractor, data, out)
     before = _files(out)
+    from zarr.storage import LocalStore
+
+    reads, get = [], LocalStore.get
+
+    async def counted(self, key, *args, **kwargs):
+        reads.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", counted)
     again = extract(extractor, data, out)
+    monkeypatch.setattr(LocalStore, "get", get)
     assert again.rows_written == 0 and again.skipped  # the bad file is still skipped, and still said
+    # each node's metadata read about twice (the writer's checks, then the snapshot's walk), not once a look
+    # (a plain zarr group reads it every time a member is named: 6x here, each a GET on object storage)
+    nodes = sum(1 for k in before if k.endswith("zarr.json"))
+    assert sum(k.endswith("zarr.json") for k in reads) <= 2 * nodes + 4, (len(reads), nodes)
     after = _files(out)
     assert after.keys() == before.keys()
     assert {k for k in after if after[k] != before[k]} <= {"zarr.json"}  # only the root's snapshot: rewritten,

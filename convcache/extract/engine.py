@@ -923,7 +923,7 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
                      data_location(cfg.data))
     before = writer.listing()
     summary.changes[split] = changes(before, now) if before is not None else Changes()
-    writer.save_listing(now)  # before any row: what is trained on is this listing (unless it is the one stored)
+    writer.save_listing(now, before)  # before any row: what is trained on is this listing (unless it is the one stored)
     del hashed
     summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
     settings = BlockSettings(sink=writer.sink(), split=split,

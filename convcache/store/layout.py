@@ -124,9 +124,67 @@ def writing(arr):
     """`arr` as the writer writes it: every chunk written as given. Zarr's default compares each chunk with
     the fill value first, to leave an all-fill chunk out (it reads back the same): a full pass over a feature
     chunk, and one Python comparison a string in the text columns (2,000 paths: ~5 ms a write). Readers see
-    the same values either way."""
+    the same values either way. `arr` itself when it is already so (a copy would not see the other's resizes)."""
     with_config = getattr(arr, "with_config", None)
-    return with_config({"write_empty_chunks": True}) if with_config is not None else arr
+    config = getattr(getattr(arr, "_async_array", None), "config", None)
+    if with_config is None or getattr(config, "write_empty_chunks", False):
+        return arr
+    return with_config({"write_empty_chunks": True})
+
+
+class CachedGroup:
+    """A group whose members are opened once, for its writer's lifetime: a plain zarr group reads a member's
+    metadata (one GET on object storage) every time it is named, and the writer's checks name each array
+    several times (a run that found nothing new read ~140 metadata documents for a store of 22 nodes). Every
+    member is one handle (arrays as `writing` gives them), so a resize through it is what the next look sees.
+    Only for a store no one else writes meanwhile (the writer's, under its lock or lease): members created
+    through it are known to it, and names it found absent stay absent until it creates them."""
+
+    def __init__(self, group):
+        self._group = group
+        self._members: dict = {}
+        self._absent: set = set()
+
+    def __getitem__(self, name: str):
+        got = self._members.get(name)
+        if got is None:
+            node = self._group[name]
+            got = self._members[name] = CachedGroup(node) if hasattr(node, "create_array") else writing(node)
+        return got
+
+    def __contains__(self, name: str) -> bool:
+        if name in self._members:
+            return True
+        if name in self._absent:
+            return False
+        try:  # what zarr does to answer, the member kept
+            self[name]
+        except KeyError:
+            self._absent.add(name)
+            return False
+        return True
+
+    def __delitem__(self, name: str) -> None:
+        del self._group[name]
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k in self._members if k == name or k.startswith(name + "/")]:
+            del self._members[key]
+        self._absent.clear()
+
+    def create_group(self, name: str, **kwargs):
+        self._forget(name)
+        got = self._members[name] = CachedGroup(self._group.create_group(name, **kwargs))
+        return got
+
+    def create_array(self, name: str, **kwargs):
+        self._forget(name)
+        got = self._members[name] = writing(self._group.create_array(name, **kwargs))
+        return got
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
 
 
 def update_root_attributes(root, attributes: dict) -> None:

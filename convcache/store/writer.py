@@ -198,7 +198,7 @@ class SplitWriter:
             guard()
         self.group = self._open(root, split, spec, repair, where)
         self.variables = layout.variables(self.group)
-        self.arrays = {name: layout.writing(self.group[name]) for name in layout.columns(self.group)}
+        self.arrays = {name: self.group[name] for name in layout.columns(self.group)}
         self.chunk_rows = self.arrays[self.variables[0]].chunks[0]
         self.committed = committed_rows(self.group.attrs, where)
         self.skipped: dict = {}  # this run's (written at its end: see commit)
@@ -207,7 +207,6 @@ class SplitWriter:
         if self.digests is None:  # a store from before block digests
             self.digests = create_digest_arrays(self.group, self.committed)
             self.changed = True
-        self.digests = {name: layout.writing(arr) for name, arr in self.digests.items()}
         self._check_integrity(repair)  # before anything is dropped: a damaged split is left as it is
         self._drop_uncommitted_blocks()
         self._resize(self.committed)  # drop whatever a killed run wrote past the last commit
@@ -223,7 +222,7 @@ class SplitWriter:
         fresh = split not in root
         if not fresh:
             # the writer reads the truth, never the (possibly older) consolidated copy of it
-            group = layout.open_group(root, split, mode="r+", consolidated=False)
+            group = layout.CachedGroup(layout.open_group(root, split, mode="r+", consolidated=False))
             missing = [name for name in layout.columns(group) if name not in group]
             if missing and (repair or not committed_rows(group.attrs, where)):
                 # a run killed while creating the split: nothing was committed, so start it again
@@ -241,7 +240,7 @@ class SplitWriter:
                 spec.chunk_rows or max(1, CHUNK_BYTES // row_bytes), list(spec.identity.get("classes") or []))
         self.changed = True
         try:
-            return layout.create_split(*args)
+            return layout.CachedGroup(layout.create_split(*args))  # each member opened once
         except layout.contains_errors():
             # its arrays are there but the split's own zarr.json is gone: not a split anyone can read
             if not repair:
@@ -250,7 +249,7 @@ class SplitWriter:
                                      "to rebuild the split from the images") from None
             log.warning("repair: '%s' lost its metadata; rebuilding it from the images", split)
             layout.delete_dir(root, split)
-            return layout.create_split(*args)
+            return layout.CachedGroup(layout.create_split(*args))
 
     def _drop_uncommitted_blocks(self) -> None:
         keep = committed_blocks(self.digests["block_start"][:].tolist(), self.committed)
@@ -404,12 +403,12 @@ class SplitWriter:
         """The split's listing as the last run saved it (None: none yet)."""
         return listing_mod.load(self.group)
 
-    def save_listing(self, listing) -> bool:
+    def save_listing(self, listing, before=False) -> bool:
         """Replace the split's listing (what a run trains on: `convcache.store.listing`), unless the stored one
         is the same (contents, labels, paths and where it was listed from): rewriting it would only open a
         window in which a concurrent reader finds no finished listing (and reads every row as current).
-        Returns whether it was written."""
-        before = self.listing()
+        Returns whether it was written. `before`: the stored listing, when the caller has read it."""
+        before = self.listing() if before is False else before
         if before is not None and before.same_as(listing):
             return False
         listing_mod.save(self.group, listing)
