@@ -100,6 +100,8 @@ def main(argv=None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         subset(a.data, a.images + a.add, pool)
     files = sorted(pool.rglob("*.jpg"))
+    if len(files) < a.images + a.add:
+        raise SystemExit(f"bench_store_writes.py: --data has {len(files)} photos, fewer than --images + --add")
     run_dir = Path(tempfile.mkdtemp(dir=work))
     data = run_dir / "data"
     # links to the photos (their stat keys are the photos' own, old: re-runs read them from the stat cache); the
