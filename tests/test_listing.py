@@ -121,6 +121,11 @@ def test_a_run_that_finds_nothing_new_writes_nothing_but_the_snapshot(extractor,
     # (a plain zarr group reads it every time a member is named: 6x here, each a GET on object storage)
     nodes = sum(1 for k in before if k.endswith("zarr.json"))
     assert sum(k.endswith("zarr.json") for k in reads) <= 2 * nodes + 4, (len(reads), nodes)
+    # each small column's one chunk read once: the check's pass, reused for its last block and for the plan
+    # (it was read three times); and no look for zarr 2's metadata files (three misses an open)
+    assert {c: sum(k.startswith(f"train/{c}/c/") for k in reads) for c in ("sha256", "copy", "image", "path")} == \
+        {"sha256": 1, "copy": 1, "image": 1, "path": 1}, sorted(reads)
+    assert not [k for k in reads if k.rsplit("/", 1)[-1] in (".zattrs", ".zgroup", ".zmetadata", ".zarray")]
     after = _files(out)
     assert after.keys() == before.keys()
     assert {k for k in after if after[k] != before[k]} <= {"zarr.json"}  # only the root's snapshot: rewritten,

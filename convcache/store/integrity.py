@@ -150,22 +150,27 @@ def seal(schema: bytes, committed: int, chain: bytes) -> str:
     return hashlib.sha256(schema + f"|{committed}|".encode() + chain).hexdigest()
 
 
-def split_seal(group, committed: int) -> str:
-    """The seal the split's current metadata and digests give for `committed` rows."""
-    arrays = digest_arrays(group)
-    starts = arrays["block_start"][:].tolist()
+def split_seal(group, committed: int, starts: list | None = None, digests=None) -> str:
+    """The seal the split's current metadata and digests give for `committed` rows (`starts`, `digests`: the
+    block starts and digests, when read already)."""
+    if starts is None or digests is None:
+        arrays = digest_arrays(group)
+        starts, digests = arrays["block_start"][:].tolist(), arrays["block_sha256"][:]
     chain = CHAIN_START
-    for digest in arrays["block_sha256"][: committed_blocks(starts, committed)]:
+    for digest in digests[: committed_blocks(starts, committed)]:
         chain = chain_next(chain, digest)
     return seal(schema_bytes(group), committed, chain)
 
 
-def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[list[Damage], str | None]:
+def verify(group, contents: str = "all", max_copy: int | None = None,
+           keep: dict | None = None) -> tuple[list[Damage], str | None]:
     """(damaged row ranges, a note when the split predates digests). The structure (shapes, block tiling,
     the seal) is always checked; then `contents`: "all" recomputes every block digest, reading every
     committed row once (with `max_copy`: only the blocks holding a copy <= max_copy); "keys" checks the
     small columns against the keys digests and the last block in full (a writer's check, see the module
-    docstring; "all" where the split has no keys digests); "none" reads no rows."""
+    docstring; "all" where the split has no keys digests); "none" reads no rows. `keep`: column name -> [],
+    filled with the (start row, values) of each span of that column read by the pass over every block (what a
+    writer reads next need not be read again: `kept`)."""
     committed = committed_rows(group.attrs, f"'{group.basename}'")
     arrays = digest_arrays(group)
     if arrays is None:
@@ -193,7 +198,7 @@ def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[l
     if expected < committed and not short:
         damage.append(Damage(expected, committed, "rows with no block digest (committed_rows edited?)"))
     stored = group.attrs.get("seal")
-    if stored is not None and not short and stored != split_seal(group, committed):
+    if stored is not None and not short and stored != split_seal(group, committed, starts, digests):
         damage.append(Damage(0, max(committed, 1), "the split's metadata no longer matches its seal (classes, "
                                                    "dtype, shape, extractor, policy or committed_rows edited)"))
     keys = arrays[KEYS_ARRAY][: len(bounds)] if KEYS_ARRAY in arrays else None
@@ -206,14 +211,18 @@ def verify(group, contents: str = "all", max_copy: int | None = None) -> tuple[l
     if max_copy is not None and contents == "all":
         copy = group["copy"][:limit]
         checkable = [i for i in checkable if (copy[bounds[i][0] : bounds[i][1]] <= max_copy).any()]
-    damage += _check_blocks(group, bounds, checkable, digests, keys if contents == "keys" else None)
+    last: list = []  # the last span the pass over every block read: the last block's small columns are in it
+    damage += _check_blocks(group, bounds, checkable, digests, keys if contents == "keys" else None, keep, last)
     if contents == "keys" and checkable and checkable[-1] == len(bounds) - 1:  # the last block, in full
-        damage += _check_blocks(group, bounds, checkable[-1:], digests, None)
+        damage += _check_blocks(group, bounds, checkable[-1:], digests, None, have=last)
     return damage, None
 
 
-def _check_blocks(group, bounds, indices, digests, keys) -> list[Damage]:
-    """Recompute the digests of blocks `indices` (by the keys digests when `keys` is given), reading by spans."""
+def _check_blocks(group, bounds, indices, digests, keys, keep: dict | None = None, have: list | None = None) \
+        -> list[Damage]:
+    """Recompute the digests of blocks `indices` (by the keys digests when `keys` is given), reading by spans
+    (and adding the spans of the columns named in `keep` to it). `have`: [(start, stop, columns)] of a span
+    read before, whose columns are not read again where they cover a span; it is left holding the last span."""
     damage = []
     names = KEY_COLUMNS if keys is not None else columns(group)
     dtype = group[variables(group)[0]].dtype
@@ -221,10 +230,21 @@ def _check_blocks(group, bounds, indices, digests, keys) -> list[Damage]:
     for span in _index_spans(bounds, indices, span_rows(group)):
         a, b = bounds[span[0]][0], bounds[span[-1]][1]
         try:
-            cols = {name: group[name][a:b] for name in names}
+            cols = {}
+            for name in names:
+                known = have[0] if have else None
+                if known and known[0] <= a and b <= known[1] and name in known[2]:
+                    cols[name] = known[2][name][a - known[0] : b - known[0]]
+                else:
+                    cols[name] = group[name][a:b]
         except Exception as exc:  # an unreadable (corrupt) chunk
             damage += [Damage(*bounds[i], f"unreadable chunk ({exc.__class__.__name__}: {exc})") for i in span]
             continue
+        for name, spans_read in (keep or {}).items():
+            if name in cols:
+                spans_read.append((a, cols[name]))
+        if have is not None:
+            have[:] = [(a, b, cols)]
         for i in span:
             lo, hi = bounds[i][0] - a, bounds[i][1] - a
             part = {name: v[lo:hi] for name, v in cols.items()}
@@ -233,6 +253,25 @@ def _check_blocks(group, bounds, indices, digests, keys) -> list[Damage]:
             if not ok:
                 damage.append(Damage(*bounds[i], reason))
     return damage
+
+
+def kept(keep: dict, rows: int) -> dict | None:
+    """The columns `verify(..., keep=)` read, each as one array of rows 0..rows-1; None unless every column
+    named was read over exactly those rows (a split from before keys digests, blocks not checked, damage)."""
+    if not rows:
+        return None
+    out = {}
+    for name, parts in keep.items():
+        parts = sorted(parts, key=lambda p: p[0])
+        at = 0
+        for start, values in parts:
+            if start != at:
+                return None
+            at += len(values)
+        if at != rows:
+            return None
+        out[name] = np.concatenate([v for _, v in parts]) if len(parts) != 1 else parts[0][1]
+    return out
 
 
 def _index_spans(bounds, indices, rows: int) -> list[list[int]]:

@@ -45,6 +45,7 @@ def require_zarr():
     return zarr
 
 FORMAT = "convcache-features/2"
+ZARR_FORMAT = 3  # every layout's arrays and groups are zarr 3 nodes
 FORMAT_V1 = "convcache-features/1"  # bookkeeping inside the split's group (read; migrated by a writer)
 FORMATS = (FORMAT_V1, FORMAT)
 
@@ -111,13 +112,17 @@ def open_group(store, path: str = "", mode: str = "r", consolidated: bool | None
     import zarr
 
     store = getattr(store, "store", store)
-    return zarr.open_group(store=store, path=path or None, mode=mode, use_consolidated=consolidated)
+    # zarr 3 only (what every convcache store is): without it, zarr also looks for zarr 2's three metadata files
+    # at each open, three more GETs (misses) on object storage
+    return zarr.open_group(store=store, path=path or None, mode=mode, use_consolidated=consolidated,
+                           zarr_format=ZARR_FORMAT)
 
 
 def open_array(store, path: str, mode: str = "r+"):
     import zarr
 
-    return writing(zarr.open_array(store=getattr(store, "store", store), path=path, mode=mode))
+    return writing(zarr.open_array(store=getattr(store, "store", store), path=path, mode=mode,
+                                   zarr_format=ZARR_FORMAT))
 
 
 def writing(arr):
@@ -202,7 +207,7 @@ def consolidate(group) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec yet
-        zarr.consolidate_metadata(group.store)
+        zarr.consolidate_metadata(group.store, zarr_format=ZARR_FORMAT)
 
 
 def zarr_version() -> str:

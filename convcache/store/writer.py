@@ -33,6 +33,7 @@ from convcache.store.integrity import (
     committed_blocks,
     create_digest_arrays,
     digest_arrays,
+    kept,
     keys_digest,
     schema_bytes,
     seal,
@@ -44,6 +45,7 @@ from convcache.store.reader import RUN_LOG, SKIPPED_ARRAYS, read_runs, read_skip
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
+EXISTING = ("sha256", "copy", "image")  # what the plan needs of the committed rows (`SplitWriter.existing`)
 
 
 @contextmanager
@@ -202,6 +204,7 @@ class SplitWriter:
         self.chunk_rows = self.arrays[self.variables[0]].chunks[0]
         self.committed = committed_rows(self.group.attrs, where)
         self.skipped: dict = {}  # this run's (written at its end: see commit)
+        self._existing = None  # the columns `existing` needs, as the opening check read them
         # one handle per array: a fresh group[name] could come from the (older) consolidated metadata
         self.digests = digest_arrays(self.group)
         if self.digests is None:  # a store from before block digests
@@ -261,8 +264,10 @@ class SplitWriter:
     def _check_integrity(self, repair: bool) -> None:
         """What this writer reads to decide (the small columns, by their keys digests), the structure and
         seal, and the last block in full; with `repair`, every block (see convcache.store.integrity)."""
-        damage, _ = verify(self.group, contents="all" if repair else "keys")
-        if not damage:
+        keep = {name: [] for name in EXISTING}
+        damage, _ = verify(self.group, contents="all" if repair else "keys", keep=keep)
+        if not damage:  # the columns the plan needs, as the check read them (`existing`)
+            self._existing = kept(keep, self.committed)
             return
         where = "; ".join(str(d) for d in damage[:3]) + (f"; and {len(damage) - 3} more" if len(damage) > 3 else "")
         if not repair:
@@ -295,9 +300,13 @@ class SplitWriter:
         return self.existing()
 
     def existing(self) -> Committed:
-        """What is committed, as `Committed` (numpy columns: a few dozen bytes a row, no dict per image)."""
+        """What is committed, as `Committed` (numpy columns: a few dozen bytes a row, no dict per image): the
+        columns the opening check read, when they are this many rows, else read now."""
         n = self.committed
-        return Committed(self.arrays["sha256"][:n], self.arrays["copy"][:n], self.arrays["image"][:n])
+        got, self._existing = self._existing, None
+        if got is None or any(len(v) != n for v in got.values()):
+            got = {name: self.arrays[name][:n] for name in EXISTING}
+        return Committed(got["sha256"], got["copy"], got["image"])
 
     def _resize(self, rows: int) -> None:
         for arr in self.arrays.values():
