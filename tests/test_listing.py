@@ -151,3 +151,25 @@ def test_a_snapshot_left_behind_by_a_killed_run_is_brought_level_by_a_run_with_n
     assert FeatureStore(out).rows("train") == 6
     assert extract(extractor, data, out).rows_written == 0
     assert FeatureStore(out).rows("train") == 7 and "new.0.jpg" in labels_by_path(FeatureStore(out).load("train"))
+
+
+def test_a_listing_that_is_not_whole_is_a_clear_error_for_readers_not_stale_rows(extractor, tmp_path):
+    """A listing being rewritten (or left half-written by a killed run) is not whole: reading every row as
+    current, as before, served moved and deleted photos' rows with their old labels. Readers now say so in one
+    line; the next extract writes it again and reads follow it."""
+    import zarr
+
+    data = make_dataset(tmp_path / "data", splits={"train": 3})
+    out = tmp_path / "s.zarr"
+    extract(extractor, data, out)
+    (data / "train" / "dogs" / "dogs.0.jpg").unlink()
+    extract(extractor, data, out)  # the listing now leaves dogs.0's rows out
+    g = zarr.open_group(str(out), mode="a", path="train/bookkeeping/listing", use_consolidated=False)
+    g.update_attributes({"digest": None})  # as `listing.save` marks it while it writes
+    zarr.consolidate_metadata(str(out))
+    with pytest.raises(ConvcacheError, match="'train' split's listing is not whole"):
+        FeatureStore(out).load("train")
+    r = run_cli("train", "--features", out, "--head", "logreg", "-o", tmp_path / "h")
+    assert r.returncode == 2 and "listing is not whole" in r.stderr and "Traceback" not in r.stderr
+    extract(extractor, data, out)
+    assert "dogs.0.jpg" not in labels_by_path(FeatureStore(out).load("train"))

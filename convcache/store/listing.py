@@ -154,16 +154,27 @@ def save(group, listing: Listing) -> None:
     g.update_attributes({"digest": listing.digest, "rows": n, "data": listing.data, "listed": listing.listed})
 
 
-def load(group) -> Listing | None:
-    """The split's listing; None for a store older than listings, or one whose listing was never finished."""
+class Unfinished(Exception):
+    """The split has a listing that is not whole: a run is writing it now, one was killed while writing it, or
+    it was damaged since."""
+
+
+def load(group, strict: bool = False) -> Listing | None:
+    """The split's listing; None for a store older than listings. One that is not whole (`Unfinished`): None,
+    or with `strict` (readers: reading every row as current would serve moved and deleted photos' rows with
+    their old labels), raised. A writer takes it as none and writes it again."""
     book = bookkeeping(group)
     if book is None or GROUP not in book:
         return None
     g = book[GROUP]
     if not g.attrs.get("digest"):
+        if strict:
+            raise Unfinished("it is being written (or its writer was killed)")
         return None
     sha, label, path = g["sha256"][:], g["label"][:], g["path"][:]
     if digest(sha, label) != g.attrs["digest"]:
+        if strict:
+            raise Unfinished("its contents do not match its digest (being rewritten, or damaged)")
         return None
     return Listing(sha, label.astype(np.int32), path, g.attrs["digest"], g.attrs.get("data", ""),
                    g.attrs.get("listed", ""))

@@ -224,7 +224,11 @@ class FeatureStore:
         """The split's listing as its last extract run found the data (`convcache.store.listing.Listing`), or
         None for a store older than listings."""
         if split not in self._listings:
-            self._listings[split] = listing_mod.load(self._group(split))
+            try:
+                self._listings[split] = listing_mod.load(self._group(split), strict=True)
+            except listing_mod.Unfinished as exc:
+                raise ConvcacheError(f"{self.path}: the '{split}' split's listing is not whole ({exc}); wait for "
+                                     "the extract writing it to finish, or run extract again") from None
         return self._listings[split]
 
     def current(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
