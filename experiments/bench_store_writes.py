@@ -2,7 +2,8 @@
 the checkout it runs in (PYTHONPATH=., checked), on a local store and, with --s3, on a loopback S3 endpoint
 (moto's server, as the tests use): a first run into a new store, a re-run that finds nothing new, and a re-run
 after `--add` photos arrived. For each: seconds, and the store's requests by kind (zarr store `set`, `get`,
-`delete` and listing calls, metadata documents and chunks apart). Run from two checkouts in turn for an
+`delete` and listing calls, metadata documents and chunks apart); then what a training job asks of it (open it
+and load the split with `FeatureStore`). Run from two checkouts in turn for an
 interleaved A/B across commits, as docs/benchmarks.md does ("What a run writes"):
 
     git worktree add /tmp/before <commit>
@@ -130,6 +131,14 @@ def main(argv=None) -> None:
             s = run_extract(c)
             result[f"{where}, {phase}"] = {"seconds": round(time.perf_counter() - t, 3), "rows": s.rows_written,
                                            **dict(sorted(counts.items()))}
+    from convcache.store import FeatureStore
+
+    for where, c in cfg.items():  # what a training job then asks of the store: open it and read the split
+        counts.clear()
+        t = time.perf_counter()
+        rows = len(FeatureStore(c.output, dict(c.storage_options)).load("train"))
+        result[f"{where}, read for training"] = {"seconds": round(time.perf_counter() - t, 3), "rows": rows,
+                                                 **dict(sorted(counts.items()))}
     shutil.rmtree(run_dir, ignore_errors=True)
     print(json.dumps(result))
 

@@ -142,8 +142,9 @@ class CachedGroup:
     metadata (one GET on object storage) every time it is named, and the writer's checks name each array
     several times (a run that found nothing new read ~140 metadata documents for a store of 22 nodes). Every
     member is one handle (arrays as `writing` gives them), so a resize through it is what the next look sees.
-    Only for a store no one else writes meanwhile (the writer's, under its lock or lease): members created
-    through it are known to it, and names it found absent stay absent until it creates them."""
+    Only for a store no one else writes meanwhile (the writer's, under its lock or lease), or for one look (a
+    reader's check): members created through it are known to it, and names it found absent stay absent until
+    it creates them."""
 
     def __init__(self, group):
         self._group = group

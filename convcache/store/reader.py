@@ -187,7 +187,7 @@ class FeatureStore:
 
         self._group(split)  # named in the (consolidated) listing
         try:  # the split's own metadata, not the snapshot: plain Zarr readers see these shapes
-            group = layout.open_group(self._store, split, consolidated=False)
+            group = layout.CachedGroup(layout.open_group(self._store, split, consolidated=False))  # for this look
         except Exception as exc:
             return [Damage(0, max(self.rows(split), 1), f"the split's own metadata ({split}/zarr.json) is missing or "
                                                         f"unreadable ({exc.__class__.__name__})")], None
