@@ -229,14 +229,12 @@ def _check_blocks(group, bounds, indices, digests, keys, keep: dict | None = Non
     reason = "contents differ from the block digest (a chunk was altered or deleted)"
     for span in _index_spans(bounds, indices, span_rows(group)):
         a, b = bounds[span[0]][0], bounds[span[-1]][1]
+        start, stop, known = have[0] if have else (0, 0, {})
+        if not (start <= a and b <= stop):
+            known = {}
         try:
-            cols = {}
-            for name in names:
-                known = have[0] if have else None
-                if known and known[0] <= a and b <= known[1] and name in known[2]:
-                    cols[name] = known[2][name][a - known[0] : b - known[0]]
-                else:
-                    cols[name] = group[name][a:b]
+            cols = {name: known[name][a - start : b - start] if name in known else group[name][a:b]
+                    for name in names}
         except Exception as exc:  # an unreadable (corrupt) chunk
             damage += [Damage(*bounds[i], f"unreadable chunk ({exc.__class__.__name__}: {exc})") for i in span]
             continue

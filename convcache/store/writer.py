@@ -412,13 +412,11 @@ class SplitWriter:
         """The split's listing as the last run saved it (None: none yet)."""
         return listing_mod.load(self.group)
 
-    def save_listing(self, listing, before=False) -> bool:
-        """Replace the split's listing (what a run trains on: `convcache.store.listing`), unless the stored one
-        is the same (contents, labels, paths and where it was listed from): rewriting it would only open a
-        window in which a concurrent reader finds no finished listing (and reads every row as current).
-        Returns whether it was written. `before`: the stored listing, when the caller has read it."""
-        before = self.listing() if before is False else before
-        if before is not None and before.same_as(listing):
+    def save_listing(self, listing, stored) -> bool:
+        """Replace the split's listing (what a run trains on: `convcache.store.listing`), unless `stored` (what
+        `listing()` gave) is the same (contents, labels, paths and where it was listed from): rewriting it would
+        only open a window in which a concurrent reader finds no whole listing. Returns whether it was written."""
+        if stored is not None and stored.same_as(listing):
             return False
         listing_mod.save(self.group, listing)
         self._consolidate()
