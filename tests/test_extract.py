@@ -145,6 +145,29 @@ def test_each_image_is_decoded_once_per_run_and_the_rows_are_the_same_bytes(extr
     assert runs[-1]["decode_in"] == "processes" and runs[-1]["math"] == "fp32"
 
 
+def test_every_row_is_the_extractor_on_its_own_copy_warped_one_copy_at_a_time(extractor, dataset, tmp_path):
+    """Decoding in threads, the warp maps are computed ahead of the decodes, hundreds of rows' at once
+    (`mapper.maps_of`): each stored row is still the extractor on its own copy, as the scalar path makes it
+    (`augment`: one copy's parameters and matrix at a time), and not another copy's."""
+    import onnxruntime as ort
+
+    extract(extractor, dataset, tmp_path / "s.zarr", augment=3, decode_in="threads")
+    train = FeatureStore(tmp_path / "s.zarr").load("train")
+    session = ort.InferenceSession(str(extractor), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    policy = AugmentPolicy()
+    assert sorted(set(train.copy.tolist())) == [0, 1, 2, 3]
+    for k in range(len(train.copy)):
+        pixels = decode_image(Path(train.paths[k]).read_bytes(), SIZE)
+        own = [augment(pixels, policy, 0, train.sha256[k], c) for c in range(4)]
+        got = session.run(None, {name: np.stack(own).astype(np.float32)})[0].reshape(4, -1)
+        row = np.asarray(train.features[k]).reshape(-1)
+        errors = np.abs(got - row).max(axis=1) / np.abs(got).max()
+        c = int(train.copy[k])
+        assert errors[c] < 1e-5, (k, c, errors)
+        assert all(errors[x] > 1e-3 for x in range(4) if x != c), (k, c, errors)
+
+
 def test_each_file_is_read_once_per_run_and_decoded_from_the_bytes_hashed(extractor, dataset, tmp_path,
                                                                             monkeypatch):
     """Decoding in threads, the bytes read to hash a file are the ones decoded: 20 files are read 20 times, not

@@ -54,6 +54,7 @@ from convcache.extract.mapper import (
     decode_bases,
     decode_copies,
     hash_file,
+    maps_of,
     warp_copy,
     watch_parent,
 )
@@ -84,6 +85,7 @@ DECODE_CACHE_BYTES = 1 << 30  # decoded images kept for their later copies (150 
 PROCESS_MIN_IMAGES = 256  # "auto" decodes in processes from this many images on (starting them costs ~1 s)
 PROCESS_TASK_IMAGES = 8  # images a decoding process is sent at a time
 ROWS_PER_JOB = 8  # rows (decode if first, warp) a thread of the pool is given at a time
+MAPS_ROWS = 256  # rows whose decodes' warp maps are computed together, in threads (K = 15: 3,840 maps a call)
 READ_ONCE_BYTES = 128 << 20  # files' bytes kept from hashing to decoding, in threads (45 KB photos: ~2,900)
 WINDOW_BYTES = 256 << 20  # decoded rows held ahead of the batcher with decoders in processes (at 150 px: 3,900)
 PROCESS_MIN_WORKERS = 4  # ...and with this many workers: on 2 cores threads were faster (docs/benchmarks.md)
@@ -446,11 +448,12 @@ class _Decode:
     """One image's decode (`mapper.decode_base`): run by the first thread that asks for it (`call`, once: the
     copies of one image may be warped by two threads at once), or in a worker process as one of a `_Group`."""
 
-    __slots__ = ("_call", "_lock", "_base", "_group", "_future", "_index", "_args", "counted")
+    __slots__ = ("_call", "_lock", "_base", "_group", "_future", "_index", "_args", "counted", "matrices")
 
     def __init__(self, call=None, group: _Group | None = None, args: tuple = ()):
         self._call, self._base, self._group, self._future, self._index = call, None, group, None, 0
         self._args, self.counted = args, False
+        self.matrices = None  # the copies' warp maps, when computed before the decode (`LocalExecutor._usable`)
         self._lock = Lock() if group is None else None
 
     def get(self):
@@ -698,6 +701,10 @@ class LocalExecutor:
         decode left that process idle for each round trip: at K = 0 processes ran at half of threads' rate
         on 2 cores); in threads the first copy to need them decodes them."""
         start = self._decoder(plan, s)
+        # in threads, the warp maps of the copies each decode serves are computed before it, MAPS_ROWS rows'
+        # worth at once (`maps_of`: ~4 µs a copy at K = 15, against ~50 for one image's 15 in its decode, all of
+        # it numpy under the GIL); decoding processes compute theirs, a task's images at once
+        ahead = MAPS_ROWS if self._procs is None else 1
         failed: set = set()
         remaining = {p.sha256: len(p.copies) for p in plan}  # copies still to come, per image
         kept: dict = {}  # sha256 -> _Decode, while more copies of it are to come
@@ -705,17 +712,26 @@ class LocalExecutor:
         held = [0]
 
         def jobs():
-            for p, c in copy_major(plan):
-                if p.item.path in failed:
-                    continue
-                pending = kept.get(p.sha256)
-                if pending is None:  # the maps of every copy still to come when the image is kept, else of this one
-                    keep = remaining[p.sha256] > 1 and held[0] + size <= self.cache_bytes
-                    pending = start(p, tuple(x for x in p.copies if x >= c) if keep else (c,))
-                    if keep:
-                        kept[p.sha256] = pending
-                        held[0] += size
-                yield p, c, pending
+            rows = copy_major(plan)
+            while chunk := list(itertools.islice(rows, ahead)):
+                out, started = [], []
+                for p, c in chunk:
+                    if p.item.path in failed:
+                        continue
+                    pending = kept.get(p.sha256)
+                    if pending is None:  # the maps of every copy still to come when the image is kept, else of this one
+                        keep = remaining[p.sha256] > 1 and held[0] + size <= self.cache_bytes
+                        copies = tuple(x for x in p.copies if x >= c) if keep else (c,)
+                        pending = start(p, copies)
+                        started.append((pending, p.sha256, copies))
+                        if keep:
+                            kept[p.sha256] = pending
+                            held[0] += size
+                    out.append((p, c, pending))
+                if self._procs is None and started:  # before any of these rows reaches a thread
+                    for (pending, _, _), maps in zip(started, maps_of([(sha, cs) for _, sha, cs in started], s.decode)):
+                        pending.matrices = maps
+                yield from out
 
         def job(p: Planned, c: int, pending: _Decode):
             base = pending.get()
@@ -753,8 +769,12 @@ class LocalExecutor:
         if self._wants_processes(len(plan)):
             self._start_processes()
         if self._procs is None:
-            return lambda p, copies: _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies,
-                                                                      self._bytes_of(p)))
+            def here(p: Planned, copies: tuple) -> _Decode:
+                pending = _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies, self._bytes_of(p),
+                                                           pending.matrices))
+                return pending
+
+            return here
         self._check_started()
         return _Group(self, s.decode, PROCESS_TASK_IMAGES).start
 

@@ -84,14 +84,19 @@ class Base:
     error: str | None = None
 
 
-def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = (), data: bytes | None = None) -> Base:
+def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = (), data: bytes | None = None,
+                matrices: dict | None = None) -> Base:
     """An image's model-size pixels, decoded once, and the warp maps of `copies` (every other copy is a warp of
-    the pixels: `warp_copy`). Runs in a worker thread or process; the maps are computed there too (numpy
-    under the GIL: in a process it holds no thread of the extracting process), all of them at once
-    (`augment.copy_matrices`). `data`: the bytes hashed to `sha256` in this run (read once); without them the
-    file is read, and refused if it no longer hashes so."""
+    the pixels: `warp_copy`). Runs in a worker thread or process. `matrices`: the copies' maps computed before
+    (`maps_of`, many images at once: the extracting process's decoding threads); without them they are computed
+    here, all of this image's at once (numpy under the GIL: in a process it holds no thread of the extracting
+    process). `data`: the bytes hashed to `sha256` in this run (read once); without them the file is read, and
+    refused if it no longer hashes so."""
     base = _decoded(item, sha256, spec, data)
-    _add_maps([(base, sha256, copies)], spec)
+    if matrices is None:
+        _add_maps([(base, sha256, copies)], spec)
+    elif base.pixels is not None:
+        base.matrices = matrices
     return base
 
 
@@ -146,17 +151,22 @@ def decode_bases(images: list[tuple[Item, str, tuple]], spec: DecodeSpec) -> lis
     return bases
 
 
+def maps_of(images: list[tuple[str, tuple]], spec: DecodeSpec) -> list[dict]:
+    """The warp maps (copy -> 2x3 matrix; None for copy 0) of each (sha256, copies), all computed together
+    (`augment.copy_matrices`: ~4 µs a copy at 1,000 keys, ~50 at one image's 15). They need no pixels: every
+    image is warped at the model's size (`decode_image` resizes it to `spec.size` square)."""
+    if not images:  # (a decoding process's start-up task has no spec)
+        return []
+    maps = iter(copy_matrices(spec.policy, spec.seed, [(sha, c) for sha, copies in images for c in copies],
+                              spec.size, spec.size))
+    return [{c: next(maps) for c in copies} for _, copies in images]
+
+
 def _add_maps(decoded: list[tuple[Base, str, tuple]], spec: DecodeSpec) -> None:
-    """Each decoded image's warp maps for its copies, all computed together (`augment.copy_matrices`), by size
-    (model-size pixels: one size)."""
-    by_shape: dict = {}
-    for base, sha256, copies in decoded:
-        if base.pixels is not None:
-            by_shape.setdefault(base.pixels.shape[:2], []).append((base, sha256, copies))
-    for (h, w), same in by_shape.items():
-        maps = iter(copy_matrices(spec.policy, spec.seed, [(sha, c) for _, sha, copies in same for c in copies], h, w))
-        for base, _, copies in same:
-            base.matrices = {c: next(maps) for c in copies}
+    """Each decoded image's warp maps for its copies, all computed together (`maps_of`)."""
+    ok = [(base, sha256, copies) for base, sha256, copies in decoded if base.pixels is not None]
+    for (base, _, _), maps in zip(ok, maps_of([(sha256, copies) for _, sha256, copies in ok], spec)):
+        base.matrices = maps
 
 
 def warp_copy(base: Base | np.ndarray, sha256: str, copy: int, spec: DecodeSpec) -> np.ndarray:
