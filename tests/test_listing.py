@@ -178,3 +178,58 @@ def test_a_listing_that_is_not_whole_is_a_clear_error_for_readers_not_stale_rows
     assert r.returncode == 2 and "listing is not whole" in r.stderr and "Traceback" not in r.stderr
     extract(extractor, data, out)
     assert "dogs.0.jpg" not in labels_by_path(FeatureStore(out).load("train"))
+
+
+def test_a_reader_waits_for_a_listing_its_writer_is_rewriting_and_not_for_a_killed_one(extractor, tmp_path,
+                                                                                    monkeypatch):
+    """A listing met mid-rewrite while the store's writer is at work is waited for, and read from the split's
+    own metadata once whole (the reader's snapshot still says it is not); with no writer (a killed run's), the
+    one-line error at once; past the wait, the error says how long it waited."""
+    import threading
+    import time
+
+    import zarr
+
+    from convcache.store import reader
+    from convcache.store.lease import writer_lock
+
+    data = make_dataset(tmp_path / "data", splits={"train": 3})
+    out = tmp_path / "s.zarr"
+    extract(extractor, data, out)
+    g = zarr.open_group(str(out), mode="a", path="train/bookkeeping/listing", use_consolidated=False)
+    whole = g.attrs["digest"]
+    g.update_attributes({"digest": None})  # as `listing.save` marks it while it writes
+    zarr.consolidate_metadata(str(out))  # every reader's snapshot from here on says: not whole
+    with pytest.raises(ConvcacheError, match="listing is not whole") as no_writer:
+        FeatureStore(out).listing("train")
+    assert "after waiting" not in str(no_writer.value)
+
+    held, finished = threading.Event(), threading.Event()
+
+    def writer():
+        with writer_lock(str(out)):
+            held.set()
+            time.sleep(0.5)
+            g.update_attributes({"digest": whole})  # whole in the split's metadata; the snapshot not refreshed
+            finished.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    held.wait()
+    got = FeatureStore(out).listing("train")
+    t.join()
+    assert finished.is_set() and got is not None and len(got) == 6 and got.digest == whole
+
+    g.update_attributes({"digest": None})
+    monkeypatch.setattr(reader, "LISTING_WAIT_SECONDS", 0.3)
+    with writer_lock(str(out)), pytest.raises(ConvcacheError, match="not whole .* after waiting 0 s for its writer"):
+        FeatureStore(out).listing("train")
+
+    from convcache.location import resolve
+    from convcache.store.lease import writer_active
+
+    remote = resolve("memory://bucket/w.zarr", None, what="store")  # object storage: the lease says
+    assert not writer_active(remote)
+    with writer_lock("memory://bucket/w.zarr"):
+        assert writer_active(remote)
+    assert not writer_active(remote)

@@ -73,9 +73,40 @@ def _flock(lock_path: Path, output: str):
                                  "wait for it to finish or write to another store") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        try:
+            yield
+        finally:  # no pid in the file: no writer (`writer_active`), even while this process lives on
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
+
+
+def writer_active(loc) -> bool:
+    """Whether a writer holds the store at `loc` (a resolved location) now: a reader's question, which takes
+    and changes nothing (probing the flock itself could make a writer starting that instant fail). On a local
+    disk: the lock file names a process (a writer writes its pid there and clears it as it finishes) that is
+    still running, so a writer killed with SIGKILL is not taken for one at work; on object storage: its lease
+    is there, not expired, and not one whose process on this host is gone."""
+    if loc.local:
+        try:
+            with open(loc.path.rstrip("/") + ".lock", "rb") as f:
+                pid = int(f.read(32).strip() or 0)
+        except (OSError, ValueError):
+            return False
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's process: it exists
+            return True
+        return True
+    try:
+        held = Lease(loc.sibling(".lock"), str(getattr(loc, "url", loc.path)), LEASE_SECONDS)._read()
+    except Exception:  # unreadable: no writer this reader can wait for
+        return False
+    return held is not None and not _stale(held)
 
 
 class _NoGuard:

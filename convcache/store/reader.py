@@ -5,6 +5,7 @@ Typed properties describe the store; only committed rows are ever visible. It re
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from convcache.store.layout import bookkeeping, committed_rows
 
 SKIPPED_ARRAYS = ("skipped_path", "skipped_reason")
 RUN_LOG = "run_log"
+LISTING_WAIT_SECONDS = 30.0  # a reader waits this long at most for a listing its writer is rewriting
 
 
 def read_skipped(group) -> dict:
@@ -224,12 +226,36 @@ class FeatureStore:
         """The split's listing as its last extract run found the data (`convcache.store.listing.Listing`), or
         None for a store older than listings."""
         if split not in self._listings:
-            try:
-                self._listings[split] = listing_mod.load(self._group(split), strict=True)
-            except listing_mod.Unfinished as exc:
-                raise ConvcacheError(f"{self.path}: the '{split}' split's listing is not whole ({exc}); wait for "
-                                     "the extract writing it to finish, or run extract again") from None
+            self._listings[split] = self._whole_listing(split)
         return self._listings[split]
+
+    def _whole_listing(self, split: str):
+        """The split's listing, whole. One that is not whole in this reader's snapshot is read again from the
+        split's own metadata (the writer may have finished it since the snapshot), and while the store's writer
+        is at work (`lease.writer_active`), again until it is whole, for up to LISTING_WAIT_SECONDS: a reader
+        that meets a listing mid-rewrite waits for it instead of failing. One left half-written by a killed run
+        (no writer) is a one-line error at once: the next extract writes it again."""
+        from convcache.store.lease import writer_active
+
+        try:
+            return listing_mod.load(self._group(split), strict=True)
+        except listing_mod.Unfinished as exc:
+            why = exc
+        start = time.monotonic()
+        pause, waited = 0.05, False
+        while True:
+            try:
+                return listing_mod.load(layout.open_group(self._store, split, consolidated=False), strict=True)
+            except listing_mod.Unfinished as exc:
+                why = exc
+            if time.monotonic() - start >= LISTING_WAIT_SECONDS or not writer_active(self.location):
+                break
+            waited = True
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+        after = f" after waiting {time.monotonic() - start:.0f} s for its writer" if waited else ""
+        raise ConvcacheError(f"{self.path}: the '{split}' split's listing is not whole ({why}){after}; wait for the "
+                             "extract writing it to finish, or run extract again")
 
     def current(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """For the committed rows: (listed: bool per row, the label each row's content has *now*, its path now);

@@ -1,0 +1,83 @@
+"""The input pipeline's ceiling from its own Python: null-device extracts (no inference) in which the two calls
+that release the GIL, the JPEG decode (`imaging.decode_image`) and the warp (`augment.warp`, OpenCV), are
+replaced by ones that cost nothing (a zero image, the image itself). What is left is everything else a row
+costs: reading and hashing the files, planning, the warp maps, the thread pools, batches, the store's writes
+and commits, most of it Python under one GIL. Its rate bounds what the pipeline can feed a fast runtime however
+many cores decode and warp beside it (issue 29: a GPU host with 16 cores), and its CPU a row is the work that
+does not spread over them. Printed beside it, in the same process: the real pipeline (decode and warp as they
+ship), for scale. Stores are bitwise meaningless here (every image is zeros); only rates are kept.
+
+    PYTHONPATH=. .venv/bin/python experiments/gil_ceiling.py --model runs/ext.onnx \\
+        --data ../shared/data/cats_and_dogs_small --images 2000 --augment 15 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="an extractor (the null device uses only its output shape)")
+    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--augment", type=int, default=15)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
+    a = p.parse_args(argv)
+    import numpy as np
+
+    import convcache.extract.mapper as mapper
+    from convcache.benchmarks.extract import subset
+    from convcache.extract.runner import ExtractConfig, run_extract
+    from convcache.runtime import cpu_model
+
+    work = Path(a.work)
+    data = work / f"data-{a.images}"
+    if not data.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        subset(a.data, a.images, data)
+    out = Path(tempfile.mkdtemp(dir=work))
+    real = mapper.decode_image, mapper.warp
+
+    def free(on: bool) -> None:
+        if on:
+            zeros: dict = {}
+            mapper.decode_image = lambda data, size, *args, **kw: zeros.setdefault(size, np.zeros((size, size, 3),
+                                                                                                   np.uint8))
+            mapper.warp = lambda image, matrix, policy: image
+        else:
+            mapper.decode_image, mapper.warp = real
+
+    def run(name: str) -> tuple[float, float, int]:
+        cfg = ExtractConfig(model=str(Path(a.model).resolve()), data=str(data), output=str(out / f"{name}.zarr"),
+                            augment=a.augment, progress=False, device="null", workers=a.workers,
+                            decode_in="threads")
+        cpu = time.process_time()
+        s = run_extract(cfg)
+        return s.rows_written / s.seconds, 1e6 * (time.process_time() - cpu) / s.rows_written, s.rows_written
+
+    free(True)
+    run("warm")  # imports, first calls
+    got: dict = {"decode and warp free (the rest of a row)": [], "as it ships": []}
+    for r in range(a.rounds):
+        for k, name in enumerate(got if r % 2 == 0 else list(got)[::-1]):
+            free(name != "as it ships")
+            got[name].append(run(f"{r}-{k}"))
+    free(False)
+    print(f"{a.images} images x {a.augment + 1} copies, device null, {a.workers} workers, decoding in threads, "
+          f"{a.rounds} rounds alternating, {cpu_model()}")
+    print("| pipeline | rows/s (median; each round) | process CPU µs a row (median) |")
+    print("|---|---|---|")
+    for name, runs in got.items():
+        rates = [x for x, _, _ in runs]
+        print(f"| {name} | {np.median(rates):,.0f} ({', '.join(f'{x:,.0f}' for x in rates)}) | "
+              f"{np.median([c for _, c, _ in runs]):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
