@@ -229,7 +229,13 @@ def _pcg64_doubles(states: np.ndarray, count: int) -> np.ndarray:
 
 def draw_params_many(policy: AugmentPolicy, seed: int, keys: list[tuple[str, int]]) -> dict:
     """`draw_params` of many (image sha256, copy) keys at once: name -> array over the keys, bitwise equal."""
-    entropy = [_words(int(seed)) + _words(int(sha[:32], 16)) + _words(int(c)) for sha, c in keys]
+    seed_words, of_sha, of_copy = _words(int(seed)), {}, {}  # an image's copies share its words: made once
+    for sha, c in keys:
+        if sha not in of_sha:
+            of_sha[sha] = _words(int(sha[:32], 16))
+        if c not in of_copy:
+            of_copy[c] = _words(int(c))
+    entropy = [seed_words + of_sha[sha] + of_copy[c] for sha, c in keys]
     count = 7 if policy.horizontal_flip else 6
     d = np.empty((len(keys), count))
     by_length: dict = {}

@@ -104,6 +104,8 @@ def printable_path(path) -> str:
     """A path as text that can always be stored and printed: names that are not valid UTF-8 keep their
     raw bytes as backslash escapes (b'\\xff' -> '\\xff'), so nothing is lost from the report."""
     text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if text.isascii():  # (the common case, once a row: no encode)
+        return text
     try:
         text.encode("utf-8")
         return text
