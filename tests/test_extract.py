@@ -170,14 +170,16 @@ def test_every_row_is_the_extractor_on_its_own_copy_warped_one_copy_at_a_time(ex
 
 def test_each_file_is_read_once_per_run_and_decoded_from_the_bytes_hashed(extractor, dataset, tmp_path,
                                                                             monkeypatch):
-    """Decoding in threads, the bytes read to hash a file are the ones decoded: 20 files are read 20 times, not
-    40 (with no budget for them: 40); the stores are bitwise equal. A file rewritten after it was hashed is
-    stored as it was hashed (its row and its sha256 agree), not skipped as changed."""
+    """Decoding in threads, the bytes read to hash a file are the ones decoded (kept from hashing to the rows'
+    phase: here with no decoding in the hashing pass, which would decode them there): 20 files are read 20
+    times, not 40 (with no budget for them: 40); the stores are bitwise equal. A file rewritten after it was
+    hashed is stored as it was hashed (its row and its sha256 agree), not skipped as changed."""
     from convcache.extract import engine, mapper
 
     reads = []
     real_read = mapper.read_bytes
     monkeypatch.setattr(mapper, "read_bytes", lambda path, *a, **k: reads.append(path) or real_read(path, *a, **k))
+    monkeypatch.setattr(engine, "EARLY_DECODE_BYTES", 0)
     once = extract(extractor, dataset, tmp_path / "once.zarr", augment=2, decode_in="threads")
     assert len(reads) == 20 and len(set(reads)) == 20 and once.decodes == 20
     reads.clear()
@@ -206,6 +208,48 @@ def test_each_file_is_read_once_per_run_and_decoded_from_the_bytes_hashed(extrac
     for split in a:
         for x, y in zip(a[split][:5], b[split][:5]):  # features, labels, image, copy, sha256 (not the paths)
             np.testing.assert_array_equal(x, y)
+
+
+def test_photos_still_needed_are_decoded_as_they_are_hashed_once_and_a_bad_one_is_still_skipped(
+        extractor, dataset, tmp_path, monkeypatch):
+    """Decoding in threads, a photo whose rows are still to be extracted is decoded by the thread that hashed it
+    (its bytes just read), once: 20 decodes, all of them before the plan, and the store is bitwise the one
+    decoded in the rows' phase. A re-run that must hash every file again (its stat cache gone) but holds every
+    row decodes nothing; a file that does not decode is skipped with its reason, as before."""
+    import zarr
+
+    from convcache.extract import engine, mapper
+
+    calls, by_hashing = [], []
+    real_decode, real_hash = mapper.decode_image, engine.LocalExecutor.hash_files
+
+    def hash_files(self, *a, **k):  # how many decodes each hashing pass made
+        before = len(calls)
+        out = real_hash(self, *a, **k)
+        by_hashing.append(len(calls) - before)
+        return out
+
+    monkeypatch.setattr(mapper, "decode_image", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    monkeypatch.setattr(engine.LocalExecutor, "hash_files", hash_files)
+    early = extract(extractor, dataset, tmp_path / "early.zarr", augment=2, decode_in="threads")
+    assert len(calls) == 20 and early.decodes == 20 and by_hashing == [12, 8]  # all of train's, then validation's
+    calls.clear(), by_hashing.clear()
+    monkeypatch.setattr(engine, "EARLY_DECODE_BYTES", 0)
+    late = extract(extractor, dataset, tmp_path / "late.zarr", augment=2, decode_in="threads")
+    assert len(calls) == 20 and late.decodes == 20 and by_hashing == [0, 0]
+    assert_same_store(tmp_path / "early.zarr", tmp_path / "late.zarr")
+    monkeypatch.setattr(engine, "EARLY_DECODE_BYTES", 256 << 20)
+
+    for split in ("train", "validation"):  # every file must be hashed again; every row is there
+        del zarr.open_group(str(tmp_path / "early.zarr"), mode="a", path=f"{split}/bookkeeping")["stat_cache"]
+    calls.clear()
+    again = extract(extractor, dataset, tmp_path / "early.zarr", augment=2, decode_in="threads")
+    assert again.files_hashed == 20 and again.rows_written == 0 and calls == [] and again.decodes == 0
+
+    bad = dataset / "train" / "cats" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    got = extract(extractor, dataset, tmp_path / "bad.zarr", augment=2, decode_in="threads")
+    assert list(got.skipped) == [str(bad)] and "image" in got.skipped[str(bad)] and got.rows_written == 44
 
 
 def test_a_decoding_process_killed_mid_run_loses_no_image(extractor, dataset, tmp_path, monkeypatch, caplog):

@@ -161,8 +161,9 @@ class DaskExecutor:
         writer.reserve(rows)
         writer.consolidate_seconds = max(writer.consolidate_seconds, CONSOLIDATE_SECONDS)
 
-    def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
-        """Hash and decode every file on the workers, so that the plan holds only files that decode."""
+    def hash_files(self, items: list[Item], cfg, bar=None, early=None) -> list[Hashed]:
+        """Hash and decode every file on the workers, so that the plan holds only files that decode (`early`,
+        decoding on this machine as files are hashed, is the local executor's)."""
         hashed = self._probe(items, cfg, bar)
         self._probed = {h.item.path for h in hashed}
         self._decode_errors = {h.item.path: h.decode_error for h in hashed if h.decode_error}

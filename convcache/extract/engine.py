@@ -55,6 +55,7 @@ from convcache.extract.mapper import (
     decode_copies,
     hash_file,
     maps_of,
+    pixels_of,
     warp_copy,
     watch_parent,
 )
@@ -87,6 +88,7 @@ PROCESS_TASK_IMAGES = 8  # images a decoding process is sent at a time
 ROWS_PER_JOB = 8  # rows (decode if first, warp) a thread of the pool is given at a time
 MAPS_ROWS = 256  # rows whose decodes' warp maps are computed together, in threads (K = 15: 3,840 maps a call)
 READ_ONCE_BYTES = 128 << 20  # files' bytes kept from hashing to decoding, in threads (45 KB photos: ~2,900)
+EARLY_DECODE_BYTES = 256 << 20  # ...or their pixels, decoded as they are hashed (150 px: ~3,900 images)
 WINDOW_BYTES = 256 << 20  # decoded rows held ahead of the batcher with decoders in processes (at 150 px: 3,900)
 PROCESS_MIN_WORKERS = 4  # ...and with this many workers: on 2 cores threads were faster (docs/benchmarks.md)
 
@@ -423,8 +425,9 @@ class Executor(Protocol):
     def reserve(self, writer, rows: int) -> None:
         """Grow the split ahead of time where workers write into it (Dask); nothing locally."""
 
-    def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
-        """Every item's content hash, in item order."""
+    def hash_files(self, items: list[Item], cfg, bar=None, early=None) -> list[Hashed]:
+        """Every item's content hash, in item order. `early`: (DecodeSpec, needed(sha256) -> bool), to decode
+        the files whose rows are still needed as they are hashed, where the executor can (`LocalExecutor`)."""
 
     def usable(self, plan: list[Planned], writer, settings: BlockSettings) -> Iterator[Planned]:
         """The planned images that decode, in plan order (the others recorded as skipped)."""
@@ -550,6 +553,9 @@ class LocalExecutor:
         self.read_once_bytes = READ_ONCE_BYTES
         self._read: dict = {}  # path -> (sha256, bytes hashed): read once, decoded from these (`hash_files`)
         self._read_held, self._read_lock = 0, Lock()
+        self.early_bytes = EARLY_DECODE_BYTES
+        self._early: dict = {}  # sha256 -> pixels decoded as the file was hashed (None: being decoded)
+        self._early_held, self._early_spec = 0, None
 
     def close(self) -> None:
         self._forget_bytes()
@@ -639,7 +645,7 @@ class LocalExecutor:
     def reserve(self, writer, rows: int) -> None:
         """Nothing ahead of time: each block grows the arrays to its own end (`SplitWriter.write`)."""
 
-    def hash_files(self, items: list[Item], cfg, bar=None) -> list[Hashed]:
+    def hash_files(self, items: list[Item], cfg, bar=None, early=None) -> list[Hashed]:
         """Every item's hash, in item order, read and hashed by the pool's threads (both release the GIL).
         Local files go 16 to a job: one future a file cost more than reading and hashing a 45 KB photo
         (~50 µs); a URL is a job of its own, so object-storage latency overlaps."""
@@ -648,23 +654,67 @@ class LocalExecutor:
         # item order, as rows are planned) and decoded from there: neither read nor hashed again (~65 µs a 45 KB
         # photo here, a GET on object storage). Worker processes read the files themselves: sending them the
         # bytes would cost the extracting process more than a read costs theirs.
-        keep = self._keep if self._procs is None and self.read_once_bytes > 0 else None
+        # Decoded early: with `early`, a file whose rows are still needed is decoded by the thread that hashed it,
+        # its bytes just read (`_decode_early`): two threads hashing keep ~1.4 of 2 cores busy (GIL hand-offs
+        # around short reads and hashes), and the store's set-up after hashing runs on one; a decode there
+        # fills them (K = 0, 2,000 photos: ~1.1x the rows a second, docs/benchmarks.md).
+        self._early_spec = early if self._procs is None and self.early_bytes > 0 else None
+        keep = self._keep if self._procs is None and (self.read_once_bytes > 0 or self._early_spec) else None
 
         def some(chunk):
             return [hash_file(item, cfg.max_bytes, cfg.storage_options, keep) for item in chunk]
 
         out = []
-        for chunk in _ordered(self._pool, some, _chunks(items, per_job), window=max(4, 16 // per_job) * self.workers):
-            out += chunk
-            if bar is not None:
-                bar.update(len(chunk))
+        try:
+            for chunk in _ordered(self._pool, some, _chunks(items, per_job),
+                                  window=max(4, 16 // per_job) * self.workers):
+                out += chunk
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            self._early_spec = None
         return out
 
     def _keep(self, item: Item, sha256: str, data: bytes) -> None:
+        if self._early_spec is not None and self._decode_early(sha256, data, *self._early_spec):
+            return
         with self._read_lock:
             if self._read_held + len(data) <= self.read_once_bytes:
                 self._read[item.path] = (sha256, data)
                 self._read_held += len(data)
+
+    def _decode_early(self, sha256: str, data: bytes, spec: DecodeSpec, needed) -> bool:
+        """Decode `data` (just hashed to `sha256`) now, if its content's rows are still `needed` and its pixels fit
+        `early_bytes`; whether its pixels are (or are being) held, by content: a second file of the same content
+        is not decoded again. One that does not decode is left to the rows' phase, which records why."""
+        size = spec.size * spec.size * 3  # model-size uint8 pixels: every decode's size
+        with self._read_lock:
+            if sha256 in self._early:
+                return True
+            if self._early_held + size > self.early_bytes:
+                return False
+            self._early[sha256], self._early_held = None, self._early_held + size  # this thread decodes it
+        pixels = None
+        try:
+            if needed(sha256):
+                pixels = pixels_of(data, spec)
+        except Exception:  # (an ImageError, or anything a decoder raises): decoded again, and recorded, later
+            pixels = None
+        with self._read_lock:
+            if pixels is None:
+                del self._early[sha256]
+                self._early_held -= size
+            else:
+                self._early[sha256] = pixels
+        return pixels is not None
+
+    def _pixels_of(self, p: Planned):
+        """The pixels `p`'s content was decoded to as it was hashed (then forgotten), or None."""
+        with self._read_lock:
+            pixels = self._early.pop(p.sha256, None)
+            if pixels is not None:
+                self._early_held -= pixels.nbytes
+        return pixels
 
     def _bytes_of(self, p: Planned) -> bytes | None:
         """The bytes hashed for `p` in this run (then forgotten), or None: the decode reads the file."""
@@ -676,8 +726,9 @@ class LocalExecutor:
         return got[1] if got[0] == p.sha256 else None
 
     def _forget_bytes(self) -> None:
-        with self._read_lock:
-            self._read, self._read_held = {}, 0
+        with self._read_lock:  # pixels decoded early and never asked for were decodes all the same
+            self.decodes += sum(1 for pixels in self._early.values() if pixels is not None)
+            self._read, self._read_held, self._early, self._early_held = {}, 0, {}, 0
 
     def usable(self, plan: list[Planned], writer, s: BlockSettings) -> Iterator[Planned]:
         try:
@@ -769,8 +820,11 @@ class LocalExecutor:
             self._start_processes()
         if self._procs is None:
             def here(p: Planned, copies: tuple) -> _Decode:
-                pending = _Decode(call=lambda: decode_base(p.item, p.sha256, s.decode, copies, self._bytes_of(p),
-                                                           pending.matrices))
+                def call() -> Base:
+                    pixels, data = self._pixels_of(p), self._bytes_of(p)
+                    return decode_base(p.item, p.sha256, s.decode, copies, data, pending.matrices, pixels)
+
+                pending = _Decode(call=call)
                 return pending
 
             return here
@@ -934,7 +988,13 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     t_start = time.perf_counter()
     committed = writer.begin_run(job.ignored)
     check_device(writer, {"provider": summary.provider, "math": summary.math}, cfg.allow_mixed)
-    hashed = hash_with_cache(executor, job.items, writer, cfg, summary)
+    decode = DecodeSpec(contract.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes, dict(cfg.storage_options))
+
+    def needed(sha256: str) -> bool:  # has this content copies still to extract? (`committed`: numpy, read-only)
+        mask = committed.lookup([sha256])[0][0]
+        return any(not mask >> c & 1 for c in job.copies)
+
+    hashed = hash_with_cache(executor, job.items, writer, cfg, summary, early=(decode, needed))
     t_plan = time.perf_counter()
     summary.phases["hash"] = summary.phases.get("hash", 0.0) + t_plan - t_start
     plan = plan_rows(hashed, job.copies, committed, writer, summary)
@@ -946,8 +1006,7 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     del hashed
     summary.phases["plan"] = summary.phases.get("plan", 0.0) + time.perf_counter() - t_plan
     settings = BlockSettings(sink=writer.sink(), split=split,
-                             decode=DecodeSpec(contract.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes,
-                                               dict(cfg.storage_options)),
+                             decode=decode,
                              input_name=contract.input_name, outputs=tuple(contract.output_names),
                              variables=tuple(store_variables(contract)),
                              batch_size=cfg.batch_size, dtype=cfg.dtype)
@@ -1017,10 +1076,11 @@ def _run_blocks(executor: Executor, plan: list[Planned], settings: BlockSettings
     return failed, task_seconds, n_blocks
 
 
-def hash_with_cache(executor, items: list[Item], writer, cfg, summary) -> list[Hashed]:
+def hash_with_cache(executor, items: list[Item], writer, cfg, summary, early=None) -> list[Hashed]:
     """Every item's hash, in item order: from the split's stat cache where the file's stat key matches
     (nothing is read), from the executor otherwise. The cache is then replaced by this listing's entries
-    (a deleted file's entry goes), before any row is extracted, so an interrupted run keeps its hashing."""
+    (a deleted file's entry goes), before any row is extracted, so an interrupted run keeps its hashing.
+    `early`: passed to the executor's `hash_files` (decode the files still needed as they are hashed)."""
     from tqdm import tqdm
 
     keys = [statcache.stat_key(item) for item in items]
@@ -1028,7 +1088,7 @@ def hash_with_cache(executor, items: list[Item], writer, cfg, summary) -> list[H
         statcache.lookup(writer.group, items, keys)
     todo = [i for i, sha in enumerate(cached) if sha is None]
     bar = tqdm(total=len(todo), desc=f"hash {writer.split}", unit="file", disable=not cfg.progress or not todo)
-    fresh = iter(executor.hash_files([items[i] for i in todo], cfg, bar))
+    fresh = iter(executor.hash_files([items[i] for i in todo], cfg, bar, early=early))
     bar.close()
     summary.files_hashed += len(todo)
     summary.files_from_stat_cache += len(items) - len(todo)

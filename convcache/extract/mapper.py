@@ -64,7 +64,7 @@ def decode_copies(item: Item, sha256: str, copies: list[int], spec: DecodeSpec) 
         data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
         if hashlib.sha256(data).hexdigest() != sha256:
             return Decoded(item, sha256, copies, None, "changed while reading")
-        image = decode_image(data, spec.size, spec.max_pixels)
+        image = pixels_of(data, spec)
         h, w = image.shape[:2]
         maps = copy_matrices(spec.policy, spec.seed, [(sha256, c) for c in copies], h, w)
         return Decoded(item, sha256, copies, [warp(image, m, spec.policy) for m in maps])
@@ -84,15 +84,22 @@ class Base:
     error: str | None = None
 
 
+def pixels_of(data: bytes, spec: DecodeSpec) -> np.ndarray:
+    """Bytes -> the model-size pixels every copy of the image is warped from (an `ImageError` if they do not
+    decode): the one decode of an image, wherever it runs."""
+    return decode_image(data, spec.size, spec.max_pixels)
+
+
 def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = (), data: bytes | None = None,
-                matrices: dict | None = None) -> Base:
+                matrices: dict | None = None, pixels: np.ndarray | None = None) -> Base:
     """An image's model-size pixels, decoded once, and the warp maps of `copies` (every other copy is a warp of
     the pixels: `warp_copy`). Runs in a worker thread or process. `matrices`: the copies' maps computed before
     (`maps_of`, many images at once: the extracting process's decoding threads); without them they are computed
     here, all of this image's at once (numpy under the GIL: in a process it holds no thread of the extracting
     process). `data`: the bytes hashed to `sha256` in this run (read once); without them the file is read, and
-    refused if it no longer hashes so."""
-    base = _decoded(item, sha256, spec, data)
+    refused if it no longer hashes so. `pixels`: those bytes already decoded (`pixels_of`, in the pass that
+    hashed them): nothing is read or decoded."""
+    base = Base(pixels, {}) if pixels is not None else _decoded(item, sha256, spec, data)
     if matrices is None:
         _add_maps([(base, sha256, copies)], spec)
     elif base.pixels is not None:
@@ -106,7 +113,7 @@ def _decoded(item: Item, sha256: str, spec: DecodeSpec, data: bytes | None) -> B
             data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
             if hashlib.sha256(data).hexdigest() != sha256:
                 return Base(None, {}, "changed while reading")
-        return Base(decode_image(data, spec.size, spec.max_pixels), {})
+        return Base(pixels_of(data, spec), {})
     except ImageError as exc:
         return Base(None, {}, exc.reason)
     except Exception as exc:  # one bad file never stops a run
