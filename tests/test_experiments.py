@@ -141,3 +141,5 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
         "null, K=0, auto": "threads", "null, K=0, processes": "processes", "null, K=0, threads": "threads"}
     assert null["null, K=0, auto"]["decodes"] == null["null, K=0, auto"]["rows"] == 14
     assert all(v["thread_cpu_s"].get("MainThread", 0) > 0 and 0 < v["main_thread_busy"] <= 1.5 for v in null.values())
+    free = [v for k, v in null.items() if k.endswith("threads, decode and warp free")]  # the GIL-bound rest
+    assert len(free) == 1 and free[0]["rows"] == 14 * 3 and free[0]["decodes"] == 14

@@ -201,10 +201,23 @@ def subset(items, dst: Path) -> str:
 
 def null(a, data: str, tmp: Path) -> dict:
     """The input pipeline without inference, with copies (--augment) and without (K = 0: every row a decode,
-    what an nvJPEG path would be for), as it ships (auto) and each way."""
-    return {f"null, K={k}, {way}": extract_rate(a, data, tmp / f"null-{k}-{way}.zarr", device="null",
-                                                decode_in=way, augment=k)
-            for k in dict.fromkeys((a.augment, 0)) for way in ("auto", "processes", "threads")}
+    what an nvJPEG path would be for), as it ships (auto) and each way; and in threads with the decode and the
+    warp made free (experiments/gil_ceiling.py's arm: what is left is the Python under one GIL, the feed's
+    ceiling however many cores decode and warp)."""
+    import convcache.extract.mapper as mapper
+
+    out = {f"null, K={k}, {way}": extract_rate(a, data, tmp / f"null-{k}-{way}.zarr", device="null",
+                                               decode_in=way, augment=k)
+           for k in dict.fromkeys((a.augment, 0)) for way in ("auto", "processes", "threads")}
+    real, zeros = (mapper.decode_image, mapper.warp), {}
+    mapper.decode_image = lambda data, size, *args, **kw: zeros.setdefault(size, np.zeros((size, size, 3), np.uint8))
+    mapper.warp = lambda image, matrix, policy: image
+    try:
+        out[f"null, K={a.augment}, threads, decode and warp free"] = extract_rate(
+            a, data, tmp / "null-free.zarr", device="null", decode_in="threads")
+    finally:
+        mapper.decode_image, mapper.warp = real
+    return out
 
 
 QUARTER = "as it ships, a quarter of the photos"
