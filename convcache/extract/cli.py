@@ -44,7 +44,8 @@ def register(sub) -> None:
                    help="where images are decoded: worker processes, or threads; auto = processes for 256+ "
                         "images and 4+ workers")
     p.add_argument("--decode-cache-mb", type=float, default=d["decode_cache_mb"],
-                   help="decoded images kept for their later copies, so each is decoded once per run "
+                   help="memory for decoded images: kept for their later copies, so each is decoded once "
+                        "per run, and decoded as they are hashed, up to 256 MiB of it "
                         "(default: %(default)s MiB; 150 px images take 66 KiB each)")
     p.add_argument("--exact", action="store_true",
                    help="CUDA: TF32 off, for parity runs (the math mode is recorded in the store's run log)")

@@ -553,7 +553,7 @@ class LocalExecutor:
         self.read_once_bytes = READ_ONCE_BYTES
         self._read: dict = {}  # path -> (sha256, bytes hashed): read once, decoded from these (`hash_files`)
         self._read_held, self._read_lock = 0, Lock()
-        self.early_bytes = EARLY_DECODE_BYTES
+        self.early_bytes = min(EARLY_DECODE_BYTES, cache_bytes)  # decoded pixels held: the decode cache's budget
         self._early: dict = {}  # sha256 -> pixels decoded as the file was hashed (None: being decoded)
         self._early_held, self._early_spec = 0, None
 
