@@ -33,6 +33,7 @@ def main(argv=None) -> None:
 
     import convcache.extract.mapper as mapper
     from convcache.benchmarks.extract import subset
+    from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
     from convcache.runtime import cpu_model
 
@@ -53,12 +54,17 @@ def main(argv=None) -> None:
         else:
             mapper.decode_image, mapper.warp = real
 
-    def run(name: str) -> tuple[float, float, int]:
+    by_thread: dict = {}
+
+    def run(name: str, arm: str = "") -> tuple[float, float, int]:
         cfg = ExtractConfig(model=str(Path(a.model).resolve()), data=str(data), output=str(out / f"{name}.zarr"),
                             augment=a.augment, progress=False, device="null", workers=a.workers,
                             decode_in="threads")
         cpu = time.process_time()
-        s = run_extract(cfg)
+        with ThreadCPU() as threads:
+            s = run_extract(cfg)
+        for thread, sec in threads.seconds.items() if arm else ():  # µs a row (the warm-up run: not kept)
+            by_thread.setdefault(arm, {}).setdefault(thread, []).append(1e6 * sec / s.rows_written)
         return s.rows_written / s.seconds, 1e6 * (time.process_time() - cpu) / s.rows_written, s.rows_written
 
     free(True)
@@ -67,7 +73,7 @@ def main(argv=None) -> None:
     for r in range(a.rounds):
         for k, name in enumerate(got if r % 2 == 0 else list(got)[::-1]):
             free(name != "as it ships")
-            got[name].append(run(f"{r}-{k}"))
+            got[name].append(run(f"{r}-{k}", name))
     free(False)
     print(f"{a.images} images x {a.augment + 1} copies, device null, {a.workers} workers, decoding in threads, "
           f"{a.rounds} rounds alternating, {cpu_model()}")
@@ -77,6 +83,9 @@ def main(argv=None) -> None:
         rates = [x for x, _, _ in runs]
         print(f"| {name} | {np.median(rates):,.0f} ({', '.join(f'{x:,.0f}' for x in rates)}) | "
               f"{np.median([c for _, c, _ in runs]):.0f} |")
+    for name, threads in by_thread.items():
+        print(f"CPU µs a row by thread (median over rounds), {name}: " + ", ".join(
+            f"{t} {np.median(v):.1f}" for t, v in sorted(threads.items(), key=lambda kv: -np.median(kv[1]))))
 
 
 if __name__ == "__main__":
