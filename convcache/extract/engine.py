@@ -657,7 +657,7 @@ class LocalExecutor:
         # Decoded early: with `early`, a file whose rows are still needed is decoded by the thread that hashed it,
         # its bytes just read (`_decode_early`): two threads hashing keep ~1.4 of 2 cores busy (GIL hand-offs
         # around short reads and hashes), and the store's set-up after hashing runs on one; a decode there
-        # fills them (K = 0, 2,000 photos: ~1.1x the rows a second, docs/benchmarks.md).
+        # fills them (K = 0, 2,000 photos: 1.06x the rows a second, docs/benchmarks.md).
         self._early_spec = early if self._procs is None and self.early_bytes > 0 else None
         keep = self._keep if self._procs is None and (self.read_once_bytes > 0 or self._early_spec) else None
 
@@ -749,7 +749,8 @@ class LocalExecutor:
         Decodes are started here, in row order, as the look-ahead window admits their first copy: in
         processes they run ahead of the threads that warp them (a thread waiting on its own process's
         decode left that process idle for each round trip: at K = 0 processes ran at half of threads' rate
-        on 2 cores); in threads the first copy to need them decodes them."""
+        on 2 cores); in threads the first copy to need them decodes them, unless the pass that hashed the file
+        did (`_decode_early`)."""
         start = self._decoder(plan, s)
         # in threads, the warp maps of the copies each decode serves are computed before it, MAPS_ROWS rows'
         # worth at once (`maps_of`: ~4 µs a copy at K = 15, against ~50 for one image's 15 in its decode, all of
