@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -204,8 +205,14 @@ def test_a_second_writer_fails_at_once_and_nothing_is_lost(extractor, tmp_path):
                 break
         except (OSError, ValueError, KeyError):
             time.sleep(0.01)
-    second = subprocess.run(args, capture_output=True, text=True)
-    assert first.poll() is None, "the first writer finished before the second started"
+    # held mid-run (SIGSTOP: its lock held, as a slow writer's is) while the second starts, however fast the first
+    # would otherwise finish (a second interpreter takes longer to start than the rest of this small run)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first writer finished before the second started"
+        second = subprocess.run(args, capture_output=True, text=True)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and "another extract is writing" in second.stderr
     assert "Traceback" not in second.stderr
     assert first.wait(120) == 0

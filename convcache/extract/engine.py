@@ -660,6 +660,8 @@ class LocalExecutor:
         # fills them (K = 0, 2,000 photos: 1.06x the rows a second, docs/benchmarks.md).
         self._early_spec = early if self._procs is None and self.early_bytes > 0 else None
         keep = self._keep if self._procs is None and (self.read_once_bytes > 0 or self._early_spec) else None
+        if bar is not None and self._early_spec is not None and getattr(bar, "desc", "").startswith("hash "):
+            bar.set_description("hash and decode " + bar.desc[len("hash "):])  # the bar's time is mostly decoding
 
         def some(chunk):
             return [hash_file(item, cfg.max_bytes, cfg.storage_options, keep) for item in chunk]
