@@ -385,7 +385,12 @@ def test_second_writer_on_s3_is_refused_while_the_first_holds_the_lease(extracto
             time.sleep(0.02)
         lease = json.loads(fs.cat_file(f"{bucket}/one.zarr.lock"))
         assert lease["pid"] == first.pid and lease["expires"] > time.time()
-        second = run_cli(*args)
+        first.send_signal(signal.SIGSTOP)  # held mid-run, its lease live, however fast the rest of its run would be
+        try:
+            assert first.poll() is None, "the first writer finished before the second started"
+            second = run_cli(*args)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode == 2 and "holds this store's lease" in second.stderr, second.stderr
         assert first.wait(timeout=120) == 0, first.stderr.read()
     finally:
