@@ -32,16 +32,13 @@ def main(argv=None) -> None:
     import numpy as np
 
     import convcache.extract.mapper as mapper
-    from convcache.benchmarks.extract import subset
+    from convcache.benchmarks.extract import cached_subset
     from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
     from convcache.runtime import cpu_model
 
     work = Path(a.work)
-    data = work / f"data-{a.images}"
-    if not data.exists():
-        work.mkdir(parents=True, exist_ok=True)
-        subset(a.data, a.images, data)
+    data = cached_subset(a.data, a.images, work)
     out = Path(tempfile.mkdtemp(dir=work))
     real = mapper.decode_image, mapper.warp
 

@@ -41,15 +41,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"null_rate.py: convcache is imported from {here}, not from this checkout "
                          f"({os.getcwd()}); run it with PYTHONPATH=.")
     print(f"convcache from {here}")
-    from convcache.benchmarks.extract import subset
+    from convcache.benchmarks.extract import cached_subset
     from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
 
     work = Path(a.work)
-    data = work / f"data-{a.images}"
-    if not data.exists():
-        work.mkdir(parents=True, exist_ok=True)
-        subset(a.data, a.images, data)
+    data = cached_subset(a.data, a.images, work)
     out = Path(tempfile.mkdtemp(dir=work)) / "s.zarr"
     cfg = ExtractConfig(model=str(Path(a.model).resolve()), data=str(data), output=str(out), augment=a.augment,
                         batch_size=128, progress=False, device="null", workers=a.workers, decode_in=a.decode_in)

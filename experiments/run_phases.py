@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     import convcache.extract.engine as engine
     import convcache.extract.runner as runner
     import convcache.store.writer as writer
-    from convcache.benchmarks.extract import subset
+    from convcache.benchmarks.extract import cached_subset
     from convcache.runtime import cpu_model
 
     spent: dict = {}
@@ -58,10 +58,7 @@ def main(argv=None) -> None:
                                (runner, "run_extract", "the whole run")):
         timed(owner, name, label)
     work = Path(a.work)
-    data = work / f"data-{a.images}"
-    if not data.exists():
-        work.mkdir(parents=True, exist_ok=True)
-        subset(a.data, a.images, data)
+    data = cached_subset(a.data, a.images, work)
     out = Path(tempfile.mkdtemp(dir=work))
 
     def run(name: str):

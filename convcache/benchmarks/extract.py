@@ -39,6 +39,15 @@ def subset(data: str, n: int, dst: Path) -> Path:
     return dst
 
 
+def cached_subset(data: str, n: int, work: Path) -> Path:
+    """`subset` of n photos under `work` (data-N), made once and reused by later runs there."""
+    dst = Path(work) / f"data-{n}"
+    if not dst.exists():
+        Path(work).mkdir(parents=True, exist_ok=True)
+        subset(data, n, dst)
+    return dst
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

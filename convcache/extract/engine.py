@@ -689,6 +689,8 @@ class LocalExecutor:
         """Decode `data` (just hashed to `sha256`) now, if its content's rows are still `needed` and its pixels fit
         `early_bytes`; whether its pixels are (or are being) held, by content: a second file of the same content
         is not decoded again. One that does not decode is left to the rows' phase, which records why."""
+        if not needed(sha256):
+            return False
         size = spec.size * spec.size * 3  # model-size uint8 pixels: every decode's size
         with self._read_lock:
             if sha256 in self._early:
@@ -696,10 +698,8 @@ class LocalExecutor:
             if self._early_held + size > self.early_bytes:
                 return False
             self._early[sha256], self._early_held = None, self._early_held + size  # this thread decodes it
-        pixels = None
         try:
-            if needed(sha256):
-                pixels = pixels_of(data, spec)
+            pixels = pixels_of(data, spec)
         except Exception:  # (an ImageError, or anything a decoder raises): decoded again, and recorded, later
             pixels = None
         with self._read_lock:
