@@ -147,7 +147,10 @@ class BoundRunner:
 
 
 def resolve_device(device: str) -> str:
-    """What `device` means here: cuda, openvino, cpu (or null), as `create_session` picks it."""
+    """What `device` means here: cuda, openvino, cpu (or null), as `create_session` picks it; a runtime that is
+    not there is refused now, before any work (extract starts its session in the background)."""
+    if device == "openvino" and not openvino_version():
+        raise ConvcacheError(OPENVINO_MISSING)
     if device in (NULL_DEVICE, "cpu", "openvino"):
         return device
     if device not in DEVICES:
@@ -240,6 +243,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+OPENVINO_MISSING = "--device openvino: the OpenVINO runtime is not installed (pip install 'convcache[openvino]')"
+
+
 def openvino_version() -> str | None:
     try:
         import openvino
@@ -260,8 +266,7 @@ class OpenVINOSession:
         import threading
 
         if not openvino_version():
-            raise ConvcacheError("--device openvino: the OpenVINO runtime is not installed "
-                                 "(pip install 'convcache[openvino]')")
+            raise ConvcacheError(OPENVINO_MISSING)
         import openvino as ov
 
         core = ov.Core()
@@ -297,6 +302,11 @@ class OpenVINOSession:
         result = request.infer({name: value for name, value in feeds.items()})
         names = output_names or self.output_order
         return [np.array(result[self.outputs[n]]) for n in names]
+
+
+# what `get_providers()[0]` says of the session `create_session` makes for each of `resolve_device`'s answers
+PROVIDER_OF = {NULL_DEVICE: NullSession.PROVIDER, "openvino": OpenVINOSession.PROVIDER, "cpu": "CPUExecutionProvider",
+               "cuda": "CUDAExecutionProvider"}
 
 
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")

@@ -133,6 +133,7 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     assert "| pipeline on cpu, as it ships" in (out / "gpu.md").read_text()
     shipped = res["pipeline"]["as it ships"]  # end to end, the run phase, and the marginal rate (14 against 4)
     assert shipped["run_rows_per_s"] >= shipped["rows_per_s"] > 0 and shipped["run_vs_bare_bound"] > 0
+    assert all(t > 0 for t in shipped["session_s"]) and len(shipped["session_wait_s"]) == len(shipped["runs"])
     assert res["pipeline"]["as it ships, a quarter of the photos"]["runs"][0]["rows"] == 4 * 3
     # a line through the two runs only where the larger took longer: on 14 photos a loaded machine can reverse them
     assert "marginal_rows_per_s" in shipped and len(shipped["fixed_s"]) == (1 if shipped["marginal_rows_per_s"] else 0)

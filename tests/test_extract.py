@@ -439,6 +439,48 @@ def test_fp16_runs_the_fp32_extractor_in_fp16_close_to_fp32(extractor):
         ExtractorSession(str(extractor), "null", precision="fp16")
 
 
+def test_the_runtime_starts_up_while_the_files_hash_and_its_failure_comes_before_any_row(extractor, dataset,
+                                                                                          tmp_path, monkeypatch):
+    """The runtime's session is created beside discovery and hashing, not before them (issue 29: CUDA's set-up): a
+    session that cannot finish starting until the hashing has begun. A session that fails to start fails the run
+    with its one-line error before any row is written, the hashing kept (the stat cache), and a re-run extracts
+    every row, bitwise a run's whose session started first, without hashing those files again."""
+    import threading
+
+    import convcache.extract.engine as engine
+
+    monkeypatch.setattr("convcache.datasets.RACY_SECONDS", 0)  # fixtures written just now are in the stat cache
+    hashing, real_hash, real_create = threading.Event(), engine.LocalExecutor.hash_files, engine.create_session
+    before = extract(extractor, dataset, tmp_path / "before.zarr", augment=1)  # the session made before hashing
+
+    def hash_files(self, *args, **kw):
+        hashing.set()
+        return real_hash(self, *args, **kw)
+
+    def create_session(*args, **kw):
+        assert hashing.wait(20), "the session was made before any file was hashed"
+        return real_create(*args, **kw)
+
+    def broken(*args, **kw):
+        hashing.wait(20)
+        raise ConvcacheError("cannot load the model in ONNX Runtime: a broken runtime")
+
+    monkeypatch.setattr(engine.LocalExecutor, "hash_files", hash_files)
+    monkeypatch.setattr(engine, "create_session", create_session)
+    s = extract(extractor, dataset, tmp_path / "a.zarr", augment=1)
+    assert s.rows_written == before.rows_written == 32 and s.phases["session"] > 0
+    assert_same_store(tmp_path / "before.zarr", tmp_path / "a.zarr")
+    hashing.clear()
+    monkeypatch.setattr(engine, "create_session", broken)
+    with pytest.raises(ConvcacheError, match="a broken runtime"):
+        extract(extractor, dataset, tmp_path / "b.zarr", augment=1)
+    assert FeatureStore(tmp_path / "b.zarr").rows("train") == 0
+    monkeypatch.setattr(engine, "create_session", create_session)
+    again = extract(extractor, dataset, tmp_path / "b.zarr", augment=1)
+    assert again.rows_written == 32 and again.files_from_stat_cache == 12
+    assert_same_store(tmp_path / "before.zarr", tmp_path / "b.zarr")
+
+
 def test_the_batch_size_follows_the_device_unless_given(extractor, dataset, tmp_path):
     from convcache.runtime import batch_size_for
 

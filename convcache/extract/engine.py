@@ -36,9 +36,9 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from threading import Lock
+from threading import Lock, Thread
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -63,6 +63,7 @@ from convcache.imaging import printable_path
 from convcache.runtime import (
     NULL_DEVICE,
     PRECISIONS,
+    PROVIDER_OF,
     BoundRunner,
     NullSession,
     create_session,
@@ -188,7 +189,7 @@ class ExtractorSession:
     staged by `stage` apart from `run_staged`; auto is bound on CUDA, plain elsewhere."""
 
     def __init__(self, path: str, device: str, threads: int | None = None, exact: bool = False,
-                 precision: str = "fp32", io: str = "auto"):
+                 precision: str = "fp32", io: str = "auto", background: bool = False):
         from convcache.errors import ConvcacheError
 
         if precision not in PRECISIONS or io not in IO:
@@ -206,39 +207,80 @@ class ExtractorSession:
         self.bound = io == "bound" or (io == "auto" and where == "cuda")
         if self.bound and where in ("openvino", NULL_DEVICE):
             raise ConvcacheError(f"io binding runs on ONNX Runtime (CUDA, or the CPU), not --device {where}")
-        source = path
-        if precision == "fp16" or self.bound:
-            proto = artifacts.load_model(path)
-            proto = to_fp16(proto) if precision == "fp16" else proto
-            source = (uint8_input(proto) if self.bound else proto).SerializeToString()
-        if where == NULL_DEVICE:  # the contract has the outputs' shapes: no model to load
-            self.session = NullSession(shapes=dict(zip(self.contract.output_names,
-                                                       store_variables(self.contract).values())))
-        else:
-            self.session = create_session(source, where, threads, exact=exact)
-        self.provider = self.session.get_providers()[0]
+        # The provider `where` gets, known before the runtime is up (`create_session` is given `where`, so a
+        # CUDA session that would fall back to the CPU is refused there, never run under the wrong name)
+        self.provider = PROVIDER_OF[where]
         self.outputs, self.variables = self.contract.output_names, list(store_variables(self.contract))
         # uint8 batches where the runtime takes them: bound IO (a Cast in the graph), and the null device, which
         # stands for the CUDA path's input pipeline (bound on CUDA: no float batch is built on the host there)
         self.input_dtype = np.uint8 if self.bound or where == NULL_DEVICE else np.float32
         self.math = math_mode(self.provider, exact, precision if precision != "fp32" else self.contract.precision)
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        self._runner = BoundRunner(self.session, self.session.get_inputs()[0].name, self.outputs, self.device) \
-            if self.bound else None
         self.calls = 0
+        self.create_seconds = self.waited_seconds = 0.0  # the runtime's start-up, and how long the first batch waited
+        self._made: Future = Future()
+        args = (path, where, threads, exact, precision)
+        if background:  # the runtime starts up beside the files' hashing (ONNX Runtime's start frees the GIL)
+            Thread(target=self._make, args=args, name="convcache-session", daemon=True).start()
+        else:
+            self._make(*args)
+            self._ready()  # its error, if any, raised here
+
+    def _make(self, path, where, threads, exact, precision) -> None:
+        t0 = time.perf_counter()
+        try:
+            if where == NULL_DEVICE:  # the contract has the outputs' shapes: no model to load
+                session = NullSession(shapes=dict(zip(self.contract.output_names,
+                                                      store_variables(self.contract).values())))
+            else:
+                source = path
+                if precision == "fp16" or self.bound:
+                    proto = artifacts.load_model(path)
+                    proto = to_fp16(proto) if precision == "fp16" else proto
+                    source = (uint8_input(proto) if self.bound else proto).SerializeToString()
+                session = create_session(source, where, threads, exact=exact)
+            runner = BoundRunner(session, session.get_inputs()[0].name, self.outputs, self.device) \
+                if self.bound else None
+            self._made.set_result((session, runner))
+        except BaseException as exc:  # raised where the session is first used
+            self._made.set_exception(exc)
+        finally:
+            self.create_seconds = time.perf_counter() - t0
+
+    def _ready(self):
+        """(the runtime session, its IO-binding runner or None), waiting for a background start-up to end."""
+        if not self._made.done():
+            t0 = time.perf_counter()
+            try:
+                self._made.exception()
+            finally:
+                self.waited_seconds += time.perf_counter() - t0
+        return self._made.result()
+
+    @property
+    def session(self):
+        """The runtime's session (ONNX Runtime's, OpenVINO's or the null one): waited for if it is starting."""
+        return self._ready()[0]
+
+    def settle(self) -> None:
+        """Wait for a background start-up to end, its error (a run that needed no batch never saw it) dropped:
+        a runtime never starts up while the interpreter exits."""
+        self._made.exception()
 
     def stage(self, images: np.ndarray):
         """A batch made ready to run (bound: on the session's device; plain: float32)."""
-        if self._runner is not None:
-            return self._runner.stage(np.asarray(images, self.input_dtype))
+        runner = self._ready()[1]
+        if runner is not None:
+            return runner.stage(np.asarray(images, self.input_dtype))
         return np.asarray(images, dtype=self.input_dtype)
 
     def run_staged(self, staged) -> dict:
         """One pass over a staged batch: store variable -> its features."""
         self.calls += 1
-        if self._runner is not None:
-            return dict(zip(self.variables, self._runner.run(staged)))
-        return dict(zip(self.variables, self.session.run(self.outputs, {self.contract.input_name: staged})))
+        session, runner = self._ready()
+        if runner is not None:
+            return dict(zip(self.variables, runner.run(staged)))
+        return dict(zip(self.variables, session.run(self.outputs, {self.contract.input_name: staged})))
 
     def __call__(self, images: np.ndarray) -> dict:
         """One pass: store variable -> its features."""

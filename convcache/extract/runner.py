@@ -102,7 +102,8 @@ class ExtractSummary:
     duplicates: dict = field(default_factory=dict)
     seconds: float = 0.0
     provider: str = ""
-    phases: dict = field(default_factory=dict)  # seconds to list, start the executor, hash, plan, run blocks
+    phases: dict = field(default_factory=dict)  # seconds to list, start the executor, hash, plan, run blocks; the
+    # runtime's start-up beside them (session) and what of it the first batch waited for (session_wait)
     files_hashed: int = 0  # files read to hash them
     files_from_stat_cache: int = 0  # files whose hash came from the stat cache (not read)
     decodes: int = 0  # images decoded (each once per run while the decode cache holds them)
@@ -119,6 +120,7 @@ class ExtractSummary:
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     start = time.perf_counter()
     distributed = bool(cfg.scheduler or cfg.cluster)
+    session = proto = None
     if distributed:  # the client needs the model's contract and bytes, not a session
         if cfg.precision != "fp32":
             raise ConvcacheError("--precision fp16 runs on this machine's GPU, not on a Dask cluster")
@@ -127,11 +129,28 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         if cfg.batch_size is None:
             cfg = replace(cfg, batch_size=batch_size_for(""))
     else:
+        # the runtime starts up in the background, beside discovery and hashing (CUDA adds the GPU's set-up);
+        # the first batch waits for it, and its error, if any, is raised there: before any row
         session = ExtractorSession(cfg.model, cfg.device, cfg.threads, exact=cfg.exact, precision=cfg.precision,
-                                   io=cfg.io)
+                                   io=cfg.io, background=True)
         contract = session.contract
         if cfg.batch_size is None:  # a copy: the caller's config is not changed
             cfg = replace(cfg, batch_size=batch_size_for(session.provider))
+    try:
+        summary, executor = _run(cfg, session, contract, proto)
+    finally:
+        if session is not None:
+            session.settle()
+    if session is not None:  # the runtime's start-up (in the background), and what of it the first batch waited
+        summary.phases.update(session=session.create_seconds, session_wait=session.waited_seconds)
+    summary.seconds = time.perf_counter() - start
+    summary.decodes = getattr(executor, "decodes", 0)
+    summary.decode_in = executor.describe().get("decode_in", "") if session is not None else ""
+    return summary
+
+
+def _run(cfg: ExtractConfig, session, contract, proto):
+    """`run_extract` once the extractor is read: with `session` (this machine), or on Dask (`proto`)."""
     t_list = time.perf_counter()
     items, classes, ignored = discover_all(cfg.data, cfg.storage_options, progress=cfg.progress)
     listed = time.perf_counter() - t_list
@@ -139,7 +158,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         raise ConvcacheError(f"--data {cfg.data}: {len(classes)} class folder{'' if len(classes) == 1 else 's'} "
                              f"({', '.join(classes) or 'none'}); a classifier needs at least two (one folder of "
                              "photos per class)")
-    if distributed:
+    if session is None:
         from convcache.extract.distributed import dask_executor
 
         executor = dask_executor(cfg, proto.SerializeToString(), contract)
@@ -147,7 +166,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         executor = LocalExecutor(session, cfg.workers, cfg.decode_in, int(cfg.decode_cache_mb * (1 << 20)))
     t0 = time.perf_counter()
     with executor as ex:
-        math = session.math if not distributed else math_mode(ex.provider, cfg.exact, contract.precision)
+        math = session.math if session is not None else math_mode(ex.provider, cfg.exact, contract.precision)
         summary = ExtractSummary(provider=ex.provider, images=len(items), math=math, batch_size=cfg.batch_size,
                                  phases={"list": listed, "start": time.perf_counter() - t0})
         ex.preflight(items, cfg)  # before the lease and the store: a failure here creates nothing
@@ -158,10 +177,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
             except OSError as exc:  # disk full, read-only file system, ...: what was committed stays
                 raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is "
                                      "kept, re-run to resume once that is fixed") from None
-    summary.seconds = time.perf_counter() - start
-    summary.decodes = getattr(executor, "decodes", 0)
-    summary.decode_in = executor.describe().get("decode_in", "") if not distributed else ""
-    return summary
+    return summary, executor
 
 
 def available_cores() -> int:
