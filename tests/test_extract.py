@@ -468,7 +468,7 @@ def test_the_runtime_starts_up_while_the_files_hash_and_its_failure_comes_before
     monkeypatch.setattr(engine.LocalExecutor, "hash_files", hash_files)
     monkeypatch.setattr(engine, "create_session", create_session)
     s = extract(extractor, dataset, tmp_path / "a.zarr", augment=1)
-    assert s.rows_written == before.rows_written == 32 and s.phases["session"] > 0
+    assert s.rows_written == before.rows_written == 32 and s.phases["session"] > 0 and s.phases["session_warm"] == 0
     assert_same_store(tmp_path / "before.zarr", tmp_path / "a.zarr")
     hashing.clear()
     monkeypatch.setattr(engine, "create_session", broken)
@@ -479,6 +479,21 @@ def test_the_runtime_starts_up_while_the_files_hash_and_its_failure_comes_before
     again = extract(extractor, dataset, tmp_path / "b.zarr", augment=1)
     assert again.rows_written == 32 and again.files_from_stat_cache == 12
     assert_same_store(tmp_path / "before.zarr", tmp_path / "b.zarr")
+
+
+def test_a_warm_up_pass_runs_in_the_start_up_uncounted_and_changes_no_feature(extractor):
+    """On CUDA the start-up also makes one pass at the run's batch size (kernels loaded, memory grown, bound
+    buffers made) beside the hashing; here forced on the CPU, bound and plain: it runs before the session is
+    ready, is not counted as a call, and the features after it are the same bytes as without it."""
+    from convcache.extract.engine import ExtractorSession
+
+    x = np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE, 3)).astype(np.uint8)
+    for way in ("plain", "bound"):
+        cold = ExtractorSession(str(extractor), "cpu", io=way)
+        warm = ExtractorSession(str(extractor), "cpu", io=way, background=True, warm_batch=3)
+        a, b = cold(x), warm(x)
+        assert cold.warm_seconds == 0 and 0 < warm.warm_seconds <= warm.create_seconds and warm.calls == 1
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_the_batch_size_follows_the_device_unless_given(extractor, dataset, tmp_path):

@@ -189,7 +189,7 @@ class ExtractorSession:
     staged by `stage` apart from `run_staged`; auto is bound on CUDA, plain elsewhere."""
 
     def __init__(self, path: str, device: str, threads: int | None = None, exact: bool = False,
-                 precision: str = "fp32", io: str = "auto", background: bool = False):
+                 precision: str = "fp32", io: str = "auto", background: bool = False, warm_batch: int = 0):
         from convcache.errors import ConvcacheError
 
         if precision not in PRECISIONS or io not in IO:
@@ -217,16 +217,20 @@ class ExtractorSession:
         self.math = math_mode(self.provider, exact, precision if precision != "fp32" else self.contract.precision)
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.calls = 0
-        self.create_seconds = self.waited_seconds = 0.0  # the runtime's start-up, and how long the first batch waited
+        # the runtime's start-up (its warm-up pass included), that pass alone, and how long the first batch waited
+        self.create_seconds = self.warm_seconds = self.waited_seconds = 0.0
         self._made: Future = Future()
-        args = (path, where, threads, exact, precision)
+        args = (path, where, threads, exact, precision, warm_batch)
         if background:  # the runtime starts up beside the files' hashing (ONNX Runtime's start frees the GIL)
             Thread(target=self._make, args=args, name="convcache-session", daemon=True).start()
         else:
             self._make(*args)
             self._ready()  # its error, if any, raised here
 
-    def _make(self, path, where, threads, exact, precision) -> None:
+    def _make(self, path, where, threads, exact, precision, warm_batch: int) -> None:
+        """Start the runtime; with `warm_batch`, run one pass of that many zero images in it, so that what a
+        runtime does on its first pass (CUDA: kernels loaded, its memory arena grown, the bound input buffers
+        made) is paid here, beside the hashing, not by the first batch. The pass is not counted in `calls`."""
         t0 = time.perf_counter()
         try:
             if where == NULL_DEVICE:  # the contract has the outputs' shapes: no model to load
@@ -241,11 +245,17 @@ class ExtractorSession:
                 session = create_session(source, where, threads, exact=exact)
             runner = BoundRunner(session, session.get_inputs()[0].name, self.outputs, self.device) \
                 if self.bound else None
-            self._made.set_result((session, runner))
+            if warm_batch:
+                t1, side = time.perf_counter(), self.contract.size
+                zeros = np.zeros((warm_batch, side, side, 3), self.input_dtype)
+                runner(zeros) if runner is not None else session.run(self.outputs, {self.contract.input_name: zeros})
+                self.warm_seconds = time.perf_counter() - t1
         except BaseException as exc:  # raised where the session is first used
-            self._made.set_exception(exc)
-        finally:
             self.create_seconds = time.perf_counter() - t0
+            self._made.set_exception(exc)
+        else:
+            self.create_seconds = time.perf_counter() - t0
+            self._made.set_result((session, runner))
 
     def _ready(self):
         """(the runtime session, its IO-binding runner or None), waiting for a background start-up to end."""

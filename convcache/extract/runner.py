@@ -25,7 +25,7 @@ from convcache.extract.engine import (
 )
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
-from convcache.runtime import batch_size_for, math_mode
+from convcache.runtime import PROVIDER_OF, batch_size_for, math_mode, resolve_device
 from convcache.store import SplitSpec, SplitWriter, open_root, writer_lock
 from convcache.store.layout import zarr_version
 
@@ -131,18 +131,21 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     else:
         # the runtime starts up in the background, beside discovery and hashing (CUDA adds the GPU's set-up);
         # the first batch waits for it, and its error, if any, is raised there: before any row
-        session = ExtractorSession(cfg.model, cfg.device, cfg.threads, exact=cfg.exact, precision=cfg.precision,
-                                   io=cfg.io, background=True)
-        contract = session.contract
+        # and on CUDA it makes its first pass there too, at the run's batch size (kernels loaded, memory grown)
+        where = resolve_device(cfg.device)
         if cfg.batch_size is None:  # a copy: the caller's config is not changed
-            cfg = replace(cfg, batch_size=batch_size_for(session.provider))
+            cfg = replace(cfg, batch_size=batch_size_for(PROVIDER_OF[where]))
+        session = ExtractorSession(cfg.model, where, cfg.threads, exact=cfg.exact, precision=cfg.precision,
+                                   io=cfg.io, background=True, warm_batch=cfg.batch_size if where == "cuda" else 0)
+        contract = session.contract
     try:
         summary, executor = _run(cfg, session, contract, proto)
     finally:
         if session is not None:
             session.settle()
     if session is not None:  # the runtime's start-up (in the background), and what of it the first batch waited
-        summary.phases.update(session=session.create_seconds, session_wait=session.waited_seconds)
+        summary.phases.update(session=session.create_seconds, session_warm=session.warm_seconds,
+                              session_wait=session.waited_seconds)
     summary.seconds = time.perf_counter() - start
     summary.decodes = getattr(executor, "decodes", 0)
     summary.decode_in = executor.describe().get("decode_in", "") if session is not None else ""
