@@ -186,7 +186,9 @@ class ExtractorSession:
     (`runtime.to_fp16`, the graph `export --precision fp16` stores: a GPU precision, recorded as the run's math
     mode). `io`: plain is `session.run` on a float32 batch; bound feeds uint8 pixels (a Cast in front of the
     graph: the same features, a quarter of the bytes to move) through IO binding (`runtime.BoundRunner`),
-    staged by `stage` apart from `run_staged`; auto is bound on CUDA, plain elsewhere."""
+    staged by `stage` apart from `run_staged`; auto is bound on CUDA, plain elsewhere. `background`: the runtime
+    starts up on a thread of its own (the contract, the provider and the math mode are known at once; the first
+    `stage` or `run_staged` waits for it and raises its error); `warm_batch`: see `_make`."""
 
     def __init__(self, path: str, device: str, threads: int | None = None, exact: bool = False,
                  precision: str = "fp32", io: str = "auto", background: bool = False, warm_batch: int = 0):
