@@ -226,7 +226,8 @@ def create_session(path, device: str = "auto", threads: int | None = None, exact
         raise ConvcacheError(f"cannot load {name} in ONNX Runtime: {exc}") from None
     active = session.get_providers()[0]  # ORT can fall back to CPU silently: check what is real
     if device == "cuda" and active != "CUDAExecutionProvider":
-        raise ConvcacheError(f"--device cuda: ONNX Runtime fell back to {active}")
+        raise ConvcacheError(f"CUDA: ONNX Runtime has the provider but could not start it (it fell back to {active}; "
+                             "its log names the library it could not load); --device cpu runs on the CPU")
     log.info("ONNX Runtime provider: %s", active)
     return session
 

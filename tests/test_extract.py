@@ -475,10 +475,40 @@ def test_the_runtime_starts_up_while_the_files_hash_and_its_failure_comes_before
     with pytest.raises(ConvcacheError, match="a broken runtime"):
         extract(extractor, dataset, tmp_path / "b.zarr", augment=1)
     assert FeatureStore(tmp_path / "b.zarr").rows("train") == 0
+    import zarr
+
+    assert "devices" not in zarr.open_group(str(tmp_path / "b.zarr"), path="train").attrs  # no row, no device
     monkeypatch.setattr(engine, "create_session", create_session)
     again = extract(extractor, dataset, tmp_path / "b.zarr", augment=1)
     assert again.rows_written == 32 and again.files_from_stat_cache == 12
     assert_same_store(tmp_path / "before.zarr", tmp_path / "b.zarr")
+
+
+def test_a_cuda_provider_that_cannot_start_is_an_error_never_a_cpu_run_recorded_as_cuda(extractor, dataset, tmp_path,
+                                                                                        monkeypatch):
+    """ONNX Runtime with a CUDA provider whose libraries do not load falls back to the CPU silently. With
+    `--device auto` that run would have been recorded as CUDA (TF32) while computing on the CPU: it is a one-line
+    error at the first batch instead, no row written and no device recorded; `--device cpu` then runs."""
+    import onnxruntime as ort
+
+    import convcache.runtime as runtime
+
+    real = ort.InferenceSession
+
+    def falls_back(path, options=None, providers=None):  # what ORT does without the CUDA libraries
+        return real(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                         "CPUExecutionProvider"])
+    monkeypatch.setattr(runtime.ort, "InferenceSession", falls_back)
+    out = tmp_path / "f.zarr"
+    with pytest.raises(ConvcacheError, match="could not start it .*--device cpu runs on the CPU"):
+        extract(extractor, dataset, out, device="auto")
+    import zarr
+
+    assert FeatureStore(out).rows("train") == 0 and "devices" not in zarr.open_group(str(out), path="train").attrs
+    s = extract(extractor, dataset, out, device="cpu")
+    assert s.rows_written == 20 and [r["provider"] for r in FeatureStore(out).runs("train")] == ["CPUExecutionProvider"]
 
 
 def test_a_warm_up_pass_runs_in_the_start_up_uncounted_and_changes_no_feature(extractor):

@@ -58,7 +58,8 @@ def register(sub) -> None:
                         "default: rows would not be bitwise comparable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default=d["device"],
                    help="inference: ONNX Runtime on the CPU or CUDA, or the OpenVINO runtime (the 'openvino' extra); "
-                        "auto = CUDA if present, else OpenVINO if installed, else CPU (`convcache info --runtime`)")
+                        "auto = CUDA if present, else OpenVINO if installed, else CPU (`convcache info --runtime`); "
+                        "a CUDA provider that is present but cannot start is an error, never a silent CPU run")
     p.add_argument("--dtype", choices=["float32", "float16"], default=d["dtype"], help="storage dtype")
     p.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="skip images with more pixels (bomb guard)")
     p.add_argument("--max-bytes", type=int, default=d["max_bytes"],

@@ -148,6 +148,9 @@ class DaskExecutor:
                                  "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or --storage-option) "
                                  "that this process has. Nothing was created or changed.")
 
+    def ready(self) -> None:
+        """Nothing to wait for: each worker starts its own runtime with its first task (`SessionPlugin`)."""
+
     def describe(self) -> dict:
         return {"workers": len(self.client.scheduler_info().get("workers", {})),
                 "scheduler": self.client.scheduler.address, "tasks": self.tasks}

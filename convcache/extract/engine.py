@@ -274,6 +274,10 @@ class ExtractorSession:
         """The runtime's session (ONNX Runtime's, OpenVINO's or the null one): waited for if it is starting."""
         return self._ready()[0]
 
+    def ready(self) -> None:
+        """Wait for the runtime's start-up to end; its error, if any, raised here."""
+        self._ready()
+
     def settle(self) -> None:
         """Wait for a background start-up to end, its error (a run that needed no batch never saw it) dropped:
         a runtime never starts up while the interpreter exits."""
@@ -473,6 +477,10 @@ class Executor(Protocol):
     def preflight(self, items: list[Item], cfg) -> None:
         """Checks before the store is touched (a cluster that cannot read the images fails here)."""
 
+    def ready(self) -> None:
+        """Wait until rows can be inferred (a local runtime starting up in the background), raising why not: called
+        before the run's device is recorded and its first row is made."""
+
     def block_rows(self, writer) -> int:
         """Rows per block (whole chunks for Dask: no two tasks write one chunk)."""
 
@@ -627,6 +635,9 @@ class LocalExecutor:
 
     def __exit__(self, *exc):
         self.close()
+
+    def ready(self) -> None:
+        self.session.ready()
 
     def describe(self) -> dict:
         return {"workers": self.workers, "decode_in": "processes" if self._procs is not None else "threads",
@@ -1044,7 +1055,8 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     split, writer = job.split, job.writer
     t_start = time.perf_counter()
     committed = writer.begin_run(job.ignored)
-    check_device(writer, {"provider": summary.provider, "math": summary.math}, cfg.allow_mixed)
+    device = {"provider": summary.provider, "math": summary.math}
+    check_device(writer, device, cfg.allow_mixed)
     decode = DecodeSpec(contract.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes, dict(cfg.storage_options))
 
     def needed(sha256: str) -> bool:  # has this content copies still to extract? (`committed`: numpy, read-only)
@@ -1068,6 +1080,9 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
                              variables=tuple(store_variables(contract)),
                              batch_size=cfg.batch_size, dtype=cfg.dtype)
     start = writer.committed
+    if plan:  # the runtime up (started beside the hashing; its error raised here), then its device recorded
+        executor.ready()
+        writer.add_device(device)
     t_run = time.perf_counter()
     failed, task_seconds, n_blocks = _run_blocks(executor, plan, settings, writer, committed.next_image, cfg,
                                                  summary)
@@ -1089,7 +1104,9 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
 
 def check_device(writer, device: dict, allow_mixed: bool) -> None:
     """Rows made on another provider or in another math mode (TF32, fp16) are not bitwise comparable with
-    this run's: extending such a split is refused without `allow_mixed` (then said once, and recorded)."""
+    this run's: extending such a split is refused without `allow_mixed` (then said once). Checked before any work;
+    the run's device is recorded (`writer.add_device`) once its runtime is up, just before its first row: a run
+    whose runtime failed to start made no row and leaves no record that would let a later run mix in silently."""
     import logging
 
     from convcache.errors import ConvcacheError
@@ -1102,7 +1119,6 @@ def check_device(writer, device: dict, allow_mixed: bool) -> None:
         if not allow_mixed:
             raise ConvcacheError(msg + "; --allow-mixed extends it anyway, or extract into a new store")
         logging.getLogger(__name__).warning("%s (--allow-mixed: extending it)", msg)
-    writer.add_device(device)
 
 
 def _run_blocks(executor: Executor, plan: list[Planned], settings: BlockSettings, writer, next_image: int, cfg,
