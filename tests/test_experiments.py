@@ -135,6 +135,7 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     assert shipped["run_rows_per_s"] >= shipped["rows_per_s"] > 0 and shipped["run_vs_bare_bound"] > 0
     assert all(t > 0 for t in shipped["session_s"]) and len(shipped["session_wait_s"]) == len(shipped["runs"])
     assert res["pipeline"]["as it ships, a quarter of the photos"]["runs"][0]["rows"] == 4 * 3
+    assert res["pipeline"]["originals only (K = 0)"]["runs"][0]["rows"] == 14  # method 1 at the GPU's speed
     # a line through the two runs only where the larger took longer: on 14 photos a loaded machine can reverse them
     assert "marginal_rows_per_s" in shipped and len(shipped["fixed_s"]) == (1 if shipped["marginal_rows_per_s"] else 0)
     null = res["null"]  # with copies and without, as it ships and each way

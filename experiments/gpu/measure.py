@@ -227,9 +227,12 @@ def pipeline(a, data: str, tmp: Path, bare_rates: dict, quarter: str) -> dict:
     """Each arm's rows/s three ways, each against the bare bound rate at its batch and precision: end to end
     (`rows_per_s`: the whole command, the CUDA session's creation included), the run phase (`run_rows_per_s`:
     decode, infer, write, from the first block to the last commit) and, as it ships, the marginal rate (the rows a
-    run of every photo adds over a run of a quarter of them, over the seconds it adds: the fixed costs out)."""
+    run of every photo adds over a run of a quarter of them, over the seconds it adds: the fixed costs out). Arms:
+    as it ships (--augment copies), plain IO, fp16, a quarter of the photos, and the originals only (K = 0: method
+    1, every row a decode)."""
     out = {}
-    arms = {"as it ships": {}, "plain io": {"io": "plain"}, "fp16": {"precision": "fp16"}, QUARTER: {}}
+    arms = {"as it ships": {}, "plain io": {"io": "plain"}, "fp16": {"precision": "fp16"}, QUARTER: {},
+            "originals only (K = 0)": {"augment": 0}}
     for r in range(a.repeats):  # arms interleaved, repeat by repeat
         for name, kw in arms.items():
             got = extract_rate(a, quarter if name == QUARTER else data,
