@@ -103,7 +103,8 @@ class ExtractSummary:
     seconds: float = 0.0
     provider: str = ""
     phases: dict = field(default_factory=dict)  # seconds to list, start the executor, hash, plan, run blocks; the
-    # runtime's start-up beside them (session) and what of it the first batch waited for (session_wait)
+    # runtime's start-up beside them (session; its warm-up pass on CUDA: session_warm) and what of it the run
+    # waited for before its first row (session_wait)
     files_hashed: int = 0  # files read to hash them
     files_from_stat_cache: int = 0  # files whose hash came from the stat cache (not read)
     decodes: int = 0  # images decoded (each once per run while the decode cache holds them)
@@ -129,9 +130,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         if cfg.batch_size is None:
             cfg = replace(cfg, batch_size=batch_size_for(""))
     else:
-        # the runtime starts up in the background, beside discovery and hashing (CUDA adds the GPU's set-up);
-        # the first batch waits for it, and its error, if any, is raised there: before any row
-        # and on CUDA it makes its first pass there too, at the run's batch size (kernels loaded, memory grown)
+        # The runtime starts up in the background, beside discovery and hashing (CUDA adds the GPU's set-up, and
+        # there a first pass at the run's batch size: kernels loaded, memory grown); the split waits for it before
+        # its first row and before recording its device, and its error, if any, is raised there
         where = resolve_device(cfg.device)
         if cfg.batch_size is None:  # a copy: the caller's config is not changed
             cfg = replace(cfg, batch_size=batch_size_for(PROVIDER_OF[where]))
