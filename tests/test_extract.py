@@ -486,9 +486,10 @@ def test_the_runtime_starts_up_while_the_files_hash_and_its_failure_comes_before
 
 def test_a_cuda_provider_that_cannot_start_is_an_error_never_a_cpu_run_recorded_as_cuda(extractor, dataset, tmp_path,
                                                                                         monkeypatch):
-    """ONNX Runtime with a CUDA provider whose libraries do not load falls back to the CPU silently. With
-    `--device auto` that run would have been recorded as CUDA (TF32) while computing on the CPU: it is a one-line
-    error at the first batch instead, no row written and no device recorded; `--device cpu` then runs."""
+    """ONNX Runtime with a CUDA provider whose libraries do not load falls back to the CPU silently. The run's
+    provider is known before its runtime starts (CUDA, TF32 for `--device auto` here), so such a run must never
+    compute on the CPU under that name: it is a one-line error at the first batch, saying what to do, with no
+    row written and no device recorded; `--device cpu` then runs."""
     import onnxruntime as ort
 
     import convcache.runtime as runtime
