@@ -14,32 +14,25 @@ ship), for scale. Stores are bitwise meaningless here (every image is zeros); on
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="an extractor (the null device uses only its output shape)")
-    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--augment", type=int, default=15)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
+    from convcache.benchmarks.extract import subset_and_output, subset_arguments
+
+    subset_arguments(p, images=2000, augment=15, rounds=3,
+                     model_help="an extractor (the null device uses only its output shape)")
     a = p.parse_args(argv)
     import numpy as np
 
     import convcache.extract.mapper as mapper
-    from convcache.benchmarks.extract import cached_subset
     from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
     from convcache.runtime import cpu_model
 
-    work = Path(a.work)
-    data = cached_subset(a.data, a.images, work)
-    out = Path(tempfile.mkdtemp(dir=work))
+    data, out = subset_and_output(a)
     real = mapper.decode_image, mapper.warp
 
     def free(on: bool) -> None:

@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import tempfile
 import time
 from pathlib import Path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--augment", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
+    from convcache.benchmarks.extract import subset_and_output, subset_arguments
+
+    subset_arguments(p, images=2000, augment=0, rounds=3, rounds_flag="--runs")
     a = p.parse_args(argv)
     import convcache.extract.engine as engine
     import convcache.extract.runner as runner
     import convcache.store.writer as writer
-    from convcache.benchmarks.extract import cached_subset
     from convcache.runtime import cpu_model
 
     spent: dict = {}
@@ -57,9 +51,7 @@ def main(argv=None) -> None:
                                (writer.SplitWriter, "commit", "commits' attributes and snapshots (those inside rows too)"),
                                (runner, "run_extract", "the whole run")):
         timed(owner, name, label)
-    work = Path(a.work)
-    data = cached_subset(a.data, a.images, work)
-    out = Path(tempfile.mkdtemp(dir=work))
+    data, out = subset_and_output(a)
 
     def run(name: str):
         return runner.run_extract(runner.ExtractConfig(model=str(Path(a.model).resolve()), data=str(data),

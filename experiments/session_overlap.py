@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
+    from convcache.benchmarks.extract import subset_and_output, subset_arguments
+
+    subset_arguments(p, images=100, augment=0, rounds=7)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--images", type=int, default=100)
-    p.add_argument("--augment", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
     a = p.parse_args(argv)
     import convcache.extract.runner as runner
-    from convcache.benchmarks.extract import cached_subset
     from convcache.extract.engine import ExtractorSession
     from convcache.runtime import cpu_model
 
-    work = Path(a.work)
-    data = cached_subset(a.data, a.images, work)
-    out = Path(tempfile.mkdtemp(dir=work))
+    data, out = subset_and_output(a)
     background = runner.ExtractorSession
 
     def first(*args, **kw):  # as before: the session made before anything else

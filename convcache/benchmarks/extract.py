@@ -48,6 +48,26 @@ def cached_subset(data: str, n: int, work: Path) -> Path:
     return dst
 
 
+def subset_arguments(p: argparse.ArgumentParser, images: int, augment: int, rounds: int,
+                     rounds_flag: str = "--rounds", model_help: str | None = None) -> None:
+    """What the extract experiments (experiments/gil_ceiling.py, run_phases.py, session_overlap.py) take alike: an
+    extractor, the photos (a `cached_subset` of --images of --data, under --work), copies, workers, rounds."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data", default="../shared/data/cats_and_dogs_small")
+    p.add_argument("--images", type=int, default=images)
+    p.add_argument("--augment", type=int, default=augment)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(rounds_flag, type=int, default=rounds)
+    p.add_argument("--work", default=tempfile.gettempdir(), help="where the photo subset and the stores go")
+
+
+def subset_and_output(a: argparse.Namespace) -> tuple[Path, Path]:
+    """(the photo subset `subset_arguments` asked for, a new folder for the stores), both under --work."""
+    work = Path(a.work)
+    data = cached_subset(a.data, a.images, work)
+    return data, Path(tempfile.mkdtemp(dir=work))
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
