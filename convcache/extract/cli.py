@@ -43,6 +43,12 @@ def register(sub) -> None:
     p.add_argument("--decode-in", choices=["auto", "processes", "threads"], default=d["decode_in"],
                    help="where images are decoded: worker processes, or threads; auto = processes for 256+ "
                         "images and 4+ workers")
+    p.add_argument("--decoder", choices=["auto", "pillow", "nvjpeg", "torchvision-cpu"], default=d["decoder"],
+                   help="JPEG decoding: Pillow on the CPU, or torchvision's batched decoder: nvjpeg on the GPU (the "
+                        "'nvjpeg' extra), torchvision-cpu for parity checks; auto = nvjpeg when extracting on "
+                        "CUDA with torchvision installed, else Pillow. Recorded with the run's device: pixels "
+                        "differ slightly, so a resume with another decoder is refused without --allow-mixed "
+                        "(default: %(default)s)")
     p.add_argument("--decode-cache-mb", type=float, default=d["decode_cache_mb"],
                    help="memory for decoded images: kept for their later copies, so each is decoded once "
                         "per run, and decoded as they are hashed, up to 256 MiB of it "
@@ -117,6 +123,7 @@ def run(args) -> int:
                         seed=args.seed, batch_size=args.batch_size, device=args.device,
                         **({"workers": args.workers} if args.workers is not None else {}),
                         decode_in=args.decode_in, decode_cache_mb=args.decode_cache_mb, exact=args.exact,
+                        decoder=args.decoder,
                         allow_mixed=args.allow_mixed, precision=args.precision,
                         dtype=args.dtype, policy=_policy(args.policy),
                         max_pixels=args.max_pixels, chunk_rows=args.chunk_rows, max_bytes=args.max_bytes,
@@ -133,7 +140,9 @@ def run(args) -> int:
           f"batch {s.batch_size}); "
           f"{len(s.skipped)} skipped, {len(s.duplicates)} duplicates -> {args.output}")
     print(f"  files: {s.files_hashed} read and hashed, {s.files_from_stat_cache} unchanged (stat cache, not read)"
-          + (f"; {s.decodes} decoded, in {s.decode_in}" if s.decode_in else ""))
+          + (f"; {s.decodes} decoded, in {s.decode_in}" if s.decode_in and s.decoder == "pillow" else "")
+          + (f"; {s.decodes} decoded, {s.decoded_by_decoder} by {s.decoder} (the others by Pillow)"
+             if s.decoder != "pillow" else ""))
     changed = {split: c for split, c in s.changes.items() if c}
     if changed:
         print("  listing: " + "; ".join(f"{split} {c}" for split, c in changed.items())

@@ -30,6 +30,7 @@ client can plan.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -46,10 +47,12 @@ import numpy as np
 from convcache import artifacts
 from convcache.augment import warp_threads
 from convcache.datasets import Item
+from convcache.errors import ImageError
 from convcache.extract.mapper import (
     Base,
     DecodeSpec,
     Hashed,
+    add_maps,
     decode_base,
     decode_bases,
     decode_copies,
@@ -59,7 +62,7 @@ from convcache.extract.mapper import (
     warp_copy,
     watch_parent,
 )
-from convcache.imaging import printable_path
+from convcache.imaging import printable_path, read_bytes
 from convcache.runtime import (
     NULL_DEVICE,
     PRECISIONS,
@@ -92,6 +95,7 @@ READ_ONCE_BYTES = 128 << 20  # files' bytes kept from hashing to decoding, in th
 EARLY_DECODE_BYTES = 256 << 20  # ...or their pixels, decoded as they are hashed (150 px: ~3,900 images)
 WINDOW_BYTES = 256 << 20  # decoded rows held ahead of the batcher with decoders in processes (at 150 px: 3,900)
 PROCESS_MIN_WORKERS = 4  # ...and with this many workers: on 2 cores threads were faster (docs/benchmarks.md)
+GPU_DECODE_IMAGES = 64  # images torchvision's decoder (nvJPEG on CUDA) takes in one batched call
 
 
 class Row(NamedTuple):
@@ -590,13 +594,69 @@ class _Group:
                 return Base(None, {}, "its decoding process died (a decoder crash, or killed for memory)")
 
 
+class _GpuGroup:
+    """Decodes with torchvision's batched decoder (`gpudecode.TorchDecoder`: nvJPEG on CUDA), `per_task` images a
+    call, on the executor's decoder thread: sent when full or as soon as a thread needs one of its images (as
+    `_Group`). Each image's bytes are those hashed in this run where they were kept, else read again (and refused
+    if they no longer hash so). An image the decoder does not take (not a plain JPEG, corrupt, or a call that
+    failed) is decoded by Pillow on that thread, which records why one that does not decode at all is skipped:
+    this path loses no file that Pillow decodes."""
+
+    def __init__(self, executor: LocalExecutor, spec: DecodeSpec, per_task: int):
+        self._executor, self._spec, self._per_task = executor, spec, per_task
+        self._lock, self._open = Lock(), []
+
+    start = _Group.start
+    submitted = _Group.submitted
+
+    def _send(self) -> None:  # under the lock
+        group, self._open = self._open, []
+        future = self._executor._gpu_pool.submit(self._task, [pending._args for pending in group])
+        for k, pending in enumerate(group):
+            pending._future, pending._index = future, k
+
+    def _task(self, images: list[tuple]) -> list[Base]:
+        ex, spec = self._executor, self._spec
+        decoder = ex._torch_decoder.result()  # started with the executor (ready() raised its error before any row)
+        datas: list = []
+        bases: list = []
+        for item, sha256, _ in images:
+            data, base = ex._bytes_of_content(item, sha256), None
+            if data is None:
+                try:
+                    data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
+                    if hashlib.sha256(data).hexdigest() != sha256:
+                        base = Base(None, {}, "changed while reading")
+                except ImageError as exc:
+                    base = Base(None, {}, exc.reason)
+                except Exception as exc:  # one bad file never stops a run
+                    base = Base(None, {}, f"failed ({exc.__class__.__name__}: {exc})")
+            datas.append(data)
+            bases.append(base)
+        todo = [k for k, base in enumerate(bases) if base is None]
+        try:
+            pixels = decoder.decode([datas[k] for k in todo], spec.size, spec.max_pixels)
+        except Exception as exc:  # the decoder itself failed (out of GPU memory, ...): Pillow decodes them
+            log.warning("%s failed on %d images (%s: %s); Pillow decodes them", decoder.name, len(todo),
+                        exc.__class__.__name__, exc)
+            pixels = [None] * len(todo)
+        for k, px in zip(todo, pixels):
+            item, sha256, _ = images[k]
+            bases[k] = Base(px, {}) if px is not None else decode_base(item, sha256, spec, (), datas[k], {})
+        add_maps([(base, sha256, copies) for base, (_, sha256, copies) in zip(bases, images)], spec)
+        return bases
+
+    def alone(self, pending: _Decode) -> Base:  # (no process to die)
+        raise AssertionError("a GPU decode has no process")
+
+
 class LocalExecutor:
     """Blocks on this machine: decoding and augmentation in `workers` threads (bounded look-ahead),
     inference of one batch on its own thread while this one gathers the next batch, blocks written as
     they complete. Batches span block boundaries, so every call but the last is a full batch."""
 
     def __init__(self, session: ExtractorSession, workers: int, decode_in: str = "auto",
-                 cache_bytes: int = DECODE_CACHE_BYTES):
+                 cache_bytes: int = DECODE_CACHE_BYTES, decoder: str = "pillow"):
         if decode_in not in DECODE_IN:
             raise ValueError(f"decode_in {decode_in!r}: one of {', '.join(DECODE_IN)}")
         self.session = session
@@ -618,6 +678,14 @@ class LocalExecutor:
         self.early_bytes = min(EARLY_DECODE_BYTES, cache_bytes)  # decoded pixels held: the decode cache's budget
         self._early: dict = {}  # sha256 -> pixels decoded as the file was hashed (None: being decoded)
         self._early_held, self._early_spec = 0, None
+        # torchvision's decoder (`gpudecode.resolve_decoder`: nvjpeg, torchvision-cpu), started now on a thread of
+        # its own (importing torch and starting CUDA take seconds), beside the hashing; its decodes run there too
+        self.decoder, self._gpu_pool, self._torch_decoder = decoder, None, None
+        if decoder != "pillow":
+            from convcache.gpudecode import TorchDecoder, decoder_device
+
+            self._gpu_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-gpu-decode")
+            self._torch_decoder = self._gpu_pool.submit(TorchDecoder, decoder_device(decoder))
 
     def close(self) -> None:
         self._forget_bytes()
@@ -625,6 +693,8 @@ class LocalExecutor:
         self._infer_pool.shutdown(cancel_futures=True)
         self._stage_pool.shutdown(cancel_futures=True)
         self._digest_pool.shutdown(cancel_futures=True)
+        if self._gpu_pool is not None:
+            self._gpu_pool.shutdown(cancel_futures=True)
         if self._procs is not None:
             self._procs.shutdown(cancel_futures=True)
         warp_threads(self._warp_threads)  # OpenCV's setting as it was
@@ -638,10 +708,22 @@ class LocalExecutor:
 
     def ready(self) -> None:
         self.session.ready()
+        if self._torch_decoder is not None:
+            from convcache.errors import ConvcacheError
+
+            try:
+                self._torch_decoder.result()
+            except Exception as exc:
+                raise ConvcacheError(f"--decoder: torchvision's decoder ({self.decoder}) could not start "
+                                     f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                     "--decoder pillow decodes on the CPU") from None
 
     def describe(self) -> dict:
-        return {"workers": self.workers, "decode_in": "processes" if self._procs is not None else "threads",
-                "decodes": self.decodes}
+        out = {"workers": self.workers, "decode_in": "processes" if self._procs is not None else "threads",
+               "decodes": self.decodes, "decoder": self.decoder}
+        if self._torch_decoder is not None and self._torch_decoder.done() and not self._torch_decoder.exception():
+            out["decoded_by_decoder"] = self._torch_decoder.result().decoded  # the rest: by Pillow
+        return out
 
     def preflight(self, items: list[Item], cfg) -> None:
         """Nothing to check (this process reads the images itself). Decoding processes a run of this size would
@@ -650,7 +732,7 @@ class LocalExecutor:
             self._start_processes()
 
     def _wants_processes(self, images: int) -> bool:
-        return self.workers > 1 and (self.decode_in == "processes" or (
+        return self._torch_decoder is None and self.workers > 1 and (self.decode_in == "processes" or (
             self.decode_in == "auto" and images >= PROCESS_MIN_IMAGES and self.workers >= PROCESS_MIN_WORKERS))
 
     def _restart_processes(self, broken):
@@ -723,7 +805,8 @@ class LocalExecutor:
         # its bytes just read (`_decode_early`): two threads hashing keep ~1.4 of 2 cores busy (GIL hand-offs
         # around short reads and hashes), and the store's set-up after hashing runs on one; a decode there
         # fills them (K = 0, 2,000 photos: 1.06x the rows a second, docs/benchmarks.md).
-        self._early_spec = early if self._procs is None and self.early_bytes > 0 else None
+        self._early_spec = early if self._procs is None and self._torch_decoder is None and self.early_bytes > 0 \
+            else None
         keep = self._keep if self._procs is None and (self.read_once_bytes > 0 or self._early_spec) else None
         if bar is not None and self._early_spec is not None and getattr(bar, "desc", "").startswith("hash "):
             bar.set_description("hash and decode " + bar.desc[len("hash "):])  # the bar's time is mostly decoding
@@ -785,12 +868,15 @@ class LocalExecutor:
 
     def _bytes_of(self, p: Planned) -> bytes | None:
         """The bytes hashed for `p` in this run (then forgotten), or None: the decode reads the file."""
+        return self._bytes_of_content(p.item, p.sha256)
+
+    def _bytes_of_content(self, item: Item, sha256: str) -> bytes | None:
         with self._read_lock:
-            got = self._read.pop(p.item.path, None)
+            got = self._read.pop(item.path, None)
             if got is None:
                 return None
             self._read_held -= len(got[1])
-        return got[1] if got[0] == p.sha256 else None
+        return got[1] if got[0] == sha256 else None
 
     def _forget_bytes(self) -> None:
         with self._read_lock:  # pixels decoded early and never asked for were decodes all the same
@@ -819,10 +905,11 @@ class LocalExecutor:
         on 2 cores); in threads the first copy to need them decodes them, unless the pass that hashed the file
         did (`_decode_early`)."""
         start = self._decoder(plan, s)
+        maps_here = self._procs is None and self._torch_decoder is None
         # in threads, the warp maps of the copies each decode serves are computed before it, MAPS_ROWS rows'
         # worth at once (`maps_of`: ~4 µs a copy at K = 15, against ~50 for one image's 15 in its decode, all of
         # it numpy under the GIL); decoding processes compute theirs, a task's images at once
-        ahead = MAPS_ROWS if self._procs is None else 1
+        ahead = MAPS_ROWS if maps_here else 1
         failed: set = set()
         remaining = {p.sha256: len(p.copies) for p in plan}  # copies still to come, per image
         kept: dict = {}  # sha256 -> _Decode, while more copies of it are to come
@@ -846,7 +933,7 @@ class LocalExecutor:
                             kept[p.sha256] = pending
                             held[0] += size
                     out.append((p, c, pending))
-                if self._procs is None and started:  # before any of these rows reaches a thread
+                if maps_here and started:  # before any of these rows reaches a thread
                     for (pending, _, _), maps in zip(started, maps_of([(sha, cs) for _, sha, cs in started], s.decode)):
                         pending.matrices = maps
                 yield from out
@@ -863,6 +950,8 @@ class LocalExecutor:
         window = 4 * self.workers
         if self._procs is not None:  # full groups ahead, while the rows held ahead stay within WINDOW_BYTES
             window = max(window, min(window * PROCESS_TASK_IMAGES, WINDOW_BYTES // size))
+        elif self._torch_decoder is not None:  # a few of the decoder's batches ahead
+            window = max(window, min(4 * GPU_DECODE_IMAGES, WINDOW_BYTES // size))
         parts = _ordered(self._pool, some, _chunks(jobs(), ROWS_PER_JOB), window=max(2 * self.workers,
                                                                                    window // ROWS_PER_JOB))
         done = (r for part in parts for r in part)
@@ -884,6 +973,8 @@ class LocalExecutor:
     def _decoder(self, plan: list[Planned], s: BlockSettings):
         """start(planned, copies) -> `_Decode` of a `Base` (pixels and the copies' warp maps, or an error):
         submitted to a worker process now, or decoded by the first pool thread that asks for it."""
+        if self._torch_decoder is not None:
+            return _GpuGroup(self, s.decode, GPU_DECODE_IMAGES).start
         if self._wants_processes(len(plan)):
             self._start_processes()
         if self._procs is None:
@@ -1056,6 +1147,8 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
     t_start = time.perf_counter()
     committed = writer.begin_run(job.ignored)
     device = {"provider": summary.provider, "math": summary.math}
+    if summary.decoder != "pillow":  # rows from another decoder's pixels are not bitwise comparable either
+        device["decoder"] = summary.decoder
     check_device(writer, device, cfg.allow_mixed)
     decode = DecodeSpec(contract.size, cfg.policy, cfg.seed, cfg.max_pixels, cfg.max_bytes, dict(cfg.storage_options))
 
@@ -1103,7 +1196,8 @@ def extract_split(executor: Executor, job: SplitJob, cfg, contract, summary) -> 
 
 
 def check_device(writer, device: dict, allow_mixed: bool) -> None:
-    """Rows made on another provider or in another math mode (TF32, fp16) are not bitwise comparable with
+    """Rows made on another provider, in another math mode (TF32, fp16) or from another decoder's pixels (Pillow's
+    records name none: stores made before decoders were recorded read the same) are not bitwise comparable with
     this run's: extending such a split is refused without `allow_mixed` (then said once). Checked before any work;
     the run's device is recorded (`writer.add_device`) once its runtime is up, just before its first row: a run
     whose runtime failed to start made no row and leaves no record that would let a later run mix in silently."""
@@ -1113,12 +1207,16 @@ def check_device(writer, device: dict, allow_mixed: bool) -> None:
 
     seen = writer.devices()
     if writer.committed and seen and device not in seen:
-        made = "; ".join(f"{d['provider']} ({d['math']})" for d in seen)
+        made = "; ".join(_device_text(d) for d in seen)
         msg = (f"'{writer.split}': its {writer.committed} rows were made on {made}, this run is on "
-               f"{device['provider']} ({device['math']}): their features would not be bitwise comparable")
+               f"{_device_text(device)}: their features would not be bitwise comparable")
         if not allow_mixed:
             raise ConvcacheError(msg + "; --allow-mixed extends it anyway, or extract into a new store")
         logging.getLogger(__name__).warning("%s (--allow-mixed: extending it)", msg)
+
+
+def _device_text(d: dict) -> str:
+    return f"{d['provider']} ({d['math']}" + (f", decoded by {d['decoder']})" if d.get("decoder") else ")")
 
 
 def _run_blocks(executor: Executor, plan: list[Planned], settings: BlockSettings, writer, next_image: int, cfg,

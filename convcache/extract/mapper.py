@@ -101,7 +101,7 @@ def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = (), d
     hashed them): nothing is read or decoded."""
     base = Base(pixels, {}) if pixels is not None else _decoded(item, sha256, spec, data)
     if matrices is None:
-        _add_maps([(base, sha256, copies)], spec)
+        add_maps([(base, sha256, copies)], spec)
     elif base.pixels is not None:
         base.matrices = matrices
     return base
@@ -154,7 +154,7 @@ def decode_bases(images: list[tuple[Item, str, tuple]], spec: DecodeSpec) -> lis
     """`decode_base` for several (item, sha256, copies): a worker process's task. The warp maps of all their
     copies are computed together (at 8 images x 15 copies, ~7x faster than a copy at a time)."""
     bases = [_decoded(item, sha256, spec, None) for item, sha256, _ in images]
-    _add_maps([(base, sha256, copies) for base, (_, sha256, copies) in zip(bases, images)], spec)
+    add_maps([(base, sha256, copies) for base, (_, sha256, copies) in zip(bases, images)], spec)
     return bases
 
 
@@ -169,7 +169,7 @@ def maps_of(images: list[tuple[str, tuple]], spec: DecodeSpec) -> list[dict]:
     return [{c: next(maps) for c in copies} for _, copies in images]
 
 
-def _add_maps(decoded: list[tuple[Base, str, tuple]], spec: DecodeSpec) -> None:
+def add_maps(decoded: list[tuple[Base, str, tuple]], spec: DecodeSpec) -> None:
     """Each decoded image's warp maps for its copies, all computed together (`maps_of`)."""
     ok = [(base, sha256, copies) for base, sha256, copies in decoded if base.pixels is not None]
     for (base, _, _), maps in zip(ok, maps_of([(sha256, copies) for _, sha256, copies in ok], spec)):

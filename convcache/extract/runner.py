@@ -23,6 +23,7 @@ from convcache.extract.engine import (
     extract_split,
     store_variables,
 )
+from convcache.gpudecode import DECODERS, resolve_decoder
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
 from convcache.runtime import PROVIDER_OF, batch_size_for, math_mode, resolve_device
@@ -63,6 +64,7 @@ class ExtractConfig:
     allow_mixed: bool = False  # extend a split whose rows were made on another provider or math mode
     precision: str = "fp32"  # fp16: an fp32 extractor run in fp16 (CUDA), recorded as the run's math mode
     io: str = "auto"  # bound: uint8 pixels through IO binding; plain: session.run on float32 (auto: bound on CUDA)
+    decoder: str = "auto"  # pillow, or torchvision's batched decoder (nvJPEG on CUDA); auto: nvJPEG on CUDA
 
     def __post_init__(self):
         if isinstance(self.policy, (str, dict)):
@@ -71,6 +73,8 @@ class ExtractConfig:
             raise ConvcacheError("--augment and --seed must be >= 0")
         if (self.batch_size is not None and self.batch_size < 1) or self.workers < 1:
             raise ConvcacheError("--batch-size and --workers must be >= 1")
+        if self.decoder not in DECODERS:
+            raise ConvcacheError(f"--decoder {self.decoder}: one of {', '.join(DECODERS)}")
         if self.decode_in not in DECODE_IN or self.decode_cache_mb < 0:
             raise ConvcacheError(f"--decode-in: one of {', '.join(DECODE_IN)}; --decode-cache-mb >= 0")
         if self.max_pixels < 1 or self.max_bytes < 1 or (self.chunk_rows is not None and self.chunk_rows < 1):
@@ -112,6 +116,8 @@ class ExtractSummary:
     math: str = ""  # the session's math mode (fp32, tf32, fp16): recorded in the run log
     batch_size: int = 0  # images per inference call (chosen by device unless given)
     decode_in: str = ""  # where images were decoded: threads or processes (this machine), "" on Dask
+    decoder: str = "pillow"  # what decoded them: pillow, nvjpeg or torchvision-cpu (`gpudecode.resolve_decoder`)
+    decoded_by_decoder: int = 0  # of `decodes`, those torchvision's decoder made (the others: Pillow)
 
     @property
     def rows_per_second(self) -> float:
@@ -122,9 +128,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     start = time.perf_counter()
     distributed = bool(cfg.scheduler or cfg.cluster)
     session = proto = None
+    decoder = "pillow"
     if distributed:  # the client needs the model's contract and bytes, not a session
         if cfg.precision != "fp32":
             raise ConvcacheError("--precision fp16 runs on this machine's GPU, not on a Dask cluster")
+        resolve_decoder(cfg.decoder, None)  # (torchvision refused there)
         proto = artifacts.load_model(cfg.model)
         contract = artifacts.Extractor.from_proto(proto, str(cfg.model))
         if cfg.batch_size is None:
@@ -134,13 +142,14 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         # there a first pass at the run's batch size: kernels loaded, memory grown); the split waits for it before
         # its first row and before recording its device, and its error, if any, is raised there
         where = resolve_device(cfg.device)
+        decoder = resolve_decoder(cfg.decoder, where)  # its start-up too runs beside the hashing (the executor)
         if cfg.batch_size is None:  # a copy: the caller's config is not changed
             cfg = replace(cfg, batch_size=batch_size_for(PROVIDER_OF[where]))
         session = ExtractorSession(cfg.model, where, cfg.threads, exact=cfg.exact, precision=cfg.precision,
                                    io=cfg.io, background=True, warm_batch=cfg.batch_size if where == "cuda" else 0)
         contract = session.contract
     try:
-        summary, executor = _run(cfg, session, contract, proto)
+        summary, executor = _run(cfg, session, contract, proto, decoder)
     finally:
         if session is not None:
             session.settle()
@@ -149,11 +158,13 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                               session_wait=session.waited_seconds)
     summary.seconds = time.perf_counter() - start
     summary.decodes = getattr(executor, "decodes", 0)
-    summary.decode_in = executor.describe().get("decode_in", "") if session is not None else ""
+    described = executor.describe() if session is not None else {}
+    summary.decode_in = described.get("decode_in", "")
+    summary.decoded_by_decoder = described.get("decoded_by_decoder", 0)
     return summary
 
 
-def _run(cfg: ExtractConfig, session, contract, proto):
+def _run(cfg: ExtractConfig, session, contract, proto, decoder: str = "pillow"):
     """`run_extract` once the extractor is read: with `session` (this machine), or on Dask (`proto`)."""
     t_list = time.perf_counter()
     items, classes, ignored = discover_all(cfg.data, cfg.storage_options, progress=cfg.progress)
@@ -167,12 +178,12 @@ def _run(cfg: ExtractConfig, session, contract, proto):
 
         executor = dask_executor(cfg, proto.SerializeToString(), contract)
     else:
-        executor = LocalExecutor(session, cfg.workers, cfg.decode_in, int(cfg.decode_cache_mb * (1 << 20)))
+        executor = LocalExecutor(session, cfg.workers, cfg.decode_in, int(cfg.decode_cache_mb * (1 << 20)), decoder)
     t0 = time.perf_counter()
     with executor as ex:
         math = session.math if session is not None else math_mode(ex.provider, cfg.exact, contract.precision)
         summary = ExtractSummary(provider=ex.provider, images=len(items), math=math, batch_size=cfg.batch_size,
-                                 phases={"list": listed, "start": time.perf_counter() - t0})
+                                 decoder=decoder, phases={"list": listed, "start": time.perf_counter() - t0})
         ex.preflight(items, cfg)  # before the lease and the store: a failure here creates nothing
         with writer_lock(cfg.output, cfg.storage_options) as guard:
             try:

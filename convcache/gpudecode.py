@@ -1,0 +1,199 @@
+"""JPEG decoding in batches with torchvision (`torchvision.io.decode_jpeg`): nvJPEG on a CUDA device, libjpeg-turbo
+on the CPU. The optional decoder of `extract --decoder nvjpeg` (the default on CUDA when torchvision is installed) and
+`--decoder torchvision-cpu`.
+
+Why: on a GPU, inference outruns the CPU's decoding (issue 29: ONNX Runtime took ~9,900 rows a second on an
+H200, Pillow decoded ~4,300 photos a second on its 16 cores). Decoded on the GPU, each photo costs the CPU only
+its header's parse.
+
+What it makes follows `imaging.decode_image` step by step (uint8 size x size x 3 RGB): the photo is decoded at
+full size (nvJPEG has no DCT scaling), averaged in blocks of the factor Pillow's draft mode would have decoded
+it at, made upright by its EXIF orientation, and resized with torch's antialiased bilinear filter (the triangle
+filter, widened by the scale, of Pillow's BILINEAR). Not bitwise: on the cats-and-dogs photos the pixels differ
+from Pillow's by 0.22 of 255 on average (libjpeg-turbo's full decode on the CPU). A store records the decoder of its
+rows (a resume with another is refused without --allow-mixed); what the difference costs the task is measured
+in docs/benchmarks.md.
+
+Only plain JPEGs (RGB or greyscale, within `max_pixels`) are decoded here; anything else - CMYK, PNG, a
+corrupt or truncated file, a batch the decoder refuses - is returned as None, for Pillow to decode (or to
+refuse, with its reason), so a file that Pillow handles is never lost to this path.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+
+from convcache.imaging import DEFAULT_MAX_PIXELS
+
+DECODERS = ("auto", "pillow", "nvjpeg", "torchvision-cpu")
+# EXIF orientation -> the (transpose, flip rows, flip columns) that makes the image upright, as Pillow's
+# `ImageOps.exif_transpose` does: 2 mirrors left-right, 3 rotates 180, 4 flips top-bottom, 5 transposes,
+# 6 rotates 90 clockwise, 7 transverses, 8 rotates 90 counter-clockwise
+_ORIENT = {2: (False, False, True), 3: (False, True, True), 4: (False, True, False), 5: (True, False, False),
+           6: (True, False, True), 7: (True, True, True), 8: (True, True, False)}
+
+
+def resolve_decoder(choice: str, where: str | None) -> str:
+    """The decoder a run uses: `pillow`, `nvjpeg` (torchvision on the GPU) or `torchvision-cpu` (torchvision on the
+    CPU, libjpeg-turbo: not faster than Pillow, for parity checks). `where`: the device the run extracts on (cpu,
+    cuda, openvino, null), None on a Dask cluster. `auto` is nvjpeg when the run extracts on CUDA and torchvision
+    is installed (there the CPU's decode rate is below the runtime's: issue 29 measured ~4,300 photos a second on
+    16 cores against ~9,900 rows for ONNX Runtime), Pillow everywhere else. A choice that cannot be honoured is
+    refused at once (no torchvision, a Dask cluster) or, when torchvision cannot start (no CUDA device), before
+    the run's first row."""
+    from convcache.errors import ConvcacheError
+
+    if choice not in DECODERS:
+        raise ConvcacheError(f"--decoder {choice}: one of {', '.join(DECODERS)}")
+    installed = torchvision_installed()
+    if choice == "pillow" or (choice == "auto" and (where != "cuda" or not installed)):
+        return "pillow"
+    if choice == "auto":
+        return "nvjpeg"
+    if where is None:
+        raise ConvcacheError(f"--decoder {choice} decodes on this machine, not on a Dask cluster's workers")
+    if not installed:
+        raise ConvcacheError(f"--decoder {choice} needs torch and torchvision (pip install 'convcache[nvjpeg]'); "
+                             "--decoder pillow decodes with Pillow")
+    return choice
+
+
+def torchvision_installed() -> bool:
+    """Whether torch and torchvision are installed (found, not imported: importing torch takes seconds)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
+
+
+def decoder_device(name: str) -> str:
+    """Where a resolved decoder (`resolve_decoder`) other than Pillow runs."""
+    return "cuda" if name == "nvjpeg" else "cpu"
+
+
+def unavailable(device: str) -> str | None:
+    """Why torchvision's decoder cannot run on `device` (cpu or cuda) here, or None when it can."""
+    try:
+        import torch
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception as exc:  # ImportError, or a torchvision built for another torch
+        return (f"torchvision is not importable ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}); "
+                "pip install 'convcache[nvjpeg]'")
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    return None
+
+
+def header(data: bytes, max_pixels: int) -> int | None:
+    """A JPEG this decoder takes: its EXIF orientation (1-8); None for anything else (left to Pillow)."""
+    from PIL import Image
+
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        img = Image.open(io.BytesIO(data))  # the header only: nothing is decoded
+        w, h = img.size
+        if img.format != "JPEG" or img.mode not in ("RGB", "L") or w * h > max_pixels or min(w, h) < 1:
+            return None
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return orientation if orientation in range(1, 9) else 1
+
+
+class TorchDecoder:
+    """Bytes of many photos -> their model-size pixels, decoded and resized on `device` as one batch.
+
+    `decode(datas)` returns one array or None per input (None: not decoded here, see the module). Thread-safe
+    (one batch at a time). Created once per run: importing torch and starting CUDA take seconds."""
+
+    def __init__(self, device: str = "cuda"):
+        why = unavailable(device)
+        if why is not None:
+            raise RuntimeError(why)
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.device = device
+        self.name = "nvjpeg" if device == "cuda" else "torchvision-cpu"
+        self._torch, self._decode, self._rgb = torch, decode_jpeg, ImageReadMode.RGB
+        self._lock = threading.Lock()
+        self.batches = self.decoded = self.left = 0  # counts: batches run, images decoded here, left to Pillow
+        if device == "cuda":  # CUDA's context and nvJPEG's handle made now, not in the first batch
+            self._decode([torch.frombuffer(bytearray(_tiny_jpeg()), dtype=torch.uint8)], mode=self._rgb, device=device)
+
+    def decode(self, datas: list[bytes], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray | None]:
+        """Each photo's size x size x 3 uint8 pixels, or None where it is left to Pillow."""
+        out: list[np.ndarray | None] = [None] * len(datas)
+        take = [(i, o) for i, o in ((i, header(d, max_pixels)) for i, d in enumerate(datas)) if o is not None]
+        if take:
+            with self._lock, self._torch.inference_mode():
+                for (i, _), px in zip(take, self._batch([datas[i] for i, _ in take], [o for _, o in take], size)):
+                    out[i] = px
+        self.decoded += sum(px is not None for px in out)
+        self.left += sum(px is None for px in out)
+        return out
+
+    def _batch(self, datas: list[bytes], orientations: list[int], size: int) -> list[np.ndarray | None]:
+        torch = self._torch
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        try:
+            images = self._decode(tensors, mode=self._rgb, device=self.device)
+        except Exception:  # one bad file fails the whole call ("no partial results"): then one at a time
+            images = []
+            for t in tensors:
+                try:
+                    images.append(self._decode(t, mode=self._rgb, device=self.device))
+                except Exception:
+                    images.append(None)
+        self.batches += 1
+        ok = [k for k, im in enumerate(images) if im is not None]
+        out: list[np.ndarray | None] = [None] * len(datas)
+        if not ok:
+            return out
+        square = torch.empty((len(ok), 3, size, size), dtype=torch.uint8, device=self.device)
+        for j, k in enumerate(ok):
+            square[j] = self._square(images[k], orientations[k], size)
+        host = square.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # one copy back, NHWC
+        for j, k in enumerate(ok):
+            out[k] = host[j]
+        return out
+
+    def _square(self, chw, orientation: int, size: int):
+        """One decoded CHW uint8 image, as Pillow's path makes it: reduced by the factor of JPEG's draft mode
+        (averaged in s x s blocks, s the power of 2 up to 8 that keeps both sides >= size: libjpeg's DCT scaling
+        at 1/s is close to that average), then made upright, then resized to size x size (antialiased bilinear,
+        Pillow's BILINEAR), rounded to uint8."""
+        torch = self._torch
+        x = chw[None].float()
+        scale = draft_scale(chw.shape[2], chw.shape[1], size)
+        if scale > 1:
+            x = torch.nn.functional.avg_pool2d(x, scale, ceil_mode=True)
+        if orientation in _ORIENT:
+            transpose, rows, cols = _ORIENT[orientation]
+            if transpose:
+                x = x.transpose(2, 3)
+            flips = [d for d, f in ((2, rows), (3, cols)) if f]
+            if flips:
+                x = x.flip(flips)
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+        return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def draft_scale(w: int, h: int, size: int) -> int:
+    """The reduction Pillow's JPEG draft mode decodes a w x h photo at for a size x size target (its rule: the
+    largest of 8, 4, 2 not above min(w // size, h // size), else 1)."""
+    fits = min(w // size, h // size)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+def _tiny_jpeg() -> bytes:
+    """An 8 x 8 grey baseline JPEG: the CUDA warm-up's one decode."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buf, "JPEG")
+    return buf.getvalue()
