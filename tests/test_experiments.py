@@ -138,7 +138,16 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     assert res["pipeline"]["originals only (K = 0)"]["runs"][0]["rows"] == 14  # method 1 at the GPU's speed
     # a line through the two runs only where the larger took longer: on 14 photos a loaded machine can reverse them
     assert "marginal_rows_per_s" in shipped and len(shipped["fixed_s"]) == (1 if shipped["marginal_rows_per_s"] else 0)
-    null = res["null"]  # with copies and without, as it ships and each way
+    assert res["pipeline"]["Pillow decode"]["decoder"] == "pillow"  # the peer of nvJPEG as it ships on a GPU
+    null = res["null"]  # with copies and without, as it ships and each way, and with torchvision's decoder
+    tv = {k: null.pop(k) for k in list(null) if "--decoder" in k}
+    assert set(tv) == {"null, K=2, --decoder torchvision-cpu", "null, K=0, --decoder torchvision-cpu"}
+    from convcache.gpudecode import unavailable
+
+    if unavailable("cpu"):  # (torch is not in the dev environment)
+        assert all("not measured" in v for v in tv.values())
+    else:
+        assert all(v["decoder"] == "torchvision-cpu" and v["decoded_by_decoder"] == 14 for v in tv.values())
     assert {k: v["decode_in"] for k, v in null.items() if k.startswith("null, K=0")} == {
         "null, K=0, auto": "threads", "null, K=0, processes": "processes", "null, K=0, threads": "threads"}
     assert null["null, K=0, auto"]["decodes"] == null["null, K=0, auto"]["rows"] == 14

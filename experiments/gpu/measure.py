@@ -8,8 +8,10 @@ Sections (rows/s and images/s are medians of --repeats; every ratio is against a
              ways: plain (session.run on float32), bound (uint8 through IO binding, the copy to the GPU
              included: what extract does) and prestaged (the batch already on the GPU: the runtime's ceiling)
   decode     Pillow decode + resize in 1 and N processes; nvJPEG (torchvision.io.decode_jpeg on the GPU,
-             batched) when torchvision is there
-  null       `convcache extract --device null --augment K`: the input pipeline without inference
+             batched) when torchvision is there; the product's decoder (`extract --decoder nvjpeg`) as it calls
+             it, and its pixels against Pillow's and against torchvision's CPU decode
+  null       `convcache extract --device null --augment K`: the input pipeline without inference (Pillow in
+             processes and in threads, and --decoder nvjpeg)
   pipeline   `convcache extract --device cuda --augment K` as it ships (bound IO, batch by device), plain IO,
              and fp16; each as rows/s and as a ratio to the bare bound rate at the same batch and precision,
              three ways: end to end (the CUDA session's creation included), the run phase (decode, infer,
@@ -171,6 +173,51 @@ def decode(a, items) -> dict:
                                                                         "rounds": rates}
     except Exception as exc:
         out["nvjpeg"] = f"not measured ({exc.__class__.__name__}: {str(exc)[:200]})"
+    out.update(product_decoder(a, paths))
+    return out
+
+
+def gpu_decoder(a) -> tuple[str, str | None]:
+    """The product's torchvision decoder for this run's device (nvjpeg on cuda, torchvision-cpu on a dry run),
+    and why it cannot run here (None when it can)."""
+    from convcache.gpudecode import unavailable
+
+    name = "nvjpeg" if a.device == "cuda" else "torchvision-cpu"
+    return name, unavailable("cuda" if name == "nvjpeg" else "cpu")
+
+
+def product_decoder(a, paths: list[str]) -> dict:
+    """`extract --decoder nvjpeg`'s decoder as the product calls it (`gpudecode.TorchDecoder.decode`: the headers
+    parsed, one batched decode, the draft-mode reduction, EXIF orientation, the resize, one copy back), 64 photos a
+    call, and its pixels against Pillow's (`imaging.decode_image`) and, on the GPU, against torchvision's CPU
+    decode (libjpeg-turbo) through the same code: what nvJPEG itself changes."""
+    from convcache.gpudecode import TorchDecoder
+    from convcache.imaging import decode_image
+
+    name, why = gpu_decoder(a)
+    if why:
+        return {f"product decoder ({name})": f"not measured ({why})"}
+    dec = TorchDecoder("cuda" if name == "nvjpeg" else "cpu")
+    datas = [Path(p).read_bytes() for p in paths]
+
+    def run():
+        for i in range(0, len(datas), 64):
+            dec.decode(datas[i : i + 64], a.size)
+
+    med, rates = timed(run, len(paths), a.repeats)
+    got = [px for i in range(0, len(datas), 64) for px in dec.decode(datas[i : i + 64], a.size)]
+    pil = [decode_image(d, a.size) for d in datas]
+    diff = [float(np.abs(g.astype(int) - p).mean()) for g, p in zip(got, pil) if g is not None]
+    out = {f"product decoder ({name}), 64 a call": {
+        "images_per_s": round(med, 1), "rounds": rates, "left_to_pillow": sum(g is None for g in got),
+        "pixels_vs_pillow_mean_abs": round(float(np.mean(diff)), 3) if diff else None,
+        "pixels_vs_pillow_worst_photo": round(float(np.max(diff)), 3) if diff else None}}
+    if name == "nvjpeg":
+        cpu = [px for i in range(0, len(datas), 64) for px in TorchDecoder("cpu").decode(datas[i : i + 64], a.size)]
+        d2 = [float(np.abs(g.astype(int) - c).mean()) for g, c in zip(got, cpu) if g is not None and c is not None]
+        out[f"product decoder ({name}), 64 a call"].update({
+            "pixels_vs_torchvision_cpu_mean_abs": round(float(np.mean(d2)), 3) if d2 else None,
+            "pixels_vs_torchvision_cpu_worst_photo": round(float(np.max(d2)), 3) if d2 else None})
     return out
 
 
@@ -186,7 +233,8 @@ def extract_rate(a, data: str, out: Path, **kw) -> dict:
     return {"rows": s.rows_written, "rows_per_s": round(s.rows_per_second, 1), "seconds": round(s.seconds, 2),
             "run_rows_per_s": round(s.rows_written / run, 1) if run else None,
             "provider": s.provider, "math": s.math, "batch_size": s.batch_size, "decodes": s.decodes,
-            "decode_in": s.decode_in, "phases": {k: round(v, 2) for k, v in s.phases.items()},
+            "decode_in": s.decode_in, "decoder": s.decoder, "decoded_by_decoder": s.decoded_by_decoder,
+            "phases": {k: round(v, 2) for k, v in s.phases.items()},
             "thread_cpu_s": dict(sorted(cpu.seconds.items(), key=lambda kv: -kv[1])),
             "main_thread_busy": round(cpu.seconds.get("MainThread", 0.0) / s.seconds, 2) if s.seconds else None}
 
@@ -209,6 +257,11 @@ def null(a, data: str, tmp: Path) -> dict:
     out = {f"null, K={k}, {way}": extract_rate(a, data, tmp / f"null-{k}-{way}.zarr", device="null",
                                                decode_in=way, augment=k)
            for k in dict.fromkeys((a.augment, 0)) for way in ("auto", "processes", "threads")}
+    name, why = gpu_decoder(a)  # decoded by torchvision's decoder (nvJPEG on the GPU), the rest as it ships
+    for k in dict.fromkeys((a.augment, 0)):
+        out[f"null, K={k}, --decoder {name}"] = extract_rate(a, data, tmp / f"null-{k}-{name}.zarr", device="null",
+                                                             augment=k, decoder=name) if why is None else \
+            {"not measured": why}
     real, zeros = (mapper.decode_image, mapper.warp), {}
     mapper.decode_image = lambda data, size, *args, **kw: zeros.setdefault(size, np.zeros((size, size, 3), np.uint8))
     mapper.warp = lambda image, matrix, policy: image
@@ -228,11 +281,13 @@ def pipeline(a, data: str, tmp: Path, bare_rates: dict, quarter: str) -> dict:
     (`rows_per_s`: the whole command, the CUDA session's creation included), the run phase (`run_rows_per_s`:
     decode, infer, write, from the first block to the last commit) and, as it ships, the marginal rate (the rows a
     run of every photo adds over a run of a quarter of them, over the seconds it adds: the fixed costs out). Arms:
-    as it ships (--augment copies), plain IO, fp16, a quarter of the photos, and the originals only (K = 0: method
-    1, every row a decode)."""
+    as it ships (--augment copies; --decoder auto: nvJPEG where torchvision is installed), plain IO, fp16, a
+    quarter of the photos, the originals only (K = 0: method 1, every row a decode), and both with Pillow
+    decoding (--decoder pillow: what nvJPEG is measured against)."""
     out = {}
     arms = {"as it ships": {}, "plain io": {"io": "plain"}, "fp16": {"precision": "fp16"}, QUARTER: {},
-            "originals only (K = 0)": {"augment": 0}}
+            "originals only (K = 0)": {"augment": 0}, "Pillow decode": {"decoder": "pillow"},
+            "originals only (K = 0), Pillow decode": {"augment": 0, "decoder": "pillow"}}
     for r in range(a.repeats):  # arms interleaved, repeat by repeat
         for name, kw in arms.items():
             got = extract_rate(a, quarter if name == QUARTER else data,
@@ -248,6 +303,7 @@ def pipeline(a, data: str, tmp: Path, bare_rates: dict, quarter: str) -> dict:
         ref = bare_rates[f"{precision} batch {at} bound"]["images_per_s"] if at else None
         start_up = {k: [x["phases"].get(k) for x in runs] for k in ("session", "session_warm", "session_wait")}
         summary[name] = {"rows_per_s": round(rate, 1), "batch_size": batch, "math": runs[0]["math"],
+                         "decoder": runs[0]["decoder"],
                          "session_s": start_up["session"], "session_warm_s": start_up["session_warm"],
                          "session_wait_s": start_up["session_wait"],
                          "vs_bare_bound": round(rate / ref, 3) if ref else None, "bare_batch": at,
@@ -364,14 +420,22 @@ def markdown(res: dict, a) -> str:
     for k, v in res.get("bare", {}).items():
         lines.append(f"| bare {k} | {v['images_per_s']:,.0f} | {v['provider']} |")
     for k, v in res.get("decode", {}).items():
-        lines.append(f"| decode: {k} | {v['images_per_s']:,.0f} | |" if isinstance(v, dict) else f"| {k} | | {v} |")
+        extra = "; ".join(f"{n} {x}" for n, x in v.items() if n.startswith(("pixels", "left"))) \
+            if isinstance(v, dict) else ""
+        lines.append(f"| decode: {k} | {v['images_per_s']:,.0f} | {extra} |" if isinstance(v, dict)
+                     else f"| {k} | | {v} |")
     for k, v in res.get("null", {}).items():
+        if "rows_per_s" not in v:
+            lines.append(f"| pipeline, {k} | | {v} |")
+            continue
         lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | run phase {v['run_rows_per_s']:,.0f}; "
-                     f"{v['decodes']} decodes in {v['decode_in']}; main thread busy {v['main_thread_busy']} |")
+                     f"{v['decodes']} decodes in {v['decode_in']}, {v['decoded_by_decoder']} by {v['decoder']}; "
+                     f"main thread busy {v['main_thread_busy']} |")
     for k, v in res.get("pipeline", {}).items():
         marginal = (f"; marginal {v['marginal_rows_per_s']:,.0f} = {v['marginal_vs_bare_bound']}x (fixed "
                     f"{v['fixed_s']} s)" if v.get("marginal_rows_per_s") else "")
-        lines.append(f"| pipeline on {a.device}, {k} (batch {v['batch_size']}, {v['math']}) | {v['rows_per_s']:,.0f} "
+        lines.append(f"| pipeline on {a.device}, {k} (batch {v['batch_size']}, {v['math']}, decoder {v['decoder']}) "
+                     f"| {v['rows_per_s']:,.0f} "
                      f"| end to end {v['vs_bare_bound']}x the bare bound rate at batch {v['bare_batch']}; run phase "
                      f"{v['run_rows_per_s']:,.0f} = {v['run_vs_bare_bound']}x{marginal}; runtime start-up "
                      f"{v['session_s']} s (its warm-up pass {v['session_warm_s']} s), the first batch waited "
