@@ -153,22 +153,27 @@ class TorchDecoder:
         out: list[np.ndarray | None] = [None] * len(datas)
         if not ok:
             return out
-        square = torch.empty((len(ok), 3, size, size), dtype=torch.uint8, device=self.device)
-        for j, k in enumerate(ok):
-            square[j] = self._square(images[k], orientations[k], size)
+        # photos of one shape and orientation (a camera's, a resized dataset's) are reduced and resized together:
+        # a few kernel launches a group, not a few a photo
+        groups: dict = {}
+        for k in ok:
+            groups.setdefault((tuple(images[k].shape), orientations[k]), []).append(k)
+        order = [k for ks in groups.values() for k in ks]
+        square = torch.cat([self._square(torch.stack([images[k] for k in ks]), o, size)
+                            for (_, o), ks in groups.items()])
         host = square.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # one copy back, NHWC
-        for j, k in enumerate(ok):
+        for j, k in enumerate(order):
             out[k] = host[j]
         return out
 
-    def _square(self, chw, orientation: int, size: int):
-        """One decoded CHW uint8 image, as Pillow's path makes it: reduced by the factor of JPEG's draft mode
-        (averaged in s x s blocks, s the power of 2 up to 8 that keeps both sides >= size: libjpeg's DCT scaling
-        at 1/s is close to that average), then made upright, then resized to size x size (antialiased bilinear,
-        Pillow's BILINEAR), rounded to uint8."""
+    def _square(self, nchw, orientation: int, size: int):
+        """Decoded NCHW uint8 images of one shape, as Pillow's path makes each: reduced by the factor of JPEG's
+        draft mode (averaged in s x s blocks, s the power of 2 up to 8 that keeps both sides >= size: libjpeg's
+        DCT scaling at 1/s is close to that average), then made upright, then resized to size x size
+        (antialiased bilinear, Pillow's BILINEAR), rounded to uint8."""
         torch = self._torch
-        x = chw[None].float()
-        scale = draft_scale(chw.shape[2], chw.shape[1], size)
+        x = nchw.float()
+        scale = draft_scale(nchw.shape[3], nchw.shape[2], size)
         if scale > 1:
             x = torch.nn.functional.avg_pool2d(x, scale, ceil_mode=True)
         if orientation in _ORIENT:
@@ -180,7 +185,7 @@ class TorchDecoder:
                 x = x.flip(flips)
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                                             antialias=True)
-        return x[0].round_().clamp_(0, 255).to(torch.uint8)
+        return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def draft_scale(w: int, h: int, size: int) -> int:

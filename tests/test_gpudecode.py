@@ -256,6 +256,19 @@ def test_what_the_decoder_does_not_take_is_left_to_pillow_and_one_bad_file_spoil
 
 
 @needs_torchvision
+def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_what_it_gives_alone():
+    """Photos of one shape and orientation are reduced and resized together: each comes back in its place, with
+    the bytes it gets decoded alone."""
+    dec = gpudecode.TorchDecoder("cpu")
+    datas = [jpeg(photo(375, 500, seed=1)), jpeg(photo(300, 200, seed=2)), jpeg(photo(375, 500, seed=3), 6),
+             jpeg(photo(375, 500, seed=4)), jpeg(photo(300, 200, seed=5), 3), jpeg(photo(375, 500, seed=6))]
+    together = dec.decode(datas, 64)
+    for d, got in zip(datas, together):
+        np.testing.assert_array_equal(got, dec.decode([d], 64)[0])
+    assert len({g.tobytes() for g in together}) == 6
+
+
+@needs_torchvision
 def test_a_store_decoded_by_torchvision_is_close_to_pillows(pooled_extractor, tmp_path):
     data = make_dataset(tmp_path / "data")
     s = extract(pooled_extractor, data, tmp_path / "tv.zarr", augment=1, decoder="torchvision-cpu")
