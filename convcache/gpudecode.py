@@ -36,12 +36,14 @@ _ORIENT = {2: (False, False, True), 3: (False, True, True), 4: (False, True, Fal
            6: (True, False, True), 7: (True, True, True), 8: (True, True, False)}
 
 
-def resolve_decoder(choice: str, where: str | None) -> str:
+def resolve_decoder(choice: str, where: str | None, held: set | frozenset = frozenset()) -> str:
     """The decoder a run uses: `pillow`, `nvjpeg` (torchvision on the GPU) or `torchvision-cpu` (torchvision on the
     CPU, libjpeg-turbo: not faster than Pillow, for parity checks). `where`: the device the run extracts on (cpu,
     cuda, openvino, null), None on a Dask cluster. `auto` is nvjpeg when the run extracts on CUDA and torchvision
     is installed (there the CPU's decode rate is below the runtime's: issue 29 measured ~4,300 photos a second on
-    16 cores against ~9,900 rows for ONNX Runtime), Pillow everywhere else. A choice that cannot be honoured is
+    16 cores against ~9,900 rows for ONNX Runtime), Pillow everywhere else; but a store whose rows Pillow decoded
+    (`held`: the decoders of the rows the output already holds) is resumed with Pillow, so that a default never
+    gets a resume refused (rows from two decoders are not bitwise comparable). A choice that cannot be honoured is
     refused at once (no torchvision, a Dask cluster) or, when torchvision cannot start (no CUDA device), before
     the run's first row."""
     from convcache.errors import ConvcacheError
@@ -49,7 +51,7 @@ def resolve_decoder(choice: str, where: str | None) -> str:
     if choice not in DECODERS:
         raise ConvcacheError(f"--decoder {choice}: one of {', '.join(DECODERS)}")
     installed = torchvision_installed()
-    if choice == "pillow" or (choice == "auto" and (where != "cuda" or not installed)):
+    if choice == "pillow" or (choice == "auto" and (where != "cuda" or not installed or "pillow" in held)):
         return "pillow"
     if choice == "auto":
         return "nvjpeg"

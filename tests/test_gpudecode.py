@@ -72,6 +72,10 @@ def test_the_decoder_choice_follows_the_device_and_refuses_what_it_cannot_honour
         gpudecode.resolve_decoder("nvjpeg", None)
     with pytest.raises(ConvcacheError, match="one of auto, pillow"):
         gpudecode.resolve_decoder("nvjpg", "cuda")
+    # resuming a store whose rows Pillow decoded (any made before decoders were recorded): auto keeps to Pillow
+    assert gpudecode.resolve_decoder("auto", "cuda", {"pillow"}) == "pillow"
+    assert gpudecode.resolve_decoder("auto", "cuda", {"nvjpeg"}) == "nvjpeg"
+    assert gpudecode.resolve_decoder("nvjpeg", "cuda", {"pillow"}) == "nvjpeg"  # asked for: refused later, by name
     monkeypatch.setattr(gpudecode, "torchvision_installed", lambda: False)
     assert gpudecode.resolve_decoder("auto", "cuda") == "pillow"  # no torchvision: auto never fails
     with pytest.raises(ConvcacheError, match=r"needs torch and torchvision \(pip install 'convcache\[nvjpeg\]'\)"):
@@ -169,10 +173,32 @@ def test_the_decoder_takes_the_jpegs_in_batches_pillow_the_rest_each_image_once(
     assert not np.array_equal(ta.features[jpg], tb.features[jpg])  # another decoder's pixels
     assert {"provider": "CPUExecutionProvider", "math": "fp32", "decoder": "nvjpeg"} in a.attrs("train")["devices"]
     assert a.runs("train")[-1]["decoder"] == "nvjpeg" and b.runs("train")[-1]["decoder"] == "pillow"
+    assert a.decoders() == {"nvjpeg"} and b.decoders() == {"pillow"}  # what `--decoder auto` keeps to on a resume
     with pytest.raises(ConvcacheError, match=r"decoded by nvjpeg\).*--allow-mixed"):
         extract(extractor, data, tmp_path / "gpu.zarr", augment=3, decoder="pillow")
     with pytest.raises(ConvcacheError, match=r"this run is on CPUExecutionProvider \(fp32, decoded by nvjpeg\)"):
         extract(extractor, data, tmp_path / "pillow.zarr", augment=3, decoder="nvjpeg")
+
+
+def test_auto_on_cuda_is_told_what_decoded_the_rows_the_store_holds(extractor, tmp_path, monkeypatch):
+    """A store made before decoders were recorded (or by Pillow) is resumed on CUDA with --decoder auto: the choice
+    is made knowing its rows are Pillow's (so auto keeps to Pillow, not a refusal the user never asked for)."""
+    from convcache.extract import runner
+
+    data = make_dataset(tmp_path / "data", splits={"train": 3})
+    extract(extractor, data, tmp_path / "s.zarr", decoder="pillow")
+    seen = []
+
+    def resolve(choice, where, held=frozenset()):
+        seen.append((choice, where, held))
+        raise ConvcacheError("stop here")
+
+    monkeypatch.setattr(runner, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(runner, "resolve_decoder", resolve)
+    for out in ("s.zarr", "new.zarr"):
+        with pytest.raises(ConvcacheError, match="stop here"):
+            extract(extractor, data, tmp_path / out)
+    assert seen == [("auto", "cuda", {"pillow"}), ("auto", "cuda", set())]
 
 
 def test_files_not_read_by_the_hashing_are_read_by_the_decoder_and_a_failing_call_falls_back_to_pillow(

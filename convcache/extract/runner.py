@@ -27,7 +27,7 @@ from convcache.gpudecode import DECODERS, resolve_decoder
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
 from convcache.runtime import PROVIDER_OF, batch_size_for, math_mode, resolve_device
-from convcache.store import SplitSpec, SplitWriter, open_root, writer_lock
+from convcache.store import FeatureStore, SplitSpec, SplitWriter, open_root, writer_lock
 from convcache.store.layout import zarr_version
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         # there a first pass at the run's batch size: kernels loaded, memory grown); the split waits for it before
         # its first row and before recording its device, and its error, if any, is raised there
         where = resolve_device(cfg.device)
-        decoder = resolve_decoder(cfg.decoder, where)  # its start-up too runs beside the hashing (the executor)
+        decoder = resolve_decoder(cfg.decoder, where, held_decoders(cfg) if cfg.decoder == "auto" and
+                                  where == "cuda" else frozenset())  # (it starts beside the hashing: the executor)
         if cfg.batch_size is None:  # a copy: the caller's config is not changed
             cfg = replace(cfg, batch_size=batch_size_for(PROVIDER_OF[where]))
         session = ExtractorSession(cfg.model, where, cfg.threads, exact=cfg.exact, precision=cfg.precision,
@@ -193,6 +194,14 @@ def _run(cfg: ExtractConfig, session, contract, proto, decoder: str = "pillow"):
                 raise ConvcacheError(f"cannot write {cfg.output}: {exc.strerror or exc}; every committed row is "
                                      "kept, re-run to resume once that is fixed") from None
     return summary, executor
+
+
+def held_decoders(cfg: ExtractConfig) -> set[str]:
+    """The decoders of the rows the output store already holds (none when there is no store yet)."""
+    try:
+        return FeatureStore(cfg.output, cfg.storage_options).decoders()
+    except ConvcacheError:  # no store yet (or not one: the run says so where it opens it)
+        return set()
 
 
 def available_cores() -> int:

@@ -175,6 +175,15 @@ class FeatureStore:
         """One record per finished extract run on the split (rows, seconds, provider, cpu, ...)."""
         return read_runs(self._group(split))
 
+    def decoders(self) -> set[str]:
+        """What decoded the pixels of the committed rows, over every split: each `devices` record's decoder (a
+        record without one, or a split older than the records: Pillow). Empty while no row is committed."""
+        out: set[str] = set()
+        for split in self.splits:
+            if self.rows(split):
+                out |= {d.get("decoder", "pillow") for d in self.attrs(split).get("devices") or [{}]}
+        return out
+
     def rows(self, split: str) -> int:
         return committed_rows(self._group(split).attrs, f"{self.path} ('{split}')")
 
