@@ -598,9 +598,9 @@ class _GpuGroup:
     """Decodes with torchvision's batched decoder (`gpudecode.TorchDecoder`: nvJPEG on CUDA), `per_task` images a
     call, on the executor's decoder thread: sent when full or as soon as a thread needs one of its images (as
     `_Group`). Each image's bytes are those hashed in this run where they were kept, else read again (and refused
-    if they no longer hash so). An image the decoder does not take (not a plain JPEG, corrupt, or a call that
-    failed) is decoded by Pillow on that thread, which records why one that does not decode at all is skipped:
-    this path loses no file that Pillow decodes."""
+    if they no longer hash so), by the executor's readers as the group is sent. An image the decoder does not
+    take (not a plain JPEG, corrupt, or a call that failed) is decoded by Pillow on that thread, which records why
+    one that does not decode at all is skipped: this path loses no file that Pillow decodes."""
 
     def __init__(self, executor: LocalExecutor, spec: DecodeSpec, per_task: int):
         self._executor, self._spec, self._per_task = executor, spec, per_task
@@ -611,28 +611,35 @@ class _GpuGroup:
 
     def _send(self) -> None:  # under the lock
         group, self._open = self._open, []
-        future = self._executor._gpu_pool.submit(self._task, [pending._args for pending in group])
+        images = [pending._args for pending in group]
+        ex = self._executor  # the bytes read by the executor's readers meanwhile (a read frees the GIL)
+        reads = [ex._read_pool.submit(self._bytes, item, sha256) for item, sha256, _ in images]
+        future = ex._gpu_pool.submit(self._task, images, reads)
         for k, pending in enumerate(group):
             pending._future, pending._index = future, k
 
-    def _task(self, images: list[tuple]) -> list[Base]:
-        ex, spec = self._executor, self._spec
-        decoder = ex._torch_decoder.result()  # started with the executor (ready() raised its error before any row)
-        datas: list = []
-        bases: list = []
-        for item, sha256, _ in images:
-            data, base = ex._bytes_of_content(item, sha256), None
-            if data is None:
-                try:
-                    data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
-                    if hashlib.sha256(data).hexdigest() != sha256:
-                        base = Base(None, {}, "changed while reading")
-                except ImageError as exc:
-                    base = Base(None, {}, exc.reason)
-                except Exception as exc:  # one bad file never stops a run
-                    base = Base(None, {}, f"failed ({exc.__class__.__name__}: {exc})")
-            datas.append(data)
-            bases.append(base)
+    def _bytes(self, item: Item, sha256: str) -> tuple[bytes | None, Base | None]:
+        """The bytes hashed in this run where they were kept, else read (and refused if they no longer hash so);
+        or the Base that says why there are none."""
+        data = self._executor._bytes_of_content(item, sha256)
+        if data is not None:
+            return data, None
+        spec = self._spec
+        try:
+            data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                return None, Base(None, {}, "changed while reading")
+            return data, None
+        except ImageError as exc:
+            return None, Base(None, {}, exc.reason)
+        except Exception as exc:  # one bad file never stops a run
+            return None, Base(None, {}, f"failed ({exc.__class__.__name__}: {exc})")
+
+    def _task(self, images: list[tuple], reads: list) -> list[Base]:
+        spec = self._spec
+        decoder = self._executor._torch_decoder.result()  # started with the executor (ready() raised its error)
+        datas, bases = zip(*(r.result() for r in reads)) if reads else ((), ())
+        bases = list(bases)
         todo = [k for k, base in enumerate(bases) if base is None]
         try:
             pixels = decoder.decode([datas[k] for k in todo], spec.size, spec.max_pixels)
@@ -685,6 +692,7 @@ class LocalExecutor:
             from convcache.gpudecode import TorchDecoder, decoder_device
 
             self._gpu_pool = ThreadPoolExecutor(1, thread_name_prefix="convcache-gpu-decode")
+            self._read_pool = ThreadPoolExecutor(workers, thread_name_prefix="convcache-gpu-read")
             self._torch_decoder = self._gpu_pool.submit(TorchDecoder, decoder_device(decoder))
 
     def close(self) -> None:
@@ -695,6 +703,7 @@ class LocalExecutor:
         self._digest_pool.shutdown(cancel_futures=True)
         if self._gpu_pool is not None:
             self._gpu_pool.shutdown(cancel_futures=True)
+            self._read_pool.shutdown(cancel_futures=True)
         if self._procs is not None:
             self._procs.shutdown(cancel_futures=True)
         warp_threads(self._warp_threads)  # OpenCV's setting as it was
