@@ -305,3 +305,13 @@ def test_a_store_decoded_by_torchvision_is_close_to_pillows(pooled_extractor, tm
     fa, fb = a.features.reshape(len(a), -1), b.features.reshape(len(b), -1)
     cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
     assert cos.min() > 0.99 and not np.array_equal(fa, fb)
+
+
+@needs_torchvision
+def test_the_null_bench_measures_torchvisions_decoder_beside_pillows(pooled_extractor, tmp_path):
+    data = make_dataset(tmp_path / "d", splits={"train": 4})
+    r = run_cli("bench", "extract", "--device", "null", "--data", data, "--images", 8, "--augment", 2, "--model",
+                pooled_extractor, "--size", SIZE, "--batch-size", 4, "--workers", 2, "--decoder", "torchvision-cpu")
+    assert r.returncode == 0, r.stderr
+    arm = next(x for x in r.stdout.splitlines() if x.startswith("| --decoder torchvision-cpu |"))
+    assert arm.rstrip("| ").endswith("| 8")  # each photo decoded once, by torchvision

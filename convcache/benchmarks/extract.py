@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=available_cores())
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--decoder", choices=["nvjpeg", "torchvision-cpu"],
+                   help="device null: one arm more, JPEGs decoded by torchvision (nvjpeg: on the GPU)")
     a = p.parse_args(argv)
     if a.device == "null":
         return null(a)
@@ -212,6 +214,8 @@ def null(a) -> None:
             "decode once, threads": {"decode_in": "threads"},
             "every copy decoded, processes": {"decode_in": "processes", "decode_cache_mb": 0},
             "every copy decoded, threads (before issue 29)": {"decode_in": "threads", "decode_cache_mb": 0}}
+    if a.decoder:  # torchvision's decoder (nvJPEG on a GPU) in place of Pillow's
+        arms[f"--decoder {a.decoder}"] = {"decoder": a.decoder}
     plain = f"plain Pillow (open, draft, RGB, resize), {a.workers} processes"
     got = {"pillow, 1 process": [], f"pillow, {a.workers} processes": [], plain: [], **{k: [] for k in arms}}
     decodes, shipped, seconds = {}, "", {}
