@@ -29,6 +29,8 @@ import numpy as np
 from convcache.imaging import DEFAULT_MAX_PIXELS
 
 DECODERS = ("auto", "pillow", "nvjpeg", "torchvision-cpu")
+CALL_PIXELS = 200_000_000  # a decode call's photos hold at most this many pixels (600 MB of uint8 on the GPU)...
+FLOAT_PIXELS = 50_000_000  # ...and are reduced and resized this many pixels at a time (600 MB of float32)
 # EXIF orientation -> the (transpose, flip rows, flip columns) that makes the image upright, as Pillow's
 # `ImageOps.exif_transpose` does: 2 mirrors left-right, 3 rotates 180, 4 flips top-bottom, 5 transposes,
 # 6 rotates 90 clockwise, 7 transverses, 8 rotates 90 counter-clockwise
@@ -88,8 +90,8 @@ def unavailable(device: str) -> str | None:
     return None
 
 
-def header(data: bytes, max_pixels: int) -> int | None:
-    """A JPEG this decoder takes: its EXIF orientation (1-8); None for anything else (left to Pillow)."""
+def header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """A JPEG this decoder takes: (its EXIF orientation 1-8, its pixels); None for anything else (left to Pillow)."""
     from PIL import Image
 
     if data[:2] != b"\xff\xd8":
@@ -102,7 +104,7 @@ def header(data: bytes, max_pixels: int) -> int | None:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:
         return None
-    return orientation if orientation in range(1, 9) else 1
+    return (orientation if orientation in range(1, 9) else 1), w * h
 
 
 class TorchDecoder:
@@ -129,13 +131,20 @@ class TorchDecoder:
     def decode(self, datas: list[bytes], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray | None]:
         """Each photo's size x size x 3 uint8 pixels, or None where it is left to Pillow."""
         out: list[np.ndarray | None] = [None] * len(datas)
-        take = [(i, o) for i, o in ((i, header(d, max_pixels)) for i, d in enumerate(datas)) if o is not None]
-        if take:
-            with self._lock, self._torch.inference_mode():
-                for (i, _), px in zip(take, self._batch([datas[i] for i, _ in take], [o for _, o in take], size)):
-                    out[i] = px
-        self.decoded += sum(px is not None for px in out)
-        self.left += sum(px is None for px in out)
+        take = [(i, *h) for i, h in ((i, header(d, max_pixels)) for i, d in enumerate(datas)) if h is not None]
+        calls, pixels = [[]], 0  # photos split into calls of at most CALL_PIXELS (a photo larger: a call alone)
+        for i, orientation, n in take:
+            if calls[-1] and pixels + n > CALL_PIXELS:
+                calls, pixels = [*calls, []], 0
+            calls[-1].append((i, orientation))
+            pixels += n
+        with self._lock, self._torch.inference_mode():
+            for call in calls:
+                if call:
+                    for (i, _), px in zip(call, self._batch([datas[i] for i, _ in call], [o for _, o in call], size)):
+                        out[i] = px
+            self.decoded += sum(px is not None for px in out)
+            self.left += sum(px is None for px in out)
         return out
 
     def _batch(self, datas: list[bytes], orientations: list[int], size: int) -> list[np.ndarray | None]:
@@ -160,9 +169,12 @@ class TorchDecoder:
         groups: dict = {}
         for k in ok:
             groups.setdefault((tuple(images[k].shape), orientations[k]), []).append(k)
-        order = [k for ks in groups.values() for k in ks]
-        square = torch.cat([self._square(torch.stack([images[k] for k in ks]), o, size)
-                            for (_, o), ks in groups.items()])
+        parts = []  # (photos, orientation): a group in pieces of at most FLOAT_PIXELS
+        for (shape, o), ks in groups.items():
+            step = max(1, FLOAT_PIXELS // (shape[1] * shape[2]))
+            parts += [(ks[j : j + step], o) for j in range(0, len(ks), step)]
+        order = [k for ks, _ in parts for k in ks]
+        square = torch.cat([self._square(torch.stack([images[k] for k in ks]), o, size) for ks, o in parts])
         host = square.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # one copy back, NHWC
         for j, k in enumerate(order):
             out[k] = host[j]

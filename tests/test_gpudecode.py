@@ -282,16 +282,23 @@ def test_what_the_decoder_does_not_take_is_left_to_pillow_and_one_bad_file_spoil
 
 
 @needs_torchvision
-def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_what_it_gives_alone():
-    """Photos of one shape and orientation are reduced and resized together: each comes back in its place, with
-    the bytes it gets decoded alone."""
+def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_what_it_gives_alone(monkeypatch):
+    """Photos of one shape and orientation are reduced and resized together, a call's photos split by their pixels
+    (CALL_PIXELS a decode call, FLOAT_PIXELS a resize): each comes back in its place, with the bytes it gets
+    decoded alone."""
     dec = gpudecode.TorchDecoder("cpu")
     datas = [jpeg(photo(375, 500, seed=1)), jpeg(photo(300, 200, seed=2)), jpeg(photo(375, 500, seed=3), 6),
              jpeg(photo(375, 500, seed=4)), jpeg(photo(300, 200, seed=5), 3), jpeg(photo(375, 500, seed=6))]
     together = dec.decode(datas, 64)
+    assert dec.batches == 1
     for d, got in zip(datas, together):
         np.testing.assert_array_equal(got, dec.decode([d], 64)[0])
     assert len({g.tobytes() for g in together}) == 6
+    monkeypatch.setattr(gpudecode, "CALL_PIXELS", 2 * 375 * 500)  # 3 calls of 2 photos each
+    monkeypatch.setattr(gpudecode, "FLOAT_PIXELS", 375 * 500)  # each 375 x 500 resized alone
+    dec.batches = 0
+    split = dec.decode(datas, 64)
+    assert dec.batches == 3 and all(np.array_equal(a, b) for a, b in zip(split, together))
 
 
 @needs_torchvision
