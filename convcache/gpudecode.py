@@ -72,6 +72,23 @@ def torchvision_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
 
 
+def report() -> str:
+    """The JPEG decoders this machine has (`convcache info --runtime`): Pillow always; torchvision's on the CPU and,
+    with a CUDA device, nvJPEG (what `--decoder auto` picks when extracting on CUDA)."""
+    if not torchvision_installed():
+        return "pillow (nvjpeg: no torch/torchvision installed; the 'nvjpeg' extra)"
+    why = unavailable("cpu")
+    if why:
+        return f"pillow ({why})"
+    import torch
+    import torchvision
+
+    cuda = unavailable("cuda")
+    nvjpeg = (f"nvjpeg (torchvision {torchvision.__version__}, torch {torch.__version__}: --decoder auto on CUDA)"
+              if cuda is None else f"no nvjpeg ({cuda})")
+    return f"pillow, torchvision-cpu, {nvjpeg}"
+
+
 def decoder_device(name: str) -> str:
     """Where a resolved decoder (`resolve_decoder`) other than Pillow runs."""
     return "cuda" if name == "nvjpeg" else "cpu"

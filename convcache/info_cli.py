@@ -24,14 +24,16 @@ def run_info(args) -> int:
     from convcache.errors import ConvcacheError
 
     if args.runtime:
+        from convcache.gpudecode import report as decoders
         from convcache.runtime import report
 
         rep = report()
+        rep["decoders"] = decoders()
         if args.json:
             print(json.dumps(rep, indent=2, sort_keys=True))
         else:
             for key in ("onnxruntime", "onnxruntime_distributions", "providers", "openvino", "openvino_devices",
-                        "cpu", "auto"):
+                        "cpu", "auto", "decoders"):
                 if key in rep:
                     print(f"{key:>26}: {rep[key]}")
             for problem in rep["problems"]:

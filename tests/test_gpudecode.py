@@ -322,3 +322,12 @@ def test_the_null_bench_measures_torchvisions_decoder_beside_pillows(pooled_extr
     assert r.returncode == 0, r.stderr
     arm = next(x for x in r.stdout.splitlines() if x.startswith("| --decoder torchvision-cpu |"))
     assert arm.rstrip("| ").endswith("| 8")  # each photo decoded once, by torchvision
+
+
+def test_info_says_which_decoders_this_machine_has_and_a_store_which_made_its_rows(extractor, tmp_path, stand_in):
+    r = run_cli("info", "--runtime")
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("decoders:"))
+    assert line.split(":", 1)[1].strip().startswith("pillow")
+    data = make_dataset(tmp_path / "data", splits={"train": 2})
+    extract(extractor, data, tmp_path / "s.zarr", decoder="nvjpeg")
+    assert "made on CPUExecutionProvider (fp32, decoded by nvjpeg)" in run_cli("info", tmp_path / "s.zarr").stdout

@@ -39,7 +39,9 @@ def describe_store(path: str, storage_options: dict | None = None) -> dict:
             "extract_runs": len(runs), "rows_per_second": [round(r["rows"] / r["seconds"], 1) for r in runs
                                                             if r.get("seconds")],
             # where the rows were made: rows of two providers or math modes are not bitwise comparable
-            "made_on": sorted({f"{r.get('provider', '?')} ({r.get('math') or '?'})" for r in runs})}
+            "made_on": sorted({f"{r.get('provider', '?')} ({r.get('math') or '?'}"
+                               + (f", decoded by {r['decoder']})" if r.get("decoder", "pillow") != "pillow" else ")")
+                               for r in runs})}
     return {"store": str(fs.path), "format": fs.format, "classes": fs.classes, "splits": splits}
 
 
