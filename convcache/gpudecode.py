@@ -43,7 +43,9 @@ def resolve_decoder(choice: str, where: str | None, held: set | frozenset = froz
     CPU, libjpeg-turbo: not faster than Pillow, for parity checks). `where`: the device the run extracts on (cpu,
     cuda, openvino, null), None on a Dask cluster. `auto` is nvjpeg when the run extracts on CUDA and torchvision
     is installed (there the CPU's decode rate is below the runtime's: issue 29 measured ~4,300 photos a second on
-    16 cores against ~9,900 rows for ONNX Runtime), Pillow everywhere else; but a store whose rows Pillow decoded
+    16 cores against ~9,900 rows for ONNX Runtime), Pillow everywhere else. By device, not by a rate measured per
+    run or by the copies asked for: a store's decoder must not flip between its runs (K = 0 today, --augment 15
+    tomorrow), or its resumes would be refused as mixed. But a store whose rows Pillow decoded
     (`held`: the decoders of the rows the output already holds) is resumed with Pillow, so that a default never
     gets a resume refused (rows from two decoders are not bitwise comparable). A choice that cannot be honoured is
     refused at once (no torchvision, a Dask cluster) or, when torchvision cannot start (no CUDA device), before
