@@ -7,6 +7,13 @@ many cores decode and warp beside it (issue 29: a GPU host with 16 cores), and i
 does not spread over them. Printed beside it, in the same process: the real pipeline (decode and warp as they
 ship), for scale. Stores are bitwise meaningless here (every image is zeros); only rates are kept.
 
+`--gpu-decoder`: two arms more, the `--decoder nvjpeg` path (issue 29 item 4) with its decode made free: the
+photos go through the engine's GPU groups (reader threads, one decoder thread, 64 a call) to a decoder that
+parses each header as the real one does (`gpudecode.header`, Pillow's parser) and returns zeros, and one that
+skips the headers too. What they leave is the Python a row costs on that path, whatever the GPU's speed: the
+ceiling of `extract --device cuda --decoder nvjpeg` from this process's GIL (torch's per-group kernel launches
+are not in it).
+
     PYTHONPATH=. .venv/bin/python experiments/gil_ceiling.py --model runs/ext.onnx \\
         --data ../shared/data/cats_and_dogs_small --images 2000 --augment 15 --rounds 3
 """
@@ -24,10 +31,12 @@ def main(argv=None) -> None:
 
     subset_arguments(p, images=2000, augment=15, rounds=3,
                      model_help="an extractor (the null device uses only its output shape)")
+    p.add_argument("--gpu-decoder", action="store_true", help="the --decoder nvjpeg path's arms too")
     a = p.parse_args(argv)
     import numpy as np
 
     import convcache.extract.mapper as mapper
+    from convcache import gpudecode
     from convcache.benchmarks.threadcpu import ThreadCPU
     from convcache.extract.runner import ExtractConfig, run_extract
     from convcache.runtime import cpu_model
@@ -44,12 +53,29 @@ def main(argv=None) -> None:
         else:
             mapper.decode_image, mapper.warp = real
 
+    class FreeDecoder:  # `gpudecode.TorchDecoder` with its decode free (and its header parse, unless `headers`)
+        headers = True
+
+        def __init__(self, device="cuda"):
+            self.name, self.decoded, self.zeros = "nvjpeg", 0, {}
+
+        def decode(self, datas, size, max_pixels=gpudecode.DEFAULT_MAX_PIXELS):
+            if FreeDecoder.headers:
+                [gpudecode.header(d, max_pixels) for d in datas]
+            self.decoded += len(datas)
+            z = self.zeros.setdefault(size, np.zeros((size, size, 3), np.uint8))
+            return [z] * len(datas)
+
+    gpudecode.TorchDecoder, gpudecode.torchvision_installed = FreeDecoder, lambda: True
+    NVJPEG, BARE = "--decoder nvjpeg path, decode and warp free", "--decoder nvjpeg path, decode, header, warp free"
+
     by_thread: dict = {}
 
     def run(name: str, arm: str = "") -> tuple[float, float, int]:
+        FreeDecoder.headers = arm != BARE
         cfg = ExtractConfig(model=str(Path(a.model).resolve()), data=str(data), output=str(out / f"{name}.zarr"),
                             augment=a.augment, progress=False, device="null", workers=a.workers,
-                            decode_in="threads")
+                            decode_in="threads", decoder="nvjpeg" if arm in (NVJPEG, BARE) else "pillow")
         cpu = time.process_time()
         with ThreadCPU() as threads:
             s = run_extract(cfg)
@@ -60,6 +86,8 @@ def main(argv=None) -> None:
     free(True)
     run("warm")  # imports, first calls
     got: dict = {"decode and warp free (the rest of a row)": [], "as it ships": []}
+    if a.gpu_decoder:
+        got.update({NVJPEG: [], BARE: []})
     for r in range(a.rounds):
         for k, name in enumerate(got if r % 2 == 0 else list(got)[::-1]):
             free(name != "as it ships")

@@ -90,6 +90,35 @@ def test_draft_scale_is_pillows_rule():
         assert -(-w // gpudecode.draft_scale(w, h, 150)) == img.size[0], (w, h)
 
 
+def test_the_header_walk_reads_what_pillow_reads():
+    """`gpudecode.header` walks the JPEG markers itself (Pillow's parser was most of the path's Python a photo): it
+    must give Pillow's (orientation, pixels) for every file the path takes, and take none that Pillow's would not."""
+    def pillow(data, max_pixels=10**9):
+        return gpudecode._pillow_header(data, max_pixels)
+
+    cases = [jpeg(quadrants(), o) for o in range(1, 9)] + [jpeg(photo(60, 80)), jpeg(photo(60, 80)[..., 0])]
+    prog = io.BytesIO()
+    Image.fromarray(photo(60, 80)).save(prog, "JPEG", progressive=True)
+    cmyk = io.BytesIO()
+    Image.fromarray(photo(60, 80)).convert("CMYK").save(cmyk, "JPEG")
+    no_tag = io.BytesIO()  # EXIF without an orientation
+    exif = Image.Exif()
+    exif[0x010F] = "maker"
+    Image.fromarray(photo(60, 80)).save(no_tag, "JPEG", exif=exif.tobytes())
+    mm = jpeg(photo(60, 80), 6)  # Pillow writes EXIF big-endian (MM); the same block little-endian (II), as 8:
+    little_endian = mm.replace(b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06",
+                               b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x08\x00")
+    assert little_endian != mm  # (the big-endian block was there to swap)
+    garbled = jpeg(photo(60, 80), 3).replace(b"Exif\x00\x00MM\x00*", b"Exif\x00\x00XX\x00*")
+    cases += [prog.getvalue(), cmyk.getvalue(), no_tag.getvalue(), little_endian, garbled]
+    for k, data in enumerate(cases):
+        assert gpudecode.header(data, 10**9) == pillow(data), k
+    assert gpudecode.header(little_endian, 10**9) == (8, 4800)  # II order read as such
+    assert gpudecode.header(cases[0], 10**9) == (1, 24000) and gpudecode.header(cases[5], 10**9) == (6, 24000)
+    assert gpudecode.header(cmyk.getvalue(), 10**9) is None and gpudecode.header(b"\x89PNG\r\n", 10**9) is None
+    assert gpudecode.header(cases[0], 23999) is None and gpudecode.header(cases[0][:40], 10**9) is None
+
+
 def test_without_torchvision_the_decoder_is_a_one_line_error_and_nothing_is_written(extractor, tmp_path,
                                                                                       monkeypatch):
     if gpudecode.torchvision_installed():

@@ -96,6 +96,7 @@ EARLY_DECODE_BYTES = 256 << 20  # ...or their pixels, decoded as they are hashed
 WINDOW_BYTES = 256 << 20  # decoded rows held ahead of the batcher with decoders in processes (at 150 px: 3,900)
 PROCESS_MIN_WORKERS = 4  # ...and with this many workers: on 2 cores threads were faster (docs/benchmarks.md)
 GPU_DECODE_IMAGES = 64  # images torchvision's decoder (nvJPEG on CUDA) takes in one batched call
+GPU_READ_JOB = 16  # ...whose bytes are fetched (popped from those kept, or read) this many to a reader's job
 
 
 class Row(NamedTuple):
@@ -612,8 +613,9 @@ class _GpuGroup:
     def _send(self) -> None:  # under the lock
         group, self._open = self._open, []
         images = [pending._args for pending in group]
-        ex = self._executor  # the bytes read by the executor's readers meanwhile (a read frees the GIL)
-        reads = [ex._read_pool.submit(self._bytes, item, sha256) for item, sha256, _ in images]
+        ex = self._executor  # the bytes read by the executor's readers meanwhile (a read frees the GIL), 16 a job
+        reads = [ex._read_pool.submit(lambda part: [self._bytes(item, sha256) for item, sha256, _ in part],
+                                      images[i : i + GPU_READ_JOB]) for i in range(0, len(images), GPU_READ_JOB)]
         future = ex._gpu_pool.submit(self._task, images, reads)
         for k, pending in enumerate(group):
             pending._future, pending._index = future, k
@@ -638,7 +640,7 @@ class _GpuGroup:
     def _task(self, images: list[tuple], reads: list) -> list[Base]:
         spec = self._spec
         decoder = self._executor._torch_decoder.result()  # started with the executor (ready() raised its error)
-        datas, bases = zip(*(r.result() for r in reads)) if reads else ((), ())
+        datas, bases = zip(*(got for r in reads for got in r.result())) if reads else ((), ())
         bases = list(bases)
         todo = [k for k, base in enumerate(bases) if base is None]
         try:
