@@ -154,3 +154,35 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     assert all(v["thread_cpu_s"].get("MainThread", 0) > 0 and 0 < v["main_thread_busy"] <= 1.5 for v in null.values())
     free = [v for k, v in null.items() if k.endswith("threads, decode and warp free")]  # the GIL-bound rest
     assert len(free) == 1 and free[0]["rows"] == 14 * 3 and free[0]["decodes"] == 14
+
+
+def test_a_gpu_measurement_arm_that_fails_is_recorded_and_the_others_still_run(tmp_path):
+    """On the GPU box an arm may fail where nothing here can (nvJPEG's torch beside ONNX Runtime's CUDA, say): the
+    pipeline section records that arm's error and still measures the others (the done-when line among them), and
+    gpu.md shows the failure."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("gpu_measure", EXPERIMENTS / "gpu" / "measure.py")
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+
+    def fake(a, data, out, device, augment=None, decoder="auto", **kw):
+        if decoder == "auto" and augment is None:  # as it ships, on the GPU box: nvJPEG
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return {"rows": 10, "rows_per_s": 100.0, "seconds": 0.1, "run_rows_per_s": 120.0, "batch_size": 4,
+                "math": "fp16" if kw.get("precision") == "fp16" else "fp32", "decoder": decoder,
+                "phases": {"session": 0.1, "session_warm": 0.0, "session_wait": 0.0}}
+
+    measure.extract_rate = fake
+    bare = {f"{p} batch 4 bound": {"images_per_s": 200.0} for p in ("fp32", "fp16")}
+    a = SimpleNamespace(repeats=2, device="cuda")
+    got = measure.pipeline(a, "data", tmp_path, bare, "quarter")
+    assert got["as it ships"] == {"error": "RuntimeError: CUDA error: an illegal memory access"}
+    assert got["Pillow decode"]["rows_per_s"] == 100.0 and got["Pillow decode"]["vs_bare_bound"] == 0.5
+    assert len(got["Pillow decode"]["runs"]) == 2 and "error" in got["fp16"]  # (fp16 decodes with nvJPEG too)
+    assert got["originals only (K = 0), Pillow decode"]["decoder"] == "pillow" and "error" not in got[
+        "originals only (K = 0)"]
+    md = measure.markdown({"pipeline": got}, SimpleNamespace(device="cuda", model="m", images=1, augment=15, size=150,
+                                                             repeats=2))
+    assert "| pipeline on cuda, as it ships | | failed: RuntimeError: CUDA error" in md

@@ -259,9 +259,12 @@ def null(a, data: str, tmp: Path) -> dict:
            for k in dict.fromkeys((a.augment, 0)) for way in ("auto", "processes", "threads")}
     name, why = gpu_decoder(a)  # decoded by torchvision's decoder (nvJPEG on the GPU), the rest as it ships
     for k in dict.fromkeys((a.augment, 0)):
-        out[f"null, K={k}, --decoder {name}"] = extract_rate(a, data, tmp / f"null-{k}-{name}.zarr", device="null",
-                                                             augment=k, decoder=name) if why is None else \
-            {"not measured": why}
+        try:
+            out[f"null, K={k}, --decoder {name}"] = extract_rate(a, data, tmp / f"null-{k}-{name}.zarr",
+                                                                 device="null", augment=k, decoder=name) \
+                if why is None else {"not measured": why}
+        except Exception as exc:  # recorded; the arms after it still run
+            out[f"null, K={k}, --decoder {name}"] = {"not measured": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
     real, zeros = (mapper.decode_image, mapper.warp), {}
     mapper.decode_image = lambda data, size, *args, **kw: zeros.setdefault(size, np.zeros((size, size, 3), np.uint8))
     mapper.warp = lambda image, matrix, policy: image
@@ -288,13 +291,22 @@ def pipeline(a, data: str, tmp: Path, bare_rates: dict, quarter: str) -> dict:
     arms = {"as it ships": {}, "plain io": {"io": "plain"}, "fp16": {"precision": "fp16"}, QUARTER: {},
             "originals only (K = 0)": {"augment": 0}, "Pillow decode": {"decoder": "pillow"},
             "originals only (K = 0), Pillow decode": {"augment": 0, "decoder": "pillow"}}
+    failed: dict = {}  # an arm that fails (nvJPEG's torch beside ONNX Runtime, say) is recorded; the others run on
     for r in range(a.repeats):  # arms interleaved, repeat by repeat
         for name, kw in arms.items():
-            got = extract_rate(a, quarter if name == QUARTER else data,
-                               tmp / f"p-{name.replace(' ', '-').replace(',', '')}-{r}.zarr", device=a.device, **kw)
+            if name in failed:
+                continue
+            try:
+                got = extract_rate(a, quarter if name == QUARTER else data,
+                                   tmp / f"p-{name.replace(' ', '-').replace(',', '')}-{r}.zarr", device=a.device, **kw)
+            except Exception as exc:
+                failed[name] = f"{exc.__class__.__name__}: {str(exc)[:500]}"
+                continue
             out.setdefault(name, []).append(got)
-    summary = {}
+    summary = {name: {"error": why} for name, why in failed.items()}
     for name, runs in out.items():
+        if name in failed:
+            continue
         rate = float(np.median([x["rows_per_s"] for x in runs]))
         run_rate = float(np.median([x["run_rows_per_s"] or 0.0 for x in runs]))
         batch, precision = runs[0]["batch_size"], "fp16" if name == "fp16" else "fp32"
@@ -309,7 +321,7 @@ def pipeline(a, data: str, tmp: Path, bare_rates: dict, quarter: str) -> dict:
                          "vs_bare_bound": round(rate / ref, 3) if ref else None, "bare_batch": at,
                          "run_rows_per_s": round(run_rate, 1),
                          "run_vs_bare_bound": round(run_rate / ref, 3) if ref else None, "runs": runs}
-        if name == "as it ships":
+        if name == "as it ships" and QUARTER in out and QUARTER not in failed:
             from convcache.stats import marginal_rate
 
             lines = [marginal_rate(w["rows"], w["seconds"], q["rows"], q["seconds"]) for w, q in zip(runs, out[QUARTER])]
@@ -338,11 +350,11 @@ def parity(a, rows: np.ndarray) -> dict:
 def resume(a, data: str, tmp: Path) -> dict:
     from convcache.errors import ConvcacheError
 
-    store = tmp / "mixed.zarr"
-    first = extract_rate(a, data, store, device=a.device)
+    store = tmp / "mixed.zarr"  # (Pillow's decode both times: the math mode is what changes)
+    first = extract_rate(a, data, store, device=a.device, decoder="pillow")
     other = {"exact": True} if a.device == "cuda" else {"precision": "fp16"}  # TF32 -> fp32; a CPU: fp32 -> fp16
     try:
-        extract_rate(a, data, store, device=a.device, **other)
+        extract_rate(a, data, store, device=a.device, decoder="pillow", **other)
         return {"first": first["math"], "refused": False}
     except ConvcacheError as exc:
         return {"first": first["math"], "refused": True, "message": str(exc)}
@@ -432,6 +444,9 @@ def markdown(res: dict, a) -> str:
                      f"{v['decodes']} decodes in {v['decode_in']}, {v['decoded_by_decoder']} by {v['decoder']}; "
                      f"main thread busy {v['main_thread_busy']} |")
     for k, v in res.get("pipeline", {}).items():
+        if "error" in v:
+            lines.append(f"| pipeline on {a.device}, {k} | | failed: {v['error'][:200]} |")
+            continue
         marginal = (f"; marginal {v['marginal_rows_per_s']:,.0f} = {v['marginal_vs_bare_bound']}x (fixed "
                     f"{v['fixed_s']} s)" if v.get("marginal_rows_per_s") else "")
         lines.append(f"| pipeline on {a.device}, {k} (batch {v['batch_size']}, {v['math']}, decoder {v['decoder']}) "
