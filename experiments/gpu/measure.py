@@ -20,11 +20,12 @@ Sections (rows/s and images/s are medians of --repeats; every ratio is against a
   resume     a store made in one math mode, extended in another: the refusal's text
   probe      fp32 (CPU) and fp16 (CUDA) features of the labelled photos, saved (features.npz) and, when
              scikit-learn is there, the paired probe (`export --probe`'s)
-  serve      `convcache bench serve --device cuda --clients 1 4 16 64` on --fused, when the serving extra is there
+  serve      `convcache bench serve --device cuda --clients 1 4 16 64` on --fused (or --model fused with --head
+             here), when the serving extra is there
 
 On the GPU machine (../shared/gpu/README.md; experiments/gpu/prepare.sh fills .gpu/):
     . .gpu/w/setup.sh && python3 experiments/gpu/measure.py --model /tmp/parts/ext.onnx \
-        --fused /tmp/parts/model.onnx --data .gpu/data --out $OUT
+        --head .gpu/w/head --data .gpu/data --out $OUT
 Here, on the CPU, the same script end to end at a small size (what tests/test_experiments.py runs):
     .venv/bin/python experiments/gpu/measure.py --device cpu --quick --model runs/ext.onnx --data DIR --out /tmp/g
 """
@@ -386,10 +387,16 @@ def probe(a, items, out_dir: Path) -> dict:
     return out
 
 
-def serve(a) -> dict:
-    if not a.fused:
-        return {"skipped": "no --fused model"}
-    r = subprocess.run([sys.executable, "-m", "convcache", "bench", "serve", "--model", a.fused, "--data", a.data,
+def serve(a, tmp: Path) -> dict:
+    fused = a.fused
+    if not fused and a.head:  # fused here, from the extractor and the head prepare.sh trained
+        from convcache.train.fuse import fuse
+
+        fused = str(tmp / "model.onnx")
+        fuse(a.model, a.head, fused)
+    if not fused:
+        return {"skipped": "no --fused model and no --head"}
+    r = subprocess.run([sys.executable, "-m", "convcache", "bench", "serve", "--model", fused, "--data", a.data,
                         "--device", a.device, "--clients", "1", "4", "16", "64", "--soak", "0",
                         "--images", str(min(64, a.images))], capture_output=True, text=True,
                        timeout=a.serve_timeout)
@@ -419,7 +426,7 @@ def run_section(section: str, a, items, data: str, tmp: Path, out_dir: Path, res
         return resume(a, data, tmp)
     if section == "probe":
         return probe(a, items, out_dir)
-    return serve(a)
+    return serve(a, tmp)
 
 
 def markdown(res: dict, a) -> str:
@@ -441,7 +448,8 @@ def markdown(res: dict, a) -> str:
             lines.append(f"| pipeline, {k} | | {v} |")
             continue
         lines.append(f"| pipeline, {k} | {v['rows_per_s']:,.0f} | run phase {v['run_rows_per_s']:,.0f}; "
-                     f"{v['decodes']} decodes in {v['decode_in']}, {v['decoded_by_decoder']} by {v['decoder']}; "
+                     f"{v['decodes']} decodes in {v['decode_in']}"
+                     + (f", {v['decoded_by_decoder']} by {v['decoder']}" if v['decoder'] != "pillow" else "") + "; "
                      f"main thread busy {v['main_thread_busy']} |")
     for k, v in res.get("pipeline", {}).items():
         if "error" in v:
@@ -463,6 +471,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an fp32 extractor (convcache export)")
     p.add_argument("--fused", help="a fused model (extractor + head) for the serve section")
+    p.add_argument("--head", help="or a head folder (`convcache train -o`) on --model's features: fused here")
     p.add_argument("--data", required=True, help="photos in class folders (or split/class)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the script here")
