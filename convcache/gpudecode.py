@@ -257,7 +257,9 @@ class TorchDecoder:
             step = max(1, FLOAT_PIXELS // (shape[1] * shape[2]))
             parts += [(ks[j : j + step], o) for j in range(0, len(ks), step)]
         order = [k for ks, _ in parts for k in ks]
-        square = torch.cat([self._square(torch.stack([images[k] for k in ks]), o, size) for ks, o in parts])
+        resized = [self._square(images[ks[0]][None] if len(ks) == 1 else torch.stack([images[k] for k in ks]), o, size)
+                   for ks, o in parts]  # float; rounded to uint8 once, all together
+        square = torch.cat(resized).round_().clamp_(0, 255).to(torch.uint8)
         host = square.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # one copy back, NHWC
         for j, k in enumerate(order):
             out[k] = host[j]
@@ -267,7 +269,8 @@ class TorchDecoder:
         """Decoded NCHW uint8 images of one shape, as Pillow's path makes each: reduced by the factor of JPEG's
         draft mode (averaged in s x s blocks, s the power of 2 up to 8 that keeps both sides >= size: libjpeg's
         DCT scaling at 1/s is close to that average), then made upright, then resized to size x size
-        (antialiased bilinear, Pillow's BILINEAR), rounded to uint8."""
+        (antialiased bilinear, Pillow's BILINEAR), as float (the caller rounds every group's at once: on a GPU each
+        op a group is a kernel launch, under the GIL)."""
         torch = self._torch
         x = nchw.float()
         scale = draft_scale(nchw.shape[3], nchw.shape[2], size)
@@ -282,7 +285,7 @@ class TorchDecoder:
                 x = x.flip(flips)
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                                             antialias=True)
-        return x.round_().clamp_(0, 255).to(torch.uint8)
+        return x
 
 
 def draft_scale(w: int, h: int, size: int) -> int:
