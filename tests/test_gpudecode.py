@@ -110,10 +110,20 @@ def test_the_header_walk_reads_what_pillow_reads():
                                b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x08\x00")
     assert little_endian != mm  # (the big-endian block was there to swap)
     garbled = jpeg(photo(60, 80), 3).replace(b"Exif\x00\x00MM\x00*", b"Exif\x00\x00XX\x00*")
-    cases += [prog.getvalue(), cmyk.getvalue(), no_tag.getvalue(), little_endian, garbled]
+    segments, i, d = [], 2, jpeg(photo(60, 80), 5)  # the EXIF block moved after the frame header (Pillow reads it)
+    while d[i + 1] != 0xDA:
+        n = int.from_bytes(d[i + 2 : i + 4], "big")
+        segments.append(d[i : i + 2 + n])
+        i += 2 + n
+    exif_block = next(x for x in segments if x[1] == 0xE1)
+    frame = next(x for x in segments if x[1] == 0xC0)
+    late = d[:2] + b"".join(x for x in segments if x is not exif_block).replace(frame, frame + exif_block) + d[i:]
+    assert late != d and len(late) == len(d)
+    cases += [prog.getvalue(), cmyk.getvalue(), no_tag.getvalue(), little_endian, garbled, late]
     for k, data in enumerate(cases):
         assert gpudecode.header(data, 10**9) == pillow(data), k
     assert gpudecode.header(little_endian, 10**9) == (8, 4800)  # II order read as such
+    assert gpudecode.header(late, 10**9) == (5, 4800)
     assert gpudecode.header(cases[0], 10**9) == (1, 24000) and gpudecode.header(cases[5], 10**9) == (6, 24000)
     assert gpudecode.header(cmyk.getvalue(), 10**9) is None and gpudecode.header(b"\x89PNG\r\n", 10**9) is None
     assert gpudecode.header(cases[0], 23999) is None and gpudecode.header(cases[0][:40], 10**9) is None
