@@ -208,7 +208,7 @@ class TorchDecoder:
         self.name = "nvjpeg" if device == "cuda" else "torchvision-cpu"
         self._torch, self._decode, self._rgb = torch, decode_jpeg, ImageReadMode.RGB
         self._lock = threading.Lock()
-        self.batches = self.decoded = self.left = 0  # counts: batches run, images decoded here, left to Pillow
+        self.batches = self.decoded = 0  # counts: decode calls made, images decoded here (the rest: Pillow's)
         if device == "cuda":  # CUDA's context and nvJPEG's handle made now, not in the first batch
             self._decode([torch.frombuffer(bytearray(_tiny_jpeg()), dtype=torch.uint8)], mode=self._rgb, device=device)
 
@@ -228,7 +228,6 @@ class TorchDecoder:
                     for (i, _), px in zip(call, self._batch([datas[i] for i, _ in call], [o for _, o in call], size)):
                         out[i] = px
             self.decoded += sum(px is not None for px in out)
-            self.left += sum(px is None for px in out)
         return out
 
     def _batch(self, datas: list[bytes], orientations: list[int], size: int) -> list[np.ndarray | None]:

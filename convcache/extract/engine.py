@@ -30,7 +30,6 @@ client can plan.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -59,10 +58,11 @@ from convcache.extract.mapper import (
     hash_file,
     maps_of,
     pixels_of,
+    read_as_hashed,
     warp_copy,
     watch_parent,
 )
-from convcache.imaging import printable_path, read_bytes
+from convcache.imaging import printable_path
 from convcache.runtime import (
     NULL_DEVICE,
     PRECISIONS,
@@ -540,15 +540,10 @@ class _Decode:
             return self._base
 
 
-class _Group:
-    """Decodes for worker processes, `per_task` images to a task (`mapper.decode_bases`): one task an image
-    cost the extracting process more than decoding did (a future, a wake-up of the pool's manager thread, a
-    message each way: at K = 0, 777 µs of its CPU a row on 2 cores). A group is sent when it is full or as soon
-    as a thread needs one of its images.
-
-    A decoding process that dies (a decoder crash, the OOM killer) breaks the pool and fails every task in
-    flight: the pool is replaced, and each image of those tasks is decoded again alone, in a process of its own,
-    so that the one that kills its decoder is skipped with that reason and the run goes on."""
+class _Batched:
+    """Images gathered `per_task` to a task: a group is sent (`_send`, under the lock) when it is full or as soon as a
+    thread needs one of its images (`submitted`). `_Group` sends to decoding processes, `_GpuGroup` to the GPU
+    decoder's thread."""
 
     def __init__(self, executor: LocalExecutor, spec: DecodeSpec, per_task: int):
         self._executor, self._spec, self._per_task = executor, spec, per_task
@@ -566,6 +561,20 @@ class _Group:
         with self._lock:
             if pending._future is None:
                 self._send()
+
+    def _send(self) -> None:
+        raise NotImplementedError
+
+
+class _Group(_Batched):
+    """Decodes for worker processes, `per_task` images to a task (`mapper.decode_bases`): one task an image
+    cost the extracting process more than decoding did (a future, a wake-up of the pool's manager thread, a
+    message each way: at K = 0, 777 µs of its CPU a row on 2 cores). A group is sent when it is full or as soon
+    as a thread needs one of its images.
+
+    A decoding process that dies (a decoder crash, the OOM killer) breaks the pool and fails every task in
+    flight: the pool is replaced, and each image of those tasks is decoded again alone, in a process of its own,
+    so that the one that kills its decoder is skipped with that reason and the run goes on."""
 
     def _send(self) -> None:  # under the lock
         from concurrent.futures.process import BrokenProcessPool
@@ -595,20 +604,13 @@ class _Group:
                 return Base(None, {}, "its decoding process died (a decoder crash, or killed for memory)")
 
 
-class _GpuGroup:
+class _GpuGroup(_Batched):
     """Decodes with torchvision's batched decoder (`gpudecode.TorchDecoder`: nvJPEG on CUDA), `per_task` images a
     call, on the executor's decoder thread: sent when full or as soon as a thread needs one of its images (as
     `_Group`). Each image's bytes are those hashed in this run where they were kept, else read again (and refused
     if they no longer hash so), by the executor's readers as the group is sent. An image the decoder does not
     take (not a plain JPEG, corrupt, or a call that failed) is decoded by Pillow on that thread, which records why
     one that does not decode at all is skipped: this path loses no file that Pillow decodes."""
-
-    def __init__(self, executor: LocalExecutor, spec: DecodeSpec, per_task: int):
-        self._executor, self._spec, self._per_task = executor, spec, per_task
-        self._lock, self._open = Lock(), []
-
-    start = _Group.start
-    submitted = _Group.submitted
 
     def _send(self) -> None:  # under the lock
         group, self._open = self._open, []
@@ -624,14 +626,8 @@ class _GpuGroup:
         """The bytes hashed in this run where they were kept, else read (and refused if they no longer hash so);
         or the Base that says why there are none."""
         data = self._executor._bytes_of_content(item, sha256)
-        if data is not None:
-            return data, None
-        spec = self._spec
         try:
-            data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
-            if hashlib.sha256(data).hexdigest() != sha256:
-                return None, Base(None, {}, "changed while reading")
-            return data, None
+            return (read_as_hashed(item, sha256, self._spec) if data is None else data), None
         except ImageError as exc:
             return None, Base(None, {}, exc.reason)
         except Exception as exc:  # one bad file never stops a run
@@ -655,8 +651,6 @@ class _GpuGroup:
         add_maps([(base, sha256, copies) for base, (_, sha256, copies) in zip(bases, images)], spec)
         return bases
 
-    def alone(self, pending: _Decode) -> Base:  # (no process to die)
-        raise AssertionError("a GPU decode has no process")
 
 
 class LocalExecutor:

@@ -59,12 +59,17 @@ class DecodeSpec:
     storage_options: dict = field(default_factory=dict)
 
 
+def read_as_hashed(item: Item, sha256: str, spec: DecodeSpec) -> bytes:
+    """The file's bytes, read again; an ImageError if they no longer hash to what the run planned with."""
+    data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ImageError("changed while reading")
+    return data
+
+
 def decode_copies(item: Item, sha256: str, copies: list[int], spec: DecodeSpec) -> Decoded:
     try:
-        data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            return Decoded(item, sha256, copies, None, "changed while reading")
-        image = pixels_of(data, spec)
+        image = pixels_of(read_as_hashed(item, sha256, spec), spec)
         h, w = image.shape[:2]
         maps = copy_matrices(spec.policy, spec.seed, [(sha256, c) for c in copies], h, w)
         return Decoded(item, sha256, copies, [warp(image, m, spec.policy) for m in maps])
@@ -109,11 +114,7 @@ def decode_base(item: Item, sha256: str, spec: DecodeSpec, copies: tuple = (), d
 
 def _decoded(item: Item, sha256: str, spec: DecodeSpec, data: bytes | None) -> Base:
     try:
-        if data is None:
-            data = read_bytes(item.path, spec.max_bytes, spec.storage_options)
-            if hashlib.sha256(data).hexdigest() != sha256:
-                return Base(None, {}, "changed while reading")
-        return Base(pixels_of(data, spec), {})
+        return Base(pixels_of(read_as_hashed(item, sha256, spec) if data is None else data, spec), {})
     except ImageError as exc:
         return Base(None, {}, exc.reason)
     except Exception as exc:  # one bad file never stops a run
