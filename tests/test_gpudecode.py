@@ -370,3 +370,40 @@ def test_info_says_which_decoders_this_machine_has_and_a_store_which_made_its_ro
     data = make_dataset(tmp_path / "data", splits={"train": 2})
     extract(extractor, data, tmp_path / "s.zarr", decoder="nvjpeg")
     assert "made on CPUExecutionProvider (fp32, decoded by nvjpeg)" in run_cli("info", tmp_path / "s.zarr").stdout
+
+
+def test_fit_and_compare_pass_the_device_and_decoder_to_extract_and_refuse_a_bad_one_before_any_export(
+        tmp_path, monkeypatch):
+    """`fit` and `compare` extract as `extract` does: --device and --decoder reach the extract they run, and a
+    decoder that cannot be honoured (unknown, or torchvision's without torchvision) is refused by the config,
+    before the export."""
+    import convcache.extract.runner as runner
+    from convcache.cli import build_parser
+    from convcache.pipeline import compare, fit
+
+    seen = []
+    monkeypatch.setattr(runner, "run_extract", lambda cfg: seen.append(cfg) or runner.ExtractSummary())
+    (tmp_path / "d").mkdir()
+    parser = build_parser()
+    args = parser.parse_args(["fit", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "f"), "--device", "cpu",
+                              "--decoder", "pillow"])
+    cfg = fit.FitConfig(data=args.data, output=args.output, device=args.device, decoder=args.decoder)
+    fit._extract(cfg, tmp_path / "x.onnx", tmp_path / "s.zarr", 2)
+    args = parser.parse_args(["compare", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "c"), "--device",
+                              "openvino", "--decoder", "pillow"])
+    compare._extract(compare.CompareConfig(data=args.data, output=args.output, device=args.device,
+                                           decoder=args.decoder), tmp_path / "x.onnx", tmp_path / "s.zarr")
+    assert [(c.device, c.decoder) for c in seen] == [("cpu", "pillow"), ("openvino", "pillow")]
+    assert parser.parse_args(["compare", "--data", "d", "-o", "c"]).decoder == "auto"
+    with pytest.raises(ConvcacheError, match="--decoder jpegli: one of"):
+        fit.FitConfig(data=str(tmp_path / "d"), output=str(tmp_path / "f"), decoder="jpegli")
+    monkeypatch.setattr(gpudecode, "torchvision_installed", lambda: False)
+    for make in (lambda: fit.FitConfig(data=str(tmp_path / "d"), output=str(tmp_path / "f"), decoder="nvjpeg"),
+                 lambda: compare.CompareConfig(data=str(tmp_path / "d"), output=str(tmp_path / "c"),
+                                               decoder="nvjpeg")):
+        with pytest.raises(ConvcacheError, match="needs torch and torchvision"):
+            make()
+    r = run_cli("fit", "--data", tmp_path / "d", "-o", tmp_path / "f2", "--decoder", "torchvision-cpu", "-q")
+    if not gpudecode.torchvision_installed():  # (the CI's environment): one line, and no export started
+        assert r.returncode not in (0, 1) and "Traceback" not in r.stderr and "needs torch" in r.stderr, r.stderr
+        assert not (tmp_path / "f2").exists()

@@ -47,6 +47,9 @@ def register(sub) -> None:
                    help="run every arm on an fp32 or an int8 extractor (default: %(default)s)")
     c.add_argument("--calibration", metavar="DIR", help="images to calibrate --precision int8 on")
     c.add_argument("--store", help="reuse (and extend) this feature store")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default=d["device"],
+                   help="extraction runtime, as for extract (default: %(default)s)")
+    _decoder_arg(c, d["decoder"])
     c.add_argument("--report-only", action="store_true",
                    help="write report.md from the arms saved so far in -o (an unfinished run), train nothing")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -81,8 +84,17 @@ def register(sub) -> None:
     f.add_argument("--seed", type=int, default=fd["seed"], help="fold assignment (default: 0)")
     f.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default=fd["device"],
                    help="extraction runtime, as for extract")
+    _decoder_arg(f, fd["decoder"])
     f.add_argument("-q", "--quiet", action="store_true", help="no progress")
     f.set_defaults(func=run_fit_cmd)
+
+
+def _decoder_arg(p, default: str) -> None:
+    from convcache.gpudecode import DECODERS
+
+    p.add_argument("--decoder", choices=DECODERS, default=default,
+                   help="JPEG decoding, as for extract: auto is nvjpeg (torchvision on the GPU) when extracting on "
+                        "CUDA with torch and torchvision installed, else pillow (default: %(default)s)")
 
 
 def run_compare_cmd(args) -> int:
@@ -99,7 +111,7 @@ def run_compare_cmd(args) -> int:
                         equal_epochs=not args.no_equal_epochs, equal_epochs_max_k=args.equal_epochs_max_k,
                         extractor=args.extractor, store=args.store, precision=args.precision,
                         calibration=args.calibration, preprocess=args.preprocess,
-                        progress=not args.quiet)
+                        device=args.device, decoder=args.decoder, progress=not args.quiet)
     results = run_compare(cfg)
     for match, a in results.get("answer", {}).items():
         print(f"{match}: smallest K within the noise of method 2: {a['arm']} ({100 * a['diff']:+.1f} points)")
@@ -115,7 +127,7 @@ def run_fit_cmd(args) -> int:
                     preprocess=args.preprocess, taps=tuple(t for t in args.taps.split(",") if t.strip()),
                     budget_rows=args.budget_rows, policy=args.policy, outer_folds=args.outer_folds,
                     inner_folds=args.inner_folds, seed=args.seed, device=args.device,
-                    progress=not args.quiet)  # validated before anything heavy starts
+                    decoder=args.decoder, progress=not args.quiet)  # validated before anything heavy starts
     res = run_fit(cfg)["result"]
     c = res["choice"]
     print(f"wrote {res['model']}: {' + '.join(c['taps'])}, linear probe C={c['C']:g}, copies 0..{c['copies']}; "

@@ -31,6 +31,7 @@ import numpy as np
 
 from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
+from convcache.gpudecode import resolve_decoder
 from convcache.protocol import BOOK_BATCH_SIZE, BOOK_EPOCHS, BOOK_LEARNING_RATE, steps_per_epoch
 from convcache.stats import mcnemar_exact, paired_bootstrap
 
@@ -62,6 +63,8 @@ class CompareConfig:
     calibration: str | None = None
     store: str | None = None  # reuse (and extend) a feature store
     augment_seed: int = 0
+    device: str = "auto"  # the extraction runtime, as for extract
+    decoder: str = "auto"  # JPEG decoding for extract (gpudecode.resolve_decoder): auto is nvJPEG on CUDA
     progress: bool = True
 
     def __post_init__(self):
@@ -79,6 +82,7 @@ class CompareConfig:
             raise ConvcacheError("--precision int8 needs --calibration DIR (images to calibrate the int8 extractor on)")
         if self.calibration and not Path(self.calibration).is_dir():
             raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
+        resolve_decoder(self.decoder, "cpu")  # an unknown decoder, or torchvision's without it, before any export
         self.copies = sorted(set(self.copies))
         self.policy_obj = AugmentPolicy.parse(self.policy)
 
@@ -247,7 +251,8 @@ def _extract(cfg, extractor: Path, store: Path) -> None:
     from convcache.extract.runner import ExtractConfig, run_extract
 
     s = run_extract(ExtractConfig(model=str(extractor), data=cfg.data, output=str(store), augment=cfg.max_copy,
-                                  seed=cfg.augment_seed, policy=cfg.policy_obj, progress=cfg.progress))
+                                  seed=cfg.augment_seed, policy=cfg.policy_obj, device=cfg.device,
+                                  decoder=cfg.decoder, progress=cfg.progress))
     if s.skipped:
         log.warning("compare: %d files skipped by extract", len(s.skipped))
 

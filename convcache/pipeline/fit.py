@@ -26,6 +26,7 @@ import numpy as np
 
 from convcache.artifacts import DEFAULT_TAPS
 from convcache.errors import ConvcacheError
+from convcache.gpudecode import resolve_decoder
 from convcache.protocol import FIT_DEFAULTS
 
 POOLED_SPLITS = ("train", "validation")  # what fit learns from; test/ is only scored
@@ -47,6 +48,7 @@ class FitConfig:
     inner_folds: int = 3
     seed: int = 0
     device: str = "auto"
+    decoder: str = "auto"  # JPEG decoding for extract (gpudecode.resolve_decoder): auto is nvJPEG on CUDA
     progress: bool = True
 
     def __post_init__(self):
@@ -60,6 +62,7 @@ class FitConfig:
             raise ConvcacheError("--outer-folds and --inner-folds must be >= 2")
         if not self.Cs or min(self.Cs) <= 0:
             raise ConvcacheError("C values must be positive")
+        resolve_decoder(self.decoder, "cpu")  # an unknown decoder, or torchvision's without it, before any export
         if not Path(self.data).is_dir():
             raise ConvcacheError(f"{self.data}: fit needs a folder of photos: <class>/ folders, or train/<class>/ "
                                  "(and validation/<class>/, pooled with train)")
@@ -164,7 +167,7 @@ def _extract(cfg: FitConfig, extractor: Path, store: Path, k: int) -> None:
     _say(cfg, f"fit: extract originals and copies 1..{k} -> {store}" if k else f"fit: extract originals -> {store}")
     run_extract(ExtractConfig(model=str(extractor), data=cfg.data, output=str(store), augment=k,
                               augment_splits=POOLED_SPLITS, seed=0, policy=cfg.policy, device=cfg.device,
-                              progress=cfg.progress))
+                              decoder=cfg.decoder, progress=cfg.progress))
 
 
 def _pool(store: Path, k: int):
