@@ -527,6 +527,8 @@ def test_round_four_invocations_are_one_line_and_non_zero(fused_model, extractor
         (["serve", "--model", fused_model, "--cache-mb", -1], "--cache-mb -1"),
         (["serve", "--model", fused_model, "--workers", 0], "--workers 0"),
         (["predict", "--model", fused_model, "--batch-size", 0, photo], "batch size 0"),
+        (["predict", "--model", fused_model, "--workers", 0, photo], "--workers 0"),
+        (["predict", "--model", fused_model, "--decode-memory", "lots", photo], "--decode-memory"),
         (["train", "--features", store, "-o", under, "-q"], "Not a directory"),
         (["triton", "--model", fused_model, "-o", under], "Not a directory"),
         (["fit", "--data", data, "-o", under, "-q", "--weights", "random", "--input-size", SIZE], "Not a directory"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import export, run_cli
+from conftest import export, run_cli, wait_for
 from PIL import Image
 
 from convcache.serve import Predictor
@@ -125,6 +125,92 @@ def test_predictor_inputs_agree(fused_model, tmp_path):
     r = run_cli("predict", "--model", fused_model, tmp_path / "a.jpg", tmp_path / "missing.jpg")
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 3 and len(lines) == 2 and '"class"' in lines[0] and '"error"' in lines[1]
+
+
+def test_the_predict_command_batches_its_inference(fused_model, tmp_path, monkeypatch):
+    """`convcache predict` over many photos runs --batch-size of them an inference call (it used to run each
+    photo alone), the answers in the order given, a bad file answered in its place."""
+    import convcache.serve.cli as cli
+
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
+    (tmp_path / "3.jpg").write_bytes(b"broken")
+    calls, infer, decode, paths = [], Predictor.infer, Predictor.decode, cli._predict_paths
+    queued = threading.Event()
+
+    def given(items):
+        yield from paths(items)
+        queued.set()
+
+    def slow_first(self, x, budget=None):  # the first decode ends once every path is queued: batches are full
+        if str(x).endswith("0.jpg"):
+            assert queued.wait(30)
+        return decode(self, x, budget)
+
+    monkeypatch.setattr(Predictor, "infer", lambda self, px: calls.append(len(px)) or infer(self, px))
+    monkeypatch.setattr(Predictor, "decode", slow_first)
+    monkeypatch.setattr(cli, "_predict_paths", given)
+    r = run_cli("predict", "--model", fused_model, "--batch-size", 4, tmp_path)
+    lines = [__import__("json").loads(x) for x in r.stdout.splitlines()]
+    assert r.returncode == 3 and [Path(x["image"]).name for x in lines] == [f"{i}.jpg" for i in range(6)]
+    assert "error" in lines[3] and all("class" in x for i, x in enumerate(lines) if i != 3)
+    assert calls == [3, 2], calls  # 4 photos a batch, one of the first 4 broken
+
+
+def test_predict_each_batches_decodes_ahead_answers_in_order_and_isolates_bad_inputs(fused_model, tmp_path):
+    """`Predictor.predict_each` (what `convcache predict` runs): every input answered in order, each as
+    `predict` answers it alone, `batch_size` decoded images an inference call, an input that does not decode
+    answered with its own error in its place; a lone input on a pipe is answered before the next arrives; an
+    error of the inputs themselves comes after every answer before it; a caller that stops early leaves no
+    thread behind."""
+    from convcache.errors import ImageError
+
+    predictor = Predictor(fused_model, "cpu", batch_size=4)
+    images = [jpeg(i) for i in range(8)]
+    images[5] = b"not an image"
+    alone = {i: predictor.predict(x) for i, x in enumerate(images) if i != 5}
+    calls, infer = [], predictor.infer
+    predictor.infer = lambda px: calls.append(len(px)) or infer(px)
+    queued, decode = threading.Event(), predictor.decode
+
+    def slow_first(x, budget=None):  # the first decode ends once every input is queued: batches are then full
+        if x is images[0]:
+            assert queued.wait(30)
+        return decode(x, budget)
+
+    predictor.decode = slow_first
+
+    def given():
+        yield from images
+        queued.set()  # (runs once the feeder asks past the last input)
+
+    got = list(predictor.predict_each(given(), workers=2))
+    assert [x for x, _ in got] == images and calls == [4, 3], calls
+    assert isinstance(got[5][1], ImageError) and got[5][1].reason == "not an image"
+    for i, p in alone.items():
+        assert got[i][1].class_ == p.class_
+        assert all(abs(got[i][1].probabilities[c] - p.probabilities[c]) < 1e-5 for c in predictor.classes)
+    predictor.decode = decode
+
+    answered = threading.Event()
+
+    def pipe():  # the second input arrives only once the first is answered (no waiting for a batch to fill)
+        yield images[0]
+        assert answered.wait(30), "the first input was not answered while it was alone"
+        yield images[1]
+        raise OSError("standard input closed")
+
+    each = predictor.predict_each(pipe(), workers=2)
+    assert next(each)[0] is images[0]
+    answered.set()
+    assert next(each)[0] is images[1]
+    with pytest.raises(OSError, match="standard input closed"):
+        next(each)
+    before = threading.active_count()
+    each = predictor.predict_each(iter(images * 20), workers=2)
+    next(each)
+    each.close()
+    assert wait_for(lambda: threading.active_count() <= before, 10, "the stream's threads to end")
 
 
 def test_bound_io_serves_the_same_answers_from_uint8_and_keeps_float_pixels_exact(fused_model):

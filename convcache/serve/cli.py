@@ -21,7 +21,11 @@ def register(sub) -> None:
                    help="jsonl: one JSON object per image; csv: a header, then image, class, one probability column "
                         "per class, error")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "openvino"], default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference call (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads decoding ahead of inference (default: the cores this process may use)")
+    p.add_argument("--decode-memory", default="1GiB",
+                   help="all decodes at once, every intermediate counted (default: %(default)s)")
     p.set_defaults(func=run_predict)
 
     s = sub.add_parser("serve", help="HTTP service for a fused model (FastAPI + uvicorn)",
@@ -116,20 +120,26 @@ def _predict_paths(items: list[str]):
 def run_predict(args) -> int:
     import csv
 
-    from convcache.errors import ImageError
+    from convcache.errors import ConvcacheError, ImageError
+    from convcache.imaging import MemoryBudget
+    from convcache.location import parse_bytes
     from convcache.serve.predictor import Predictor
 
+    if args.workers is not None and args.workers < 1:
+        raise ConvcacheError(f"--workers {args.workers}: must be at least 1")
     predictor = Predictor(args.model, args.device, args.batch_size)
     writer = None
     if args.format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["image", "class", *predictor.classes, "error"])
     failed = 0
-    for path in _predict_paths(args.images):  # one at a time: one bad file does not hide the others' answers
-        try:
-            out = {"image": path, **predictor.predict(path).to_dict()}
-        except ImageError as exc:
-            out, failed = {"image": path, "error": exc.reason}, failed + 1
+    # decoded in threads ahead of inference, --batch-size images a call; one bad file hides no other's answer
+    budget = MemoryBudget(parse_bytes(args.decode_memory, "--decode-memory"))
+    for path, got in predictor.predict_each(_predict_paths(args.images), args.workers, budget):
+        if isinstance(got, ImageError):
+            out, failed = {"image": path, "error": got.reason}, failed + 1
+        else:
+            out = {"image": path, **got.to_dict()}
         if writer is None:
             print(json.dumps(out), flush=True)
         else:

@@ -2,7 +2,9 @@
 LitServe's loop calls a LitAPI's). The hooks are `PredictorHooks` (`Predictor` implements them); two drivers
 run them:
 
-- `run_batches` / `predict`: in this process, batch by batch (`Predictor.predict`, `convcache predict`);
+- `run_batches` / `predict`: in this process, batch by batch (`Predictor.predict`);
+- `stream`: in this process, over many inputs, decoding in threads ahead of inference, each input's answer or
+  its own error, in order (`Predictor.predict_each`, `convcache predict`);
 - `ServingLoop`: in the service, for every transport alike (`/v1` and the Open Inference Protocol): decoding in
   threads under one memory budget, the content-addressed cache, the micro-batcher (one `infer` call per batch
   of requests), the queue bound, and `postprocess` for the answers that carry predictions.
@@ -11,6 +13,7 @@ run them:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -38,6 +41,90 @@ def run_batches(hooks: PredictorHooks, items: list, batch_size: int):
     """(probabilities, features) of `items`, a batch at a time, in order."""
     for i in range(0, len(items), batch_size):
         yield hooks.infer(np.stack([hooks.decode(x) for x in items[i : i + batch_size]]))
+
+
+def stream(hooks: PredictorHooks, items: Iterable, batch_size: int, workers: int | None = None, budget=None):
+    """(item, probabilities or its ImageError) for every item, in the items' order, for a run over many inputs
+    (`convcache predict` over a folder, `Predictor.predict_each`). `workers` threads decode ahead of inference
+    (the decoders release the GIL; default: the cores this process may use), at most two batches ahead, their
+    memory held by `budget` (an `imaging.MemoryBudget`); each `infer` call takes up to `batch_size` decoded
+    images. An item that does not decode gives its ImageError and spoils no other. Items are taken as they come
+    (paths on a pipe): a batch is the first item not yet answered and those decoded behind it, so a lone item is
+    answered once it is decoded, without waiting for company. An error from the items themselves (a folder that
+    cannot be read) is raised after every item before it is answered."""
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from convcache.errors import ImageError
+
+    workers = workers or default_workers()
+    room = threading.Semaphore(2 * batch_size + workers)  # items decoding or decoded, not yet answered
+    order: queue.Queue = queue.Queue()  # (item, its decode) in the items' order; then (_END, error or None)
+    stop = threading.Event()
+
+    def decode(item):
+        try:
+            return hooks.decode(item, budget)
+        except ImageError as exc:
+            return exc
+
+    def feed(pool):
+        try:
+            for item in items:
+                while not room.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                order.put((item, pool.submit(decode, item)))
+        except Exception as exc:  # the items themselves: a folder that cannot be walked, standard input
+            order.put((_END, exc))
+        else:
+            order.put((_END, None))
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        feeder = threading.Thread(target=feed, args=(pool,), name="items", daemon=True)
+        feeder.start()
+        end = None
+        try:
+            while end is None:
+                item, job = order.get()
+                if item is _END:
+                    end = (job,)
+                    break
+                batch = [(item, job)]
+                wait([job])  # the first not yet answered; those decoded behind it meanwhile join its batch
+                while len(batch) < batch_size:
+                    try:
+                        item, job = order.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        end = (job,)
+                        break
+                    batch.append((item, job))
+                got = [job.result() for _, job in batch]  # (a decoder's own failure, not the image's, is raised)
+                good = [g for g in got if not isinstance(g, ImageError)]
+                probs = iter(hooks.infer(np.stack(good))[0] if good else ())
+                for (item, _), g in zip(batch, got):
+                    room.release()
+                    yield item, g if isinstance(g, ImageError) else next(probs)
+            if end[0] is not None:
+                raise end[0]
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def predict(hooks: PredictorHooks, items: list, batch_size: int) -> list:

@@ -112,5 +112,13 @@ class Predictor:
         out = loop.predict(self, [images] if single else list(images), self.batch_size)
         return out[0] if single else out
 
+    def predict_each(self, images, workers: int | None = None, budget=None):
+        """(image, Prediction or ImageError) for each of many images (an iterable: paths from a folder or a pipe),
+        in order, as they are answered: decoded in `workers` threads ahead of inference (default: the cores this
+        process may use), `batch_size` images an inference call; an image that does not decode gives its
+        ImageError and spoils no other. `budget` (an `imaging.MemoryBudget`) holds the decodes' memory."""
+        for image, got in loop.stream(self, images, self.batch_size, workers, budget):
+            yield image, got if isinstance(got, ImageError) else self.postprocess(got)
+
     def features(self, images) -> np.ndarray:
         return loop.features(self, list(images) if isinstance(images, (list, tuple)) else [images], self.batch_size)
