@@ -112,7 +112,7 @@ def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
     assert all(len(x["correct"]) == 20 and len(x["best_epochs"]) == 5 for x in c)
 
 
-def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
+def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, fused_model, tmp_path):
     """experiments/gpu/measure.py is what a 15-minute GPU loan runs, with no time to debug it there: its dry run
     on the CPU goes through every section that needs no GPU tool, records each section's result (a fp16 resume
     refused, fp16 features beside fp32's), and fails no section."""
@@ -120,8 +120,9 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(EXPERIMENTS / "gpu" / "measure.py"), "--device", "cpu", "--quick",
                         "--model", str(extractor), "--data", str(data), "--out", str(out), "--images", "14",
-                        "--size", "32", "--sections", "env", "bare", "null", "pipeline", "parity", "resume",
-                        "probe"], capture_output=True, text=True, timeout=600, cwd=EXPERIMENTS.parent)
+                        "--size", "32", "--fused", str(fused_model), "--sections", "env", "bare", "null",
+                        "pipeline", "parity", "resume", "probe", "predict"], capture_output=True, text=True,
+                       timeout=600, cwd=EXPERIMENTS.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "gpu.json").read_text())
     assert res["errors"] == {}, res["errors"]
@@ -131,6 +132,8 @@ def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, tmp_path):
     assert res["parity"]["fp16"]["relative_to_max"] > 0 and res["parity"]["tf32"]["max_abs_diff"] == 0
     assert res["probe"]["images"] == 14 and "fp32" in dict(__import__("numpy").load(out / "features.npz"))
     assert "| pipeline on cpu, as it ships" in (out / "gpu.md").read_text()
+    assert set(res["predict"]) == {"one at a time (before), batch 1", "predict_each, batch 32", "predict_each, batch 4"}
+    assert all(v["images_per_s"] > 0 for v in res["predict"].values()), res["predict"]
     shipped = res["pipeline"]["as it ships"]  # end to end, the run phase, and the marginal rate (14 against 4)
     assert shipped["run_rows_per_s"] >= shipped["rows_per_s"] > 0 and shipped["run_vs_bare_bound"] > 0
     assert all(t > 0 for t in shipped["session_s"]) and len(shipped["session_wait_s"]) == len(shipped["runs"])

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "serve")
+SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "predict", "serve")
 
 
 def timed(fn, n_items: int, repeats: int) -> tuple[float, list[float]]:
@@ -387,13 +387,52 @@ def probe(a, items, out_dir: Path) -> dict:
     return out
 
 
-def serve(a, tmp: Path) -> dict:
-    fused = a.fused
-    if not fused and a.head:  # fused here, from the extractor and the head prepare.sh trained
+def fused_model(a, tmp: Path) -> str | None:
+    if a.fused:
+        return a.fused
+    if not a.head:
+        return None
+    fused = tmp / "model.onnx"
+    if not fused.is_file():  # fused here, from the extractor and the head prepare.sh trained
         from convcache.train.fuse import fuse
 
-        fused = str(tmp / "model.onnx")
-        fuse(a.model, a.head, fused)
+        fuse(a.model, a.head, str(fused))
+    return str(fused)
+
+
+def predict(a, items, tmp: Path) -> dict:
+    """`convcache predict`'s loop on the fused model: photos answered one at a time (predict before stop 43:
+    batch 1, one thread's decode) against `predict_each` (decoded in threads ahead, a batch a call)."""
+    from convcache.serve.predictor import Predictor
+
+    fused = fused_model(a, tmp)
+    if not fused:
+        return {"skipped": "no --fused model and no --head"}
+    paths = [str(i.path) for i in items]
+    out = {}
+    for batch in (32, a.batches[-1]):
+        p = Predictor(fused, a.device, batch)
+        p.predict(paths[:batch])  # warm: kernels, arena, the files in the page cache
+
+        def one_at_a_time(p=p):
+            for x in paths:
+                p.predict(x)
+
+        def each(p=p):
+            for _, got in p.predict_each(paths, a.workers):
+                assert not isinstance(got, Exception), got
+
+        for name, fn in (("one at a time (before)", one_at_a_time), ("predict_each", each)):
+            if name.startswith("one") and batch != 32:
+                continue  # (batch 1 whatever the batch size)
+            rate, rates = timed(fn, len(paths), a.repeats)
+            out[f"{name}, batch {1 if name.startswith('one') else batch}"] = {
+                "images_per_s": rate, "rounds": rates, "provider": p.provider, "io": p.io, "workers": a.workers}
+    return out
+
+
+def serve(a, tmp: Path) -> dict:
+    fused = fused_model(a, tmp)
     if not fused:
         return {"skipped": "no --fused model and no --head"}
     r = subprocess.run([sys.executable, "-m", "convcache", "bench", "serve", "--model", fused, "--data", a.data,
@@ -426,6 +465,8 @@ def run_section(section: str, a, items, data: str, tmp: Path, out_dir: Path, res
         return resume(a, data, tmp)
     if section == "probe":
         return probe(a, items, out_dir)
+    if section == "predict":
+        return predict(a, items, tmp)
     return serve(a, tmp)
 
 
@@ -463,6 +504,10 @@ def markdown(res: dict, a) -> str:
                      f"{v['run_rows_per_s']:,.0f} = {v['run_vs_bare_bound']}x{marginal}; runtime start-up "
                      f"{v['session_s']} s (its warm-up pass {v['session_warm_s']} s), the first batch waited "
                      f"{v['session_wait_s']} s of it |")
+    for k, v in res.get("predict", {}).items():
+        if isinstance(v, dict):
+            lines.append(f"| predict on {a.device}, {k} | {v['images_per_s']:,.0f} | {v['provider']}, io {v['io']}, "
+                         f"{v['workers']} decode workers |")
     lines += ["", "Other sections (parity, resume, probe, serve, errors): gpu.json.", ""]
     return "\n".join(lines)
 
