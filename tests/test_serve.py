@@ -129,7 +129,8 @@ def test_predictor_inputs_agree(fused_model, tmp_path):
 
 def test_the_predict_command_batches_its_inference(fused_model, tmp_path, monkeypatch):
     """`convcache predict` over many photos runs --batch-size of them an inference call (it used to run each
-    photo alone), the answers in the order given, a bad file answered in its place."""
+    photo alone), the answers in the order given, a bad file answered in its place; its progress (on standard
+    error, the answers being standard output) counts to the end, and -q turns it off."""
     import convcache.serve.cli as cli
 
     for i in range(6):
@@ -155,6 +156,9 @@ def test_the_predict_command_batches_its_inference(fused_model, tmp_path, monkey
     assert r.returncode == 3 and [Path(x["image"]).name for x in lines] == [f"{i}.jpg" for i in range(6)]
     assert "error" in lines[3] and all("class" in x for i, x in enumerate(lines) if i != 3)
     assert calls == [3, 2], calls  # 4 photos a batch, one of the first 4 broken
+    assert "6/6" in r.stderr and "img/s" in r.stderr, r.stderr  # progress on standard error, with its end
+    quiet = run_cli("predict", "--model", fused_model, tmp_path / "0.jpg", "-q")
+    assert quiet.returncode == 0 and quiet.stdout.count("\n") == 1 and "img/s" not in quiet.stderr, quiet.stderr
 
 
 def test_predict_each_batches_decodes_ahead_answers_in_order_and_isolates_bad_inputs(fused_model, tmp_path):

@@ -120,6 +120,8 @@ def _predict_paths(items: list[str]):
 def run_predict(args) -> int:
     import csv
 
+    from tqdm import tqdm
+
     from convcache.errors import ConvcacheError, ImageError
     from convcache.imaging import MemoryBudget
     from convcache.location import parse_bytes
@@ -135,7 +137,15 @@ def run_predict(args) -> int:
     failed = 0
     # decoded in threads ahead of inference, --batch-size images a call; one bad file hides no other's answer
     budget = MemoryBudget(parse_bytes(args.decode_memory, "--decode-memory"))
-    for path, got in predictor.predict_each(_predict_paths(args.images), args.workers, budget):
+    paths = _predict_paths(args.images)
+    total = None
+    if "-" not in args.images:  # files and folders: counted first, so the progress bar has an end (and an ETA)
+        paths = list(paths)
+        total = len(paths)
+    # progress on standard error (the answers are standard output); -q or TQDM_DISABLE turns it off
+    bar = tqdm(total=total, desc="predict", unit="img", disable=args.quiet, file=sys.stderr, mininterval=0.5)
+    for path, got in predictor.predict_each(paths, args.workers, budget):
+        bar.update()
         if isinstance(got, ImageError):
             out, failed = {"image": path, "error": got.reason}, failed + 1
         else:
@@ -147,6 +157,7 @@ def run_predict(args) -> int:
             writer.writerow([path, out.get("class", ""), *(probs.get(c, "") for c in predictor.classes),
                              out.get("error", "")])
             sys.stdout.flush()
+    bar.close()
     return 3 if failed else 0
 
 
