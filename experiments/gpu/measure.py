@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "predict", "serve")
+SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "serve", "predict")  # (predict: not
+# an issue 29 figure, last)
 
 
 def timed(fn, n_items: int, repeats: int) -> tuple[float, list[float]]:
