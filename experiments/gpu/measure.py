@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "serve", "predict")  # (predict: not
-# an issue 29 figure, last)
+# issue 29's own figures first; predict (stop 43) last
+SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "serve", "predict")
 
 
 def timed(fn, n_items: int, repeats: int) -> tuple[float, list[float]]:
