@@ -375,8 +375,8 @@ def test_info_says_which_decoders_this_machine_has_and_a_store_which_made_its_ro
 def test_fit_and_compare_pass_the_device_and_decoder_to_extract_and_refuse_a_bad_one_before_any_export(
         tmp_path, monkeypatch):
     """`fit` and `compare` extract as `extract` does: --device and --decoder reach the extract they run, and a
-    decoder that cannot be honoured (unknown, or torchvision's without torchvision) is refused by the config,
-    before the export."""
+    decoder that cannot be honoured is refused before the export: an unknown one by the config, torchvision's
+    without torchvision when the run starts."""
     import convcache.extract.runner as runner
     from convcache.cli import build_parser
     from convcache.pipeline import compare, fit
@@ -398,11 +398,14 @@ def test_fit_and_compare_pass_the_device_and_decoder_to_extract_and_refuse_a_bad
     with pytest.raises(ConvcacheError, match="--decoder jpegli: one of"):
         fit.FitConfig(data=str(tmp_path / "d"), output=str(tmp_path / "f"), decoder="jpegli")
     monkeypatch.setattr(gpudecode, "torchvision_installed", lambda: False)
-    for make in (lambda: fit.FitConfig(data=str(tmp_path / "d"), output=str(tmp_path / "f"), decoder="nvjpeg"),
-                 lambda: compare.CompareConfig(data=str(tmp_path / "d"), output=str(tmp_path / "c"),
-                                               decoder="nvjpeg")):
+    # (a config naming it is still made: compare --report-only reads back one a GPU box wrote)
+    for run in (lambda: fit.run_fit(fit.FitConfig(data=str(tmp_path / "d"), output=str(tmp_path / "f"),
+                                                  decoder="nvjpeg")),
+                lambda: compare.run_compare(compare.CompareConfig(data=str(tmp_path / "d"),
+                                                                  output=str(tmp_path / "c"), decoder="nvjpeg"))):
         with pytest.raises(ConvcacheError, match="needs torch and torchvision"):
-            make()
+            run()
+    assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
     r = run_cli("fit", "--data", tmp_path / "d", "-o", tmp_path / "f2", "--decoder", "torchvision-cpu", "-q")
     if not gpudecode.torchvision_installed():  # (the CI's environment): one line, and no export started
         assert r.returncode not in (0, 1) and "Traceback" not in r.stderr and "needs torch" in r.stderr, r.stderr

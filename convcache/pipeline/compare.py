@@ -31,7 +31,7 @@ import numpy as np
 
 from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
-from convcache.gpudecode import resolve_decoder
+from convcache.gpudecode import DECODERS, resolve_decoder
 from convcache.protocol import BOOK_BATCH_SIZE, BOOK_EPOCHS, BOOK_LEARNING_RATE, steps_per_epoch
 from convcache.stats import mcnemar_exact, paired_bootstrap
 
@@ -82,7 +82,8 @@ class CompareConfig:
             raise ConvcacheError("--precision int8 needs --calibration DIR (images to calibrate the int8 extractor on)")
         if self.calibration and not Path(self.calibration).is_dir():
             raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
-        resolve_decoder(self.decoder, "cpu")  # an unknown decoder, or torchvision's without it, before any export
+        if self.decoder not in DECODERS:
+            raise ConvcacheError(f"--decoder {self.decoder}: one of {', '.join(DECODERS)}")
         self.copies = sorted(set(self.copies))
         self.policy_obj = AugmentPolicy.parse(self.policy)
 
@@ -113,6 +114,7 @@ def report_only(output: str) -> dict:
 def run_compare(cfg: CompareConfig) -> dict:
     from convcache.train.data import load_training_data
 
+    resolve_decoder(cfg.decoder, "cpu")  # torchvision's decoder without torchvision: refused before the export
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     extractor, export_seconds = _extractor(cfg, out)

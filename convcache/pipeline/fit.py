@@ -26,7 +26,7 @@ import numpy as np
 
 from convcache.artifacts import DEFAULT_TAPS
 from convcache.errors import ConvcacheError
-from convcache.gpudecode import resolve_decoder
+from convcache.gpudecode import DECODERS, resolve_decoder
 from convcache.protocol import FIT_DEFAULTS
 
 POOLED_SPLITS = ("train", "validation")  # what fit learns from; test/ is only scored
@@ -62,7 +62,8 @@ class FitConfig:
             raise ConvcacheError("--outer-folds and --inner-folds must be >= 2")
         if not self.Cs or min(self.Cs) <= 0:
             raise ConvcacheError("C values must be positive")
-        resolve_decoder(self.decoder, "cpu")  # an unknown decoder, or torchvision's without it, before any export
+        if self.decoder not in DECODERS:
+            raise ConvcacheError(f"--decoder {self.decoder}: one of {', '.join(DECODERS)}")
         if not Path(self.data).is_dir():
             raise ConvcacheError(f"{self.data}: fit needs a folder of photos: <class>/ folders, or train/<class>/ "
                                  "(and validation/<class>/, pooled with train)")
@@ -87,6 +88,7 @@ class _State:
 def run_fit(cfg: FitConfig) -> dict:
     from convcache.train.crossfit import Search, default_representations, nested
 
+    resolve_decoder(cfg.decoder, "cpu")  # torchvision's decoder without torchvision: refused before the export
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "fit.json")
