@@ -3,6 +3,7 @@ package as it is now: every script's --help, the shell scripts' syntax, and the 
 stores on a tiny fixture (a moved attribute once made freeze_boundary.py read zero extraction runs)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,25 @@ def test_the_layers_study_runs_stages_a_and_c_on_a_tapped_store(tmp_path):
     f = [x for x in lines if x["stage"] == "F"]
     assert len(f) == 2 and all(len(x["correct"]) == 20 and x["fit"]["steps"][0] == 0 for x in f)
     assert all(len(x["correct"]) == 20 and len(x["best_epochs"]) == 5 for x in c)
+
+
+def test_the_gpu_measurement_measures_this_checkouts_code_whatever_is_installed_ahead_of_it(extractor, tmp_path):
+    """On the device, setup.sh puts a wheel of the project first on PYTHONPATH; one left from an older
+    prepare.sh must not be what measure.py measures (nor the processes it starts)."""
+    stale = tmp_path / "site" / "convcache"
+    stale.mkdir(parents=True)
+    (stale / "__init__.py").write_text("raise ImportError('a stale wheel of convcache')\n")
+    (stale / "__main__.py").write_text("raise SystemExit('a stale wheel of convcache')\n")
+    data = make_dataset(tmp_path / "data", splits={"train": 2})
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(EXPERIMENTS / "gpu" / "measure.py"), "--device", "cpu", "--quick",
+                        "--model", str(extractor), "--data", str(data), "--out", str(out), "--images", "4",
+                        "--sections", "env"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "gpu.json").read_text())
+    assert res["errors"] == {} and Path(res["env"]["convcache"]) == EXPERIMENTS.parent / "convcache", res
+    assert res["env"]["pythonpath"][0] == str(EXPERIMENTS.parent)  # and first for the processes it starts
 
 
 def test_the_gpu_measurement_runs_end_to_end_on_the_cpu(extractor, fused_model, tmp_path):

@@ -22,6 +22,8 @@ Sections (rows/s and images/s are medians of --repeats; every ratio is against a
              scikit-learn is there, the paired probe (`export --probe`'s)
   serve      `convcache bench serve --device cuda --clients 1 4 16 64` on --fused (or --model fused with --head
              here), when the serving extra is there
+  predict    `convcache predict`'s loop on the fused model: photos one at a time (predict before stop 43) against
+             `Predictor.predict_each` (decoded in threads ahead, a batch an inference call)
 
 On the GPU machine (../shared/gpu/README.md; experiments/gpu/prepare.sh fills .gpu/):
     . .gpu/w/setup.sh && python3 experiments/gpu/measure.py --model /tmp/parts/ext.onnx \
@@ -43,6 +45,13 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+# This checkout's convcache (it travels with every device call), never a copy installed ahead of it on the path:
+# setup.sh puts /tmp/site, with the project's wheel from prepare.sh, first on PYTHONPATH, and a wheel left from an
+# older prepare.sh would measure old code. First here, and in every process this script starts.
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 # issue 29's own figures first; predict (stop 43) last
 SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "serve", "predict")
@@ -85,9 +94,12 @@ def pixels(items, size: int, copies: int) -> np.ndarray:
 def env(a) -> dict:
     import onnxruntime as ort
 
+    import convcache
     from convcache.runtime import cpu_model
 
-    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+    out = {"convcache": str(Path(convcache.__file__).parent),
+           "pythonpath": os.environ["PYTHONPATH"].split(os.pathsep), "cpu": cpu_model(), "cores": os.cpu_count(),
+           "onnxruntime": ort.__version__,
            "providers": ort.get_available_providers(), "python": sys.version.split()[0]}
     try:
         out["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
