@@ -47,11 +47,25 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-# This checkout's convcache (it travels with every device call), never a copy installed ahead of it on the path:
-# setup.sh puts /tmp/site, with the project's wheel from prepare.sh, first on PYTHONPATH, and a wheel left from an
-# older prepare.sh would measure old code. First here, and in every process this script starts.
-sys.path.insert(0, str(ROOT))
-os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def this_checkout() -> None:
+    """Measure this checkout's convcache (it travels with every device call), never a copy found ahead of it:
+    setup.sh puts /tmp/site, with the project's wheel from prepare.sh, first on PYTHONPATH, and a wheel left from
+    an older prepare.sh would measure old code. If convcache would be found elsewhere, the script starts again
+    with the checkout first on PYTHONPATH (as `PYTHONPATH=. python3 experiments/...` would), which the processes
+    it starts inherit."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("convcache")
+    if spec and spec.origin and Path(spec.origin).resolve().parent == ROOT / "convcache":
+        return
+    if os.environ.get("CONVCACHE_MEASURE_RESTARTED"):
+        raise SystemExit(f"convcache is found at {spec and spec.origin}, not in {ROOT}, even with the checkout "
+                         "first on PYTHONPATH")
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.execve(sys.executable, [sys.executable, *sys.argv],
+              {**os.environ, "PYTHONPATH": path, "CONVCACHE_MEASURE_RESTARTED": "1"})
 
 # issue 29's own figures first; predict (stop 43) last
 SECTIONS = ("env", "bare", "decode", "null", "pipeline", "parity", "resume", "probe", "serve", "predict")
@@ -98,7 +112,7 @@ def env(a) -> dict:
     from convcache.runtime import cpu_model
 
     out = {"convcache": str(Path(convcache.__file__).parent),
-           "pythonpath": os.environ["PYTHONPATH"].split(os.pathsep), "cpu": cpu_model(), "cores": os.cpu_count(),
+           "pythonpath": os.environ.get("PYTHONPATH", "").split(os.pathsep), "cpu": cpu_model(), "cores": os.cpu_count(),
            "onnxruntime": ort.__version__,
            "providers": ort.get_available_providers(), "python": sys.version.split()[0]}
     try:
@@ -526,6 +540,7 @@ def markdown(res: dict, a) -> str:
 
 
 def main(argv=None) -> None:
+    this_checkout()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an fp32 extractor (convcache export)")
     p.add_argument("--fused", help="a fused model (extractor + head) for the serve section")
