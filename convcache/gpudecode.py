@@ -52,8 +52,7 @@ def resolve_decoder(choice: str, where: str | None, held: set | frozenset = froz
     the run's first row."""
     from convcache.errors import ConvcacheError
 
-    if choice not in DECODERS:
-        raise ConvcacheError(f"--decoder {choice}: one of {', '.join(DECODERS)}")
+    check_decoder(choice)
     installed = torchvision_installed()
     if choice == "pillow" or (choice == "auto" and (where != "cuda" or not installed or "pillow" in held)):
         return "pillow"
@@ -65,6 +64,14 @@ def resolve_decoder(choice: str, where: str | None, held: set | frozenset = froz
         raise ConvcacheError(f"--decoder {choice} needs torch and torchvision (pip install 'convcache[nvjpeg]'); "
                              "--decoder pillow decodes with Pillow")
     return choice
+
+
+def check_decoder(choice: str) -> None:
+    """A decoder's name is one of DECODERS (ConvcacheError otherwise); whether it can run is resolve_decoder's."""
+    if choice not in DECODERS:
+        from convcache.errors import ConvcacheError
+
+        raise ConvcacheError(f"--decoder {choice}: one of {', '.join(DECODERS)}")
 
 
 def torchvision_installed() -> bool:

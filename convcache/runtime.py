@@ -232,6 +232,14 @@ def create_session(path, device: str = "auto", threads: int | None = None, exact
     return session
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count): the default number of
+    decoding workers of extract and predict."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_model() -> str:
     """The CPU's model name, written beside every timing (absolute speeds differ ~2x between machines)."""
     try:

@@ -53,14 +53,14 @@ def run(checkout: Path, args: list[str]) -> tuple[float, list[dict]]:
 def null_feed(a) -> int:
     import numpy as np
 
-    from convcache.serve.loop import default_workers
+    from convcache.runtime import available_cores
     from convcache.serve.predictor import Predictor
 
     p = Predictor(a.model, "cpu", a.batch_size)
     zeros = (np.zeros(len(p.classes), np.float32), np.zeros(1, np.float32))
     p.infer = lambda pixels: (np.tile(zeros[0], (len(pixels), 1)), np.tile(zeros[1], (len(pixels), 1)))
     paths = sorted(str(f) for f in Path(a.data).rglob("*") if f.is_file())
-    cores = default_workers()
+    cores = available_cores()
 
     def one_at_a_time():
         for x in paths:

@@ -24,8 +24,9 @@ from convcache.augment import AugmentPolicy, augment
 from convcache.datasets import discover
 from convcache.export.runner import export_extractor
 from convcache.extract.engine import ExtractorSession
-from convcache.extract.runner import ExtractConfig, available_cores, run_extract
+from convcache.extract.runner import ExtractConfig, run_extract
 from convcache.imaging import read_and_decode
+from convcache.runtime import available_cores
 
 
 def subset(data: str, n: int, dst: Path) -> Path:

@@ -23,10 +23,10 @@ from convcache.extract.engine import (
     extract_split,
     store_variables,
 )
-from convcache.gpudecode import DECODERS, resolve_decoder
+from convcache.gpudecode import check_decoder, resolve_decoder
 from convcache.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from convcache.location import is_url
-from convcache.runtime import PROVIDER_OF, batch_size_for, math_mode, resolve_device
+from convcache.runtime import PROVIDER_OF, available_cores, batch_size_for, math_mode, resolve_device
 from convcache.store import FeatureStore, SplitSpec, SplitWriter, open_root, writer_lock
 from convcache.store.layout import zarr_version
 
@@ -73,8 +73,7 @@ class ExtractConfig:
             raise ConvcacheError("--augment and --seed must be >= 0")
         if (self.batch_size is not None and self.batch_size < 1) or self.workers < 1:
             raise ConvcacheError("--batch-size and --workers must be >= 1")
-        if self.decoder not in DECODERS:
-            raise ConvcacheError(f"--decoder {self.decoder}: one of {', '.join(DECODERS)}")
+        check_decoder(self.decoder)
         if self.decode_in not in DECODE_IN or self.decode_cache_mb < 0:
             raise ConvcacheError(f"--decode-in: one of {', '.join(DECODE_IN)}; --decode-cache-mb >= 0")
         if self.max_pixels < 1 or self.max_bytes < 1 or (self.chunk_rows is not None and self.chunk_rows < 1):
@@ -202,13 +201,6 @@ def held_decoders(cfg: ExtractConfig) -> set[str]:
         return FeatureStore(cfg.output, cfg.storage_options).decoders()
     except ConvcacheError:  # no store yet (or not one: the run says so where it opens it)
         return set()
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, not the machine's count)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def store_identity(cfg: ExtractConfig, contract, classes) -> tuple[dict, dict]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from convcache.augment import AugmentPolicy
 from convcache.errors import ConvcacheError
-from convcache.gpudecode import DECODERS, resolve_decoder
+from convcache.gpudecode import check_decoder, resolve_decoder
 from convcache.protocol import BOOK_BATCH_SIZE, BOOK_EPOCHS, BOOK_LEARNING_RATE, steps_per_epoch
 from convcache.stats import mcnemar_exact, paired_bootstrap
 
@@ -82,8 +82,7 @@ class CompareConfig:
             raise ConvcacheError("--precision int8 needs --calibration DIR (images to calibrate the int8 extractor on)")
         if self.calibration and not Path(self.calibration).is_dir():
             raise ConvcacheError(f"--calibration {self.calibration}: not a directory")
-        if self.decoder not in DECODERS:
-            raise ConvcacheError(f"--decoder {self.decoder}: one of {', '.join(DECODERS)}")
+        check_decoder(self.decoder)
         self.copies = sorted(set(self.copies))
         self.policy_obj = AugmentPolicy.parse(self.policy)
 

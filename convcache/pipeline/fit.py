@@ -26,7 +26,7 @@ import numpy as np
 
 from convcache.artifacts import DEFAULT_TAPS
 from convcache.errors import ConvcacheError
-from convcache.gpudecode import DECODERS, resolve_decoder
+from convcache.gpudecode import check_decoder, resolve_decoder
 from convcache.protocol import FIT_DEFAULTS
 
 POOLED_SPLITS = ("train", "validation")  # what fit learns from; test/ is only scored
@@ -62,8 +62,7 @@ class FitConfig:
             raise ConvcacheError("--outer-folds and --inner-folds must be >= 2")
         if not self.Cs or min(self.Cs) <= 0:
             raise ConvcacheError("C values must be positive")
-        if self.decoder not in DECODERS:
-            raise ConvcacheError(f"--decoder {self.decoder}: one of {', '.join(DECODERS)}")
+        check_decoder(self.decoder)
         if not Path(self.data).is_dir():
             raise ConvcacheError(f"{self.data}: fit needs a folder of photos: <class>/ folders, or train/<class>/ "
                                  "(and validation/<class>/, pooled with train)")

@@ -57,8 +57,9 @@ def stream(hooks: PredictorHooks, items: Iterable, batch_size: int, workers: int
     from concurrent.futures import ThreadPoolExecutor, wait
 
     from convcache.errors import ImageError
+    from convcache.runtime import available_cores
 
-    workers = workers or default_workers()
+    workers = workers or available_cores()
     room = threading.Semaphore(2 * batch_size + workers)  # items decoding or decoded, not yet answered
     order: queue.Queue = queue.Queue()  # (item, its decode) in the items' order; then (_END, error or None)
     stop = threading.Event()
@@ -118,13 +119,6 @@ def stream(hooks: PredictorHooks, items: Iterable, batch_size: int, workers: int
 
 
 _END = object()
-
-
-def default_workers() -> int:
-    """The cores this process may use."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def predict(hooks: PredictorHooks, items: list, batch_size: int) -> list:
